@@ -1,0 +1,5 @@
+"""``python -m hpcddf`` is the same as the ``hpcddf`` console script."""
+
+from hpcddf.cli import main
+
+main()

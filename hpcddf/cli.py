@@ -1,0 +1,211 @@
+"""The ``hpcddf`` command line: parse arguments, call one function, print. No logic here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+from rich.console import Console
+
+from hpcddf import __version__
+from hpcddf.errors import ExitCode, HpcddfError
+
+out = Console(soft_wrap=False, width=160)
+_PASS = {"ignore_unknown_options": True, "allow_extra_args": True}
+
+
+def _split(args: Sequence[str]) -> tuple[list[str], list[Any]]:
+    from hpcddf.config import split_cli_args
+    return split_cli_args(args)
+
+
+def _site(site: str | None, site_file: str | None) -> Any:
+    from hpcddf.sites import load_site
+    return load_site(site, site_file)
+
+
+def _print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hpcddf")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, debug: bool) -> None:
+    """Reduce LOFAR fields with ddf-pipeline's DDFacet/killMS self-calibration on a cluster.
+
+    \b
+    Typical use on a login node:
+      hpcddf sites                                 # which clusters are known
+      hpcddf submit L123456 --site spider -c tier1.cfg --dry-run
+      hpcddf submit L123456 --site spider -c tier1.cfg
+      hpcddf status
+    """
+    ctx.obj = {"debug": debug}
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+_site_opts = [
+    click.option("--site", "site", metavar="NAME", envvar="HPCDDF_SITE",
+                 help="Site (cluster) name; see `hpcddf sites`. Default: $HPCDDF_SITE."),
+    click.option("--site-file", type=click.Path(dir_okay=False), help="Use this site TOML file."),
+]
+
+
+def site_options(f: Any) -> Any:
+    for opt in reversed(_site_opts):
+        f = opt(f)
+    return f
+
+
+@cli.command(context_settings=_PASS)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="FIELD... [--section-option=value]...")
+@site_options
+@click.option("-c", "--config", "configs", multiple=True, type=click.Path(dir_okay=False),
+              help="ddf-pipeline .cfg file (repeatable; later files win).")
+@click.option("--fields-file", type=click.Path(dir_okay=False), help="File with one field id per line.")
+@click.option("--work-root", type=click.Path(file_okay=False, path_type=Path),
+              help="Override the site's work root (field directories live under it).")
+@click.option("--dry-run", is_flag=True, help="Check everything and print the plan; queue nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan or the submission as JSON.")
+def submit(args: tuple[str, ...], site: str | None, site_file: str | None, configs: tuple[str, ...],
+           fields_file: str | None, work_root: Path | None, dry_run: bool, as_json: bool) -> None:
+    """Check FIELD(s) and the site, plan the stages and queue them.
+
+    Options of the pipeline configuration are given as in ddf-pipeline,
+    e.g. --control-restart=False; they override the -c files.
+    """
+    from hpcddf import submit as app
+    fields = [a for a in args if not a.startswith("-")]
+    _, overrides = _split([a for a in args if a.startswith("-")])
+    if fields_file:
+        fields += app.read_fields_file(fields_file)
+    s = _site(site, site_file)
+    jobs = app.prepare(s, fields, configs, overrides, work_root)
+    if dry_run:
+        doc = app.dry_run_document(s, jobs)
+        if as_json:
+            _print_json(doc)
+        else:
+            from hpcddf.report import plan_table
+            out.print(plan_table(doc))
+        return
+    from hpcddf.engine import submit_fields
+    result = submit_fields(s, jobs)
+    if as_json:
+        _print_json(result)
+    else:
+        for fid, info in result["fields"].items():
+            jobs_txt = ", ".join(f"{k}={v}" for k, v in info["jobs"].items())
+            click.echo(f"{fid}: {info['status']} {jobs_txt}")
+
+
+@cli.command()
+@click.argument("fields", nargs=-1)
+@site_options
+@click.option("--work-root", type=click.Path(file_okay=False, path_type=Path), help="Override the site's work root.")
+@click.option("--json", "as_json", is_flag=True, help="Print the states as JSON.")
+def status(fields: tuple[str, ...], site: str | None, site_file: str | None,
+           work_root: Path | None, as_json: bool) -> None:
+    """Show the stages, job ids, states and attempts of FIELD(s) (default: all)."""
+    from hpcddf.report import status_table
+    from hpcddf.status import collect_status
+    the_site = _site(None, site_file) if site_file else _site(site or "local", None)
+    states = collect_status(the_site, fields, work_root)
+    if as_json:
+        _print_json(states)
+    else:
+        out.print(status_table(states))
+
+
+@cli.group()
+def config() -> None:
+    """Inspect pipeline configurations (ddf-pipeline .cfg files)."""
+
+
+@config.command("show", context_settings=_PASS)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[CFG...] [--section-option=value]...")
+@site_options
+@click.option("--cfg", "as_cfg", is_flag=True, help="Print as a .cfg file instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def config_show(args: tuple[str, ...], site: str | None, site_file: str | None,
+                as_cfg: bool, as_json: bool) -> None:
+    """Print the effective configuration: defaults < CFG files in order < overrides in order."""
+    from hpcddf.config import load_config
+    from hpcddf.report import config_table
+    files, overrides = _split(args)
+    catalog = None
+    if site or site_file:
+        s = _site(site, site_file)
+        catalog = str(s.catalog_dir) if s.catalog_dir else None
+    cfg = load_config(files, overrides, catalog_dir=catalog)
+    if as_json:
+        _print_json(cfg.to_dict())
+    elif as_cfg:
+        click.echo(cfg.to_cfg_text(), nl=False)
+    else:
+        out.print(config_table(cfg))
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def sites(ctx: click.Context) -> None:
+    """List the known sites (clusters); `sites show NAME` prints one."""
+    if ctx.invoked_subcommand is None:
+        from hpcddf.report import sites_table
+        from hpcddf.sites import available_sites, load_site_file
+        loaded: dict[str, Any] = {}
+        for name, path in available_sites().items():
+            try:
+                loaded[name] = load_site_file(path, name)
+            except HpcddfError as exc:
+                loaded[name] = exc
+        out.print(sites_table(loaded))
+
+
+@sites.command("show")
+@click.argument("name", required=False)
+@click.option("--site-file", type=click.Path(dir_okay=False), help="Show this site TOML file.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def sites_show(name: str | None, site_file: str | None, as_json: bool) -> None:
+    """Print one site's effective settings."""
+    from hpcddf.report import site_text
+    s = _site(name, site_file)
+    _print_json(s.to_dict()) if as_json else click.echo(site_text(s), nl=False)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: the only place where errors become exit codes."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="hpcddf",
+                 standalone_mode=False)
+    except HpcddfError as exc:
+        if debug:
+            raise
+        click.echo(f"hpcddf: error: {exc}", err=True)
+        sys.exit(int(exc.exit_code))
+    except click.exceptions.Abort:
+        click.echo("hpcddf: interrupted", err=True)
+        sys.exit(int(ExitCode.INTERRUPTED))
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("hpcddf: interrupted", err=True)
+        sys.exit(int(ExitCode.INTERRUPTED))
+    except BrokenPipeError:
+        sys.exit(int(ExitCode.OK))
+    except Exception as exc:  # a bug: say so in one line, the traceback is one flag away
+        if debug:
+            raise
+        click.echo(f"hpcddf: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+                   err=True)
+        sys.exit(int(ExitCode.ERROR))

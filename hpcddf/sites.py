@@ -1,0 +1,310 @@
+"""Site configs: one TOML file per cluster describing its scheduler, nodes, container and paths.
+
+Sites are looked up by name in, first to last: ``--site-file``, ``$HPCDDF_SITES_DIR``,
+``~/.config/hpcddf/sites/`` and the configs shipped with hpcddf (``site_configs/``). A user file
+with the same name as a shipped one replaces it. Every key is checked when loaded: unknown keys
+(with the closest valid one), wrong types and impossible values are one-line errors, so a typo
+never reaches ``sbatch``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from hpcddf.errors import SiteError
+
+SCHEDULERS = ("slurm", "local")
+RUNTIMES = ("apptainer", "singularity", "charliecloud", "none")
+# sbatch options hpcddf sets itself; a site may not override them through extra_sbatch
+MANAGED_SBATCH = ("job-name", "output", "error", "array", "dependency", "time", "partition",
+                  "account", "qos", "nodes", "ntasks", "cpus-per-task", "mem", "exclusive",
+                  "signal", "requeue", "kill-on-invalid-dep", "open-mode", "wrap", "chdir")
+_WALLTIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d{1,2}))?(?::(\d{1,2}))?$")
+
+
+@dataclass(frozen=True)
+class SlurmSection:
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    exclusive: bool = True
+    max_walltime: str = "24:00:00"
+    max_requeues: int = 5
+    signal_delay_s: int = 300
+    extra_sbatch: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    cpus: int | str = 1          # "auto": this machine's CPUs (for the local site)
+    mem_gb: int | str = 4        # "auto": this machine's memory
+    scratch_dir: str = "$TMPDIR/hpcddf-$SLURM_JOB_ID"
+    scratch_min_free_gb: float = 10.0
+
+
+@dataclass(frozen=True)
+class PreflightSection:
+    shm_min_fraction: float = 0.5
+    thp_defrag: list[str] = field(default_factory=lambda: ["never", "defer", "madvise"])
+    min_max_map_count: int = 65530
+    min_memlock_kb: int = 0
+    require_swap: bool = False
+
+
+@dataclass(frozen=True)
+class ContainerSection:
+    runtime: str = "none"
+    executable: str | None = None
+    image: str | None = None
+    binds: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PathsSection:
+    work_root: str = "~/hpcddf-fields"
+    data_root: str | None = None
+    catalog_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class FieldsSection:
+    pattern: str = r"L[0-9]{5,7}"
+    max_running: int = 10
+
+
+@dataclass(frozen=True)
+class Site:
+    """A cluster (or this machine) as hpcddf needs to know it."""
+
+    name: str
+    path: str
+    scheduler: str = "slurm"
+    description: str = ""
+    slurm: SlurmSection = field(default_factory=SlurmSection)
+    node: NodeSection = field(default_factory=NodeSection)
+    preflight: PreflightSection = field(default_factory=PreflightSection)
+    container: ContainerSection = field(default_factory=ContainerSection)
+    paths: PathsSection = field(default_factory=PathsSection)
+    fields: FieldsSection = field(default_factory=FieldsSection)
+
+    @property
+    def cpus(self) -> int:
+        """CPUs of one node; "auto" means the CPUs this process may use."""
+        if self.node.cpus == "auto":
+            return len(os.sched_getaffinity(0))
+        return int(self.node.cpus)
+
+    @property
+    def mem_gb(self) -> int:
+        """Memory of one node in GB; "auto" means this machine's physical memory."""
+        if self.node.mem_gb == "auto":
+            return max(1, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**30)
+        return int(self.node.mem_gb)
+
+    @property
+    def max_walltime_min(self) -> int:
+        return walltime_minutes(self.slurm.max_walltime)
+
+    @property
+    def work_root(self) -> Path:
+        return expand_login_path(self.paths.work_root)
+
+    @property
+    def data_root(self) -> Path | None:
+        return expand_login_path(self.paths.data_root) if self.paths.data_root else None
+
+    @property
+    def catalog_dir(self) -> Path | None:
+        return expand_login_path(self.paths.catalog_dir) if self.paths.catalog_dir else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def expand_login_path(p: str) -> Path:
+    """Expand ``~`` and ``$VARS`` now (paths the login node and the jobs share)."""
+    return Path(os.path.expandvars(os.path.expanduser(p)))
+
+
+def walltime_minutes(text: str) -> int:
+    """Slurm's time formats (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``,
+    ``D-HH:MM:SS``) as whole minutes, seconds rounded up."""
+    m = _WALLTIME.match(text.strip())
+    if m is None:
+        raise ValueError(f"{text!r} is not a walltime")
+    days, a, b, c = m.groups()
+    parts = [int(x) for x in (a, b, c) if x is not None]
+    if days is None:
+        h, mi, s = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
+    else:
+        h, mi, s = (parts + [0, 0])[:3]
+    total = int(days or 0) * 1440 + h * 60 + mi + (1 if s else 0)
+    if total <= 0:
+        raise ValueError(f"{text!r} is zero")
+    return total
+
+
+# ------------------------------------------------------------------- validation of the TOML
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if origin is None:
+        if hint is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if hint is int:
+            return isinstance(value, int) and not isinstance(value, bool)
+        if hint is bool:
+            return isinstance(value, bool)
+        return isinstance(value, hint)
+    if origin is list:
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and _type_ok(v, args[1]) for k, v in value.items())
+    # X | None
+    return any(_type_ok(value, a) for a in args if a is not type(None))
+
+
+def _type_name(hint: Any) -> str:
+    origin = get_origin(hint)
+    if origin is list:
+        return f"a list of {_type_name(get_args(hint)[0])}"
+    if origin is dict:
+        return "a table of strings"
+    if origin is None:
+        return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+            hint, hint.__name__)
+    return " or ".join(_type_name(a) for a in get_args(hint) if a is not type(None))
+
+
+def _build(cls: type, data: dict[str, Any], where: str, fixed: dict[str, Any] | None = None) -> Any:
+    """``cls`` from a TOML table, checking every key and type; ``fixed`` keys are not the user's."""
+    hints = get_type_hints(cls)
+    kwargs: dict[str, Any] = dict(fixed or {})
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs]
+    for key, value in data.items():
+        if key not in names:
+            best = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+            hint = f"did you mean {best[0]!r}?" if best else f"valid keys: {', '.join(names)}"
+            raise SiteError(f"{where}: unknown key {key!r}", hint)
+        hint_t = hints[key]
+        if dataclasses.is_dataclass(hint_t):
+            if not isinstance(value, dict):
+                raise SiteError(f"{where}: [{key}] must be a table", f"write it as [{key}]")
+            kwargs[key] = _build(hint_t, value, f"{where} [{key}]")
+            continue
+        if not _type_ok(value, hint_t):
+            raise SiteError(f"{where}: {key} = {value!r} has the wrong type",
+                            f"{key} must be {_type_name(hint_t)}")
+        kwargs[key] = float(value) if hint_t is float else value
+    return cls(**kwargs)
+
+
+def _check_values(site: Site) -> None:
+    """Impossible values, each with what to do about it."""
+    def bad(msg: str, hint: str) -> SiteError:
+        return SiteError(f"site {site.name} ({site.path}): {msg}", hint)
+
+    if site.scheduler not in SCHEDULERS:
+        raise bad(f"scheduler {site.scheduler!r} is unknown", f"use one of {', '.join(SCHEDULERS)}")
+    if site.container.runtime not in RUNTIMES:
+        raise bad(f"container runtime {site.container.runtime!r} is unknown",
+                  f"use one of {', '.join(RUNTIMES)}")
+    if site.container.runtime != "none" and not site.container.image:
+        raise bad(f"container runtime {site.container.runtime} needs an image",
+                  "set [container] image to the SIF or image directory")
+    for key in ("cpus", "mem_gb"):
+        value = getattr(site.node, key)
+        if isinstance(value, str) and value != "auto":
+            raise bad(f"[node] {key} = {value!r} is not a number", f'give a whole number or "auto"')
+        if isinstance(value, int) and value < 1:
+            raise bad(f"[node] {key} = {value} is impossible", f"{key} must be at least 1")
+    if not 0 < site.preflight.shm_min_fraction <= 1:
+        raise bad(f"shm_min_fraction {site.preflight.shm_min_fraction} is not in (0, 1]",
+                  "give the fraction of node memory /dev/shm must offer, e.g. 0.5")
+    if site.node.scratch_min_free_gb < 0:
+        raise bad("scratch_min_free_gb is negative", "use 0 or more")
+    try:
+        walltime_minutes(site.slurm.max_walltime)
+    except ValueError as exc:
+        raise bad(f"max_walltime: {exc}", "use Slurm's format, e.g. \"72:00:00\" or \"2-00:00:00\"")
+    if site.slurm.max_requeues < 0 or site.slurm.signal_delay_s < 0:
+        raise bad("max_requeues and signal_delay_s must be 0 or more", "fix [slurm]")
+    if site.fields.max_running < 1:
+        raise bad("[fields] max_running must be at least 1", "set how many fields may run at once")
+    try:
+        re.compile(site.fields.pattern)
+    except re.error as exc:
+        raise bad(f"[fields] pattern is not a regular expression: {exc}", "fix the pattern")
+    for key in site.slurm.extra_sbatch:
+        if key.lstrip("-") in MANAGED_SBATCH:
+            raise bad(f"extra_sbatch may not set {key!r}: hpcddf manages it",
+                      "remove it; set partition/account/qos/max_walltime in [slurm]")
+
+
+def load_site_file(path: str | os.PathLike[str], name: str | None = None) -> Site:
+    """Read and validate one site TOML file."""
+    path = Path(path)
+    name = name or path.stem
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SiteError(f"site file {path} does not exist", "check the path") from None
+    except PermissionError:
+        raise SiteError(f"site file {path} is not readable", f"chmod u+r {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SiteError(f"site file {path} is not valid TOML: {exc}", "fix the syntax") from None
+    if not isinstance(data, dict):
+        raise SiteError(f"site file {path} is not a TOML table", "fix the syntax")
+    site = _build(Site, data, f"site file {path}", fixed={"name": name, "path": str(path)})
+    _check_values(site)
+    return site
+
+
+def site_dirs() -> list[Path]:
+    """Where site files are looked for, highest priority first."""
+    dirs = []
+    if os.environ.get("HPCDDF_SITES_DIR"):
+        dirs.append(Path(os.environ["HPCDDF_SITES_DIR"]))
+    dirs.append(Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "hpcddf" / "sites")
+    dirs.append(Path(str(resources.files("hpcddf.site_configs"))))
+    return dirs
+
+
+def available_sites() -> dict[str, Path]:
+    """Site name -> file, user files shadowing shipped ones."""
+    found: dict[str, Path] = {}
+    for d in reversed(site_dirs()):
+        if d.is_dir():
+            for f in sorted(d.glob("*.toml")):
+                found[f.stem] = f
+    return dict(sorted(found.items()))
+
+
+def load_site(name: str | None = None, site_file: str | None = None) -> Site:
+    """The site named ``name`` (or the file ``site_file``)."""
+    if site_file:
+        return load_site_file(site_file)
+    if not name:
+        raise SiteError("no site given", "pass --site NAME (see `hpcddf sites`) or --site-file FILE")
+    sites = available_sites()
+    if name not in sites:
+        best = difflib.get_close_matches(name, list(sites), n=1)
+        hint = f"did you mean {best[0]!r}?" if best else f"known sites: {', '.join(sites)}"
+        raise SiteError(f"unknown site {name!r}",
+                        f"{hint} Add your own under ~/.config/hpcddf/sites/ or pass --site-file")
+    return load_site_file(sites[name], name)

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# stop_slurm.sh - stop the one-node Slurm cluster that start_slurm.sh started. Only the pids in
+# $HPCDDF_SLURM_DIR/run/*.pid are signalled, and only if /proc/<pid>/comm names the expected
+# daemon; a munged (or anything else) that start_slurm.sh found already running is left alone.
+#
+#   --keep-jobs  do not scancel queued/running jobs first (they resume after the next start)
+#   --purge      also delete Slurm state, spool, logs, the MariaDB data dir and the sacct shim
+#                (the next start is from scratch, with a new random FirstJobId)
+#
+# Env: HPCDDF_SLURM_DIR (default /var/tmp/hpcddf-slurm), as for start_slurm.sh.
+set -uo pipefail
+
+BASE=${HPCDDF_SLURM_DIR:-/var/tmp/hpcddf-slurm}
+RUN=$BASE/run
+KEEP_JOBS=0
+PURGE=0
+for a in "$@"; do
+  case $a in
+    --keep-jobs) KEEP_JOBS=1 ;;
+    --purge) PURGE=1 ;;
+    -h | --help) sed -n '2,10s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    *) echo "stop_slurm.sh: unknown argument $a (use --keep-jobs, --purge)" >&2; exit 2 ;;
+  esac
+done
+log() { echo "[stop_slurm] $*" >&2; }
+[ "$(id -u)" = 0 ] || { log "must run as root"; exit 1; }
+case $BASE in /*) ;; *) log "HPCDDF_SLURM_DIR must be an absolute path: $BASE"; exit 1 ;; esac
+
+# alive PIDFILE COMM
+alive() {
+  local pid
+  [ -s "$1" ] || return 1
+  pid=$(cat "$1")
+  kill -0 "$pid" 2>/dev/null && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
+}
+# stop_pid PIDFILE COMM: SIGTERM, wait up to 30 s, then SIGKILL
+stop_pid() {
+  local f=$1 comm=$2 pid i
+  [ -s "$f" ] || return 0
+  pid=$(cat "$f")
+  if alive "$f" "$comm"; then
+    kill -TERM "$pid"
+    for ((i = 0; i < 120; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    if kill -0 "$pid" 2>/dev/null; then
+      log "$comm ($pid) did not exit after 30 s, SIGKILL"
+      kill -KILL "$pid"
+    fi
+    log "stopped $comm ($pid)"
+  else
+    log "$comm: pid $pid from $f is not running (or is not $comm), skipping"
+  fi
+  rm -f "$f"
+}
+
+if [ "$KEEP_JOBS" = 0 ] && alive "$RUN/slurmctld.pid" slurmctld; then
+  mapfile -t ids < <(squeue -h -o %A 2>/dev/null | sort -u)
+  if [ ${#ids[@]} -gt 0 ]; then
+    log "cancelling jobs: ${ids[*]}"
+    scancel "${ids[@]}" 2>/dev/null
+    for ((i = 0; i < 60; i++)); do
+      [ -z "$(squeue -h 2>/dev/null)" ] && break
+      sleep 0.5
+    done
+  fi
+fi
+stop_pid "$RUN/slurmd.pid" slurmd
+stop_pid "$RUN/slurmctld.pid" slurmctld
+stop_pid "$RUN/slurmdbd.pid" slurmdbd
+stop_pid "$RUN/mysql/mysqld.pid" mariadbd
+stop_pid "$RUN/munged.pid" munged
+
+if [ "$PURGE" = 1 ]; then
+  log "purging state under $BASE"
+  rm -rf "${BASE:?}/state" "${BASE:?}/spool" "${BASE:?}/mysql" "${BASE:?}/log" "${BASE:?}/bin" "${RUN:?}"
+fi
+exit 0
