@@ -73,21 +73,28 @@ def site_options(f: Any) -> Any:
 @click.option("--fields-file", type=click.Path(dir_okay=False), help="File with one field id per line.")
 @click.option("--work-root", type=click.Path(file_okay=False, path_type=Path),
               help="Override the site's work root (field directories live under it).")
+@click.option("--pipeline", default="ddf", show_default=True, type=click.Choice(["ddf", "scaled"]),
+              help="ddf: the DDFacet/killMS reduction; scaled: seconds-long stand-in steps to test a site.")
+@click.option("--pipeline-opt", "pipeline_opts", multiple=True, metavar="KEY=VALUE",
+              help="Option of the scaled pipeline, e.g. seconds=2 (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Check everything and print the plan; queue nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan or the submission as JSON.")
 def submit(args: tuple[str, ...], site: str | None, site_file: str | None, configs: tuple[str, ...],
-           fields_file: str | None, work_root: Path | None, dry_run: bool, as_json: bool) -> None:
+           fields_file: str | None, work_root: Path | None, pipeline: str, pipeline_opts: tuple[str, ...],
+           dry_run: bool, as_json: bool) -> None:
     """Check FIELD(s) and the site, plan the stages and queue them.
 
     Options of the pipeline configuration are given as in ddf-pipeline,
     e.g. --control-restart=False; they override the -c files.
     """
     from hpcddf import submit as app
+    from hpcddf.recipes import make_recipe
     fields = [a for a in args if not a.startswith("-")]
     _, overrides = _split([a for a in args if a.startswith("-")])
     if fields_file:
         fields += app.read_fields_file(fields_file)
     s = _site(site, site_file)
+    recipe = make_recipe(pipeline, pipeline_opts)
     jobs = app.prepare(s, fields, configs, overrides, work_root)
     if dry_run:
         doc = app.dry_run_document(s, jobs)
@@ -98,13 +105,85 @@ def submit(args: tuple[str, ...], site: str | None, site_file: str | None, confi
             out.print(plan_table(doc))
         return
     from hpcddf.engine import submit_fields
-    result = submit_fields(s, jobs)
+    _print_result(submit_fields(s, jobs, recipe, _progress), as_json)
+
+
+def _progress(msg: str) -> None:
+    click.echo(f"hpcddf: {msg}", err=True)
+
+
+def _print_result(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _print_json(result)
+        return
+    for fid, info in result["fields"].items():
+        jobs_txt = " ".join(f"{k}={v}" for k, v in info["jobs"].items())
+        click.echo(f"{fid}: {info['status']} {jobs_txt}".rstrip())
+
+
+def _fields_of(site: Any, fields: Sequence[str], work_root: Path | None) -> list[Any]:
+    from hpcddf.fields import field_for
+    return [field_for(site, f, work_root or site.work_root) for f in fields]
+
+
+@cli.command()
+@click.argument("fields", nargs=-1, required=True)
+@site_options
+@click.option("--work-root", type=click.Path(file_okay=False, path_type=Path), help="Override the site's work root.")
+@click.option("--json", "as_json", is_flag=True, help="Print the submission as JSON.")
+def resubmit(fields: tuple[str, ...], site: str | None, site_file: str | None,
+             work_root: Path | None, as_json: bool) -> None:
+    """Resume failed or cancelled FIELD(s) from the first stage not done."""
+    from hpcddf.engine import resubmit_fields
+    from hpcddf.submit import prepare_resubmit
+    s = _site(site, site_file)
+    _print_result(resubmit_fields(s, prepare_resubmit(s, fields, work_root), _progress), as_json)
+
+
+@cli.command()
+@click.argument("fields", nargs=-1, required=True)
+@site_options
+@click.option("--work-root", type=click.Path(file_okay=False, path_type=Path), help="Override the site's work root.")
+def cancel(fields: tuple[str, ...], site: str | None, site_file: str | None, work_root: Path | None) -> None:
+    """Cancel the queued and running jobs of FIELD(s)."""
+    from hpcddf.engine import cancel_fields
+    s = _site(site, site_file)
+    for fid, ids in cancel_fields(s, _fields_of(s, fields, work_root)).items():
+        click.echo(f"{fid}: cancelled {' '.join(ids) if ids else 'nothing (no live jobs)'}")
+
+
+@cli.command()
+@site_options
+@click.option("--scratch", type=click.Path(file_okay=False, path_type=Path),
+              help="Check free space here (default: the site's scratch pattern expanded on this node).")
+@click.option("--no-clean", is_flag=True, help="Report stale /dev/shm entries but do not remove them.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def preflight(site: str | None, site_file: str | None, scratch: Path | None, no_clean: bool, as_json: bool) -> None:
+    """Check this node for DDFacet: /dev/shm, hugepages, map count, memlock, CPUs, scratch, image."""
+    from hpcddf.errors import PreflightError
+    from hpcddf.preflight import run_preflight
+    s = _site(site or "local", site_file)
+    report = run_preflight(s, scratch=scratch, clean_shm=not no_clean)
+    if as_json:
+        _print_json(report.to_dict())
     else:
-        for fid, info in result["fields"].items():
-            jobs_txt = ", ".join(f"{k}={v}" for k, v in info["jobs"].items())
-            click.echo(f"{fid}: {info['status']} {jobs_txt}")
+        click.echo(report.text())
+    if not report.ok:
+        raise PreflightError(f"{len(report.failed())} preflight check(s) failed", "see the report above")
+
+
+@cli.command()
+@click.argument("field")
+@site_options
+@click.option("--work-root", type=click.Path(file_okay=False, path_type=Path), help="Override the site's work root.")
+@click.option("--step", help="Print this step's command log(s) instead of the overview.")
+@click.option("--tail", "tail_lines", type=int, default=0, help="Only the last N lines of each log.")
+def logs(field: str, site: str | None, site_file: str | None, work_root: Path | None,
+         step: str | None, tail_lines: int) -> None:
+    """Where FIELD's logs are, and the time per step and stage (like analyse_logs.py)."""
+    from hpcddf.logview import field_logs
+    s = _site(site or "local", site_file)
+    click.echo(field_logs(_fields_of(s, [field], work_root)[0], step, tail_lines), nl=False)
 
 
 @cli.command()

@@ -122,6 +122,8 @@ def _unknown_option(section: str, name: str, where: str) -> ConfigError:
 
 
 def _read_cfg(path: str) -> configparser.RawConfigParser:
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path} is a directory", "pass a ddf-pipeline .cfg file")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} does not exist", "check the path")
     if not os.access(path, os.R_OK):
@@ -131,7 +133,8 @@ def _read_cfg(path: str) -> configparser.RawConfigParser:
         with open(path, encoding="utf-8") as fh:
             parser.read_file(fh, source=path)
     except configparser.Error as exc:
-        first = str(exc).strip().splitlines()[0]
+        # configparser spreads one error over several lines (which line, its text): join them
+        first = " ".join(ln.strip() for ln in str(exc).strip().splitlines() if ln.strip())
         raise ConfigError(f"config file {path} has a syntax error: {first}",
                           "use [section] headers and name = value lines") from None
     except UnicodeDecodeError:

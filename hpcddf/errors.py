@@ -68,6 +68,10 @@ class PreflightError(HpcddfError):
     exit_code = ExitCode.PREFLIGHT
 
 
+class StagingError(HpcddfError):
+    """Node-local scratch cannot be set up, or files cannot be copied to or from it."""
+
+
 class StepFailed(HpcddfError):
     """A science command of a step failed; carries what the field state records."""
 

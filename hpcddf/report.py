@@ -94,7 +94,8 @@ def _toml(v: Any) -> str:
 
 
 def status_table(states: Sequence[dict[str, Any]]) -> Table:
-    t = Table(title="fields")
+    stale = next((st["stale"] for st in states if st.get("stale")), None)
+    t = Table(title="fields" + (f" — {stale}" if stale else ""))
     for col in ("field", "stage", "job", "state", "attempts", "elapsed", "node-hours", "note"):
         t.add_column(col, overflow="fold")
     for st in states:
@@ -103,9 +104,11 @@ def status_table(states: Sequence[dict[str, Any]]) -> Table:
             t.add_row(st["field"], "-", "-", "not submitted", "-", "-", "-", "")
             continue
         first = True
-        for name, s in stages.items():
+        order = [p["name"] for p in (st.get("plan") or {}).get("stages", [])]
+        for name, s in sorted(stages.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
+            live = f" ({s['slurm_state']})" if s.get("slurm_state") else ""
             t.add_row(st["field"] if first else "", name, str(s.get("job_id") or "-"),
-                      s.get("state", "?"), str(s.get("attempts", 0)), seconds(s.get("elapsed_s")),
+                      s.get("state", "?") + live, str(s.get("attempts", 0)), seconds(s.get("elapsed_s")),
                       f"{s['node_hours']:.2f}" if s.get("node_hours") is not None else "-",
                       _note(s))
             first = False

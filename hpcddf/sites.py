@@ -251,7 +251,9 @@ def _check_values(site: Site) -> None:
     except re.error as exc:
         raise bad(f"[fields] pattern is not a regular expression: {exc}", "fix the pattern")
     for key in site.slurm.extra_sbatch:
-        if key.lstrip("-") in MANAGED_SBATCH:
+        # submitit writes "job_name" as --job-name, and sbatch accepts unambiguous prefixes
+        flag = key.lstrip("-").replace("_", "-")
+        if flag and any(m.startswith(flag) for m in MANAGED_SBATCH):
             raise bad(f"extra_sbatch may not set {key!r}: hpcddf manages it",
                       "remove it; set partition/account/qos/max_walltime in [slurm]")
 
@@ -266,6 +268,8 @@ def load_site_file(path: str | os.PathLike[str], name: str | None = None) -> Sit
         raise SiteError(f"site file {path} does not exist", "check the path") from None
     except PermissionError:
         raise SiteError(f"site file {path} is not readable", f"chmod u+r {path}") from None
+    except IsADirectoryError:
+        raise SiteError(f"site file {path} is a directory", "pass a site .toml file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SiteError(f"site file {path} is not valid TOML: {exc}", "fix the syntax") from None
     if not isinstance(data, dict):
@@ -280,7 +284,8 @@ def site_dirs() -> list[Path]:
     dirs = []
     if os.environ.get("HPCDDF_SITES_DIR"):
         dirs.append(Path(os.environ["HPCDDF_SITES_DIR"]))
-    dirs.append(Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "hpcddf" / "sites")
+    # an empty XDG_CONFIG_HOME counts as unset (XDG base directory spec)
+    dirs.append(Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "hpcddf" / "sites")
     dirs.append(Path(str(resources.files("hpcddf.site_configs"))))
     return dirs
 

@@ -13,6 +13,7 @@ import datetime as dt
 import fcntl
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -49,22 +50,41 @@ def read_state(workdir: Path, field_id: str | None = None) -> dict[str, Any] | N
 
 
 @contextlib.contextmanager
-def locked(workdir: Path) -> Iterator[None]:
-    """Exclusive lock on the field (held across processes and nodes sharing the file system)."""
+def locked(workdir: Path, timeout: float | None = None) -> Iterator[None]:
+    """Exclusive lock on the field (held across processes and nodes sharing the file system).
+
+    With ``timeout`` give up (TimeoutError) instead of waiting for ever: a signal handler must
+    not block on a lock its own main thread may hold.
+    """
     d = workdir / ".hpcddf"
     d.mkdir(parents=True, exist_ok=True)
     with open(d / "lock", "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        _acquire(fh.fileno(), timeout)
         try:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def update_state(workdir: Path, field_id: str,
-                 change: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+def _acquire(fd: int, timeout: float | None) -> None:
+    if timeout is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > end:
+                raise TimeoutError("field state lock busy") from None
+            time.sleep(0.05)
+
+
+def update_state(workdir: Path, field_id: str, change: Callable[[dict[str, Any]], Any],
+                 timeout: float | None = None) -> dict[str, Any]:
     """Apply ``change`` to the field's state under the lock and write it back atomically."""
-    with locked(workdir):
+    with locked(workdir, timeout):
         return update_state_unlocked(workdir, field_id, change)
 
 

@@ -51,9 +51,16 @@ def field_config(site: Site, workdir: Path, files: Sequence[str],
     own = workdir / FIELD_CONFIG
     if own.is_file():
         layered.append(str(own))
-    extra = [] if layered else list(DEFAULT_LISTS)
     catalog = str(site.catalog_dir) if site.catalog_dir else None
-    return load_config(layered, extra + list(overrides), catalog_dir=catalog)
+    cfg = load_config(layered, overrides, catalog_dir=catalog)
+    if files:
+        return cfg
+    # No -c file: the usual lists stand in for ddf-pipeline's defaults, below the field's own
+    # hpcddf.cfg and the overrides (so a field config that only changes, say, bootstrap keeps them).
+    unset = [o for o in DEFAULT_LISTS if (o.section, o.name) not in cfg.origins]
+    if not unset:
+        return cfg
+    return load_config(layered, unset + list(overrides), catalog_dir=catalog)
 
 
 def prepare(site: Site, field_ids: Sequence[str], files: Sequence[str] = (),
@@ -118,3 +125,18 @@ def dry_run_document(site: Site, jobs: Sequence[FieldJob]) -> dict[str, Any]:
             stages.append(d)
     return {"site": site.name, "scheduler": site.scheduler,
             "fields": [j.field.id for j in jobs], "chains": len(groups), "stages": stages}
+
+
+def prepare_resubmit(site: Site, field_ids: Sequence[str], work_root: Path | None = None) -> list[FieldJob]:
+    """Fields to resume, with the configuration frozen at their first submission."""
+    from hpcddf.config import load_config
+    root = work_root if work_root is not None else site.work_root
+    jobs = []
+    for fid in field_ids:
+        fld = field_for(site, fid, root)
+        frozen = fld.workdir / ".hpcddf" / "pipeline.cfg"
+        if not frozen.is_file():
+            raise FieldError(f"field {fid} was never submitted from {root}", f"use hpcddf submit {fid}")
+        cfg = load_config([str(frozen)])
+        jobs.append(FieldJob(fld, cfg, plan_reduction(cfg, site, fid)))
+    return jobs

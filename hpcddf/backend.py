@@ -1,0 +1,117 @@
+"""Submitting stage jobs through submitit: Slurm chains and arrays, or the local executor.
+
+The engine hands over chains: fields whose remaining stages are the same. Each stage of a
+chain is ONE submission: a plain job for one field, a job array across the fields otherwise,
+chained ``afterok`` (plain) or ``aftercorr`` (arrays: task i waits only for task i of the
+previous stage) with ``kill_on_invalid_dep`` so a failed stage cancels its dependents.
+This is the only module that imports submitit's executors.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import submitit
+
+from hpcddf.errors import SubmissionError
+from hpcddf.nodejob import StageJob
+from hpcddf.plan import Resources, Stage
+from hpcddf.sites import Site
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChainMember:
+    """One field of a chain: where it lives and the stage jobs to run for it."""
+
+    field_id: str
+    workdir: Path
+    jobs: tuple[StageJob, ...]
+
+
+def job_name(fields: Sequence[str], stage: str) -> str:
+    who = fields[0] if len(fields) == 1 else f"{len(fields)}fields"
+    return f"hpcddf-{who}-{stage}"
+
+
+def slurm_parameters(site: Site, res: Resources, name: str, after: str | None,
+                     array: bool, ntasks: int) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters for one stage submission."""
+    extra: dict[str, Any] = {"requeue": True, **res.extra}
+    if res.account:
+        extra["account"] = res.account
+    if res.qos:
+        extra["qos"] = res.qos
+    if after:
+        extra["dependency"] = f"{'aftercorr' if array else 'afterok'}:{after}"
+        extra["kill_on_invalid_dep"] = "yes"
+    params: dict[str, Any] = {
+        "job_name": name, "time": res.walltime_min, "nodes": 1, "ntasks_per_node": 1,
+        "cpus_per_task": res.cpus, "mem": f"{res.mem_gb}G", "signal_delay_s": site.slurm.signal_delay_s,
+        "stderr_to_stdout": True, "additional_parameters": extra,
+        "array_parallelism": max(1, min(site.fields.max_running, ntasks)),
+    }
+    if res.exclusive:
+        params["exclusive"] = True
+    if res.partition:
+        params["partition"] = res.partition
+    return params
+
+
+def submit_slurm_chain(site: Site, stages: Sequence[Stage], members: Sequence[ChainMember],
+                       folder: Path) -> dict[str, dict[str, str]]:
+    """Submit every stage of the chain; returns field -> stage -> Slurm job id."""
+    ids: dict[str, dict[str, str]] = {m.field_id: {} for m in members}
+    prev: str | None = None
+    array = len(members) > 1
+    for k, stage in enumerate(stages):
+        ex = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=site.slurm.max_requeues)
+        ex._throttling = 0.0  # one sbatch per stage: no need for submitit's per-call pause
+        ex.update_parameters(**slurm_parameters(site, stage.resources,
+                                                job_name([m.field_id for m in members], stage.name),
+                                                prev, array, len(members)))
+        try:
+            with ex.batch():
+                jobs = [ex.submit(m.jobs[k]) for m in members]
+        except Exception as exc:  # submitit raises plain errors with sbatch's stderr
+            raise SubmissionError(f"sbatch refused stage {stage.name}: {str(exc).strip()[:400]}",
+                                  "check the site's partition/account/qos with `hpcddf sites show`") from None
+        for m, job in zip(members, jobs):
+            ids[m.field_id][stage.name] = job.job_id
+        prev = jobs[0].job_id.split("_")[0]
+        log.info("stage %s: %s", stage.name, prev)
+    return ids
+
+
+def run_local_chain(site: Site, stages: Sequence[Stage], member: ChainMember, folder: Path,
+                    progress: Callable[[str], None]) -> dict[str, str]:
+    """Run one field's stages one after another with submitit's local executor."""
+    ids: dict[str, str] = {}
+    for k, stage in enumerate(stages):
+        ex = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=site.slurm.max_requeues)
+        ex.update_parameters(timeout_min=stage.resources.walltime_min,
+                             signal_delay_s=site.slurm.signal_delay_s)
+        job = ex.submit(member.jobs[k])
+        ids[stage.name] = str(job.job_id)
+        progress(f"{member.field_id}: stage {stage.name} running (local job {job.job_id}, "
+                 f"{len(stage.steps)} steps)")
+        try:
+            job.result()
+        except Exception as exc:
+            progress(f"{member.field_id}: stage {stage.name} FAILED: {_first_line(exc)}")
+            raise SubmissionError(f"field {member.field_id}: stage {stage.name} failed",
+                                  f"see `hpcddf status {member.field_id}` and `hpcddf logs {member.field_id}`") from None
+        progress(f"{member.field_id}: stage {stage.name} done")
+    return ids
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln:
+            return ln.strip()[:300]
+    return lines[-1][:300] if lines else type(exc).__name__

@@ -1,0 +1,203 @@
+"""What runs on the compute node for one stage of one field (a submitit Checkpointable).
+
+preflight -> scratch -> run the stage's steps not yet done -> record the outcome. On the
+walltime signal submitit calls :meth:`StageJob.checkpoint` and requeues the job; the next
+attempt starts over here and the done-markers make it resume after the last finished step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import submitit
+
+from hpcddf.config import load_config
+from hpcddf.durations import load_estimates, record_duration
+from hpcddf.errors import HpcddfError, PreflightError, StepFailed
+from hpcddf.preflight import clean_stale_shm, pid_alive, run_preflight
+from hpcddf.recipes import NodeInfo, build_steps
+from hpcddf.runner import RunContext, StopRequested, run_steps
+from hpcddf.sites import Site
+from hpcddf.staging import clean_scratch, prepare_scratch
+from hpcddf.state import now_iso, update_state
+
+log = logging.getLogger("hpcddf.job")
+
+FROZEN_CONFIG = "pipeline.cfg"  # the effective config written at submit, in .hpcddf/
+
+
+def job_id_from_env(env: Mapping[str, str]) -> str | None:
+    """``<array>_<task>`` for array tasks (how sacct names them), else the job id."""
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID")
+
+
+@dataclass
+class StageJob(submitit.helpers.Checkpointable):
+    """One stage of one field. Pickled by submitit; holds only plain data."""
+
+    site: Site
+    field_id: str
+    workdir: str
+    work_root: str
+    stage: str
+    steps: tuple[str, ...]
+    recipe: dict[str, Any]
+    walltime_min: int
+    last_stage: bool = False
+    _stop: bool = field(default=False, repr=False)
+
+    # ---------------------------------------------------------------- entry point
+    def __call__(self) -> dict[str, Any]:
+        wd = Path(self.workdir)
+        _log_to(wd / "logs" / f"hpcddf-{self.stage}.log")
+        attempt = self._start()
+        signal.signal(signal.SIGUSR1, self._on_usr1)
+        try:
+            scratch = prepare_scratch(self.site, self.field_id)
+            report = run_preflight(self.site, scratch=scratch.root)
+            if not report.ok:
+                raise PreflightError(f"node {socket.gethostname()} failed preflight: "
+                                     + "; ".join(c.name for c in report.failed()),
+                                     report.text())
+            ran = self._run(report.cpus, scratch.cache_dir)
+        except StopRequested as stop:
+            self._early_requeue(stop.reason, attempt)
+            raise AssertionError("unreachable: requeue exits")  # pragma: no cover
+        except StepFailed as exc:
+            self._record_failure(str(exc), {"step": exc.step, "argv": exc.argv,
+                                            "returncode": exc.returncode, "log": exc.log_path,
+                                            "log_tail": exc.log_tail})
+            raise
+        except HpcddfError as exc:
+            self._record_failure(str(exc), {"message": exc.message, "detail": exc.hint})
+            raise
+        except Exception as exc:  # a bug or an unexpected node problem: still say what happened
+            self._record_failure(f"{type(exc).__name__}: {exc}", {"message": f"{type(exc).__name__}: {exc}"})
+            raise
+        finally:
+            clean_stale_shm(Path("/dev/shm"), os.getuid(), pid_alive)
+        clean_scratch(scratch)
+        self._finish(ran)
+        return {"field": self.field_id, "stage": self.stage, "ran": ran}
+
+    def _run(self, cpus: tuple[int, ...], cache_dir: Path) -> list[str]:
+        wd = Path(self.workdir)
+        cfg = load_config([str(wd / ".hpcddf" / FROZEN_CONFIG)])
+        node = NodeInfo(cpus=cpus, cache_dir=cache_dir, field_id=self.field_id)
+        steps = build_steps(self.recipe, cfg, self.stage, self.steps, node)
+        ctx = RunContext(workdir=wd, log_dir=wd / (cfg.get("control", "logging") or "logs"),
+                         marker_dir=wd / ".hpcddf" / "done",
+                         deadline=self._started + self.walltime_min * 60,
+                         safety_s=min(60.0, self.walltime_min * 60 * 0.05),
+                         estimates=load_estimates(Path(self.work_root)),
+                         env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                              "MKL_NUM_THREADS": "1"},
+                         on_step=self._on_step)
+        if self._stop:
+            ctx.stop_event.set()
+        self._ctx = ctx
+        return run_steps(ctx, steps, walltime_s=self.walltime_min * 60)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Only the plain fields travel (to the node, and back into the queue on requeue)."""
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        state["_stop"] = False
+        return state
+
+    # ---------------------------------------------------------------- requeue
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on the walltime/preemption signal, before it requeues the job."""
+        # in a signal handler: never wait for the state lock (the main thread may hold it)
+        self._update(lambda s: s.update(state="requeued", note="walltime or preemption signal: requeued",
+                                        requeued_at=now_iso()), timeout=5.0)
+        log.warning("stage %s: walltime/preemption signal, requeueing", self.stage)
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+    def _early_requeue(self, reason: str, attempt: int) -> None:
+        """Requeue now (a step would not fit): through submitit's own handler, capped by the site."""
+        if attempt > self.site.slurm.max_requeues:
+            msg = f"not requeued: {reason}; already {attempt - 1} requeues (max_requeues)"
+            self._record_failure(msg, {"message": msg})
+            raise HpcddfError(msg, "raise [slurm] max_requeues or max_walltime in the site config")
+        log.warning("stage %s: %s", self.stage, reason)
+        self._update(lambda s: s.update(state="requeued", note=reason, requeued_at=now_iso()))
+        os.kill(os.getpid(), signal.SIGUSR2)  # submitit: checkpoint + requeue + exit
+        time.sleep(60)
+
+    def _on_usr1(self, signum: int, frame: Any) -> None:
+        """ddf-pipeline's SIGUSR1: stop at the next step boundary."""
+        log.warning("stage %s: SIGUSR1, stopping at the next step boundary", self.stage)
+        self._stop = True
+        ctx = getattr(self, "_ctx", None)
+        if ctx is not None:
+            ctx.stop_event.set()
+
+    # ---------------------------------------------------------------- field state
+    def _update(self, change: Any, timeout: float | None = None) -> None:
+        def apply(state: dict[str, Any]) -> None:
+            change(state["stages"].setdefault(self.stage, {}))
+        try:
+            update_state(Path(self.workdir), self.field_id, apply, timeout=timeout)
+        except TimeoutError:
+            log.warning("field state busy: stage %s state not updated", self.stage)
+
+    def _start(self) -> int:
+        self._started = time.time()
+        env = os.environ
+        restarts = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+        result: dict[str, int] = {}
+
+        def change(s: dict[str, Any]) -> None:
+            s["attempts"] = max(int(s.get("attempts", 0)) + 1, restarts + 1)
+            s.update(state="running", node=socket.gethostname(), started=now_iso(),
+                     job_id=job_id_from_env(env) or s.get("job_id"), error=None)
+            result["attempt"] = s["attempts"]
+        self._update(change)
+        log.info("stage %s of %s: attempt %d on %s", self.stage, self.field_id,
+                 result["attempt"], socket.gethostname())
+        return result["attempt"]
+
+    def _elapsed(self, s: dict[str, Any]) -> None:
+        dt = time.time() - self._started
+        s["elapsed_s"] = float(s.get("elapsed_s") or 0.0) + dt
+        s["node_hours"] = float(s.get("node_hours") or 0.0) + dt / 3600
+
+    def _finish(self, ran: list[str]) -> None:
+        def change(s: dict[str, Any]) -> None:
+            self._elapsed(s)
+            s.update(state="done", ended=now_iso(), note=f"ran {len(ran)} step(s)", error=None)
+        self._update(change)
+
+    def _record_failure(self, message: str, error: dict[str, Any]) -> None:
+        def change(s: dict[str, Any]) -> None:
+            self._elapsed(s)
+            s.update(state="failed", ended=now_iso(), error={"message": message, **error})
+        self._update(change)
+
+    def _on_step(self, step: str, what: str, info: dict[str, Any]) -> None:
+        if what == "done":
+            record_duration(Path(self.work_root), step, float(info["duration_s"]))
+
+        def change(state: dict[str, Any]) -> None:
+            state.setdefault("steps", {})[step] = {"state": what, "at": now_iso(),
+                                                   "duration_s": info.get("duration_s")}
+            state["stages"].setdefault(self.stage, {})["current_step"] = step if what == "running" else None
+        update_state(Path(self.workdir), self.field_id, change)
+
+
+def _log_to(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
