@@ -35,12 +35,19 @@ DBDCONF=/etc/slurm/slurmdbd.conf
 
 log() { echo "[start_slurm] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+# running PID: the process exists and is not a zombie (the PID 1 of a container may reap late)
+running() {
+  local st
+  st=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  st=${st##*) }
+  [ -n "$st" ] && [ "${st%% *}" != Z ] && [ "${st%% *}" != X ]
+}
 # alive PIDFILE COMM: the pid in PIDFILE runs and really is COMM (guards against reused pids)
 alive() {
   local pid
   [ -s "$1" ] || return 1
   pid=$(cat "$1")
-  kill -0 "$pid" 2>/dev/null && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
+  running "$pid" && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
 }
 # wait_for SECONDS DESCRIPTION CMD...: poll CMD every 0.25 s
 wait_for() {
@@ -59,8 +66,8 @@ stop_ours() {
   alive "$1" "$2" || return 0
   pid=$(cat "$1")
   kill -TERM "$pid"
-  for ((i = 0; i < 80; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-  kill -0 "$pid" 2>/dev/null && { log "$2 ($pid) ignored SIGTERM, SIGKILL"; kill -KILL "$pid"; }
+  for ((i = 0; i < 80; i++)); do running "$pid" || break; sleep 0.25; done
+  running "$pid" && { log "$2 ($pid) ignored SIGTERM, SIGKILL"; kill -KILL "$pid"; }
   rm -f "$1"
 }
 # install_if_changed FILE MODE CONTENT: write FILE atomically when CONTENT differs; 0 if written
@@ -84,6 +91,7 @@ case $SMOKE in 0 | 1) ;; *) die "HPCDDF_SLURM_SMOKE must be 0 or 1: $SMOKE" ;; e
 
 mkdir -p "$BASE/state" "$BASE/spool" "$RUN" "$LOG" /etc/slurm
 chmod 755 "$BASE" "$RUN" "$LOG"
+# fd 9 holds the lock; every daemon is started with 9>&- so it does not inherit (and keep) it
 exec 9>"$RUN/start.lock"
 flock -w 900 9 || die "another start_slurm.sh holds $RUN/start.lock"
 
@@ -235,7 +243,7 @@ else
   chown munge:munge /run/munge /var/log/munge /var/lib/munge
   chmod 755 /run/munge
   rm -f /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock
-  runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid
+  runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid 9>&-
   wait_for 10 munged sh -c 'munge -n | unmunge' || die "munged did not answer (see /var/log/munge/munged.log)"
   cp /run/munge/munged.pid "$RUN/munged.pid"
   log "munged started (pid $(cat "$RUN/munged.pid"))"
@@ -257,11 +265,13 @@ if [ "$ACCT" = 1 ]; then
       || die "mariadb-install-db failed (see $LOG/mysql_install.log)"
   fi
   if ! alive "$DBRUN/mysqld.pid" mariadbd; then
+    touch "$LOG/mysqld.log"
+    chown mysql:mysql "$LOG/mysqld.log" # mariadbd runs as mysql and cannot create files in $LOG
     nohup /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$DB" --socket="$SOCK" \
       --port=$DBPORT --bind-address=127.0.0.1 --pid-file="$DBRUN/mysqld.pid" \
       --log-error="$LOG/mysqld.log" --innodb-buffer-pool-size=256M \
       --innodb-lock-wait-timeout=900 --innodb-buffer-pool-dump-at-shutdown=0 \
-      --innodb-buffer-pool-load-at-startup=0 </dev/null >/dev/null 2>&1 &
+      --innodb-buffer-pool-load-at-startup=0 </dev/null >/dev/null 2>&1 9>&- &
     wait_for 60 mariadb mariadb-admin --socket="$SOCK" ping || die "mariadb did not start (see $LOG/mysqld.log)"
     wait_for 10 "mariadb pid file" test -s "$DBRUN/mysqld.pid" || die "no $DBRUN/mysqld.pid"
     log "mariadb started on 127.0.0.1:$DBPORT (pid $(cat "$DBRUN/mysqld.pid"))"
@@ -280,7 +290,7 @@ if [ "$ACCT" = 1 ]; then
     stop_ours "$RUN/slurmdbd.pid" slurmdbd
   fi
   if ! alive "$RUN/slurmdbd.pid" slurmdbd; then
-    /usr/sbin/slurmdbd # daemonizes, writes PidFile
+    /usr/sbin/slurmdbd 9>&- # daemonizes, writes PidFile
     wait_for 60 slurmdbd sacctmgr -n show cluster || die "slurmdbd did not answer (see $LOG/slurmdbd.log)"
     log "slurmdbd started (pid $(cat "$RUN/slurmdbd.pid"))"
   fi
@@ -294,12 +304,12 @@ if [ "$CONF_CHANGED" = 1 ] && { alive "$RUN/slurmctld.pid" slurmctld || alive "$
   stop_ours "$RUN/slurmctld.pid" slurmctld
 fi
 if ! alive "$RUN/slurmctld.pid" slurmctld; then
-  /usr/sbin/slurmctld # daemonizes; jobs and ids survive restarts in $BASE/state
+  /usr/sbin/slurmctld 9>&- # daemonizes; jobs and ids survive restarts in $BASE/state
   wait_for 30 slurmctld sh -c 'scontrol ping | grep -q UP' || die "slurmctld did not answer (see $LOG/slurmctld.log)"
   log "slurmctld started (pid $(cat "$RUN/slurmctld.pid"))"
 fi
 if ! alive "$RUN/slurmd.pid" slurmd; then
-  /usr/sbin/slurmd
+  /usr/sbin/slurmd 9>&-
   wait_for 10 "slurmd pid file" test -s "$RUN/slurmd.pid" || die "slurmd did not start (see $LOG/slurmd.log)"
   log "slurmd started (pid $(cat "$RUN/slurmd.pid"))"
 fi

@@ -26,26 +26,34 @@ log() { echo "[stop_slurm] $*" >&2; }
 [ "$(id -u)" = 0 ] || { log "must run as root"; exit 1; }
 case $BASE in /*) ;; *) log "HPCDDF_SLURM_DIR must be an absolute path: $BASE"; exit 1 ;; esac
 
+# running PID: the process exists and is not a zombie (the PID 1 of a container may reap late)
+running() {
+  local st
+  st=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  st=${st##*) }
+  [ -n "$st" ] && [ "${st%% *}" != Z ] && [ "${st%% *}" != X ]
+}
 # alive PIDFILE COMM
 alive() {
   local pid
   [ -s "$1" ] || return 1
   pid=$(cat "$1")
-  kill -0 "$pid" 2>/dev/null && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
+  running "$pid" && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
 }
 # stop_pid PIDFILE COMM: SIGTERM, wait up to 30 s, then SIGKILL
 stop_pid() {
-  local f=$1 comm=$2 pid i
+  local f=$1 comm=$2 pid i t0
   [ -s "$f" ] || return 0
   pid=$(cat "$f")
   if alive "$f" "$comm"; then
+    t0=${EPOCHREALTIME/[.,]/}
     kill -TERM "$pid"
-    for ((i = 0; i < 120; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-    if kill -0 "$pid" 2>/dev/null; then
+    for ((i = 0; i < 120; i++)); do running "$pid" || break; sleep 0.25; done
+    if running "$pid"; then
       log "$comm ($pid) did not exit after 30 s, SIGKILL"
       kill -KILL "$pid"
     fi
-    log "stopped $comm ($pid)"
+    log "stopped $comm ($pid) in $(((${EPOCHREALTIME/[.,]/} - t0) / 1000)) ms"
   else
     log "$comm: pid $pid from $f is not running (or is not $comm), skipping"
   fi
