@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Work lost to walltime kills: a scaled stage with 3x a walltime of work, on the local Slurm.
 
-One stage of 7 steps x 25 s (175 s of work) runs under a 1-minute walltime, so it needs at
-least three attempts. Work is "redone" when a step was interrupted by the kill and had to run
+Six stages (initial .. ampphase_di: 18 steps x 10 s = 180 s of work) run under a 1-minute
+walltime per job: the work is 3x the walltime and most stages need several attempts. Work is "redone" when a step was interrupted by the kill and had to run
 again: the seconds its interrupted runs had already spent (each scaled step logs a tick a
 second). Total node-seconds is the sum of the elapsed time of every attempt (sacct).
 
@@ -20,7 +20,8 @@ from pathlib import Path
 
 from _common import hpcddf, site_file, wait_for
 
-STEP_S = 25
+STEP_S = 10
+STEPS = 18
 
 
 def attempts_node_seconds(job: str) -> tuple[float, int]:
@@ -28,6 +29,10 @@ def attempts_node_seconds(job: str) -> tuple[float, int]:
                          capture_output=True, text=True, check=True).stdout
     rows = [ln.split("|") for ln in out.splitlines() if ln.strip()]
     return float(sum(int(r[2]) for r in rows)), len(rows)
+
+
+def _if_recorded(result: tuple[float, int]) -> tuple[float, int] | None:
+    return result if result[1] else None
 
 
 def redone_seconds(logs: Path) -> float:
@@ -45,10 +50,10 @@ def redone_seconds(logs: Path) -> float:
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hpcddf-bench-") as tmp:
         root = Path(tmp)
-        site = site_file(root, walltime="1", requeues=8, signal_delay=10)
+        site = site_file(root, walltime="1", requeues=8, signal_delay=5)
         t0 = time.time()
         doc = hpcddf("submit", "B1", "--site-file", str(site), "--pipeline", "scaled",
-                     "--pipeline-opt", f"seconds={STEP_S}", "--control-exitafter=dirin")
+                     "--pipeline-opt", f"seconds={STEP_S}", "--control-exitafter=ampphase_di")
         jobs = doc["fields"]["B1"]["jobs"]
         state_file = root / "work" / "B1" / ".hpcddf" / "state.json"
         wait_for(lambda: all(s["state"] in ("done", "failed") for s in
@@ -59,11 +64,11 @@ def main() -> None:
         total = 0.0
         attempts = 0
         for job in jobs.values():
-            node_s, n = wait_for(lambda j=job: (r := attempts_node_seconds(j)) if r[1] else None, 60)
+            node_s, n = wait_for(lambda j=job: _if_recorded(attempts_node_seconds(j)), 60)
             total += node_s
             attempts += n
         redone = redone_seconds(root / "work" / "B1" / "logs")
-        work = 7 * STEP_S
+        work = STEPS * STEP_S
     summary = ", ".join(f"{k}={v['state']} ({v['attempts']} attempts)" for k, v in state["stages"].items())
     print(f"stages: {summary}")
     print(f"work {work} s in a 60 s walltime; {attempts} job attempts, {total:.0f} node-seconds, "

@@ -89,7 +89,9 @@ def submit(args: tuple[str, ...], site: str | None, site_file: str | None, confi
     """
     from hpcddf import submit as app
     from hpcddf.recipes import make_recipe
-    fields = [a for a in args if not a.startswith("-")]
+    # ddf-pipeline style: config files may also be given bare, among the field ids
+    configs = configs + tuple(a for a in args if a.endswith(".cfg"))
+    fields = [a for a in args if not a.startswith("-") and not a.endswith(".cfg")]
     _, overrides = _split([a for a in args if a.startswith("-")])
     if fields_file:
         fields += app.read_fields_file(fields_file)

@@ -8,11 +8,9 @@ whose steps are all done are not submitted again, which is what makes ``resubmit
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -158,8 +156,20 @@ def _submit_slurm(site: Site, to_run: Sequence[tuple[FieldJob, list[Stage]]],
                   else chain[0][0].field.workdir.parent / ".hpcddf" / "arrays")
         ids = submit_slurm_chain(site, stages, members, folder)
         for fj, st in chain:
+            if len(chain) > 1:
+                _link_array_logs(fj.field.workdir, folder, ids[fj.field.id].values())
             _record_queued(fj, site, st, ids[fj.field.id], recipe)
             result["fields"][fj.field.id] = {"status": "submitted", "jobs": ids[fj.field.id]}
+
+
+def _link_array_logs(workdir: Path, folder: Path, job_ids: Any) -> None:
+    """Array tasks log under the work root's array folder; link each field's tasks into its own."""
+    jobs = workdir / ".hpcddf" / "jobs"
+    jobs.mkdir(parents=True, exist_ok=True)
+    for jid in job_ids:
+        link = jobs / jid
+        if not link.is_symlink() and not link.exists():
+            link.symlink_to(folder / jid)
 
 
 def _run_local(site: Site, to_run: Sequence[tuple[FieldJob, list[Stage]]], recipe: dict[str, Any],
@@ -193,24 +203,26 @@ def resubmit_fields(site: Site, jobs: Sequence[FieldJob], progress: Callable[[st
 
 
 def cancel_fields(site: Site, fields: Sequence[Field]) -> dict[str, list[str]]:
-    """Cancel every live job of the fields and mark their queued stages cancelled."""
+    """Cancel every live job of the fields; their stages are marked cancelled first, so a job
+    dying of the cancellation does not record it as a failure."""
     done: dict[str, list[str]] = {}
     for f in fields:
         with locked(f.workdir):
             state = read_state(f.workdir)
             ids = live_jobs(site, state)
-            if site.scheduler == "slurm":
-                cancel_jobs(ids)
-            else:
-                for i in ids:
-                    os.kill(int(i), signal.SIGTERM)
-
-            def change(st: dict[str, Any]) -> None:
-                for s in st.get("stages", {}).values():
-                    if s.get("state") in ("queued", "running", "requeued"):
-                        s["state"] = "cancelled"
-                        s["ended"] = now_iso()
             if state:
-                update_state_unlocked(f.workdir, f.id, change)
+                update_state_unlocked(f.workdir, f.id, _mark_cancelled)
+        if site.scheduler == "slurm":
+            cancel_jobs(ids)
+        else:
+            for i in ids:
+                os.kill(int(i), signal.SIGTERM)
         done[f.id] = ids
     return done
+
+
+def _mark_cancelled(state: dict[str, Any]) -> None:
+    for s in state.get("stages", {}).values():
+        if s.get("state") in ("queued", "running", "requeued"):
+            s["state"] = "cancelled"
+            s["ended"] = now_iso()

@@ -31,6 +31,7 @@ from hpcddf.state import now_iso, update_state
 log = logging.getLogger("hpcddf.job")
 
 FROZEN_CONFIG = "pipeline.cfg"  # the effective config written at submit, in .hpcddf/
+SLURM_SIGNAL_SLACK_S = 30  # slurmctld checks time limits every 30 s
 
 
 def job_id_from_env(env: Mapping[str, str]) -> str | None:
@@ -94,10 +95,10 @@ class StageJob(submitit.helpers.Checkpointable):
         cfg = load_config([str(wd / ".hpcddf" / FROZEN_CONFIG)])
         node = NodeInfo(cpus=cpus, cache_dir=cache_dir, field_id=self.field_id)
         steps = build_steps(self.recipe, cfg, self.stage, self.steps, node)
+        deadline, usable_s = self._deadline()
         ctx = RunContext(workdir=wd, log_dir=wd / (cfg.get("control", "logging") or "logs"),
-                         marker_dir=wd / ".hpcddf" / "done",
-                         deadline=self._started + self.walltime_min * 60,
-                         safety_s=min(60.0, self.walltime_min * 60 * 0.05),
+                         marker_dir=wd / ".hpcddf" / "done", deadline=deadline,
+                         safety_s=min(60.0, usable_s * 0.02),
                          estimates=load_estimates(Path(self.work_root)),
                          env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                               "MKL_NUM_THREADS": "1"},
@@ -105,7 +106,22 @@ class StageJob(submitit.helpers.Checkpointable):
         if self._stop:
             ctx.stop_event.set()
         self._ctx = ctx
-        return run_steps(ctx, steps, walltime_s=self.walltime_min * 60)
+        return run_steps(ctx, steps, walltime_s=usable_s)
+
+    def _deadline(self) -> tuple[float, float]:
+        """When the stage must be between steps, and how long a whole attempt has.
+
+        The walltime signal, not the limit, ends useful work: Slurm sends it ``signal_delay_s``
+        before the limit, checking only every ~30 s, so it may come up to 30 s earlier still.
+        """
+        end = self._started + self.walltime_min * 60
+        job = os.environ.get("SLURM_JOB_ID")
+        if job and self.site.scheduler == "slurm":
+            from hpcddf.slurm_query import job_end_time
+            end = job_end_time(job) or end
+        lead = self.site.slurm.signal_delay_s + (SLURM_SIGNAL_SLACK_S if self.site.scheduler == "slurm" else 0)
+        usable = max(1.0, self.walltime_min * 60 - lead)
+        return end - lead, usable
 
     def __getstate__(self) -> dict[str, Any]:
         """Only the plain fields travel (to the node, and back into the queue on requeue)."""
@@ -180,7 +196,9 @@ class StageJob(submitit.helpers.Checkpointable):
     def _record_failure(self, message: str, error: dict[str, Any]) -> None:
         def change(s: dict[str, Any]) -> None:
             self._elapsed(s)
-            s.update(state="failed", ended=now_iso(), error={"message": message, **error})
+            cancelled = s.get("state") == "cancelled"  # `hpcddf cancel` killed us: not a failure
+            s.update(state="cancelled" if cancelled else "failed", ended=now_iso(),
+                     error={"message": message, **error})
         self._update(change)
 
     def _on_step(self, step: str, what: str, info: dict[str, Any]) -> None:

@@ -69,18 +69,18 @@ def sites_table(sites: dict[str, Site | Exception]) -> Table:
 
 
 def site_text(site: Site) -> str:
-    lines = [f"# site {site.name}: {site.path}", f"# {site.description}" if site.description else ""]
+    lines = [f"# site {site.name}: {site.path}"]
     for key, value in site.to_dict().items():
         if isinstance(value, dict):
             lines.append(f"\n[{key}]")
             lines.extend(f"{k} = {_toml(v)}" for k, v in value.items())
-        elif key not in ("name", "path", "description"):
+        elif key not in ("name", "path"):
             lines.append(f"{key} = {_toml(value)}")
     return "\n".join(ln for ln in lines if ln != "") + "\n"
 
 
 def _toml(v: Any) -> str:
-    if v is None:
+    if v is None or v == "":
         return '""  # not set'
     if isinstance(v, bool):
         return "true" if v else "false"

@@ -148,7 +148,7 @@ def run_step(ctx: RunContext, step: Step) -> dict[str, Any]:
     _notify(ctx, step.name, "running", {})
     t0 = time.time()
     durations = []
-    for i, cmd in enumerate(step.commands):
+    for cmd in step.commands:
         durations.append(run_command(ctx, step.name, cmd))
     missing = [o for o in step.outputs if not (ctx.workdir / o).exists()]
     if missing:

@@ -71,7 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.fail_times == 0 or runs < a.fail_times:
             print(f"scaled step {a.step}: failing on purpose (run {runs + 1})", flush=True)
             return 3
-    time.sleep(a.seconds)
+    end = time.time() + a.seconds
+    while (left := end - time.time()) > 0:  # one tick a second: benches measure interrupted work
+        time.sleep(min(1.0, left))
+        print(f"tick {time.time():.2f}", flush=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(f"{a.step} {time.time()}\n")
     os.replace(tmp, out)

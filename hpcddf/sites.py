@@ -230,7 +230,7 @@ def _check_values(site: Site) -> None:
     for key in ("cpus", "mem_gb"):
         value = getattr(site.node, key)
         if isinstance(value, str) and value != "auto":
-            raise bad(f"[node] {key} = {value!r} is not a number", f'give a whole number or "auto"')
+            raise bad(f"[node] {key} = {value!r} is not a number", 'give a whole number or "auto"')
         if isinstance(value, int) and value < 1:
             raise bad(f"[node] {key} = {value} is impossible", f"{key} must be at least 1")
     if not 0 < site.preflight.shm_min_fraction <= 1:

@@ -107,3 +107,13 @@ def cancel_jobs(ids: Iterable[str]) -> None:
     ids = sorted(set(i for i in ids if i))
     if ids:
         _run(["scancel", *ids])
+
+
+def job_end_time(job_id: str) -> float | None:
+    """When Slurm will kill this job (epoch seconds), or None if Slurm does not say."""
+    import datetime as dt
+    try:
+        text = _run(["squeue", "-h", "-j", job_id, "-o", "%e"], timeout=20).strip()
+        return dt.datetime.fromisoformat(text).timestamp()
+    except (SubmissionError, ValueError):
+        return None

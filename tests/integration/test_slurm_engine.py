@@ -95,10 +95,10 @@ def test_three_field_array_chain_with_aftercorr(slurm_site, tmp_path):
 
 
 def test_walltime_kill_requeues_and_resumes_without_redoing_steps(slurm_site, tmp_path):
-    # 5 steps of 12 s in a 1-minute walltime: the stage cannot finish in one attempt
-    site = slurm_site(walltime="1", requeues=4, signal_delay=10)
+    # 5 steps of 8 s; a 1-minute walltime with a 10 s signal lead leaves ~20 s per attempt
+    site = slurm_site(walltime="1", requeues=6, signal_delay=10)
     work = tmp_path / "work"
-    out = hpcddf("submit", "F3", "--site-file", str(site), *SCALED, "--pipeline-opt", "seconds=12",
+    out = hpcddf("submit", "F3", "--site-file", str(site), *SCALED, "--pipeline-opt", "seconds=8",
                  "--control-exitafter=initial", "--json")
     job = json.loads(out.stdout)["fields"]["F3"]["jobs"]["initial"]
     state = wait_for(lambda: _all_done(work, "F3"), 420, "the requeued stage to finish", every=2)
@@ -168,3 +168,23 @@ def test_two_concurrent_submits_give_one_chain(slurm_site, tmp_path):
     assert len(state["submissions"]) == 1
     queued = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True).stdout.split()
     assert queued.count("hpcddf-F6-initial") <= 1
+
+
+def test_cancel_stops_the_chain_and_records_it(slurm_site, tmp_path):
+    site = slurm_site()
+    work = tmp_path / "work"
+    out = hpcddf("submit", "F7", "F8", "--site-file", str(site), *SCALED, "--pipeline-opt", "seconds=5",
+                 "--control-exitafter=dirin", "--json")
+    doc = json.loads(out.stdout)["fields"]
+    ids = [j for f in doc.values() for j in f["jobs"].values()]
+    # array task logs are reachable from each field's own directory
+    assert (work / "F8" / ".hpcddf" / "jobs" / doc["F8"]["jobs"]["initial"]).is_symlink()
+    wait_for(lambda: read_state(work, "F7")["stages"]["initial"]["state"] == "running", 120, "F7 to start")
+    res = hpcddf("cancel", "F7", "--site-file", str(site))
+    assert "cancelled" in res.stdout and doc["F7"]["jobs"]["initial"] in res.stdout
+    wait_for(lambda: queue_empty_of([doc["F7"]["jobs"]["initial"], doc["F7"]["jobs"]["dirin"]]), 60,
+             "F7's jobs to leave the queue")
+    st = read_state(work, "F7")["stages"]
+    assert st["initial"]["state"] == "cancelled" and st["dirin"]["state"] == "cancelled"
+    wait_for(lambda: _all_done(work, "F8"), 180, "F8, not cancelled, to finish")
+    assert queue_empty_of(ids)

@@ -1,0 +1,176 @@
+"""Shared fixtures: an isolated environment, site files with a tmp work root, a CLI runner.
+
+Nothing here touches the user's real configuration: every test gets its own HOME,
+XDG_CONFIG_HOME and HPCDDF_SITES_DIR under pytest's tmp_path, both in this process
+(monkeypatch) and in the ``hpcddf`` subprocesses (``run_cli``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+HPCDDF = Path(sys.executable).parent / "hpcddf"
+# environment variables that would let the developer's own setup leak into a test
+_LEAKY = ("HPCDDF_SITE", "HPCDDF_SITES_DIR", "DDF_PIPELINE_CATALOGS", "XDG_CONFIG_HOME")
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    return DATA
+
+
+@pytest.fixture
+def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A clean environment for this process and for subprocesses: own HOME, no user sites."""
+    home = tmp_path / "home"
+    (home / ".config").mkdir(parents=True)
+    sites_dir = tmp_path / "user-sites"
+    sites_dir.mkdir()
+    for var in _LEAKY:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.setenv("HPCDDF_SITES_DIR", str(sites_dir))
+    env = {k: v for k, v in os.environ.items() if k not in _LEAKY}
+    env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"),
+               HPCDDF_SITES_DIR=str(sites_dir), PYTHONDONTWRITEBYTECODE="1",
+               COLUMNS="200")
+    return env
+
+
+@pytest.fixture
+def user_sites_dir(isolated_env: dict[str, str]) -> Path:
+    return Path(isolated_env["HPCDDF_SITES_DIR"])
+
+
+@pytest.fixture
+def work_root(tmp_path: Path) -> Path:
+    root = tmp_path / "fields"
+    root.mkdir()
+    return root
+
+
+SITE_TEMPLATE = """\
+description = "test site"
+scheduler = "{scheduler}"
+
+[slurm]
+max_walltime = "{walltime}"
+
+[node]
+cpus = {cpus}
+mem_gb = {mem_gb}
+
+[paths]
+work_root = "{work_root}"
+{extra_paths}
+
+[fields]
+pattern = "{pattern}"
+"""
+
+
+@pytest.fixture
+def write_site(user_sites_dir: Path, work_root: Path) -> Callable[..., Path]:
+    """Write ``<user sites dir>/NAME.toml`` (a valid site with a tmp work root); returns its path."""
+    def _write(name: str = "testsite", *, scheduler: str = "local", walltime: str = "02:00:00",
+               cpus: int = 8, mem_gb: int = 32, pattern: str = r"L[0-9]{5,7}",
+               catalog_dir: str | None = None, root: Path | None = None, text: str | None = None,
+               directory: Path | None = None) -> Path:
+        path = (directory or user_sites_dir) / f"{name}.toml"
+        if text is None:
+            extra = f'catalog_dir = "{catalog_dir}"' if catalog_dir else ""
+            text = SITE_TEMPLATE.format(scheduler=scheduler, walltime=walltime, cpus=cpus,
+                                        mem_gb=mem_gb, work_root=root or work_root,
+                                        extra_paths=extra, pattern=pattern.replace("\\", "\\\\"))
+        path.write_text(text)
+        return path
+    return _write
+
+
+@pytest.fixture
+def site_file(write_site: Callable[..., Path]) -> Path:
+    """A valid site "testsite" (local scheduler, 8 cpus, 32 GB, 2 h) with a tmp work root."""
+    return write_site()
+
+
+def _tree(root: Path) -> list[str]:
+    """Every path under ``root`` (relative), to check that nothing was written."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _run(args: tuple[str, ...], env: dict[str, str], cwd: Path | None, plain_user: bool,
+         timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(HPCDDF), *map(str, args)], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout,
+                          preexec_fn=_drop_file_permission_override if plain_user else None)
+
+
+@pytest.fixture
+def run_cli(isolated_env: dict[str, str], tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run the real ``hpcddf`` executable: ``run_cli("sites", "show", "local", env={...})``."""
+    assert HPCDDF.exists(), f"the hpcddf entry point is not installed next to {sys.executable}"
+
+    def _cli(*args: str | os.PathLike[str], env: dict[str, str] | None = None,
+             cwd: Path | None = None, plain_user: bool = False,
+             timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        full = dict(isolated_env)
+        full.update(env or {})
+        return _run(args, full, cwd or tmp_path, plain_user, timeout)
+    return _cli
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str,
+                          code: int = 2) -> str:
+    """The CLI failed with ``code``, printed one error line naming each needle, no traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    line = lines[0]
+    assert line.startswith("hpcddf: error: "), line
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in line, (needle, line)
+    assert proc.stdout == "", proc.stdout
+    return line
+
+
+def _drop_file_permission_override() -> None:
+    """In the child before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding
+    set, so even root is refused files its mode bits refuse (the exec'd program cannot get them)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.fixture
+def tree() -> Callable[[Path], list[str]]:
+    """``tree(root)``: every path under root, to check that nothing was written."""
+    return _tree
+
+
+@pytest.fixture
+def cli_error() -> Callable[..., str]:
+    """``cli_error(proc, *needles, code=2)``: one ``hpcddf: error:`` line naming each needle."""
+    return _assert_one_line_error
+
+
+@pytest.fixture
+def plain_user() -> bool:
+    """Pass ``plain_user=...`` to run_cli so that file permissions apply even when we are root."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        subprocess.run(["true"], preexec_fn=_drop_file_permission_override, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"running as root and cannot drop CAP_DAC_OVERRIDE here: {exc}")
+    return True

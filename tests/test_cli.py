@@ -1,0 +1,447 @@
+"""The real ``hpcddf`` executable in a subprocess: sites, config show, submit --dry-run, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpcddf.config import load_config
+
+ALL_STAGES = ["initial", "dirin", "dirin_di", "bootstrap", "phase", "ampphase", "ampphase_di",
+              "fullampphase", "fulllow", "final"]
+DEFAULT_STAGES = [s for s in ALL_STAGES if s not in ("bootstrap", "fulllow")]
+CAT = "/srv/catalogues"
+
+
+def ok(proc) -> str:
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    return proc.stdout
+
+
+def ok_json(proc):
+    return json.loads(ok(proc))
+
+
+# ----------------------------------------------------------------------------------- basics
+
+def test_help_and_version(run_cli):
+    assert "submit" in ok(run_cli("--help"))
+    assert "hpcddf, version" in ok(run_cli("--version"))
+
+
+def test_python_m_hpcddf_is_the_same_cli(isolated_env, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "hpcddf", "sites", "show", "local", "--json"],
+                          env=isolated_env, cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert json.loads(ok(proc))["name"] == "local"
+
+
+# ------------------------------------------------------------------------------------ sites
+
+def test_sites_lists_the_shipped_sites(run_cli):
+    out = ok(run_cli("sites"))
+    for name in ("local", "spider", "cosma", "jureca"):
+        assert f"│ {name} " in out
+    assert "5-00:00:00" in out  # spider's walltime
+
+
+def test_sites_show(run_cli):
+    out = ok(run_cli("sites", "show", "spider"))
+    assert out.startswith("# site spider: ")
+    assert 'partition = "normal"' in out
+    assert "cpus = 32" in out
+    assert 'extra_sbatch = { constraint = "skylake" }' in out
+    d = ok_json(run_cli("sites", "show", "cosma", "--json"))
+    assert d["name"] == "cosma" and d["node"]["cpus"] == 28
+    assert d["slurm"]["max_walltime"] == "72:00:00"
+
+
+def test_user_sites_shadow_shipped_ones(run_cli, write_site, user_sites_dir: Path):
+    path = write_site("spider", cpus=4)
+    write_site("mine", cpus=2)
+    out = ok(run_cli("sites"))
+    assert str(path) in out
+    assert "│ mine " in out
+    d = ok_json(run_cli("sites", "show", "spider", "--json"))
+    assert d["node"]["cpus"] == 4 and d["path"] == str(path)
+
+
+def test_user_sites_from_xdg_config_home(run_cli, write_site, isolated_env, tmp_path: Path):
+    xdg = tmp_path / "xdg"
+    sites = xdg / "hpcddf" / "sites"
+    sites.mkdir(parents=True)
+    write_site("jureca", cpus=7, directory=sites)
+    env = {"XDG_CONFIG_HOME": str(xdg), "HPCDDF_SITES_DIR": ""}
+    assert ok_json(run_cli("sites", "show", "jureca", "--json", env=env))["node"]["cpus"] == 7
+    # HPCDDF_SITES_DIR comes first
+    write_site("jureca", cpus=9)
+    env = {"XDG_CONFIG_HOME": str(xdg)}
+    assert ok_json(run_cli("sites", "show", "jureca", "--json", env=env))["node"]["cpus"] == 9
+
+
+def test_sites_show_site_file(run_cli, write_site, tmp_path: Path):
+    path = write_site("adhoc", cpus=3, directory=tmp_path)
+    d = ok_json(run_cli("sites", "show", "--site-file", path, "--json"))
+    assert d["name"] == "adhoc" and d["node"]["cpus"] == 3
+
+
+def test_broken_user_site_is_listed_as_invalid(run_cli, write_site):
+    write_site("broken", text="[node]\ncpus = -2\n")
+    out = ok(run_cli("sites"))
+    assert "broken" in out and "invalid" in out
+    assert "│ spider " in out
+
+
+def test_unknown_site(run_cli, cli_error, tmp_path, tree):
+    before = tree(tmp_path)
+    cli_error(run_cli("sites", "show", "spyder"), "unknown site 'spyder'", "did you mean 'spider'?")
+    cli_error(run_cli("submit", "L123456", "--site", "nowhere"), "unknown site 'nowhere'",
+              "known sites: cosma, jureca, local, spider")
+    cli_error(run_cli("submit", "L123456", "--dry-run", env={"HPCDDF_SITE": "spyder"}),
+              "unknown site 'spyder'")
+    cli_error(run_cli("submit", "L123456"), "no site given", "--site NAME")
+    assert tree(tmp_path) == before
+
+
+def test_site_from_environment_and_site_file(run_cli, site_file, write_site, tmp_path):
+    doc = ok_json(run_cli("submit", "L123456", "--dry-run", "--json",
+                          env={"HPCDDF_SITE": "testsite"}))
+    assert doc["site"] == "testsite"
+    path = write_site("adhoc", cpus=3, directory=tmp_path)
+    doc = ok_json(run_cli("submit", "L123456", "--site-file", path, "--dry-run", "--json"))
+    assert doc["site"] == "adhoc" and doc["stages"][0]["resources"]["cpus"] == 3
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("[node\ncpus = 4\n", ("is not valid TOML",)),
+    ("[node]\ncpu = 4\n", ("unknown key 'cpu'", "did you mean 'cpus'?")),
+    ("[node]\ncpus = '4'\n", ("cpus = '4' is not a number",)),
+    ("[slurm]\nexclusive = 1\n", ("exclusive = 1 has the wrong type", "true or false")),
+    ("[preflight]\nshm_min_fraction = 1.5\n", ("shm_min_fraction 1.5 is not in (0, 1]",)),
+    ("[node]\ncpus = -8\n", ("cpus = -8 is impossible",)),
+    ("[slurm]\nmax_walltime = '3 days'\n", ("max_walltime", "'3 days' is not a walltime")),
+    ("[slurm]\nextra_sbatch = { job-name = 'x' }\n", ("extra_sbatch may not set 'job-name'",)),
+    ("[slurm]\nextra_sbatch = { job_name = 'x' }\n", ("extra_sbatch may not set 'job_name'",)),
+])
+def test_malformed_site_file(run_cli, cli_error, tmp_path: Path, tree, text, needles):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    before = tree(tmp_path)
+    cli_error(run_cli("sites", "show", "--site-file", path), str(path), *needles, "(fix: ")
+    cli_error(run_cli("submit", "L123456", "--site-file", path), *needles)
+    assert tree(tmp_path) == before
+
+
+# ------------------------------------------------------------------------------ config show
+
+def test_config_show_defaults(run_cli):
+    out = ok(run_cli("config", "show"))
+    assert "effective configuration (defaults)" in out
+    assert "NIterKF" in out and "[1, 1, 1, 1, 6, 1, 6]" in out
+    assert "│ default" in out
+    d = ok_json(run_cli("config", "show", "--json"))
+    assert d == load_config().to_dict()
+    assert d["solutions"]["ndir"] == 45 and d["data"]["mslist"] is None
+
+
+def test_config_show_files_and_overrides(run_cli, data_dir: Path, tmp_path: Path):
+    extra = tmp_path / "extra.cfg"
+    extra.write_text("[solutions]\nndir = 33\n[image]\nimsize = 100\n")
+    args = [data_dir / "tier1-sep2024.cfg", extra, "--image-imsize=200", "--control-skip_di=True",
+            "--image-imsize=300"]
+    d = ok_json(run_cli("config", "show", *args, "--json"))
+    assert d["solutions"]["ndir"] == 33            # later file beats earlier
+    assert d["image"]["imsize"] == 300             # later override beats earlier and files
+    assert d["control"]["skip_di"] is True
+    assert d["masking"]["thresholds"] == [15.0, 5.0, 5.0, 5.0]
+    assert d["offsets"]["method"] is None
+    assert d["bootstrap"]["catalogues"] == ["$$/VLSS.fits", "$$/wenss.fits"]  # no catalogue dir
+    table = ok(run_cli("config", "show", *args))
+    assert "--image-imsize" in table and str(extra) in table
+
+
+def test_config_show_catalog_dir(run_cli, data_dir: Path, write_site):
+    cfg = data_dir / "tier1-sep2024.cfg"
+    env_d = ok_json(run_cli("config", "show", cfg, "--json", env={"DDF_PIPELINE_CATALOGS": "/env"}))
+    assert env_d["masking"]["tgss"] == "/env/TGSSADR1_7sigma_catalog.fits"
+    write_site("withcat", catalog_dir=CAT)
+    site_d = ok_json(run_cli("config", "show", cfg, "--site", "withcat", "--json",
+                             env={"DDF_PIPELINE_CATALOGS": "/env"}))
+    assert site_d["bootstrap"]["catalogues"] == [f"{CAT}/VLSS.fits", f"{CAT}/wenss.fits"]
+
+
+@pytest.mark.parametrize("name", ["tier1-sep2024.cfg", "tier1-jul2018.cfg", "lgps_optimized.cfg"])
+def test_config_show_cfg_and_json_reload_to_the_same_values(run_cli, data_dir: Path,
+                                                            tmp_path: Path, name: str):
+    args = [data_dir / name, "--solutions-NIterKF=[2, 3]", "--control-exitafter=phase"]
+    as_json = ok_json(run_cli("config", "show", *args, "--json"))
+    text = ok(run_cli("config", "show", *args, "--cfg"))
+    saved = tmp_path / "effective.cfg"
+    saved.write_text(text)
+    assert ok_json(run_cli("config", "show", saved, "--json")) == as_json
+    assert load_config([str(saved)]).to_dict() == as_json
+    assert as_json["solutions"]["NIterKF"] == [2, 3]
+
+
+def test_option_names_are_case_insensitive_on_the_command_line(run_cli, tmp_path: Path):
+    cfg = tmp_path / "c.cfg"
+    cfg.write_text("[machine]\nncpu_ddf = 12\n")
+    d = ok_json(run_cli("config", "show", cfg, "--machine-ncpu_killms=5", "--json"))
+    assert d["machine"] == {"NCPU_DDF": 12, "NCPU_killms": 5}
+
+
+# ------------------------------------------------------------------------------- bad config
+
+@pytest.fixture
+def cfg(tmp_path: Path):
+    def _write(text: str, name: str = "bad.cfg") -> Path:
+        p = tmp_path / name
+        p.write_text(text)
+        return p
+    return _write
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("mslist = x\n", ("has a syntax error", "no section headers")),
+    ("[data]\nmslist\n", ("has a syntax error", "[line  2]: 'mslist")),
+    ("[contrl]\nrestart = True\n", ("unknown section [contrl]", "did you mean [control]?")),
+    ("[control]\nrestrt = True\n", ("unknown option 'restrt'", "did you mean 'restart'?")),
+    ("[solutions]\nndir = many\n", ("ndir = 'many'", "ndir must be an integer")),
+    ("[control]\nrestart = perhaps\n", ("restart", "True or False")),
+    ("[image]\nrobust = low\n", ("robust = 'low'", "a number")),
+    ("[masking]\nthresholds = [5, 5\n", ("thresholds", "not a list literal")),
+    ("[control]\nexitafter = phaze\n", ("exitafter", "not a valid choice")),
+])
+def test_bad_config(run_cli, cli_error, cfg, site_file, tmp_path, work_root, tree, text, needles):
+    path = cfg(text)
+    before = tree(tmp_path)
+    cli_error(run_cli("config", "show", path), str(path), *needles, "(fix: ")
+    cli_error(run_cli("submit", "L123456", "--site", "testsite", "-c", path), *needles)
+    cli_error(run_cli("submit", "L123456", "--site", "testsite", "-c", path, "--dry-run", "--json"),
+              *needles)
+    assert tree(tmp_path) == before
+    assert tree(work_root) == []
+
+
+def test_bad_override(run_cli, cli_error, site_file, tmp_path, tree):
+    before = tree(tmp_path)
+    cli_error(run_cli("config", "show", "--imag-imsize=1"), "--imag-imsize", "did you mean [image]?")
+    cli_error(run_cli("config", "show", "--solutions-ndir=x"), "--solutions-ndir", "an integer")
+    cli_error(run_cli("submit", "L123456", "--site", "testsite", "--image-imsze=5"),
+              "unknown option 'imsze'", "did you mean 'imsize'?")
+    assert tree(tmp_path) == before
+
+
+def test_missing_cfg(run_cli, cli_error, site_file, tmp_path, tree):
+    missing = tmp_path / "missing.cfg"
+    before = tree(tmp_path)
+    cli_error(run_cli("config", "show", missing), f"config file {missing} does not exist")
+    cli_error(run_cli("submit", "L123456", "--site", "testsite", "-c", missing), str(missing),
+              "does not exist")
+    assert tree(tmp_path) == before
+
+
+def test_list_is_never_evaluated(run_cli, cli_error, cfg, site_file, tmp_path: Path):
+    marker = tmp_path / "X"
+    path = cfg(f"[masking]\nthresholds=__import__('os').system('touch {marker}')\n")
+    cli_error(run_cli("config", "show", path), "thresholds", "not a list literal")
+    cli_error(run_cli("submit", "L123456", "--site", "testsite", "-c", path), "not a list literal")
+    cli_error(run_cli("config", "show", "--masking-thresholds=__import__('os').system('touch X')"),
+              "not a list literal")
+    assert not marker.exists()
+    assert not (tmp_path / "X").exists()  # the relative one (cwd is tmp_path)
+
+
+def test_unreadable_cfg(run_cli, cli_error, plain_user: bool, tmp_path: Path, tree):
+    path = tmp_path / "secret.cfg"
+    path.write_text("[data]\nmslist = x\n")
+    path.chmod(0)
+    before = tree(tmp_path)
+    cli_error(run_cli("config", "show", path, plain_user=plain_user),
+              f"config file {path} is not readable", f"chmod u+r {path}")
+    assert tree(tmp_path) == before
+
+
+def test_unreadable_site_file(run_cli, cli_error, plain_user: bool, write_site):
+    path = write_site("locked")
+    path.chmod(0)
+    cli_error(run_cli("sites", "show", "locked", plain_user=plain_user),
+              f"site file {path} is not readable", f"chmod u+r {path}")
+
+
+# ---------------------------------------------------------------------------- bad field ids
+
+@pytest.mark.parametrize("fid,needle", [
+    ("L123/456", "a path separator"),
+    ("..", "is not a name"),
+    ("L123 456", "whitespace"),
+    ("L123'456", "a quote"),
+    ('L12"3', "a quote"),
+    ("L1;rm -rf x", "a shell character"),
+    ("L$(id)", "a shell character"),
+    ("L1`id`", "a backquote"),
+    ("L1|x", "a shell character"),
+    ("L12345*", "a wildcard"),
+    ("SIM1", "does not match this site's pattern"),
+    ("L1234", "does not match this site's pattern"),
+])
+def test_invalid_field_id(run_cli, cli_error, site_file, tmp_path, work_root, tree, fid, needle):
+    before = tree(tmp_path)
+    cli_error(run_cli("submit", fid, "--site", "testsite"), repr(fid), needle, "(fix: ")
+    cli_error(run_cli("submit", "L123456", fid, "--site", "testsite", "--dry-run"), needle)
+    assert tree(tmp_path) == before
+    assert tree(work_root) == []
+
+
+def test_fields_file_with_a_bad_id(run_cli, cli_error, site_file, tmp_path, tree, work_root):
+    ff = tmp_path / "fields.txt"
+    ff.write_text("# fields to do\nL111111\n\nL222/222  # a typo\n")
+    before = tree(tmp_path)
+    cli_error(run_cli("submit", "--fields-file", ff, "--site", "testsite"), "'L222/222'",
+              "path separator")
+    assert tree(tmp_path) == before
+
+
+# ------------------------------------------------------------------------------- work root
+
+def test_work_root_under_a_file(run_cli, cli_error, site_file, tmp_path, tree):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    before = tree(tmp_path)
+    cli_error(run_cli("submit", "L123456", "--site", "testsite", "--work-root", blocker / "w"),
+              f"work root {blocker / 'w'} is not writable", "work_root")
+    assert tree(tmp_path) == before
+
+
+def test_work_root_not_writable(run_cli, cli_error, plain_user: bool, write_site, tmp_path, tree):
+    ro = tmp_path / "readonly"
+    ro.mkdir()
+    write_site("rosite", root=ro / "fields")
+    ro.chmod(0o555)
+    before = tree(tmp_path)
+    try:
+        for extra in ([], ["--dry-run"]):
+            cli_error(run_cli("submit", "L123456", "--site", "rosite", *extra, plain_user=plain_user),
+                      f"work root {ro / 'fields'} is not writable", "work_root")
+        # the existing root itself read-only, given on the command line
+        cli_error(run_cli("submit", "L123456", "--site", "rosite", "--work-root", ro,
+                          plain_user=plain_user), f"work root {ro} is not writable")
+    finally:
+        ro.chmod(0o755)
+    assert tree(tmp_path) == before
+
+
+# --------------------------------------------------------------------------- submit dry-run
+
+def test_dry_run_default_config(run_cli, site_file, tmp_path, work_root, tree):
+    before = tree(tmp_path)
+    doc = ok_json(run_cli("submit", "L123456", "--site", "testsite", "--dry-run", "--json"))
+    assert doc["site"] == "testsite" and doc["fields"] == ["L123456"] and doc["chains"] == 1
+    stages = doc["stages"]
+    assert [s["name"] for s in stages] == DEFAULT_STAGES
+    for prev, s in zip([None, *stages], stages):
+        assert set(s) >= {"name", "steps", "resources", "depends_on"}
+        assert s["depends_on"] == ([prev["name"]] if prev else [])
+        assert s["steps"] and s["fields"] == ["L123456"] and s["chain"] == 0
+        assert s["resources"]["cpus"] == 8 and s["resources"]["walltime_min"] == 120
+    assert stages[DEFAULT_STAGES.index("phase")]["steps"] == ["DDS0", "image_phase1"]
+    assert tree(tmp_path) == before  # a dry run writes nothing
+    assert tree(work_root) == []
+
+
+def test_dry_run_local_site(run_cli, tmp_path):
+    doc = ok_json(run_cli("submit", "L123456", "--site", "local", "--dry-run", "--json",
+                          "--work-root", tmp_path / "w"))
+    assert doc["scheduler"] == "local"
+    assert [s["name"] for s in doc["stages"]] == DEFAULT_STAGES
+    assert doc["stages"][0]["resources"]["cpus"] == len(os.sched_getaffinity(0))
+    assert not (tmp_path / "w").exists()
+
+
+def test_dry_run_table(run_cli, site_file):
+    out = ok(run_cli("submit", "L123456", "--site", "testsite", "--dry-run"))
+    assert "plan on site testsite (local): 1 field(s), 1 chain(s)" in out
+    for name in DEFAULT_STAGES:
+        assert name in out
+
+
+def test_dry_run_tier1_sep2024(run_cli, data_dir, write_site):
+    write_site("withcat", catalog_dir=CAT)
+    doc = ok_json(run_cli("submit", "L123456", "--site", "withcat", "-c",
+                          data_dir / "tier1-sep2024.cfg", "--dry-run", "--json"))
+    stages = {s["name"]: s for s in doc["stages"]}
+    assert list(stages) == ALL_STAGES
+    assert stages["bootstrap"]["steps"] == ["DDS0", "bootstrap"]
+    assert stages["fulllow"]["depends_on"] == ["fullampphase"]
+
+
+def test_dry_run_needs_a_catalogue_dir_for_dollar_dollar(run_cli, cli_error, data_dir, site_file):
+    cli_error(run_cli("submit", "L123456", "--site", "testsite", "-c",
+                      data_dir / "tier1-sep2024.cfg", "--dry-run"),
+              "uses $$ but site testsite has no catalogue directory", "catalog_dir")
+    doc = ok_json(run_cli("submit", "L123456", "--site", "testsite", "-c",
+                          data_dir / "tier1-sep2024.cfg", "--dry-run", "--json",
+                          env={"DDF_PIPELINE_CATALOGS": CAT}))
+    assert len(doc["stages"]) == 10
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["--data-full_mslist=None"], DEFAULT_STAGES[:DEFAULT_STAGES.index("ampphase_di") + 1]),
+    (["--control-skip_di=True"], [s for s in DEFAULT_STAGES if s not in ("dirin_di", "ampphase_di")]),
+    (["--control-exitafter=phase"], DEFAULT_STAGES[:DEFAULT_STAGES.index("phase") + 1]),
+    (["--inputmodel-basedicomodel=m.DicoModel"], ["fullampphase", "final"]),
+    (["--control-bootstrap=True", "--image-low_psf_arcsec=20"], ALL_STAGES),
+])
+def test_dry_run_shapes(run_cli, site_file, overrides, expected):
+    doc = ok_json(run_cli("submit", "L123456", "--site", "testsite", *overrides, "--dry-run",
+                          "--json"))
+    assert [s["name"] for s in doc["stages"]] == expected
+
+
+def test_dry_run_skip_di_drops_di_steps(run_cli, site_file):
+    doc = ok_json(run_cli("submit", "L123456", "--site", "testsite", "--control-skip_di=True",
+                          "--dry-run", "--json"))
+    steps = {step for s in doc["stages"] for step in s["steps"]}
+    assert not steps & {"DIS0", "DIS1", "DIS2_full", "Predict_DI1", "image_ampphase1_di"}
+
+
+def test_dry_run_several_fields_one_chain(run_cli, site_file, tmp_path):
+    ff = tmp_path / "fields.txt"
+    ff.write_text("L333333\n")
+    doc = ok_json(run_cli("submit", "L111111", "L222222", "--fields-file", ff, "--site",
+                          "testsite", "--dry-run", "--json"))
+    assert doc["chains"] == 1
+    assert [s["name"] for s in doc["stages"]] == DEFAULT_STAGES
+    for s in doc["stages"]:
+        assert s["fields"] == ["L111111", "L222222", "L333333"] and s["chain"] == 0
+
+
+def test_dry_run_field_with_own_config_is_a_separate_chain(run_cli, site_file, work_root):
+    (work_root / "L222222").mkdir()
+    (work_root / "L222222" / "hpcddf.cfg").write_text("[control]\nexitafter = ampphase\n")
+    doc = ok_json(run_cli("submit", "L111111", "L222222", "L333333", "--site", "testsite",
+                          "--dry-run", "--json"))
+    assert doc["chains"] == 2
+    chain = {}
+    for s in doc["stages"]:
+        chain.setdefault(tuple(s["fields"]), []).append(s)
+    assert set(chain) == {("L111111", "L333333"), ("L222222",)}
+    main, own = chain[("L111111", "L333333")], chain[("L222222",)]
+    assert {s["chain"] for s in main} != {s["chain"] for s in own}
+    assert len({s["chain"] for s in main}) == 1 and len({s["chain"] for s in own}) == 1
+    assert [s["name"] for s in main] == DEFAULT_STAGES
+    assert [s["name"] for s in own] == DEFAULT_STAGES[:DEFAULT_STAGES.index("ampphase") + 1]
+    assert own[0]["depends_on"] == [] and own[1]["depends_on"] == [own[0]["name"]]
+
+
+def test_duplicate_field(run_cli, cli_error, site_file):
+    cli_error(run_cli("submit", "L111111", "L111111", "--site", "testsite", "--dry-run"),
+              "field L111111 is given twice")
+
+
+def test_no_field(run_cli, cli_error, site_file):
+    cli_error(run_cli("submit", "--site", "testsite", "--dry-run"), "no field given")

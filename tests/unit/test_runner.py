@@ -1,0 +1,112 @@
+"""The step runner: markers written last and atomically, restart skips done steps, failures
+leave the step not-done, and steps that would not fit in the walltime left are not started."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hpcddf.errors import StepFailed
+from hpcddf.runner import (Command, RunContext, Step, StopRequested, marker_path, read_marker,
+                           run_steps)
+
+
+def py(code: str, log: str, timeout: float | None = 30) -> Command:
+    return Command((sys.executable, "-c", code), log, timeout_s=timeout)
+
+
+def ctx_for(tmp_path: Path, **kw) -> RunContext:
+    return RunContext(workdir=tmp_path, log_dir=tmp_path / "logs", marker_dir=tmp_path / "done", **kw)
+
+
+def write_step(name: str, out: str, extra: str = "") -> Step:
+    code = "; ".join(c for c in ("import pathlib", extra, f"pathlib.Path({out!r}).write_text('x')") if c)
+    return Step(name, "initial", (py(code, f"{name}.log"),), outputs=(out,))
+
+
+def test_steps_run_in_order_and_markers_record_them(tmp_path):
+    ctx = ctx_for(tmp_path)
+    ran = run_steps(ctx, [write_step("a", "a.out"), write_step("b", "b.out")])
+    assert ran == ["a", "b"]
+    ma, mb = (json.loads(marker_path(ctx, n).read_text()) for n in "ab")
+    assert ma["finished"] <= mb["started"]
+    assert ma["outputs"] == ["a.out"] and ma["versions"]["hpcddf"]
+    assert ma["commands"][0][0] == sys.executable
+
+
+def test_restart_skips_done_steps_and_keeps_their_markers(tmp_path):
+    ctx = ctx_for(tmp_path)
+    steps = [write_step("a", "a.out"), write_step("b", "b.out")]
+    run_steps(ctx, steps)
+    before = marker_path(ctx, "a").stat().st_mtime_ns
+    assert run_steps(ctx, steps) == []
+    assert marker_path(ctx, "a").stat().st_mtime_ns == before
+
+
+def test_a_done_step_whose_output_vanished_runs_again(tmp_path):
+    ctx = ctx_for(tmp_path)
+    steps = [write_step("a", "a.out")]
+    run_steps(ctx, steps)
+    (tmp_path / "a.out").unlink()
+    assert read_marker(ctx, steps[0]) is None
+    assert run_steps(ctx, steps) == ["a"]
+
+
+def test_every_command_of_a_step_must_succeed_before_its_marker(tmp_path):
+    # like kMS.py followed by ClipCal.py: a failure in the second command leaves the step not done
+    ctx = ctx_for(tmp_path)
+    step = Step("DIS0", "dirin_di", (py("open('sols.npz','w').write('s')", "DIS0-kms.log"),
+                                     py("import sys; print('clipcal broke'); sys.exit(7)", "DIS0-clipcal.log")),
+                outputs=("sols.npz",))
+    with pytest.raises(StepFailed) as err:
+        run_steps(ctx, [step])
+    assert err.value.returncode == 7 and "clipcal broke" in err.value.log_tail
+    assert not marker_path(ctx, "DIS0").exists()
+    assert (tmp_path / "sols.npz").exists()  # the first command's output alone is not "done"
+
+
+def test_missing_outputs_fail_the_step(tmp_path):
+    ctx = ctx_for(tmp_path)
+    with pytest.raises(StepFailed, match="outputs are missing: never.out"):
+        run_steps(ctx, [Step("x", "initial", (py("pass", "x.log"),), outputs=("never.out",))])
+    assert not marker_path(ctx, "x").exists()
+
+
+def test_a_command_over_its_timeout_is_killed_and_fails(tmp_path):
+    ctx = ctx_for(tmp_path)
+    t0 = time.time()
+    with pytest.raises(StepFailed, match="timed out"):
+        run_steps(ctx, [Step("slow", "initial", (py("import time; time.sleep(60)", "slow.log", 1),))])
+    assert time.time() - t0 < 30
+
+
+def test_a_step_that_cannot_fit_requeues_before_starting(tmp_path):
+    ctx = ctx_for(tmp_path, deadline=time.time() + 20, safety_s=1)
+    steps = [Step("long", "initial", (py("open('l','w')", "long.log"),), estimate_s=100)]
+    with pytest.raises(StopRequested, match="requeueing before starting"):
+        run_steps(ctx, steps, walltime_s=3600)
+    assert not (tmp_path / "logs" / "long.log").exists()
+
+
+def test_measured_durations_beat_the_static_estimate(tmp_path):
+    ctx = ctx_for(tmp_path, deadline=time.time() + 20, safety_s=1, estimates={"short": 2.0})
+    steps = [Step("short", "initial", (py("pass", "short.log"),), estimate_s=100)]
+    assert run_steps(ctx, steps, walltime_s=3600) == ["short"]
+
+
+def test_a_step_longer_than_any_walltime_still_runs(tmp_path):
+    ctx = ctx_for(tmp_path, deadline=time.time() + 20, safety_s=1)
+    steps = [Step("huge", "initial", (py("pass", "huge.log"),), estimate_s=10_000)]
+    assert run_steps(ctx, steps, walltime_s=60) == ["huge"]
+
+
+def test_a_stop_request_stops_at_the_next_step_boundary(tmp_path):
+    ctx = ctx_for(tmp_path)
+    ctx.stop_event.set()
+    with pytest.raises(StopRequested):
+        run_steps(ctx, [write_step("a", "a.out")])
+    assert not (tmp_path / "a.out").exists()
