@@ -16,11 +16,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 from hpcddf.atomic import write_text_atomic
 from hpcddf.backend import ChainMember, run_local_chain, submit_slurm_chain
-from hpcddf.errors import FieldError, SubmissionError
+from hpcddf.errors import FieldError, PlanError, SubmissionError
 from hpcddf.fields import Field
 from hpcddf.nodejob import FROZEN_CONFIG, StageJob
 from hpcddf.plan import Plan, Stage
 from hpcddf.preflight import pid_alive
+from hpcddf.redo import apply_restart_policy
 from hpcddf.sites import Site
 from hpcddf.slurm_query import cancel_jobs, query_jobs
 from hpcddf.state import locked, now_iso, read_state, update_state, update_state_unlocked
@@ -108,10 +109,22 @@ def _freeze_config(fj: FieldJob) -> None:
     write_text_atomic(d / FROZEN_CONFIG, fj.config.to_cfg_text())
 
 
+def check_supported(jobs: Sequence[FieldJob]) -> None:
+    """Refuse, before queueing, a config that switches on a step hpcddf cannot run yet."""
+    from hpcddf.reduction import unsupported
+    for fj in jobs:
+        missing = unsupported([s for st in fj.plan.stages for s in st.steps])
+        if missing:
+            raise PlanError(f"field {fj.field.id}: this hpcddf version cannot run {missing[0]} yet",
+                            f"switch it off ({missing[0]}=False/None) in the config or on the command line")
+
+
 def submit_fields(site: Site, jobs: Sequence[FieldJob], recipe: dict[str, Any] | None = None,
                   progress: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """Queue every field's remaining stages; returns what was done for each field."""
     recipe = recipe or DEFAULT_RECIPE
+    if recipe["name"] == "ddf":
+        check_supported(jobs)
     ms = check_inputs(site, jobs) if recipe["name"] == "ddf" else {j.field.id: [] for j in jobs}
     result: dict[str, Any] = {"site": site.name, "fields": {}}
     to_run: list[tuple[FieldJob, list[Stage]]] = []
@@ -123,6 +136,9 @@ def submit_fields(site: Site, jobs: Sequence[FieldJob], recipe: dict[str, Any] |
             if live:
                 result["fields"][fj.field.id] = {"status": "already queued", "jobs": {"live": ",".join(live)}}
                 continue
+            note = apply_restart_policy(fj.field.workdir, fj.config)
+            if note:
+                progress(f"{fj.field.id}: {note}")
             stages = remaining_stages(fj.field.workdir, fj.plan)
             if not stages:
                 result["fields"][fj.field.id] = {"status": "already done", "jobs": {}}

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,15 +94,14 @@ class StageJob(submitit.helpers.Checkpointable):
     def _run(self, cpus: tuple[int, ...], cache_dir: Path) -> list[str]:
         wd = Path(self.workdir)
         cfg = load_config([str(wd / ".hpcddf" / FROZEN_CONFIG)])
-        node = NodeInfo(cpus=cpus, cache_dir=cache_dir, field_id=self.field_id)
+        node = NodeInfo(cpus=cpus, cache_dir=cache_dir, field_id=self.field_id, workdir=wd)
         steps = build_steps(self.recipe, cfg, self.stage, self.steps, node)
         deadline, usable_s = self._deadline()
         ctx = RunContext(workdir=wd, log_dir=wd / (cfg.get("control", "logging") or "logs"),
                          marker_dir=wd / ".hpcddf" / "done", deadline=deadline,
                          safety_s=min(60.0, usable_s * 0.02),
                          estimates=load_estimates(Path(self.work_root)),
-                         env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-                              "MKL_NUM_THREADS": "1"},
+                         env=science_env(),
                          on_step=self._on_step)
         if self._stop:
             ctx.stop_event.set()
@@ -210,6 +210,14 @@ class StageJob(submitit.helpers.Checkpointable):
                                                    "duration_s": info.get("duration_s")}
             state["stages"].setdefault(self.stage, {})["current_step"] = step if what == "running" else None
         update_state(Path(self.workdir), self.field_id, change)
+
+
+def science_env() -> dict[str, str]:
+    """Thread counts pinned to 1 (DDFacet/killMS parallelise with processes) and the science
+    programs of hpcddf's own environment first on PATH (without a container they live there)."""
+    bindir = str(Path(sys.executable).parent)
+    return {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "PATH": os.pathsep.join([bindir, os.environ.get("PATH", "/usr/bin:/bin")])}
 
 
 def _log_to(path: Path) -> None:

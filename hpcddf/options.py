@@ -104,6 +104,8 @@ OPTIONS: tuple[Option, ...] = (
        "Central frequencies for channel images (MHz)", item="float"),
     _o("image", "use_splitisland", "bool", False, "Use DDFacet's SSDClean-MaxIslandSize"),
     _o("image", "splitisland_size", "int", 100, "Island size for use_splitisland"),
+    _o("image", "beam_model", "str", "LOFAR", "hpcddf: beam model for DDF/kMS (None for simulated data)",
+       choices=("LOFAR", "None")),
     _o("image", "cleanmode", "str", "SSD", "Deconvolution mode (SSD, SSD2, HMP, WSCMS, WSCMS2)"),
     _o("image", "wscms_max_scale", "int", None, "WSCMS maximum scale"),
     _o("image", "wscms_scales", "list", None, "WSCMS scales", item="float"),

@@ -7,12 +7,14 @@ site smoke tests use. Both go through the same engine.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from hpcddf.config import PipelineConfig
+from hpcddf.ddfcommands import Machine
 from hpcddf.errors import PlanError
 from hpcddf.runner import Step
 
@@ -27,6 +29,7 @@ class NodeInfo:
     cache_dir: Path
     field_id: str = ""
     python: str = sys.executable
+    workdir: Path = Path(".")
 
 
 def make_recipe(name: str, options: Sequence[str] = ()) -> dict[str, Any]:
@@ -49,5 +52,30 @@ def build_steps(recipe: Mapping[str, Any], cfg: PipelineConfig, stage: str,
         from hpcddf.scaled import build_scaled_steps
         return build_scaled_steps(stage, step_names, recipe.get("options", {}), node.python,
                                   node.field_id)
-    raise PlanError("this hpcddf version cannot build the DDFacet/killMS commands yet",
-                    "use --pipeline scaled to exercise the site, or update hpcddf")
+    return _ddf_steps(recipe, cfg, stage, step_names, node)
+
+
+DEFAULT_COMMAND_TIMEOUT_S = 48 * 3600.0  # a hung kMS master must not sit out a whole walltime
+
+
+def machine(cfg: PipelineConfig, node: NodeInfo, options: Mapping[str, Any]) -> Machine:
+    """CPUs from the job's allocation unless [machine] says otherwise; the cache dir exists."""
+    ncpu = max(1, len(node.cpus))
+    cache = cfg.get("control", "cache_dir")
+    cache_dir = Path(os.path.expandvars(os.path.expanduser(cache))) if cache else node.cache_dir
+    cache_dir.mkdir(parents=True, exist_ok=True)  # DDF 0.9.1 does not create --Cache-Dir
+    timeout = float(options.get("timeout", DEFAULT_COMMAND_TIMEOUT_S))
+    return Machine(ncpu_ddf=cfg.get("machine", "NCPU_DDF") or ncpu,
+                   ncpu_kms=cfg.get("machine", "NCPU_killms") or ncpu,
+                   cache_dir=str(cache_dir.resolve()), cpus=tuple(node.cpus), timeout_s=timeout,
+                   python=node.python)
+
+
+def _ddf_steps(recipe: Mapping[str, Any], cfg: PipelineConfig, stage: str,
+               step_names: Sequence[str], node: NodeInfo) -> list[Step]:
+    from hpcddf.reduction import Reduction, build, read_list
+    wd = node.workdir
+    r = Reduction(cfg=cfg, m=machine(cfg, node, recipe.get("options", {})),
+                  mss=read_list(wd, cfg.get("data", "mslist")),
+                  full_mss=read_list(wd, cfg.get("data", "full_mslist") or cfg.get("data", "mslist")))
+    return build(r, stage, list(step_names))

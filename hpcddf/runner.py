@@ -39,6 +39,16 @@ class Command:
     log_name: str
     timeout_s: float | None = None
     env: Mapping[str, str] = field(default_factory=dict)
+    # (path, args): args are appended when path exists as the command starts, e.g. DDFacet's
+    # "--Cache-PSF=force" only if an earlier command of the stage left a PSF in the cache
+    when_exists: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def resolved(self, workdir: Path) -> "Command":
+        """The command with its conditional arguments decided now."""
+        extra = [a for path, args in self.when_exists if (workdir / path).exists() for a in args]
+        if not extra:
+            return self
+        return Command(self.argv + tuple(extra), self.log_name, self.timeout_s, self.env)
 
 
 @dataclass(frozen=True)
@@ -175,6 +185,7 @@ def run_command(ctx: RunContext, step: str, cmd: Command) -> float:
     The command runs in its own process group so that a stop (walltime, SIGUSR1, SystemExit
     from the requeue handler) terminates it and its workers cleanly: SIGTERM, then SIGKILL.
     """
+    cmd = cmd.resolved(ctx.workdir)
     argv = ctx.launcher(cmd, ctx.workdir)
     log_path = ctx.log_dir / cmd.log_name
     env = {**os.environ, **ctx.env, **cmd.env}
