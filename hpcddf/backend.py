@@ -10,6 +10,7 @@ This is the only module that imports submitit's executors.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -88,8 +89,12 @@ def submit_slurm_chain(site: Site, stages: Sequence[Stage], members: Sequence[Ch
 
 
 def run_local_chain(site: Site, stages: Sequence[Stage], member: ChainMember, folder: Path,
-                    progress: Callable[[str], None]) -> dict[str, str]:
-    """Run one field's stages one after another with submitit's local executor."""
+                    progress: Callable[[str], None],
+                    watch: Callable[[], list[str]] = lambda: []) -> dict[str, str]:
+    """Run one field's stages one after another with submitit's local executor.
+
+    ``watch`` is polled while a stage runs and returns progress lines (steps started/done).
+    """
     ids: dict[str, str] = {}
     for k, stage in enumerate(stages):
         ex = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=site.slurm.max_requeues)
@@ -99,6 +104,12 @@ def run_local_chain(site: Site, stages: Sequence[Stage], member: ChainMember, fo
         ids[stage.name] = str(job.job_id)
         progress(f"{member.field_id}: stage {stage.name} running (local job {job.job_id}, "
                  f"{len(stage.steps)} steps)")
+        while not job.done():
+            for line in watch():
+                progress(f"{member.field_id}: {line}")
+            time.sleep(1.0)
+        for line in watch():
+            progress(f"{member.field_id}: {line}")
         try:
             job.result()
         except Exception as exc:
@@ -111,6 +122,9 @@ def run_local_chain(site: Site, stages: Sequence[Stage], member: ChainMember, fo
 
 def _first_line(exc: BaseException) -> str:
     lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error:" in ln or "StepFailed:" in ln:
+            return ln.strip().split(": ", 1)[-1][:300]
     for ln in reversed(lines):
         if "Error" in ln:
             return ln.strip()[:300]

@@ -88,6 +88,11 @@ def _opts(**kw: Any) -> list[str]:
     return out
 
 
+def beam_model(cfg: PipelineConfig) -> str:
+    """``LOFAR`` or ``None``; a config's ``beam_model = None`` reads as Python None."""
+    return cfg.get("image", "beam_model") or "None"
+
+
 def affinity(m: Machine) -> str:
     """Pin DDFacet's workers to cores this job owns, never to 0..N-1 (DDFacet#36)."""
     if len(m.cpus) >= m.ncpu_ddf:
@@ -109,7 +114,7 @@ def ddf_image(cfg: PipelineConfig, m: Machine, img: Image) -> Command:
     """``DDF.py`` for one image, as ddf-pipeline's ``ddf_image`` builds it."""
     imsize = img.imsize or cfg.get("image", "imsize")
     cell = img.cellsize or cfg.get("image", "cellsize")
-    beam = cfg.get("image", "beam_model")
+    beam = beam_model(cfg)
     uvrange = img.uvrange or (cfg.get("image", "uvmin"), cfg.get("image", "uvmax"))
     argv = ["DDF.py"]
     argv += _opts(Data_MS=img.mslist, Data_ColName=img.colname, Data_Sort=1,
@@ -201,7 +206,7 @@ class Solve:
 
 def kms(cfg: PipelineConfig, m: Machine, s: Solve, log_name: str) -> Command:
     """``kMS.py`` for one MS; run under a timeout because a killMS worker crash hangs the master."""
-    beam = cfg.get("image", "beam_model")
+    beam = beam_model(cfg)
     argv = ["kMS.py", "--MSName", s.ms, "--SolverType", "CohJones" if s.di else "KAFCA",
             "--PolMode", "IFull" if s.di else "Scalar", "--InCol", s.colname,
             "--OutSolsName", s.sols, "--SolsDir", cfg.get("solutions", "SolsDir"),

@@ -188,12 +188,33 @@ def _link_array_logs(workdir: Path, folder: Path, job_ids: Any) -> None:
             link.symlink_to(folder / jid)
 
 
+def step_watcher(workdir: Path) -> Callable[[], list[str]]:
+    """Lines for steps that started or finished since the last call (from the field state)."""
+    seen: dict[str, str] = {}
+
+    def poll() -> list[str]:
+        lines = []
+        for name, info in (read_state(workdir) or {}).get("steps", {}).items():
+            what = info.get("state")
+            if seen.get(name) == what:
+                continue
+            seen[name] = what
+            if what == "running":
+                lines.append(f"step {name} running")
+            elif what == "done":
+                lines.append(f"step {name} done in {float(info.get('duration_s') or 0):.0f} s")
+        return lines
+    poll()  # steps of earlier submissions are not news
+    return poll
+
+
 def _run_local(site: Site, to_run: Sequence[tuple[FieldJob, list[Stage]]], recipe: dict[str, Any],
                result: dict[str, Any], progress: Callable[[str], None]) -> None:
     for fj, stages in to_run:
         member = _stage_jobs(site, fj, stages, recipe)
         try:
-            ids = run_local_chain(site, stages, member, fj.field.workdir / ".hpcddf" / "jobs", progress)
+            ids = run_local_chain(site, stages, member, fj.field.workdir / ".hpcddf" / "jobs", progress,
+                                  step_watcher(fj.field.workdir))
         except SubmissionError:
             update_state(fj.field.workdir, fj.field.id, _cancel_queued)  # as kill_on_invalid_dep does
             raise

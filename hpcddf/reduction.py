@@ -230,7 +230,7 @@ def cluster(r: Reduction) -> Step:
     if user:
         cmds = [hpcddf_tool(r.m, ["cluster", "--copy", user, "--out", CLUSTER_CAT], "cluster.log")]
     else:
-        catalogue = "image_dirin_SSD_m.app.restored.fits.pybdsf.srl.fits"
+        catalogue = "image_dirin_SSD_m.app.restored.pybdsf.srl.fits"
         cmds = [Command(("MakeCatalog.py", f"--RestoredIm={restored('image_dirin_SSD_m')}"),
                         "cluster.makecatalog.log", timeout_s=r.m.timeout_s)]
         if ndir >= 6:  # ClusterCat's tessellation fails below 6 clusters on small catalogues

@@ -1,0 +1,176 @@
+"""The DDF.py / kMS.py command builders: exact argv for a tier1 config, node resources, and the
+step declarations (ClipCal in the same step as its kMS, outputs, stages)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hpcddf.config import load_config
+from hpcddf.ddfcommands import Machine
+from hpcddf.errors import PlanError
+from hpcddf.plan import plan_reduction
+from hpcddf.recipes import NodeInfo, build_steps, machine
+from hpcddf.reduction import BUILDERS, Reduction, build, unsupported
+from hpcddf.runner import Command
+from hpcddf.sites import load_site
+
+DATA = Path(__file__).parent.parent / "data"
+TIER1 = str(DATA / "tier1-sep2024.cfg")
+NODE = Machine(ncpu_ddf=4, ncpu_kms=4, cache_dir="/scratch/c", cpus=(8, 9, 10, 11), timeout_s=3600.0)
+MS = ("L1_SB000.ms", "L1_SB010.ms")
+FULL = ("L1_SB000.ms", "L1_SB001.ms", "L1_SB010.ms")
+
+
+def tier1(*overrides: str) -> Reduction:
+    cfg = load_config([TIER1], ["--control-bootstrap=False", *overrides], catalog_dir="/cats")
+    return Reduction(cfg, NODE, MS, FULL)
+
+
+def test_image_phase1_argv_for_tier1():
+    cmd = BUILDERS["image_phase1"](tier1()).commands[0]
+    assert list(cmd.argv) == [
+        "DDF.py", "--Data-MS=mslist.txt", "--Data-ColName=DATA_DI_CORRECTED", "--Data-Sort=1",
+        "--Output-Name=image_phase1", "--Output-Mode=Clean", "--Output-Clobber=1",
+        "--Misc-ConserveMemory=1", "--Parallel-NCPU=4", "--Parallel-Affinity=[8,9,10,11]",
+        "--Beam-Model=LOFAR", "--Beam-LOFARBeamMode=A", "--Beam-At=facet",
+        "--Facets-NFacets=11", "--Facets-DiamMax=1.5", "--Facets-DiamMin=0.1",
+        "--Facets-CatNodes=image_dirin_SSD_m.npy.ClusterCat.npy", "--CF-wmax=50000", "--CF-Nw=100",
+        "--Cache-Dir=/scratch/c", "--Cache-DirWisdomFFTW=/scratch/c", "--Cache-Weight=reset",
+        "--Debug-Pdb=never", "--Log-Memory=1", "--Log-Boring=1", "--DDESolutions-SolsDir=SOLSDIR",
+        "--RIME-DecorrMode=FT", "--Freq-NBand=2", "--Weight-ColName=IMAGING_WEIGHT",
+        "--Weight-Mode=Briggs", "--Weight-Robust=-0.15", "--Image-NPix=20000", "--Image-Cell=1.5",
+        "--Output-RestoringBeam=12", "--Selection-UVRangeKm=[0.1,1000]",
+        "--Deconv-Mode=SSD", "--Deconv-MaxMajorIter=2", "--Deconv-PeakFactor=0.001",
+        "--Deconv-RMSFactor=0", "--Deconv-FluxThreshold=0", "--Deconv-MaxMinorIter=1000000",
+        "--GAClean-MinSizeInit=10", "--Mask-External=image_dirin_SSD_m_c_di_m.mask.fits",
+        "--SSDClean-SSDSolvePars=[S,Alpha]", "--SSDClean-BICFactor=0", "--Mask-Auto=1",
+        "--Mask-SigTh=5", "--DDESolutions-DDSols=DDS0_smoothed", "--DDESolutions-DDModeGrid=P",
+        "--DDESolutions-DDModeDeGrid=P",
+        "--Predict-InitDicoModel=image_dirin_SSD_m_c_di_m_masked.DicoModel"]
+    assert cmd.timeout_s == 3600.0 and cmd.log_name == "image_phase1.log"
+
+
+def test_dds0_argv_for_tier1():
+    step = BUILDERS["DDS0"](tier1())
+    assert list(step.commands[0].argv) == [
+        "kMS.py", "--MSName", "L1_SB000.ms", "--SolverType", "KAFCA", "--PolMode", "Scalar",
+        "--InCol", "DATA_DI_CORRECTED", "--OutSolsName", "DDS0", "--SolsDir", "SOLSDIR",
+        "--NCPU", "4", "--DDFCacheDir", "/scratch/c", "--DoBar", "0", "--dt", "1",
+        "--NChanSols", "1", "--BeamModel", "LOFAR", "--LOFARBeamMode", "A", "--BeamAt", "facet",
+        "--BaseImageName", "image_dirin_SSD_m_c_di_m",
+        "--DicoModel", "image_dirin_SSD_m_c_di_m_masked.DicoModel",
+        "--NodesFile", "image_dirin_SSD_m.npy.ClusterCat.npy", "--NIterKF", "6", "--CovQ", "0.02",
+        "--LambdaKF", "0.5", "--UVMinMax", "0.1,1000"]
+    # one kMS per MS, then merge, smooth and link the smoothed solutions for DDF
+    progs = [c.argv[0] for c in step.commands]
+    assert progs == ["kMS.py", "kMS.py", "MergeSols.py", "SmoothSols.py", NODE.python]
+    assert "--InterpMode=TEC,PolyAmp" in step.commands[3].argv
+    assert step.outputs == ("SOLSDIR/L1_SB000.ms/killMS.DDS0.sols.npz",
+                            "SOLSDIR/L1_SB010.ms/killMS.DDS0.sols.npz",
+                            "SOLSDIR/L1_SB000.ms/killMS.DDS0_smoothed.sols.npz",
+                            "SOLSDIR/L1_SB010.ms/killMS.DDS0_smoothed.sols.npz")
+
+
+def test_di_calibration_clipcal_runs_in_the_same_step_after_each_kms():
+    step = BUILDERS["DIS0"](tier1())
+    progs = [(c.argv[0], c.argv[2]) for c in step.commands]
+    assert progs == [("kMS.py", "L1_SB000.ms"), ("ClipCal.py", "L1_SB000.ms"),
+                     ("kMS.py", "L1_SB010.ms"), ("ClipCal.py", "L1_SB010.ms")]
+    kms = list(step.commands[0].argv)
+    for flag, value in (("--SolverType", "CohJones"), ("--PolMode", "IFull"),
+                        ("--SkyModelCol", "DD_PREDICT"), ("--OutCol", "DATA_DI_CORRECTED"),
+                        ("--InCol", "CORRECTED_DATA"), ("--ApplyToDir", "0")):
+        assert kms[kms.index(flag) + 1] == value
+    assert list(step.commands[1].argv) == ["ClipCal.py", "--MSName", "L1_SB000.ms", "--ColName",
+                                           "DATA_DI_CORRECTED"]
+
+
+def test_full_list_steps_use_the_full_list_and_final_sols_include_the_slow_ones():
+    r = tier1()
+    assert [c.argv[2] for c in BUILDERS["DDS2_full"](r).commands if c.argv[0] == "kMS.py"] == list(FULL)
+    final = BUILDERS["image_full_ampphase_di_m.NS"](r).commands[0].argv
+    assert "--Data-MS=big-mslist.txt" in final
+    assert "--DDESolutions-DDSols=[DDS3_full_smoothed,DDS3_full_slow]" in final
+    assert "--Output-RestoringBeam=6" in final and "--Weight-Robust=-0.5" in final
+    slow = BUILDERS["DDS3_full_slow"](r).commands[0].argv
+    assert slow[slow.index("--PreApplySols") + 1] == "[DDS3_full_smoothed]"
+    assert slow[slow.index("--dt") + 1] == "43.63"
+
+
+def test_cache_reuse_arguments_are_decided_when_the_command_starts(tmp_path):
+    r = tier1()
+    cmd = BUILDERS["image_dirin_SSD_m"](r).commands[0]
+    assert not any(a.startswith("--Cache-PSF") for a in cmd.argv)
+    assert cmd.resolved(tmp_path).argv == cmd.argv  # nothing cached yet
+    cache = tmp_path / "cache" / "mslist.txt.ddfcache"
+    (cache / "PSF").mkdir(parents=True)
+    (cache / "LastResidual").mkdir()
+    cmd2 = BUILDERS["image_dirin_SSD_m"](Reduction(r.cfg, Machine(4, 4, str(tmp_path / "cache"), (0, 1, 2, 3)),
+                                                   MS, FULL)).commands[0]
+    extra = cmd2.resolved(tmp_path).argv[len(cmd2.argv):]
+    assert extra == ("--Cache-PSF=force", "--Cache-Dirty=forceresidual")
+
+
+def test_beam_model_none_drops_every_beam_option():
+    r = tier1("--image-beam_model=None")
+    ddf = BUILDERS["image_dirin_SSD_init"](r).commands[-1].argv
+    assert "--Beam-Model=None" in ddf and not any(a.startswith("--Beam-LOFAR") for a in ddf)
+    kms = BUILDERS["DDS0"](r).commands[0].argv
+    assert kms[kms.index("--BeamModel") + 1] == "None" and "--LOFARBeamMode" not in kms
+
+
+def test_machine_cpus_come_from_the_allocation_unless_the_config_says(tmp_path):
+    node = NodeInfo(cpus=(3, 5), cache_dir=tmp_path / "scratch" / "cache", workdir=tmp_path)
+    m = machine(load_config([TIER1]), node, {})
+    assert (m.ncpu_ddf, m.ncpu_kms, m.cpus) == (2, 2, (3, 5))
+    assert Path(m.cache_dir).is_dir()  # created: DDF 0.9.1 does not create --Cache-Dir
+    m2 = machine(load_config([TIER1], ["--machine-NCPU_DDF=1", "--machine-NCPU_killms=2"]), node,
+                 {"timeout": "60"})
+    assert (m2.ncpu_ddf, m2.ncpu_kms, m2.timeout_s) == (1, 2, 60.0)
+    r = Reduction(load_config([TIER1]), m2, MS, FULL)
+    assert "--Parallel-Affinity=[3]" in BUILDERS["image_dirin_SSD"](r).commands[0].argv
+    own = tmp_path / "own-cache"
+    m3 = machine(load_config([TIER1], [f"--control-cache_dir={own}"]), node, {})
+    assert m3.cache_dir == str(own) and own.is_dir()
+
+
+def test_every_step_of_the_plan_has_a_builder_and_outputs():
+    site = load_site("local")
+    cfg = load_config([TIER1], ["--control-bootstrap=False", "--control-polcubes=False",
+                                "--control-stokesv=False", "--spectra-do_dynspec=False",
+                                "--compression-compress_ms=False"], catalog_dir="/cats")
+    plan = plan_reduction(cfg, site, "L1")
+    r = Reduction(cfg, NODE, MS, FULL)
+    for stage in plan.stages:
+        steps = build(r, stage.name, stage.steps)
+        assert [s.name for s in steps] == list(stage.steps)
+        for s in steps:
+            assert s.stage == stage.name and s.commands
+            assert all(isinstance(c, Command) and c.timeout_s == 3600.0 for c in s.commands)
+            if s.name not in ("Predict_DI1", "Predict_DDS2"):  # a predict writes a column only
+                assert s.outputs, s.name
+
+
+def test_unsupported_steps_are_named_before_anything_runs():
+    site = load_site("local")
+    plan = plan_reduction(load_config([TIER1], catalog_dir="/cats"), site, "L1")
+    names = [n for st in plan.stages for n in st.steps]
+    assert unsupported(names) == ["[control] bootstrap", "[masking] extended_size (needs the bootstrap)",
+                                  "[control] polcubes", "[control] stokesv", "[spectra] do_dynspec",
+                                  "[compression] compress_ms"]
+    with pytest.raises(PlanError, match="bootstrap"):
+        build(tier1(), "bootstrap", ["bootstrap"])
+
+
+def test_build_steps_reads_the_ms_lists_of_the_field(tmp_path):
+    (tmp_path / "mslist.txt").write_text("A.ms\n\n")
+    (tmp_path / "big-mslist.txt").write_text("A.ms\nB.ms\n")
+    cfg = load_config([TIER1], ["--control-bootstrap=False"])
+    node = NodeInfo(cpus=(0, 1), cache_dir=tmp_path / "c", workdir=tmp_path)
+    steps = build_steps({"name": "ddf", "options": {}}, cfg, "fullampphase", ["DDS2_full"], node)
+    assert [c.argv[2] for c in steps[0].commands if c.argv[0] == "kMS.py"] == ["A.ms", "B.ms"]
+    (tmp_path / "mslist.txt").unlink()
+    with pytest.raises(PlanError, match="mslist.txt"):
+        build_steps({"name": "ddf", "options": {}}, cfg, "initial", ["image_dirin_SSD_init"], node)
