@@ -193,17 +193,18 @@ def step_watcher(workdir: Path) -> Callable[[], list[str]]:
     seen: dict[str, str] = {}
 
     def poll() -> list[str]:
-        lines = []
+        lines: list[tuple[str, int, str]] = []
         for name, info in (read_state(workdir) or {}).get("steps", {}).items():
             what = info.get("state")
             if seen.get(name) == what:
                 continue
             seen[name] = what
+            at = str(info.get("at", ""))
             if what == "running":
-                lines.append(f"step {name} running")
+                lines.append((at, 0, f"step {name} running"))
             elif what == "done":
-                lines.append(f"step {name} done in {float(info.get('duration_s') or 0):.0f} s")
-        return lines
+                lines.append((at, 1, f"step {name} done in {float(info.get('duration_s') or 0):.0f} s"))
+        return [text for _, _, text in sorted(lines)]
     poll()  # steps of earlier submissions are not news
     return poll
 

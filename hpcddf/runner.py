@@ -157,16 +157,18 @@ def run_step(ctx: RunContext, step: Step) -> dict[str, Any]:
     log.info("step %s: starting (%d command(s))", step.name, len(step.commands))
     _notify(ctx, step.name, "running", {})
     t0 = time.time()
-    durations = []
+    durations, ran = [], []
     for cmd in step.commands:
+        cmd = cmd.resolved(ctx.workdir)  # conditional arguments decided as the command starts
         durations.append(run_command(ctx, step.name, cmd))
+        ran.append(list(cmd.argv))
     missing = [o for o in step.outputs if not (ctx.workdir / o).exists()]
     if missing:
         raise StepFailed(step.name, list(step.commands[-1].argv) if step.commands else [], 0,
                          "", None, reason=f"commands succeeded but outputs are missing: {', '.join(missing)}")
     marker = {"step": step.name, "stage": step.stage, "finished": time.time(), "started": t0,
               "duration_s": time.time() - t0, "command_durations_s": durations,
-              "commands": [list(c.argv) for c in step.commands], "outputs": list(step.outputs),
+              "commands": ran, "outputs": list(step.outputs),
               "params": dict(step.params), "versions": {"hpcddf": __version__, **ctx.versions}}
     write_json_atomic(marker_path(ctx, step.name), marker)
     _notify(ctx, step.name, "done", marker)

@@ -98,12 +98,13 @@ DEFAULT_SOURCES: tuple[Source, ...] = (
 # The pipeline config of the simulated field: ddf-pipeline options scaled down to a 600-pixel
 # image of 20" pixels and a ~2' beam (5 km baselines at 143 MHz). [solutions] ndir follows
 # SimSpec.ndir. The MSs have no LOFAR station tables, so no beam: [image] beam_model = None
-# ([control] beam_at only takes facet or tessel, so "none" cannot be said there).
+# ([control] beam_at only takes facet or tessel, so "none" cannot be said there). Point sources
+# need no SSD: HMP cleans them in a fraction of SSD's time.
 SIM_CONFIG: dict[str, dict[str, str]] = {
     "data": {"mslist": MSLIST, "full_mslist": BIG_MSLIST, "colname": "CORRECTED_DATA"},
     "image": {"imsize": "600", "cellsize": "20", "psf_arcsec": "120", "final_psf_arcsec": "120",
               "robust": "-0.5", "final_robust": "-0.5", "do_decorr": "False", "uvmin": "0.0",
-              "beam_model": "None"},
+              "beam_model": "None", "cleanmode": "HMP"},
     # two 2-MHz subbands cannot separate a TEC from a phase offset: apply the raw solutions
     "solutions": {"ndir": "3", "NChanSols": "1", "dt_di": "1.0", "uvmin": "0.0",
                   "smoothing": "False"},
