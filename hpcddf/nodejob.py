@@ -64,7 +64,8 @@ class StageJob(submitit.helpers.Checkpointable):
         attempt = self._start()
         signal.signal(signal.SIGUSR1, self._on_usr1)
         try:
-            scratch = prepare_scratch(self.site, self.field_id)
+            scratch = prepare_scratch(self.site, self.field_id,
+                                      tag=(job_id_from_env(os.environ) or str(os.getpid())).replace("_", "-"))
             report = run_preflight(self.site, scratch=scratch.root)
             if not report.ok:
                 raise PreflightError(f"node {socket.gethostname()} failed preflight: "

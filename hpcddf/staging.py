@@ -85,11 +85,14 @@ def _check_field_id(field_id: str) -> None:
                            "use the field's id, e.g. P123+45")
 
 
-def prepare_scratch(site: Site, field_id: str, env: Mapping[str, str] | None = None) -> Scratch:
-    """Make ``<scratch_dir>/<field_id>/cache`` on this node.
+def prepare_scratch(site: Site, field_id: str, env: Mapping[str, str] | None = None,
+                    tag: str | None = None) -> Scratch:
+    """Make ``<scratch_dir>/<field_id>[.<tag>]/cache`` on this node.
 
     The cache directory is created here because DDFacet 0.9.1 does not create it, and
     ddf-pipeline silently falls back to ``.`` (the shared file system) when it is missing.
+    ``tag`` (the job id) keeps two runs of a field with the same name, from different work
+    roots on one machine, from sharing (and cleaning) each other's scratch.
     """
     env = os.environ if env is None else env
     _check_field_id(field_id)
@@ -97,7 +100,9 @@ def prepare_scratch(site: Site, field_id: str, env: Mapping[str, str] | None = N
     if not root.is_absolute():
         raise StagingError(f"scratch_dir {site.node.scratch_dir!r} expands to the relative path "
                            f"{root}", "make [node] scratch_dir an absolute path")
-    cache = root / field_id / "cache"
+    if tag is not None:
+        _check_field_id(tag)
+    cache = root / (f"{field_id}.{tag}" if tag else field_id) / "cache"
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

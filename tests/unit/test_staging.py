@@ -267,3 +267,15 @@ def test_missing_source_and_nested_destination_are_errors(tmp_path: Path) -> Non
     other = make_ms(tmp_path / "other")
     with pytest.raises(StagingError, match="two inputs"):
         stage_in([ms, other], tmp_path / "scratch")
+
+
+def test_two_jobs_of_the_same_field_name_get_their_own_scratch(tmp_path: Path) -> None:
+    """Two work roots may both have a field SIM1 running on one machine (local site)."""
+    site = make_site(str(tmp_path / "scratch"))
+    a = prepare_scratch(site, "SIM1", {}, tag="101")
+    b = prepare_scratch(site, "SIM1", {}, tag="202")
+    assert a.cache_dir != b.cache_dir and a.cache_dir.is_dir() and b.cache_dir.is_dir()
+    clean_scratch(a)
+    assert not a.field_dir.exists() and b.cache_dir.is_dir()
+    with pytest.raises(StagingError):
+        prepare_scratch(site, "SIM1", {}, tag="../x")
