@@ -117,7 +117,8 @@ def ddf_image(cfg: PipelineConfig, m: Machine, img: Image) -> Command:
     beam = beam_model(cfg)
     uvrange = img.uvrange or (cfg.get("image", "uvmin"), cfg.get("image", "uvmax"))
     argv = ["DDF.py"]
-    argv += _opts(Data_MS=img.mslist, Data_ColName=img.colname, Data_Sort=1,
+    # DDF 0.9.1 cannot sort the data in Predict mode (it loads no weights to sort with)
+    argv += _opts(Data_MS=img.mslist, Data_ColName=img.colname, Data_Sort=int(img.mode != "Predict"),
                   Output_Name=img.name, Output_Mode=img.mode, Output_Clobber=1,
                   Misc_ConserveMemory=1, Parallel_NCPU=m.ncpu_ddf, Parallel_Affinity=affinity(m),
                   Beam_Model=beam)

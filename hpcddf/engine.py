@@ -201,9 +201,9 @@ def step_watcher(workdir: Path) -> Callable[[], list[str]]:
             seen[name] = what
             at = str(info.get("at", ""))
             if what == "running":
-                lines.append((at, 0, f"step {name} running"))
+                lines.append((at, 1, f"step {name} running"))
             elif what == "done":
-                lines.append((at, 1, f"step {name} done in {float(info.get('duration_s') or 0):.0f} s"))
+                lines.append((at, 0, f"step {name} done in {float(info.get('duration_s') or 0):.0f} s"))
         return [text for _, _, text in sorted(lines)]
     poll()  # steps of earlier submissions are not news
     return poll

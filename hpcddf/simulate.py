@@ -249,6 +249,13 @@ def station_layout(spec: SimSpec) -> tuple[list[str], np.ndarray]:
     return names, itrf
 
 
+def station_en(itrf: np.ndarray) -> np.ndarray:
+    """East/north offsets (m) of the stations from CS002 on its horizon plane, (nant, 2)."""
+    east, north, _ = enu_basis(CS002_ITRF)
+    d = np.asarray(itrf) - np.asarray(CS002_ITRF)
+    return np.column_stack([d @ east, d @ north])
+
+
 def gmst_hours(mjd_ut: float) -> float:
     """Greenwich mean sidereal time (hours, 0..24) from the IAU 1982 linear formula: a second
     of accuracy, plenty for putting the observation around transit."""
@@ -400,13 +407,18 @@ def nodes_array(nodes: Nodes) -> np.ndarray:
 # ------------------------------------------------------------------------------ corruptions
 
 
-def dde_phases(spec: SimSpec, times: np.ndarray) -> np.ndarray:
+def dde_phases(spec: SimSpec, times: np.ndarray, en: np.ndarray | None = None) -> np.ndarray:
     """Direction-dependent station phases (radians), shape (ntime, nant, ndir).
 
     One ionosphere: the same for every channel and every MS. For each station and direction,
     an offset plus a linear drift over the observation, both drawn from a standard normal (station
     0 too: only differences are visible); then each direction is scaled so that its rms over
     stations and times is exactly ``dde_rms_deg``. All zero when ``dde_rms_deg`` is 0.
+
+    With the stations' east/north positions ``en`` (nant, 2), the part of each phase screen that
+    is linear across the array is removed first: a phase gradient only moves a source, which
+    self-calibration cannot see (the model inherits the shift) and which ddf-pipeline corrects
+    with its astrometric offsets step against an optical catalogue instead.
     """
     phases = np.zeros((spec.ntime, spec.nant, spec.ndir))
     if spec.dde_rms_deg <= 0:
@@ -417,6 +429,11 @@ def dde_phases(spec: SimSpec, times: np.ndarray) -> np.ndarray:
     half = (times[-1] - times[0]) / 2.0
     tau = (times - times.mean()) / half if half > 0 else np.zeros_like(times)  # -1 .. 1
     phases = offset[None, :, :] + drift[None, :, :] * tau[:, None, None]
+    if en is not None:
+        design = np.column_stack([np.ones(len(en)), en[:, 0], en[:, 1]])
+        coef, *_ = np.linalg.lstsq(design, phases.transpose(1, 0, 2).reshape(len(en), -1), rcond=None)
+        plane = (design @ coef).reshape(len(en), spec.ntime, spec.ndir).transpose(1, 0, 2)
+        phases = phases - plane
     rms = np.sqrt((phases**2).mean(axis=(0, 1)))
     return phases * (math.radians(spec.dde_rms_deg) / np.where(rms > 0, rms, 1.0))
 
@@ -693,7 +710,7 @@ def simulate_field(outdir: Path, spec: SimSpec = SimSpec()) -> SimResult:
     nodes = choose_nodes(spec.sources, spec.ndir, spec.ra_deg, spec.dec_deg)
     obs = _Obs(names=names, itrf=itrf, times=times,
                ant_uvw=antenna_uvw(itrf, times, spec.ra_deg, spec.dec_deg), nodes=nodes,
-               phases=dde_phases(spec, times))
+               phases=dde_phases(spec, times, station_en(itrf)))
     for k, path in enumerate(paths):
         _write_ms(path, spec, k, obs)
 

@@ -174,3 +174,11 @@ def test_build_steps_reads_the_ms_lists_of_the_field(tmp_path):
     (tmp_path / "mslist.txt").unlink()
     with pytest.raises(PlanError, match="mslist.txt"):
         build_steps({"name": "ddf", "options": {}}, cfg, "initial", ["image_dirin_SSD_init"], node)
+
+
+def test_predicts_write_dd_predict_unsorted():
+    argv = BUILDERS["Predict_DDS2"](tier1()).commands[0].argv
+    assert "--Output-Mode=Predict" in argv and "--Predict-ColName=DD_PREDICT" in argv
+    assert "--Data-Sort=0" in argv  # DDF 0.9.1 crashes sorting data it loaded without weights
+    assert "--Data-MS=big-mslist.txt" in argv and "--Data-ColName=CORRECTED_DATA" in argv
+    assert not any(a.startswith("--Deconv-") for a in argv)

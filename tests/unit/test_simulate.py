@@ -397,3 +397,18 @@ def test_program(tmp_path: Path, isolated_env: dict[str, str]) -> None:
                            check=False)
     assert again.returncode == 1
     assert again.stderr.startswith("hpcddf: error: ") and "already exists" in again.stderr
+
+
+def test_dde_phase_screens_have_no_gradient_across_the_array() -> None:
+    """A linear phase gradient only shifts a source, which self-calibration cannot correct."""
+    from hpcddf.simulate import dde_phases, integration_times, station_en, station_layout
+    spec = SimSpec(nant=12, ntime=8, dde_rms_deg=20.0)
+    _, itrf = station_layout(spec)
+    en = station_en(itrf)
+    assert np.hypot(en[:, 0], en[:, 1]).max() <= 2500.1
+    phases = dde_phases(spec, integration_times(spec), en)
+    design = np.column_stack([np.ones(len(en)), en])
+    for t in range(spec.ntime):
+        coef, *_ = np.linalg.lstsq(design, phases[t], rcond=None)
+        assert np.abs(coef[1:]).max() < 1e-12  # radians per metre
+    assert np.degrees(np.sqrt((phases ** 2).mean())) == pytest.approx(20.0)
