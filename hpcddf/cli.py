@@ -234,7 +234,7 @@ def simulate(outdir: Path, n_ms: int, dde_rms_deg: float, ndir: int, noise: floa
 @click.option("--field", "field_id", default="SIM1", show_default=True, help="Name of the demo field.")
 @click.option("--dde-rms-deg", type=float, default=20.0, show_default=True,
               help="RMS of the simulated direction-dependent phase errors.")
-@click.option("--timeout", "timeout_s", type=float, default=1800.0, show_default=True,
+@click.option("--timeout", "timeout_s", type=float, default=900.0, show_default=True,
               help="Seconds any one DDF.py/kMS.py command may take.")
 def demo(work_root: Path, field_id: str, dde_rms_deg: float, timeout_s: float) -> None:
     """Simulate a small field and reduce it here with DDFacet and killMS (about 15 min on 2 cores).

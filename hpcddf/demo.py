@@ -69,7 +69,7 @@ def evaluate(workdir: Path) -> DemoResult:
 
 
 def run_demo(work_root: Path, field_id: str = "SIM1", dde_rms_deg: float = DEMO_DDE_RMS_DEG,
-             seed: int = 1, timeout_s: float = 1800.0,
+             seed: int = 1, timeout_s: float = 900.0,
              progress: Callable[[str], None] = lambda m: None) -> DemoResult:
     """Simulate (once), reduce with the local site, evaluate."""
     from hpcddf.engine import submit_fields

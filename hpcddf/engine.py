@@ -24,7 +24,13 @@ from hpcddf.preflight import pid_alive
 from hpcddf.redo import apply_restart_policy
 from hpcddf.sites import Site
 from hpcddf.slurm_query import cancel_jobs, query_jobs
-from hpcddf.state import locked, now_iso, read_state, update_state, update_state_unlocked
+from hpcddf.state import (
+    locked,
+    now_iso,
+    read_state,
+    update_state,
+    update_state_unlocked,
+)
 from hpcddf.submit import FieldJob, check_inputs, materialise
 
 log = logging.getLogger(__name__)

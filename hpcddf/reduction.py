@@ -17,8 +17,19 @@ from pathlib import Path
 from typing import Callable
 
 from hpcddf.config import PipelineConfig
-from hpcddf.ddfcommands import (Image, Machine, Solve, clipcal, ddf_image, dirty_of, hpcddf_tool,
-                                kms, make_mask, mask_dicomodel, sols_file)
+from hpcddf.ddfcommands import (
+    Image,
+    Machine,
+    Solve,
+    clipcal,
+    ddf_image,
+    dirty_of,
+    hpcddf_tool,
+    kms,
+    make_mask,
+    mask_dicomodel,
+    sols_file,
+)
 from hpcddf.errors import PlanError
 from hpcddf.runner import Command, Step
 
@@ -51,7 +62,7 @@ class Reduction:
     mss: tuple[str, ...]          # MSs of [data] mslist
     full_mss: tuple[str, ...]     # MSs of [data] full_mslist
 
-    def get(self, section: str, name: str):  # noqa: ANN201 - any option type
+    def get(self, section: str, name: str):
         return self.cfg.get(section, name)
 
     @property
@@ -92,7 +103,7 @@ class Reduction:
         a = self.cfg.get("solutions", "apply_sols")
         return str(a[min(i, len(a) - 1)])
 
-    def image(self, name: str, **kw) -> Image:  # noqa: ANN003
+    def image(self, name: str, **kw) -> Image:
         kw.setdefault("mslist", self.mslist)
         kw.setdefault("colname", self.img_col)
         kw.setdefault("robust", self.get("image", "robust"))
@@ -116,7 +127,7 @@ def read_list(workdir: Path, name: str | None) -> tuple[str, ...]:
 # ------------------------------------------------------------------------------ helpers
 
 def _step(name: str, commands: list[Command], outputs: list[str], estimate_s: float,
-          **params) -> Step:  # noqa: ANN003
+          **params) -> Step:
     return Step(name=name, stage="", commands=tuple(commands), outputs=tuple(outputs),
                 params=params, estimate_s=estimate_s)
 
@@ -383,7 +394,7 @@ def DIS2_full(r: Reduction) -> Step:
     return _step("DIS2_full", cmds, outs, 90)
 
 
-def _full_image(r: Reduction, name: str, **kw) -> Image:  # noqa: ANN003
+def _full_image(r: Reduction, name: str, **kw) -> Image:
     kw.setdefault("robust", r.get("image", "final_robust"))
     kw.setdefault("psf_arcsec", r.get("image", "final_psf_arcsec"))
     return r.image(name, mslist=r.full_mslist, clusterfile=CLUSTER_CAT,

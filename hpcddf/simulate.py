@@ -106,8 +106,10 @@ SIM_CONFIG: dict[str, dict[str, str]] = {
               "robust": "-0.5", "final_robust": "-0.5", "do_decorr": "False", "uvmin": "0.0",
               "beam_model": "None", "cleanmode": "HMP"},
     # two 2-MHz subbands cannot separate a TEC from a phase offset: apply the raw solutions
+    # an 8-minute observation has no room for ddf-pipeline's 43-minute very slow solutions
+    # (killMS hangs solving a single interval)
     "solutions": {"ndir": "3", "NChanSols": "1", "dt_di": "1.0", "uvmin": "0.0",
-                  "smoothing": "False"},
+                  "smoothing": "False", "do_very_slow": "False"},
     "masking": {"thresholds": "[10,6,6,6]", "tgss": "None"},
     "control": {"bootstrap": "False", "clearcache": "False", "polcubes": "False",
                 "stokesv": "False"},

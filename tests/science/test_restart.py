@@ -33,7 +33,7 @@ def processes_in(wd: Path) -> list[psutil.Process]:
     return found
 
 
-def wait_for(pred, timeout: float, what: str):  # noqa: ANN001, ANN201
+def wait_for(pred, timeout: float, what: str):
     end = time.time() + timeout
     while time.time() < end:
         v = pred()
