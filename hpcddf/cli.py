@@ -237,7 +237,7 @@ def simulate(outdir: Path, n_ms: int, dde_rms_deg: float, ndir: int, noise: floa
 @click.option("--timeout", "timeout_s", type=float, default=900.0, show_default=True,
               help="Seconds any one DDF.py/kMS.py command may take.")
 def demo(work_root: Path, field_id: str, dde_rms_deg: float, timeout_s: float) -> None:
-    """Simulate a small field and reduce it here with DDFacet and killMS (about 15 min on 2 cores).
+    """Simulate a small field and reduce it here with DDFacet and killMS (about 10 min on 2 cores).
 
     Runs the same stages as a cluster run, with --site local, then checks the final image
     against the simulated sky. Needs the science extra: pip install 'hpcddf[science]'.

@@ -8,11 +8,12 @@ and how well it matches.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from hpcddf.errors import FieldError
+from hpcddf.errors import FieldError, PlanError
 
 FINAL_IMAGE = "image_full_ampphase_di_m.NS.app.restored.fits"
 DI_IMAGE = "image_dirin_SSD_m_c_di_m.app.restored.fits"
@@ -43,6 +44,17 @@ class DemoResult:
             "verdict: " + ("every simulated source recovered, nothing spurious"
                            if self.final.ok() else "the image does NOT match the simulated sky"),  # type: ignore[attr-defined]
         ])
+
+
+def check_science_stack() -> None:
+    """The demo runs DDF.py and kMS.py from hpcddf's own environment: say so before starting."""
+    import shutil
+    import sys
+    bindir = str(Path(sys.executable).parent)
+    for prog in ("DDF.py", "kMS.py", "MakeMask.py"):
+        if shutil.which(prog, path=os.pathsep.join([bindir, os.environ.get("PATH", "")])) is None:
+            raise PlanError(f"{prog} is not installed: the demo needs DDFacet and killMS",
+                            "pip install 'hpcddf[science]' (DDFacet builds from source, ~7 min)")
 
 
 def simulate_if_needed(workdir: Path, dde_rms_deg: float, seed: int,
@@ -76,6 +88,7 @@ def run_demo(work_root: Path, field_id: str = "SIM1", dde_rms_deg: float = DEMO_
     from hpcddf.recipes import make_recipe
     from hpcddf.sites import load_site
     from hpcddf.submit import prepare
+    check_science_stack()
     site = load_site("local")
     workdir = Path(work_root).expanduser().resolve() / field_id
     simulate_if_needed(workdir, dde_rms_deg, seed, progress)

@@ -445,3 +445,18 @@ def test_duplicate_field(run_cli, cli_error, site_file):
 
 def test_no_field(run_cli, cli_error, site_file):
     cli_error(run_cli("submit", "--site", "testsite", "--dry-run"), "no field given")
+
+
+
+def test_demo_without_the_science_stack_says_how_to_install_it(tmp_path, monkeypatch):
+    """With no DDF.py beside the interpreter or on PATH, the demo stops before simulating."""
+    from hpcddf.demo import run_demo
+    from hpcddf.errors import PlanError
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    monkeypatch.setattr(sys, "executable", str(bindir / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    with pytest.raises(PlanError, match="DDF.py is not installed") as err:
+        run_demo(tmp_path / "w")
+    assert "hpcddf[science]" in str(err.value)
+    assert not (tmp_path / "w").exists()
