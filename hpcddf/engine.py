@@ -126,8 +126,13 @@ def check_supported(jobs: Sequence[FieldJob]) -> None:
 
 
 def submit_fields(site: Site, jobs: Sequence[FieldJob], recipe: dict[str, Any] | None = None,
-                  progress: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
-    """Queue every field's remaining stages; returns what was done for each field."""
+                  progress: Callable[[str], None] = lambda msg: None,
+                  new_submission: bool = True) -> dict[str, Any]:
+    """Queue every field's remaining stages; returns what was done for each field.
+
+    Only a new submission applies ``redofrom``/``restart=False``; a resubmission (which reads
+    the frozen config, redofrom included) never does.
+    """
     recipe = recipe or DEFAULT_RECIPE
     if recipe["name"] == "ddf":
         check_supported(jobs)
@@ -142,7 +147,7 @@ def submit_fields(site: Site, jobs: Sequence[FieldJob], recipe: dict[str, Any] |
             if live:
                 result["fields"][fj.field.id] = {"status": "already queued", "jobs": {"live": ",".join(live)}}
                 continue
-            note = apply_restart_policy(fj.field.workdir, fj.config)
+            note = apply_restart_policy(fj.field.workdir, fj.config) if new_submission else None
             if note:
                 progress(f"{fj.field.id}: {note}")
             stages = remaining_stages(fj.field.workdir, fj.plan)
@@ -243,7 +248,7 @@ def resubmit_fields(site: Site, jobs: Sequence[FieldJob], progress: Callable[[st
         if state is None:
             raise FieldError(f"field {fj.field.id} was never submitted", f"use hpcddf submit {fj.field.id}")
         recipe = recipe or state.get("recipe")
-    return submit_fields(site, jobs, recipe, progress)
+    return submit_fields(site, jobs, recipe, progress, new_submission=False)
 
 
 def cancel_fields(site: Site, fields: Sequence[Field]) -> dict[str, list[str]]:

@@ -152,7 +152,11 @@ def _gb(n_bytes: float) -> str:
 
 
 def pid_alive(pid: int) -> bool:
-    """True if a process with this pid exists (ours or, PermissionError, someone else's)."""
+    """True if a process with this pid exists (ours or, PermissionError, someone else's).
+
+    A zombie is dead: in a container whose init does not reap orphans, a killed job's pid
+    stays in the process table, and must not keep its field "running" or its /dev/shm alive.
+    """
     if pid <= 0:
         return True  # os.kill(0, ...) would signal our process group: never call it "dead"
     try:
@@ -161,7 +165,17 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # "pid (comm) S ...": comm may contain spaces and parentheses, the state follows the last ")"
+    fields = stat.rsplit(")", 1)[-1].split()
+    return bool(fields) and fields[0] in ("Z", "X")
 
 
 def _default_memlock_kb() -> int | None:

@@ -341,3 +341,23 @@ def test_preflight_cleans_shm_and_reports_it(tmp_path: Path) -> None:
     check = by_name(report, "stale_shm")
     assert check.ok and f"removed {len(dead)} stale entries" in check.detail
     assert sorted(p.name for p in paths.shm.iterdir()) == sorted(live)
+
+
+def test_a_zombie_is_not_alive() -> None:
+    """A killed job whose parent died stays a zombie where init does not reap orphans."""
+    import subprocess
+    import time
+
+    from hpcddf.preflight import pid_alive
+    child = subprocess.Popen(["true"])
+    try:
+        for _ in range(100):  # until it has exited (and, unreaped, become a zombie)
+            if Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z":
+                break
+            time.sleep(0.02)
+        assert not pid_alive(child.pid)
+    finally:
+        child.wait()
+    assert not pid_alive(child.pid)
+    import os
+    assert pid_alive(os.getpid())
