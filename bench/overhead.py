@@ -48,12 +48,13 @@ def recorded_commands(workdir: Path) -> list[list[str]]:
     return [argv for m in markers for argv in m["commands"]]
 
 
-def bare_script(commands: list[list[str]], cache_old: str, cache_new: str, bindir: str) -> str:
+def bare_script(commands: list[list[str]], caches_old: set[str], cache_new: str, bindir: str) -> str:
     lines = ["#!/bin/bash", "set -euo pipefail", f"export PATH={shlex.quote(bindir)}:$PATH",
              "export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1",
              f"mkdir -p {shlex.quote(cache_new)}", "mkdir -p logs"]
     for k, argv in enumerate(commands):
-        argv = [a.replace(cache_old, cache_new) for a in argv]
+        for old in sorted(caches_old, key=len, reverse=True):  # one node-local cache per stage job
+            argv = [a.replace(old, cache_new) for a in argv]
         lines.append(" ".join(shlex.quote(a) for a in argv) + f" > logs/bare-{k:03d}.log 2>&1")
     return "\n".join(lines) + "\n"
 
@@ -70,15 +71,15 @@ def main() -> int:
     wd = simulate(base / "hpcddf", a.dde_rms_deg)
     hpcddf_s = run_hpcddf(base / "hpcddf", env)
     commands = recorded_commands(wd)
-    cache_old = next(arg.split("=", 1)[1] for argv in commands for arg in argv
-                     if arg.startswith("--Cache-Dir="))
+    caches_old = {arg.split("=", 1)[1] for argv in commands for arg in argv
+                  if arg.startswith("--Cache-Dir=")}
 
     bare = simulate(base / "bare", a.dde_rms_deg)
     shutil.copy(wd / ".hpcddf" / "pipeline.cfg", bare / "pipeline.cfg")
     (bare / ".hpcddf").mkdir()
     shutil.copy(wd / ".hpcddf" / "pipeline.cfg", bare / ".hpcddf" / "pipeline.cfg")
     script = bare / "bare.sh"
-    script.write_text(bare_script(commands, cache_old, str(base / "bare-cache"),
+    script.write_text(bare_script(commands, caches_old, str(base / "bare-cache"),
                                   str(Path(sys.executable).parent)))
     t0 = time.perf_counter()
     subprocess.run(["bash", str(script)], cwd=bare, check=True, env=env)
