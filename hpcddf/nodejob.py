@@ -95,7 +95,9 @@ class StageJob(submitit.helpers.Checkpointable):
     def _run(self, cpus: tuple[int, ...], cache_dir: Path) -> list[str]:
         wd = Path(self.workdir)
         cfg = load_config([str(wd / ".hpcddf" / FROZEN_CONFIG)])
-        node = NodeInfo(cpus=cpus, cache_dir=cache_dir, field_id=self.field_id, workdir=wd)
+        contained = self.site.container.runtime != "none"
+        node = NodeInfo(cpus=cpus, cache_dir=cache_dir, field_id=self.field_id, workdir=wd,
+                        python="python3" if contained else sys.executable)
         steps = build_steps(self.recipe, cfg, self.stage, self.steps, node)
         deadline, usable_s = self._deadline()
         ctx = RunContext(workdir=wd, log_dir=wd / (cfg.get("control", "logging") or "logs"),
@@ -104,10 +106,22 @@ class StageJob(submitit.helpers.Checkpointable):
                          estimates=load_estimates(Path(self.work_root)),
                          env=science_env(),
                          on_step=self._on_step)
+        if contained:
+            ctx.launcher = self._launcher(wd, cache_dir.parent)
         if self._stop:
             ctx.stop_event.set()
         self._ctx = ctx
         return run_steps(ctx, steps, walltime_s=usable_s)
+
+    def _launcher(self, workdir: Path, scratch: Path) -> Any:
+        """Every command of the stage through the site's container runtime."""
+        from hpcddf.containers import make_launcher, spec_for
+        c = self.site.container
+        tmp = scratch / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        catalog = str(self.site.catalog_dir) if self.site.catalog_dir else None
+        return make_launcher(spec_for(c.runtime, c.image, c.executable, c.binds, workdir, scratch,
+                                      catalog, tmp))
 
     def _deadline(self) -> tuple[float, float]:
         """When the stage must be between steps, and how long a whole attempt has.

@@ -402,8 +402,9 @@ def _image_ok(runtime: str, image: Path) -> bool:
 
 def check_container(site: Site, env: Mapping[str, str]) -> Check:
     """The science stack runs in the container: its runtime and image must be on this node."""
+    from hpcddf.containers import default_executable
     c = site.container
-    exe = c.executable or c.runtime
+    exe = c.executable or default_executable(c.runtime)
     problems: list[str] = []
     fixes: list[str] = []
     found = shutil.which(exe, path=env.get("PATH"))

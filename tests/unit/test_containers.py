@@ -1,0 +1,82 @@
+"""The container launchers: exact argv for Apptainer/Singularity (built with spython's helpers)
+and Charliecloud: binds at the same path, host /dev/shm, a clean environment with what the
+science needs, the field directory as working directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hpcddf.containers import ContainerSpec, default_executable, make_launcher, spec_for
+from hpcddf.errors import SiteError
+from hpcddf.runner import Command
+
+CMD = Command(("DDF.py", "--Data-MS=mslist.txt"), "x.log", env={"DDF_EXTRA": "1"})
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Path:
+    """The node's directories: field, scratch, catalogues, a site bind (spython checks they exist)."""
+    for d in ("fields/L1", "scratch/L1.42/tmp", "catalogs", "project/cats"):
+        (tmp_path / d).mkdir(parents=True)
+    return tmp_path
+
+
+def spec(root: Path, runtime: str, executable: str | None = None) -> ContainerSpec:
+    return spec_for(runtime, "/images/hpcddf.sif", executable,
+                    [str(root / "project/cats"), str(root / "fields/L1")], root / "fields/L1",
+                    root / "scratch/L1.42", str(root / "catalogs"), root / "scratch/L1.42/tmp")
+
+
+def env(root: Path) -> list[str]:
+    return sorted(["OMP_NUM_THREADS=1", "OPENBLAS_NUM_THREADS=1", "MKL_NUM_THREADS=1",
+                   f"TMPDIR={root}/scratch/L1.42/tmp", "DDF_EXTRA=1"])
+
+
+def test_apptainer_argv(node):
+    r = str(node)
+    argv = make_launcher(spec(node, "apptainer"))(CMD, node / "fields/L1")
+    assert argv == ["apptainer", "exec", "--cleanenv", "--pwd", f"{r}/fields/L1",
+                    "--bind", f"{r}/fields/L1", "--bind", f"{r}/scratch/L1.42", "--bind", f"{r}/catalogs",
+                    "--bind", f"{r}/project/cats", "--bind", "/dev/shm",
+                    *[x for e in env(node) for x in ("--env", e)],
+                    "/images/hpcddf.sif", "DDF.py", "--Data-MS=mslist.txt"]
+
+
+def test_singularity_and_a_full_path_executable(node):
+    argv = make_launcher(spec(node, "singularity", "/opt/sing/bin/singularity"))(CMD, node / "fields/L1")
+    assert argv[:3] == ["/opt/sing/bin/singularity", "exec", "--cleanenv"]
+    assert argv[-3:] == ["/images/hpcddf.sif", "DDF.py", "--Data-MS=mslist.txt"]
+
+
+def test_charliecloud_argv(node):
+    r = str(node)
+    argv = make_launcher(spec(node, "charliecloud"))(CMD, node / "fields/L1")
+    assert argv == ["ch-run", "--unset-env=*", *[f"--set-env={e}" for e in env(node)],
+                    "-b", f"{r}/fields/L1:{r}/fields/L1", "-b", f"{r}/scratch/L1.42:{r}/scratch/L1.42",
+                    "-b", f"{r}/catalogs:{r}/catalogs", "-b", f"{r}/project/cats:{r}/project/cats",
+                    "-b", "/dev/shm:/dev/shm", f"--cd={r}/fields/L1", "/images/hpcddf.sif", "--",
+                    "DDF.py", "--Data-MS=mslist.txt"]
+
+
+def test_a_missing_bind_path_is_a_clear_error_not_an_exit(node):
+    (node / "catalogs").rmdir()
+    with pytest.raises(SiteError, match="catalogs does not exist on this node"):
+        make_launcher(spec(node, "apptainer"))(CMD, node / "fields/L1")
+
+
+def test_the_step_env_wins_and_nothing_else_from_the_host_leaks(node, monkeypatch):
+    monkeypatch.setenv("LD_PRELOAD", "/host/evil.so")
+    cmd = Command(("kMS.py",), "k.log", env={"OMP_NUM_THREADS": "4"})
+    argv = make_launcher(spec(node, "charliecloud"))(cmd, node / "fields/L1")
+    assert "--set-env=OMP_NUM_THREADS=4" in argv and "--set-env=OMP_NUM_THREADS=1" not in argv
+    assert not any("LD_PRELOAD" in a for a in argv)
+
+
+def test_bad_runtime_or_missing_image_is_a_clear_error():
+    with pytest.raises(SiteError, match="no launcher"):
+        make_launcher(ContainerSpec("docker", "img", "docker"))
+    with pytest.raises(SiteError, match="needs an image"):
+        spec_for("apptainer", None, None, [], Path("/f"), Path("/s"), None, Path("/s/tmp"))
+    assert default_executable("charliecloud") == "ch-run"
