@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from hpcddf.errors import SiteError
 from hpcddf.runner import Command
@@ -30,8 +30,13 @@ Launcher = Callable[[Command, Path], list[str]]
 DEFAULT_EXECUTABLE = {"apptainer": "apptainer", "singularity": "singularity",
                       "charliecloud": "ch-run", "none": ""}
 SHM = "/dev/shm"
+# Host directories ch-run binds into every container by itself.
+CH_HOST_DIRS = ("/tmp", "/dev")
 # Host variables that must never leak into a contained science command's environment.
 SCIENCE_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# Apptainer gives a clean-env container its own PATH; ch-run passes the host's (or, after
+# --unset-env, none), so the image's standard one is set explicitly (a site may override it).
+IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def default_executable(runtime: str) -> str:
@@ -49,11 +54,40 @@ class ContainerSpec:
     env: Mapping[str, str] = field(default_factory=dict)
 
     def bind_paths(self) -> list[str]:
-        """Unique paths, each bound at the same place inside; /dev/shm always."""
-        seen: dict[str, None] = {}
-        for b in (*self.binds, SHM):
-            seen.setdefault(str(b), None)
-        return list(seen)
+        """Paths bound at the same place inside, /dev/shm always; a path inside another bound
+        one is left out (its parent's bind already shows it, and Charliecloud could not create
+        its mount point in a read-only image)."""
+        return outermost([*self.binds, SHM])
+
+
+def _inside(path: PurePosixPath, parent: PurePosixPath) -> bool:
+    return path != parent and path.is_relative_to(parent)
+
+
+def outermost(paths: Sequence[str]) -> list[str]:
+    """The unique paths not inside another one of them, in their first order."""
+    clean = list(dict.fromkeys(str(PurePosixPath(p)) for p in paths))
+    return [p for p in clean
+            if not any(_inside(PurePosixPath(p), PurePosixPath(q)) for q in clean)]
+
+
+def missing_mount_points(spec: ContainerSpec) -> list[str]:
+    """Bind targets a Charliecloud directory image lacks: ch-run mounts images read-only and
+    cannot create them. Paths below /tmp and /dev are there already (ch-run binds the host's)."""
+    image = Path(spec.image)
+    if spec.runtime != "charliecloud" or not image.is_dir():
+        return []
+    return [p for p in spec.bind_paths()
+            if not any(_inside(PurePosixPath(p), PurePosixPath(d)) or p == d for d in CH_HOST_DIRS)
+            and not (image / p.lstrip("/")).is_dir()]
+
+
+def check_mount_points(spec: ContainerSpec) -> None:
+    missing = missing_mount_points(spec)
+    if missing:
+        raise SiteError(f"container image {spec.image} has no mount point for {', '.join(missing)}",
+                        "create them in the image (mkdir -p IMAGE/PATH) or bind a parent directory "
+                        "that exists in it via [container] binds")
 
 
 def check_binds(spec: ContainerSpec) -> None:
@@ -84,7 +118,7 @@ def apptainer_argv(spec: ContainerSpec, cmd: Command, workdir: Path) -> list[str
 def charliecloud_argv(spec: ContainerSpec, cmd: Command, workdir: Path) -> list[str]:
     """``ch-run --unset-env='*' --set-env=K=V ... -b P:P ... --cd=WORKDIR IMAGE -- argv...``."""
     argv = [spec.executable, "--unset-env=*"]
-    for key, value in sorted(container_env(spec, cmd).items()):
+    for key, value in sorted({"PATH": IMAGE_PATH, **container_env(spec, cmd)}.items()):
         argv.append(f"--set-env={key}={value}")
     for path in spec.bind_paths():
         argv += ["-b", f"{path}:{path}"]
@@ -103,6 +137,8 @@ def make_launcher(spec: ContainerSpec) -> Launcher:
     except KeyError:
         raise SiteError(f"container runtime {spec.runtime!r} has no launcher",
                         f"use one of {', '.join(BUILDERS)} or none") from None
+    check_mount_points(spec)
+
     def launch(cmd: Command, workdir: Path) -> list[str]:
         check_binds(spec)
         return build(spec, cmd, workdir)
@@ -110,11 +146,12 @@ def make_launcher(spec: ContainerSpec) -> Launcher:
 
 
 def spec_for(runtime: str, image: str | None, executable: str | None, site_binds: Sequence[str],
-             workdir: Path, scratch: Path, catalog_dir: str | None, tmpdir: Path) -> ContainerSpec:
+             workdir: Path, scratch: Path, catalog_dir: str | None, tmpdir: Path,
+             site_env: Mapping[str, str] | None = None) -> ContainerSpec:
     """The container of one stage job: the field, its scratch and catalogues bound, TMPDIR set."""
     if not image:
         raise SiteError(f"container runtime {runtime} needs an image", "set [container] image")
     binds = [str(workdir), str(scratch), *([catalog_dir] if catalog_dir else []), *site_binds]
     return ContainerSpec(runtime=runtime, image=image,
                          executable=executable or default_executable(runtime),
-                         binds=tuple(binds), env={"TMPDIR": str(tmpdir)})
+                         binds=tuple(binds), env={**(site_env or {}), "TMPDIR": str(tmpdir)})

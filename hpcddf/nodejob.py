@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import signal
 import socket
 import sys
@@ -121,7 +122,7 @@ class StageJob(submitit.helpers.Checkpointable):
         tmp.mkdir(parents=True, exist_ok=True)
         catalog = str(self.site.catalog_dir) if self.site.catalog_dir else None
         return make_launcher(spec_for(c.runtime, c.image, c.executable, c.binds, workdir, scratch,
-                                      catalog, tmp))
+                                      catalog, tmp, c.env))
 
     def _deadline(self) -> tuple[float, float]:
         """When the stage must be between steps, and how long a whole attempt has.
@@ -232,7 +233,9 @@ def science_env() -> dict[str, str]:
     programs of hpcddf's own environment first on PATH (without a container they live there)."""
     bindir = str(Path(sys.executable).parent)
     return {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "PATH": os.pathsep.join([bindir, os.environ.get("PATH", "/usr/bin:/bin")])}
+            "PATH": os.pathsep.join([bindir, os.environ.get("PATH", "/usr/bin:/bin")]),
+            # ch-run refuses to start without USER, which batch jobs do not always carry.
+            "USER": os.environ.get("USER") or pwd.getpwuid(os.getuid()).pw_name}
 
 
 def _log_to(path: Path) -> None:

@@ -70,6 +70,9 @@ class ContainerSection:
     executable: str | None = None
     image: str | None = None
     binds: list[str] = field(default_factory=list)
+    # Variables the site passes into every container (licence servers, PYTHONPATH, ...): the
+    # container starts from a clean environment, so nothing else from the job's leaks in.
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

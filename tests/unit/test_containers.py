@@ -53,7 +53,8 @@ def test_singularity_and_a_full_path_executable(node):
 def test_charliecloud_argv(node):
     r = str(node)
     argv = make_launcher(spec(node, "charliecloud"))(CMD, node / "fields/L1")
-    assert argv == ["ch-run", "--unset-env=*", *[f"--set-env={e}" for e in env(node)],
+    path = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    assert argv == ["ch-run", "--unset-env=*", *[f"--set-env={e}" for e in sorted([*env(node), path])],
                     "-b", f"{r}/fields/L1:{r}/fields/L1", "-b", f"{r}/scratch/L1.42:{r}/scratch/L1.42",
                     "-b", f"{r}/catalogs:{r}/catalogs", "-b", f"{r}/project/cats:{r}/project/cats",
                     "-b", "/dev/shm:/dev/shm", f"--cd={r}/fields/L1", "/images/hpcddf.sif", "--",
@@ -80,3 +81,31 @@ def test_bad_runtime_or_missing_image_is_a_clear_error():
     with pytest.raises(SiteError, match="needs an image"):
         spec_for("apptainer", None, None, [], Path("/f"), Path("/s"), None, Path("/s/tmp"))
     assert default_executable("charliecloud") == "ch-run"
+
+
+def test_site_env_reaches_the_container_but_tmpdir_stays_on_scratch(node):
+    s = spec_for("charliecloud", "/img", None, [], node / "fields/L1", node / "scratch/L1.42",
+                 None, node / "scratch/L1.42/tmp",
+                 {"PYTHONPATH": "/opt/src", "PATH": "/opt/bin:/usr/bin", "TMPDIR": "/host/tmp"})
+    argv = make_launcher(s)(CMD, node / "fields/L1")
+    assert "--set-env=PYTHONPATH=/opt/src" in argv and "--set-env=PATH=/opt/bin:/usr/bin" in argv
+    assert f"--set-env=TMPDIR={node}/scratch/L1.42/tmp" in argv
+    assert not any(a.startswith("--set-env=PATH=/usr/local") or "/host/tmp" in a for a in argv)
+
+
+def test_a_bind_inside_another_bind_is_covered_by_it(node):
+    s = spec_for("apptainer", "/img", None, [str(node)], node / "fields/L1", node / "scratch/L1.42",
+                 str(node / "catalogs"), node / "scratch/L1.42/tmp")
+    assert s.bind_paths() == [str(node), "/dev/shm"]
+
+
+def test_a_charliecloud_image_without_a_mount_point_is_refused_before_running(node):
+    image = node / "image"
+    (image / "project").mkdir(parents=True)
+    ok = ContainerSpec("charliecloud", str(image), "ch-run", binds=("/project", "/tmp/x/field"))
+    make_launcher(ok)  # /project is in the image, /tmp is the host's inside ch-run
+    bad = ContainerSpec("charliecloud", str(image), "ch-run", binds=("/project", "/work/L1"))
+    with pytest.raises(SiteError, match="no mount point for /work/L1"):
+        make_launcher(bad)
+    # Apptainer creates its mount points itself
+    make_launcher(ContainerSpec("apptainer", str(image), "apptainer", binds=("/work/L1",)))
