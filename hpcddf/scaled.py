@@ -59,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--fail-times", type=int, default=0, help="fail only the first N runs (0: always)")
     ap.add_argument("--count-file", help="where runs are counted for --fail-times")
     a = ap.parse_args(argv)
-    print(f"scaled step {a.step}: pid {os.getpid()}, sleeping {a.seconds} s", flush=True)
+    print(f"scaled step {a.step}: pid {os.getpid()}, python {sys.executable}, "
+          f"sleeping {a.seconds} s", flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if a.fail:
