@@ -93,10 +93,11 @@ def _toml(v: Any) -> str:
     return str(v)
 
 
-def status_table(states: Sequence[dict[str, Any]]) -> Table:
+def status_table(states: Sequence[dict[str, Any]], title: str = "fields") -> Table:
     stale = next((st["stale"] for st in states if st.get("stale")), None)
-    t = Table(title="fields" + (f" — {stale}" if stale else ""))
-    for col in ("field", "stage", "job", "state", "attempts", "elapsed", "node-hours", "note"):
+    t = Table(title=title + (f" — {stale}" if stale else ""))
+    first_col, second_col = ("field", "stage") if title == "fields" else ("centre", "product")
+    for col in (first_col, second_col, "job", "state", "attempts", "elapsed", "node-hours", "note"):
         t.add_column(col, overflow="fold")
     for st in states:
         stages = st.get("stages") or {}

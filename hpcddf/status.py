@@ -30,6 +30,20 @@ def collect_status(site: Site, field_ids: Sequence[str] = (),
     return states
 
 
+def collect_mosaic_status(site: Site, work_root: Path | None = None) -> list[dict[str, Any]]:
+    """States of the mosaics under the work root (``<work_root>/mosaics/<centre>``)."""
+    from hpcddf.mosaicjobs import find_mosaics
+    root = work_root if work_root is not None else site.work_root
+    states = []
+    for d in find_mosaics(root):
+        st = read_state(d) or empty_state(d.name)
+        st["field"] = d.name
+        states.append(st)
+    if site.scheduler == "slurm" and states:
+        _add_scheduler_states(states)
+    return states
+
+
 def _add_scheduler_states(states: list[dict[str, Any]]) -> None:
     """One squeue (+ sacct) call for every job of every field shown."""
     from hpcddf.slurm_query import query_jobs

@@ -1,0 +1,144 @@
+"""Mosaics as ONE Slurm array on the real local cluster, each task waiting only for the
+neighbours still being reduced; and the same mosaic on the local default.
+
+The reduced fields are synthetic final images (hpcddf.survey_sim) written where a reduction
+leaves them; the fields "being reduced" are real scaled-pipeline chains on the same cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from hpcddf.mosaic import PRODUCTS
+from hpcddf.pointings import neighbourhood
+from hpcddf.state import read_state as read_dir_state
+from hpcddf.survey_sim import FieldSpec, SkySource, hex_grid, write_field
+
+from .conftest import hpcddf, read_state, wait_for
+
+SPEC = FieldSpec(cell_arcsec=1.5, resolution_arcsec=6.0, npix=576, pb_fwhm_deg=0.15, noise=1e-3)
+SPACING = 0.1
+FULL = PRODUCTS["full"]
+
+
+def write_survey(work: Path, pts, skip=()) -> list[SkySource]:
+    """Final images of every pointing but ``skip`` in its field directory, one source at each centre."""
+    sources = [SkySource(p.ra, p.dec, 0.5) for p in pts]
+    for i, p in enumerate(pts):
+        if p.id not in skip:
+            write_field(work / p.id, p, SPEC, sources, FULL.int_image, FULL.app_image, seed=i)
+    return sources
+
+
+def pointings_csv(path: Path, pts) -> Path:
+    path.write_text("id,ra,dec\n" + "".join(f"{p.id},{p.ra!r},{p.dec!r}\n" for p in pts))
+    return path
+
+
+def mosaic_state(work: Path, centre: str) -> dict:
+    st = read_dir_state(work / "mosaics" / centre) or {"stages": {}}
+    return st["stages"].get("full", {})
+
+
+def test_local_mosaic_makes_products_and_is_skipped_when_done(tmp_path):
+    pts = hex_grid(210.0, 54.0, SPACING, 1, prefix="F")
+    work = tmp_path / "work"
+    write_survey(work, pts)
+    table = pointings_csv(tmp_path / "pointings.csv", pts)
+    out = hpcddf("mosaic", "F000", "--local", "--pointings", str(table), "--work-root", str(work),
+                 "--cpus", "2", timeout=300)
+    assert "F000-full" in out.stdout
+    d = work / "mosaics" / "F000"
+    with fits.open(d / "F000-full-mosaic.fits") as h:
+        data = h[0].data
+        assert h[0].header["BMAJ"] == pytest.approx(6 / 3600) and h[0].header["OBJECT"] == "F000-full"
+    n = data.shape[0]
+    assert abs(data[n // 2 - 3:n // 2 + 4, n // 2 - 3:n // 2 + 4].max() - 0.5) < 0.03  # the centre source
+    assert (d / "F000-full-mosaic-weights.fits").is_file() and (d / "F000-full-mosaic.png").is_file()
+    assert mosaic_state(work, "F000")["state"] == "done"
+    again = hpcddf("mosaic", "F000", "--local", "--pointings", str(table), "--work-root", str(work), "--json")
+    assert json.loads(again.stdout)["done"] == ["F000-full"]
+    status = json.loads(hpcddf("status", "--work-root", str(work), "--json").stdout)
+    assert [s["field"] for s in status if s.get("kind") == "mosaic"] == ["F000"]
+
+
+def test_missing_neighbours_block_a_mosaic_with_the_fix(tmp_path):
+    pts = hex_grid(210.0, 54.0, SPACING, 1, prefix="F")
+    work = tmp_path / "work"
+    write_survey(work, pts, skip={"F004"})
+    table = pointings_csv(tmp_path / "pointings.csv", pts)
+    out = hpcddf("mosaic", "F000", "--local", "--pointings", str(table), "--work-root", str(work))
+    assert "not queued, needs F004" in out.stdout and not (work / "mosaics" / "F000").exists()
+    out = hpcddf("mosaic", "F000", "--local", "--pointings", str(table), "--work-root", str(work),
+                 "--allow-missing", "--json", "--dry-run")
+    planned = json.loads(out.stdout)["to_submit"][0]
+    assert planned["dropped"] == ["F004"] and "F004" not in planned["inputs"]
+    bad = hpcddf("mosaic", "F999", "--local", "--pointings", str(table), check=False)
+    assert bad.returncode != 0 and "F999 is not in the pointings table" in bad.stderr
+
+
+def _pick_centres(pts, x: str, y: str) -> tuple[str, str, str]:
+    """A centre needing x but not y, one needing y but not x, one needing neither."""
+    hoods = {p.id: set(neighbourhood(p, pts).ids) for p in pts}
+    a = next(c for c, ids in hoods.items() if x in ids and y not in ids and c not in (x, y))
+    c = next(c for c, ids in hoods.items() if y in ids and x not in ids and c not in (x, y))
+    b = next(c for c, ids in hoods.items() if not ids & {x, y})
+    return a, c, b
+
+
+@pytest.mark.slurm
+def test_one_array_each_task_waits_only_for_its_own_neighbours(slurm_site, tmp_path):
+    site = slurm_site(walltime="10")
+    work = tmp_path / "work"
+    pts = hex_grid(210.0, 54.0, SPACING, 2, prefix="F")
+    x, y = pts[1].id, pts[4].id          # opposite sides of the centre
+    a, c, b = _pick_centres(pts, x, y)
+    write_survey(work, pts, skip={x, y})
+    table = pointings_csv(tmp_path / "pointings.csv", pts)
+    # x is being reduced (and will succeed), y too (and will fail)
+    sub_x = hpcddf("submit", x, "--site-file", str(site), "--pipeline", "scaled", "--pipeline-opt", "seconds=3",
+                   "--control-exitafter=dirin", "--json")
+    x_jobs = json.loads(sub_x.stdout)["fields"][x]["jobs"]
+    hpcddf("submit", y, "--site-file", str(site), "--pipeline", "scaled", "--pipeline-opt", "seconds=3",
+           "--pipeline-opt", "fail=cluster", "--control-exitafter=dirin")
+    out = hpcddf("mosaic", a, b, c, "--site-file", str(site), "--pointings", str(table), "--cpus", "1",
+                 "--mem-gb", "1", "--walltime", "5", "--no-preview", "--json")
+    doc = json.loads(out.stdout)
+    jobs = doc["jobs"]
+    assert set(jobs) == {f"{a}-full", f"{b}-full", f"{c}-full"}
+    assert len({j.split("_")[0] for j in jobs.values()}) == 1, "the mosaics must be ONE array"
+    waits = {m["mosaic"]: m["waits_for"] for m in doc["to_submit"]}
+    assert waits[f"{a}-full"] == {x: x_jobs["dirin"]} and waits[f"{b}-full"] == {}
+    deps = subprocess.run(["squeue", "-h", "-r", "-j", jobs[f"{a}-full"], "-o", "%E"],
+                          capture_output=True, text=True).stdout
+    assert x_jobs["dirin"] in deps
+
+    # b needs nobody: it is made while x is still being reduced and a still waits
+    wait_for(lambda: mosaic_state(work, b).get("state") == "done", 180, f"mosaic {b}")
+    assert read_state(work, x)["stages"]["dirin"]["state"] != "done"
+    assert mosaic_state(work, a).get("state") == "queued"
+    # x's final images appear as its reduction ends; a runs only after that
+    write_field(work / x, next(p for p in pts if p.id == x), SPEC, [], FULL.int_image, FULL.app_image, seed=99)
+    wait_for(lambda: mosaic_state(work, a).get("state") == "done", 300, f"mosaic {a} after {x}")
+    x_done = read_state(work, x)["stages"]["dirin"]
+    assert x_done["state"] == "done"
+    assert mosaic_state(work, a)["started"] >= x_done["ended"]
+    # y failed: the mosaic that needs it is cancelled by Slurm, not left pending for ever
+    wait_for(lambda: read_state(work, y)["stages"]["dirin"]["state"] == "failed", 180, f"{y} to fail")
+    shown = wait_for(lambda: [s for s in json.loads(hpcddf("status", "--site-file", str(site), "--mosaics",
+                                                           "--json").stdout)
+                              if s["field"] == c and s["stages"]["full"]["state"] == "cancelled"],
+                     120, f"mosaic {c} to be cancelled")
+    assert shown[0]["kind"] == "mosaic"
+    a_img = fits.getdata(work / "mosaics" / a / f"{a}-full-mosaic.fits")
+    assert np.isfinite(a_img).any()
+    # submitting again skips what is done and what Slurm cancelled is resubmittable
+    again = json.loads(hpcddf("mosaic", a, b, "--site-file", str(site), "--pointings", str(table),
+                              "--json", "--dry-run").stdout)
+    assert sorted(again["done"]) == sorted([f"{a}-full", f"{b}-full"])
