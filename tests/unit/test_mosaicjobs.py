@@ -1,0 +1,92 @@
+"""Planning mosaics from field states on the local site (the Slurm array is tested for real in
+tests/integration/test_mosaic_array.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hpcddf.mosaic import PRODUCTS
+from hpcddf.mosaicjobs import MosaicPlanError, parse_assignments, plan_mosaics
+from hpcddf.sites import load_site
+from hpcddf.survey_sim import hex_grid
+
+FULL = PRODUCTS["full"]
+
+
+@pytest.fixture
+def survey(tmp_path):
+    pts = hex_grid(100.0, 40.0, 1.0, 1, prefix="L")
+    work = tmp_path / "work"
+    return pts, work, load_site("local", None)
+
+
+def reduce(work, *ids, product=FULL):
+    """Mark fields reduced: their final images exist (planning looks at nothing else)."""
+    for fid in ids:
+        (work / fid).mkdir(parents=True, exist_ok=True)
+        (work / fid / product.int_image).write_bytes(b"")
+        (work / fid / product.app_image).write_bytes(b"")
+
+
+def test_all_neighbours_reduced_gives_one_task_with_their_images(survey):
+    pts, work, site = survey
+    reduce(work, *[p.id for p in pts])
+    plan = plan_mosaics(site, pts, pts[:1], ["full"], work)
+    (task,) = plan.tasks
+    assert task.name == "L000-full" and sorted(task.input_names()) == [p.id for p in pts]
+    assert task.inputs[0].int_path == str(work / "L000" / FULL.int_image)
+    assert task.outdir == str(work / "mosaics" / "L000") and not task.depends
+
+
+def test_unreduced_neighbours_block_unless_allowed_or_excluded(survey):
+    pts, work, site = survey
+    reduce(work, *[p.id for p in pts if p.id != "L003"])
+    plan = plan_mosaics(site, pts, pts[:1], ["full"], work)
+    assert not plan.tasks and plan.blocked == {"L000-full": ["L003"]}
+    allowed = plan_mosaics(site, pts, pts[:1], ["full"], work, allow_missing=True).tasks[0]
+    assert "L003" not in allowed.input_names() and allowed.dropped == ("L003",)
+    excluded = plan_mosaics(site, pts, pts[:1], ["full"], work, exclude=["L003"]).tasks[0]
+    assert "L003" not in excluded.input_names() and excluded.dropped == ()
+    # a centre that is not reduced itself is never mosaicked, even with --allow-missing
+    assert plan_mosaics(site, pts, [pts[3]], ["full"], work, allow_missing=True).blocked
+
+
+def test_a_done_mosaic_is_skipped_until_its_inputs_change(survey):
+    pts, work, site = survey
+    reduce(work, *[p.id for p in pts if p.id != "L003"])
+    task = plan_mosaics(site, pts, pts[:1], ["full"], work, allow_missing=True).tasks[0]
+    task.path("mosaic").parent.mkdir(parents=True)
+    task.path("mosaic").write_bytes(b"")
+    task.marker().parent.mkdir(parents=True)
+    task.marker().write_text(json.dumps({"inputs": task.input_names()}))
+    assert plan_mosaics(site, pts, pts[:1], ["full"], work, allow_missing=True).done == ["L000-full"]
+    assert plan_mosaics(site, pts, pts[:1], ["full"], work, allow_missing=True, force=True).tasks
+    reduce(work, "L003")  # the missing neighbour is reduced now: the mosaic is made again with it
+    again = plan_mosaics(site, pts, pts[:1], ["full"], work)
+    assert again.tasks and "L003" in again.tasks[0].input_names()
+
+
+def test_scales_noises_and_products_are_checked(survey):
+    pts, work, site = survey
+    reduce(work, *[p.id for p in pts])
+    assert parse_assignments(["L001=1.05", "L002=0.9"], "--scale") == {"L001": 1.05, "L002": 0.9}
+    for bad in ("L001", "L001=x", "L001=-1", "=2"):
+        with pytest.raises(MosaicPlanError, match="FIELD=POSITIVE_NUMBER"):
+            parse_assignments([bad], "--scale")
+    with pytest.raises(MosaicPlanError, match="L999, which is not in the pointings table"):
+        plan_mosaics(site, pts, pts[:1], ["full"], work, scales={"L999": 1.1})
+    with pytest.raises(MosaicPlanError, match="product 'mid' is unknown"):
+        plan_mosaics(site, pts, pts[:1], ["mid"], work)
+    task = plan_mosaics(site, pts, pts[:1], ["full"], work, scales={"L001": 1.2}, noises={"L002": 2e-4}).tasks[0]
+    by = {i.name: i for i in task.inputs}
+    assert by["L001"].scale == 1.2 and by["L002"].noise == 2e-4 and by["L003"].scale == 1.0
+
+
+def test_unsafe_ids_are_refused(survey):
+    pts, work, site = survey
+    from hpcddf.pointings import Pointing
+    bad = [*pts, Pointing("../etc", 100.5, 40.5)]
+    with pytest.raises(MosaicPlanError, match="cannot name a directory"):
+        plan_mosaics(site, bad, pts[:1], ["full"], work)
