@@ -261,9 +261,12 @@ class MosaicJob(submitit.helpers.Checkpointable):
 def write_catalogue(mosaic: Path, out: Path) -> None:
     """A PyBDSF source list of the mosaic (FITS), written atomically."""
     import bdsf
+    from astropy.io import fits
+
     from hpcddf.atomic import atomic_path
+    freq = float(fits.getheader(mosaic).get("RESTFRQ", 144e6))  # bdsf wants one; the mosaic has no FREQ axis
     img = bdsf.process_image(str(mosaic), thresh_isl=3.0, thresh_pix=5.0, adaptive_rms_box=True,
-                             quiet=True, output_opts=False)
+                             frequency=freq, quiet=True, output_opts=False)
     with atomic_path(out) as tmp:
         img.write_catalog(outfile=str(tmp), format="fits", catalog_type="srl", clobber=True)
 

@@ -52,7 +52,7 @@ def test_local_mosaic_makes_products_and_is_skipped_when_done(tmp_path):
     write_survey(work, pts)
     table = pointings_csv(tmp_path / "pointings.csv", pts)
     out = hpcddf("mosaic", "F000", "--local", "--pointings", str(table), "--work-root", str(work),
-                 "--cpus", "2", timeout=300)
+                 "--cpus", "2", "--catalogue", timeout=300)
     assert "F000-full" in out.stdout
     d = work / "mosaics" / "F000"
     with fits.open(d / "F000-full-mosaic.fits") as h:
@@ -62,6 +62,10 @@ def test_local_mosaic_makes_products_and_is_skipped_when_done(tmp_path):
     assert abs(data[n // 2 - 3:n // 2 + 4, n // 2 - 3:n // 2 + 4].max() - 0.5) < 0.03  # the centre source
     assert (d / "F000-full-mosaic-weights.fits").is_file() and (d / "F000-full-mosaic.png").is_file()
     assert mosaic_state(work, "F000")["state"] == "done"
+    from astropy.table import Table
+    cat = Table.read(d / "F000-full-mosaic.srl.fits")
+    central = [r for r in cat if abs(r["RA"] - pts[0].ra) < 0.002 and abs(r["DEC"] - pts[0].dec) < 0.002]
+    assert len(central) == 1 and central[0]["Total_flux"] == pytest.approx(0.5, rel=0.05)
     again = hpcddf("mosaic", "F000", "--local", "--pointings", str(table), "--work-root", str(work), "--json")
     assert json.loads(again.stdout)["done"] == ["F000-full"]
     status = json.loads(hpcddf("status", "--work-root", str(work), "--json").stdout)
