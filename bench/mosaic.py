@@ -107,7 +107,7 @@ def traced(fn, *args) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    ap.add_argument("--block", type=int, default=256)
+    ap.add_argument("--block", type=int, default=0, help="0: hpcddf's choice from the memory budget")
     ap.add_argument("--cell", type=float, default=4.5)
     ap.add_argument("--res", type=float, default=20.0)
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "hpcddf-bench-mosaic")
@@ -117,7 +117,7 @@ def main() -> None:
     header = output_header("P000-low", pts[0].ra, pts[0].dec, nb.max_separation, a.cell, a.res)
     out_bytes = header["NAXIS1"] * header["NAXIS2"] * 4
     print(f"{len(inputs)} fields of {fits.getheader(inputs[0].int_path)['NAXIS1']}^2 px -> mosaic "
-          f"{header['NAXIS1']}^2 px ({out_bytes / 1e6:.1f} MB float32); {a.workers} workers, block {a.block}",
+          f"{header['NAXIS1']}^2 px ({out_bytes / 1e6:.1f} MB float32); {a.workers} workers, block {a.block or 'auto'}",
           flush=True)
     outdir = a.cache / "out"
     outdir.mkdir(parents=True, exist_ok=True)
@@ -140,6 +140,7 @@ def main() -> None:
     diff = float(np.max(np.abs(m_ours[both] - m_base[both]))) if both.any() else math.nan
     rms = float(np.median(list(res.noise.values())))
     print(f"blocks computed {res.blocks_computed}/{res.blocks_total}, (block, field) pairs {res.input_blocks}")
+    print("hpcddf peak by phase: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in res.peak_phases.items()))
     print(f"peak traced memory: hpcddf {peak_ours / 1e6:.1f} MB, baseline {peak_base / 1e6:.1f} MB; "
           f"output {out_bytes / 1e6:.1f} MB")
     print(f"max |hpcddf - baseline| where both defined: {diff:.3g} Jy/beam ({diff / rms:.2f} x field noise)")

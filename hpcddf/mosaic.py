@@ -51,6 +51,8 @@ HALF_SIZE_FACTOR = 1.15   # the mosaic reaches 1.15 x half the largest neighbour
 EDGE_SAMPLES = 16         # points per block edge mapped into an input to find its cutout
 CUTOUT_MARGIN = 3         # pixels: bilinear needs 1, the 3x3 median 1 more, 1 spare
 ROWS_PER_WRITE = 512
+ROWS_PER_STEP = 128       # row chunks of whole-mosaic passes: temporaries stay small
+BLOCK_BYTES_PER_PIXEL = 200  # measured: a worker's temporaries per output pixel of its block
 
 
 class MosaicError(HpcddfError):
@@ -92,7 +94,7 @@ class MosaicInput:
 class MosaicOptions:
     beamcut: float = 0.3
     method: str = "bilinear"       # or "exact"
-    block: int = 512
+    block: int = 0                 # output block side in pixels; 0: from the memory budget
     workers: int = 1
     island_size: int = 20
     noise_box: int = 1000
@@ -108,7 +110,8 @@ class MosaicResult:
     blocks_total: int
     input_blocks: int              # (block, input) pairs reprojected
     warnings: list[str] = field(default_factory=list)
-    peak_bytes: int | None = None  # parent + every worker, when measured
+    peak_bytes: int | None = None  # the largest of: noise, blocks (parent + workers), finishing
+    peak_phases: dict[str, int] = field(default_factory=dict)
     output_bytes: int = 0
 
 
@@ -168,7 +171,7 @@ def clipped_rms(data: np.ndarray, box: int = 1000) -> float:
     from astropy.stats import sigma_clip
     ny, nx = data.shape
     y0, x0 = max(0, ny // 2 - box // 2), max(0, nx // 2 - box // 2)
-    x = np.asarray(data[y0:y0 + box, x0:x0 + box], dtype=np.float64)
+    x = np.asarray(data[y0:y0 + box, x0:x0 + box], dtype=np.float32)
     x = x[np.isfinite(x)]
     if x.size < 10:
         raise MosaicError("the central box of the image has no finite pixels",
@@ -176,7 +179,7 @@ def clipped_rms(data: np.ndarray, box: int = 1000) -> float:
     def zero(a: np.ndarray, axis: Any = None) -> float:
         return 0.0
     def rms(a: np.ndarray, axis: Any = None) -> float:
-        return float(np.sqrt(np.mean(np.square(a))))
+        return float(np.sqrt(np.mean(np.square(a, dtype=np.float64))))
     kept = sigma_clip(x, sigma=5.0, maxiters=None, cenfunc=zero, stdfunc=rms, masked=False)
     value = rms(kept)
     if not value > 0:
@@ -229,6 +232,13 @@ def blocks(shape: tuple[int, int], size: int) -> Iterator[tuple[int, int, int, i
             yield y0, min(ny, y0 + size), x0, min(nx, x0 + size)
 
 
+def auto_block(out_pixels: int, workers: int) -> int:
+    """Block side keeping all workers' temporaries within half the size of one float32 mosaic
+    (bench/mosaic.py: 256 px blocks cost a worker about 13 MB), between 64 and 512 px."""
+    side = math.sqrt(0.5 * out_pixels * 4 / (BLOCK_BYTES_PER_PIXEL * max(1, workers)))
+    return int(min(512, max(64, side)))
+
+
 def block_in_circle(box: tuple[int, int, int, int], centre: tuple[float, float], radius: float) -> bool:
     """Whether any pixel of the block lies within ``radius`` pixels of ``centre`` (x, y)."""
     y0, y1, x0, x1 = box
@@ -270,11 +280,14 @@ def _open_inputs(inputs: Sequence[MosaicInput], noises: Sequence[float], header_
 
 def _worker_init(inputs: Sequence[MosaicInput], noises: Sequence[float], header_text: str,
                  opts: MosaicOptions) -> None:
-    """A worker process: its own memory count (a forked child inherits the parent's traces)."""
+    """A worker process: its own memory count (a forked child inherits the parent's traces);
+    modules are imported first, so the count is the data's, not the code's."""
+    import reproject  # noqa: F401
+    import scipy.ndimage  # noqa: F401
+    _open_inputs(inputs, noises, header_text, opts)
     if opts.measure_memory:
         tracemalloc.stop()
         tracemalloc.start()
-    _open_inputs(inputs, noises, header_text, opts)
 
 
 def _reproject(stack: np.ndarray, wcs_in: Any, wcs_out: Any, shape: tuple[int, int], method: str) -> np.ndarray:
@@ -397,8 +410,8 @@ def finish_mosaic(isum: np.ndarray, wsum: np.ndarray, centre: tuple[float, float
     """isum becomes the mosaic in place: isum/wsum, NaN where no weight or outside the circle."""
     cx, cy = centre
     x = np.arange(isum.shape[1], dtype=np.float64)
-    for y in range(0, isum.shape[0], ROWS_PER_WRITE):
-        rows = slice(y, y + ROWS_PER_WRITE)
+    for y in range(0, isum.shape[0], ROWS_PER_STEP):
+        rows = slice(y, y + ROWS_PER_STEP)
         w = wsum[rows]
         yy = np.arange(y, y + w.shape[0], dtype=np.float64)[:, None]
         outside = (x[None, :] - cx) ** 2 + (yy - cy) ** 2 > radius * radius
@@ -408,20 +421,28 @@ def finish_mosaic(isum: np.ndarray, wsum: np.ndarray, centre: tuple[float, float
 
 
 def remove_islands(data: np.ndarray, size: int) -> int:
-    """Blank isolated islands of at most ``size`` finite pixels (4-connected); how many pixels."""
+    """Blank isolated islands of at most ``size`` finite pixels (4-connected); how many pixels.
+
+    Memory: one int32 label image; each small island is blanked inside its own bounding box
+    (an index array over the whole image would be int64, 2x the mosaic)."""
     if size <= 0:
         return 0
     from scipy import ndimage
-    labels, n = ndimage.label(np.isfinite(data))
+    labels = np.empty(data.shape, dtype=np.int32)
+    n = ndimage.label(np.isfinite(data), output=labels)
     if n == 0:
         return 0
-    counts = np.bincount(labels.ravel())
-    small = counts <= size
-    small[0] = False
-    blank = small[labels]
-    del labels
-    data[blank] = np.nan
-    return int(blank.sum())
+    blanked = 0
+    for k, where in enumerate(ndimage.find_objects(labels), start=1):
+        # a 4-connected island spans at most (pixels) rows + columns - 1: larger boxes are big
+        # islands (no np.bincount: it would copy the labels as int64)
+        if where is None or (where[0].stop - where[0].start) + (where[1].stop - where[1].start) - 1 > size:
+            continue
+        island = labels[where] == k
+        if island.sum() <= size:
+            data[where][island] = np.nan
+            blanked += int(island.sum())
+    return blanked
 
 
 def make_mosaic(inputs: Sequence[MosaicInput], header: Any, out_path: str | Path,
@@ -431,17 +452,30 @@ def make_mosaic(inputs: Sequence[MosaicInput], header: Any, out_path: str | Path
         raise MosaicError("a mosaic needs at least one input image", "check the neighbours' products")
     if opts.method not in ("bilinear", "exact"):
         raise MosaicError(f"reprojection {opts.method!r} is unknown", "use bilinear or exact")
+    phases: list[int] = []
+
+    def phase_peak() -> int:
+        """Peak traced memory since the last call (this process)."""
+        if not opts.measure_memory:
+            return 0
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        return peak
+
     if opts.measure_memory:
         tracemalloc.start()
     noises = measure_noise(inputs, opts.noise_box)
+    phases.append(phase_peak())
     shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
     centre = (header["CRPIX1"] - 1.0, header["CRPIX2"] - 1.0)
     radius = shape[1] / 2.0
-    all_blocks = list(blocks(shape, opts.block))
+    all_blocks = list(blocks(shape, opts.block or auto_block(shape[0] * shape[1], opts.workers)))
     todo = [b for b in all_blocks if block_in_circle(b, centre, radius)]
     isum = np.zeros(shape, dtype=np.float32)
     wsum = np.zeros(shape, dtype=np.float32)
     pairs, peaks = _run_blocks(todo, inputs, noises, header, opts, isum, wsum)
+    # the workers run while the parent holds the sums: their peaks add to the parent's
+    phases.append(phase_peak() + sum(v for pid, v in peaks.items() if pid != os.getpid()))
     head = header.copy()
     head["HISTORY"] = f"hpcddf {__version__} mosaic of {len(inputs)} fields, beamcut {opts.beamcut}, {opts.method}"
     for inp, noise in zip(inputs, noises):
@@ -459,11 +493,12 @@ def make_mosaic(inputs: Sequence[MosaicInput], header: Any, out_path: str | Path
     _write_streamed(Path(out_path), head, isum)
     peak = None
     if opts.measure_memory:
-        peaks[os.getpid()] = max(peaks.get(os.getpid(), 0), tracemalloc.get_traced_memory()[1])
+        phases.append(phase_peak())
         tracemalloc.stop()
-        peak = sum(peaks.values())
+        peak = max(phases)
     return MosaicResult(str(out_path), str(weight_path), {i.name: n for i, n in zip(inputs, noises)},
-                        len(todo), len(all_blocks), pairs, warnings, peak, isum.nbytes)
+                        len(todo), len(all_blocks), pairs, warnings, peak_bytes=peak,
+                        output_bytes=isum.nbytes, peak_phases=dict(zip(("noise", "blocks", "finish"), phases)))
 
 
 def write_preview(mosaic_path: str | Path, png_path: str | Path, max_pixels: int = 1500) -> None:
