@@ -1,0 +1,60 @@
+"""Per-facet astrometric offsets on synthetic catalogues with known truth: injected offsets and
+a chance-match background are recovered within the fitted errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hpcddf.offsets import (R_ARCSEC, applied_offsets, fit_facets, pair_separations)
+
+SHIFTS = {0: (1.2, -0.8), 1: (-0.5, 0.4), 2: (0.0, 1.5), 3: (2.0, 0.3)}  # LOFAR minus truth, arcsec
+
+
+def synthetic(seed: int = 0, per_facet: int = 150, chance_per_disc: float = 25.0):
+    """Four 1000" facets side by side; reference = true positions + a uniform background."""
+    rng = np.random.default_rng(seed)
+    lofar, facet, ref = [], [], []
+    for f, (sx, sy) in SHIFTS.items():
+        x0 = f * 1000.0
+        true = np.column_stack([rng.uniform(x0, x0 + 1000, per_facet), rng.uniform(0, 1000, per_facet)])
+        lofar.append(true + [sx, sy] + rng.normal(0, 1.0, true.shape))
+        facet.append(np.full(per_facet, f))
+        ref.append(true + rng.normal(0, 0.2, true.shape))
+    density = chance_per_disc / (np.pi * R_ARCSEC ** 2)
+    area = 4000.0 * 1000.0
+    n_bg = rng.poisson(density * area)
+    ref.append(np.column_stack([rng.uniform(0, 4000, n_bg), rng.uniform(0, 1000, n_bg)]))
+    return np.concatenate(lofar), np.concatenate(facet), np.concatenate(ref)
+
+
+def test_pairs_are_every_reference_source_within_the_radius():
+    lofar = np.array([[0.0, 0.0]])
+    ref = np.array([[10.0, 0.0], [0.0, -59.0], [61.0, 0.0], [42.0, 43.0]])
+    dx, dy = pair_separations(lofar, ref)
+    assert sorted(zip(dx.tolist(), dy.tolist())) == [(0.0, -59.0), (10.0, 0.0)]
+
+
+@pytest.mark.parametrize("method", ["mcmc", "chi2"])
+def test_injected_offsets_are_recovered_within_errors(method):
+    lofar, facet, ref = synthetic(seed=1)
+    fits_ = fit_facets(lofar, facet, ref, sorted(SHIFTS), method=method, seed=2)
+    for f in fits_:
+        sx, sy = SHIFTS[f.facet]
+        # the fitted offset is reference minus LOFAR: the correction, minus the injected shift
+        assert abs(f.ra.offset + sx) < 3 * f.ra.offset_err + 0.05, (f.facet, f.ra)
+        assert abs(f.dec.offset + sy) < 3 * f.dec.offset_err + 0.05, (f.facet, f.dec)
+        assert f.ra.offset_err < 0.3 and not f.bad
+        assert f.ra.sigma == pytest.approx(1.02, abs=0.3)  # LOFAR 1" and reference 0.2" scatter
+
+
+def test_a_facet_without_sources_is_flagged_and_takes_the_median_when_applied():
+    lofar, facet, ref = synthetic(seed=3)
+    fits_ = fit_facets(lofar, facet, ref, [0, 1, 2, 3, 7], method="chi2")
+    empty = fits_[-1]
+    assert empty.facet == 7 and empty.bad and empty.ra.offset_err == 100.0
+    applied = applied_offsets(fits_)
+    good = [f for f in fits_ if not f.bad]
+    assert applied[7] == (pytest.approx(float(np.median([f.ra.offset for f in good]))),
+                          pytest.approx(float(np.median([f.dec.offset for f in good]))))
+    assert applied[0] == (fits_[0].ra.offset, fits_[0].dec.offset)
