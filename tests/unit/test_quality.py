@@ -1,0 +1,66 @@
+"""Quality metrics on synthetic catalogues and images with known truth."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from astropy.wcs import WCS
+
+from hpcddf.quality import dynamic_range, flux_ratio, interval, position_offsets
+
+
+def sky(n: int = 400, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    ra = 150.0 + rng.uniform(-1.5, 1.5, n) / math.cos(math.radians(50.0))
+    dec = 50.0 + rng.uniform(-1.5, 1.5, n)
+    return rng, ra, dec
+
+
+def test_interval_brackets_the_mean_like_its_standard_error():
+    rng = np.random.default_rng(1)
+    x = rng.normal(2.0, 1.0, 400)
+    est = interval(x)
+    assert est.value == pytest.approx(x.mean()) and est.n == 400
+    assert (est.hi - est.lo) / 2 == pytest.approx(x.std() / math.sqrt(400), rel=0.15)
+    assert math.isnan(interval(np.array([1.0])).lo)
+
+
+def test_mean_position_offsets_are_recovered_within_their_intervals():
+    rng, ra, dec = sky()
+    true = (1.0, -0.6)  # LOFAR minus catalogue, arcsec
+    cat_ra = ra + rng.normal(0, 0.5, ra.size) / 3600 / np.cos(np.radians(dec))
+    cat_dec = dec + rng.normal(0, 0.5, dec.size) / 3600
+    lofar_ra = cat_ra + (true[0] + rng.normal(0, 0.7, ra.size)) / 3600 / np.cos(np.radians(dec))
+    lofar_dec = cat_dec + (true[1] + rng.normal(0, 0.7, ra.size)) / 3600
+    off = position_offsets(lofar_ra, lofar_dec, cat_ra, cat_dec)
+    for key, t in zip(("dRA", "dDEC"), true):
+        e = off[key]
+        assert e.n > 350
+        assert e.lo - 2 * (e.hi - e.lo) < t < e.hi + 2 * (e.hi - e.lo)
+        assert e.value == pytest.approx(t, abs=0.1)
+
+
+def test_flux_ratio_to_a_catalogue_in_mjy():
+    rng, ra, dec = sky(seed=2)
+    flux = np.exp(rng.uniform(np.log(0.01), np.log(2), ra.size))
+    cat = flux / 0.9 * 1000 * (1 + rng.normal(0, 0.05, ra.size))   # LOFAR scale 0.9, mJy
+    est = flux_ratio(ra, dec, flux, ra, dec, cat, fluxfactor=1000)
+    assert est.value == pytest.approx(0.9, rel=0.01) and est.lo < 0.9 * 1.01 and est.hi > 0.9 * 0.99
+
+
+def test_dynamic_range_is_peak_over_the_worst_nearby_artefact():
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---SIN", "DEC--SIN"]
+    w.wcs.crval = [150.0, 50.0]
+    w.wcs.crpix = [101, 101]
+    w.wcs.cdelt = [-1.5 / 3600, 1.5 / 3600]
+    img = np.random.default_rng(0).normal(0, 1e-4, (200, 200))
+    img[100, 100] = 2.0          # the source (pixel 100, 100 is CRVAL)
+    img[100, 118] = -0.01        # an artefact 27" away, outside the blanked core
+    img[103, 100] = 0.5          # inside the blanked core: ignored
+    est = dynamic_range(img, w, np.array([150.0]), np.array([50.0]), np.array([2.0]), 1.5)
+    assert est.value == pytest.approx(200.0) and est.n == 1
+    faint = dynamic_range(img, w, np.array([150.0]), np.array([50.0]), np.array([0.3]), 1.5)
+    assert faint.n == 0
