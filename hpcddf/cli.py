@@ -213,6 +213,35 @@ def status(fields: tuple[str, ...], site: str | None, site_file: str | None,
 
 
 @cli.command()
+@click.argument("field")
+@site_options
+@click.option("--catalogue", "catalogues", multiple=True, metavar="NAME=PATH[:RADIUS[:FLUXFACTOR]]",
+              help="Comparison catalogue in PyBDSM format (repeatable); fluxfactor 1000 for mJy.")
+@click.option("--quality-cfg", type=click.Path(dir_okay=False),
+              help="A ddf-pipeline quality parset: its [comparison_cats] are used.")
+@click.option("--min-matches", type=int, default=10, show_default=True,
+              help="A catalogue with fewer matches is reported but not used.")
+@click.option("--work-root", type=click.Path(file_okay=False, path_type=Path), help="Override the site's work root.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def quality(field: str, site: str | None, site_file: str | None, catalogues: tuple[str, ...],
+            quality_cfg: str | None, min_matches: int, work_root: Path | None, as_json: bool) -> None:
+    """Measure the final image of FIELD: noise, dynamic range, positions and fluxes against
+    comparison catalogues. Writes FIELD/quality/ and shows the summary in `hpcddf status`."""
+    from hpcddf.quality import check_comparisons, comparisons_from_parset, parse_comparison, report_text, run_quality
+    the_site = _site(None, site_file) if site_file else _site(site or "local", None)
+    comps = [parse_comparison(c) for c in catalogues]
+    if quality_cfg:
+        comps += comparisons_from_parset(quality_cfg)
+    check_comparisons(comps)
+    wd = _fields_of(the_site, [field], work_root)[0].workdir
+    doc = run_quality(wd, comps, min_matches)
+    if as_json:
+        _print_json(doc)
+    else:
+        click.echo(report_text(field, doc), nl=False)
+
+
+@cli.command()
 @click.argument("fields", nargs=-1, metavar="[CENTRE...]")
 @site_options
 @click.option("--pointings", required=True, type=click.Path(dir_okay=False),

@@ -77,10 +77,12 @@ def flux_ratio(ra: np.ndarray, dec: np.ndarray, flux: np.ndarray, cat_ra: np.nda
 
 
 def dynamic_range(image: np.ndarray, wcs: Any, ra: np.ndarray, dec: np.ndarray, peak: np.ndarray,
-                  cell_arcsec: float, min_peak: float = 0.4, box_arcsec: float = 60.0,
-                  blank_pix: int = 10) -> Estimate:
-    """Median over bright isolated sources of peak / max |pixel| in a ``box_arcsec`` cutout with
-    the central +-``blank_pix`` pixels blanked (the brightest artefact near the source)."""
+                  cell_arcsec: float, beam_arcsec: float = 6.0, min_peak: float = 0.4) -> Estimate:
+    """Median over bright isolated sources of peak / max |pixel| in a cutout of 10 beams with
+    the central +-2.5 beams blanked (the brightest artefact near the source). At LoTSS's 6"
+    beam and 1.5" cells that is ddf-pipeline's 60" cutout with +-10 pixels blanked."""
+    box_arcsec = 10.0 * beam_arcsec
+    blank_pix = int(round(2.5 * beam_arcsec / cell_arcsec))
     ra, dec, peak = (np.asarray(x, float) for x in (ra, dec, peak))
     sel = (peak > min_peak) & isolated(ra, dec, box_arcsec)
     half = int(round(box_arcsec / cell_arcsec / 2))
@@ -95,3 +97,200 @@ def dynamic_range(image: np.ndarray, wcs: Any, ra: np.ndarray, dec: np.ndarray, 
         if worst > 0:
             values.append(p / worst)
     return interval(np.array(values), np.median)
+
+
+# ---------------------------------------------------------------- the report of a reduced field
+
+FINAL_ROOT = "image_full_ampphase_di_m.NS"
+QUALITY_DIR = "quality"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A comparison catalogue (PyBDSM format): its crossmatch radius and flux unit factor."""
+
+    name: str
+    path: str
+    radius_arcsec: float = 10.0
+    fluxfactor: float = 1.0
+
+
+def parse_comparison(text: str) -> Comparison:
+    """``NAME=PATH[:RADIUS[:FLUXFACTOR]]`` (radius in arcsec; fluxfactor 1000 for mJy)."""
+    from hpcddf.errors import HpcddfError
+    name, sep, rest = text.partition("=")
+    parts = rest.split(":")
+    try:
+        radius = float(parts[1]) if len(parts) > 1 else 10.0
+        factor = float(parts[2]) if len(parts) > 2 else 1.0
+    except ValueError:
+        radius = factor = -1.0
+    if not sep or not name or not parts[0] or radius <= 0 or factor <= 0 or len(parts) > 3:
+        raise HpcddfError(f"comparison catalogue {text!r} is not NAME=PATH[:RADIUS[:FLUXFACTOR]]",
+                          "e.g. --catalogue FIRST=/cats/first.fits:10 or TGSS=/cats/tgss.fits:10:1000")
+    return Comparison(name, parts[0], radius, factor)
+
+
+def comparisons_from_parset(path: str) -> list[Comparison]:
+    """The ``[comparison_cats]`` of a ddf-pipeline quality parset (list, filenames, radii,
+    fluxfactor as Python lists), unchanged."""
+    import ast
+    import configparser
+    from hpcddf.errors import HpcddfError
+    cp = configparser.ConfigParser()
+    if not cp.read(path):
+        raise HpcddfError(f"quality parset {path} cannot be read", "give the quality_pipeline.cfg path")
+    if not cp.has_section("comparison_cats"):
+        raise HpcddfError(f"quality parset {path} has no [comparison_cats]", "add list, filenames, radii")
+    sec = cp["comparison_cats"]
+
+    def get(key: str, default: Any) -> list[Any]:
+        return list(ast.literal_eval(sec[key])) if key in sec else default
+    names = get("list", [])
+    files = get("filenames", [])
+    radii = get("radii", [10.0] * len(names))
+    factors = get("fluxfactor", [1.0] * len(names))
+    if not names or not (len(names) == len(files) == len(radii) == len(factors)):
+        raise HpcddfError(f"quality parset {path}: [comparison_cats] lists differ in length",
+                          "give one filename, radius and fluxfactor per catalogue")
+    return [Comparison(str(n), str(f), float(r), float(x)) for n, f, r, x in zip(names, files, radii, factors)]
+
+
+def check_comparisons(comps: list[Comparison]) -> None:
+    from hpcddf.bootstrap import check_catalogue
+    for c in comps:
+        check_catalogue(c.path)  # same format rule as the bootstrap's catalogues
+
+
+def source_catalogue(int_image: str, app_image: str, out: str) -> Any:
+    """PyBDSF on the beam-corrected image, detecting on the apparent one (quality pipeline's
+    thresholds; no wavelet decomposition), written to ``out`` atomically."""
+    import bdsf
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from hpcddf.atomic import atomic_path
+    freq = fits.getheader(app_image).get("RESTFRQ") or fits.getheader(app_image).get("CRVAL4") or 144e6
+    img = bdsf.process_image(int_image, detection_image=app_image, thresh_isl=4.0, thresh_pix=5.0,
+                             rms_box=(160, 50), rms_map=True, mean_map="zero", adaptive_rms_box=True,
+                             adaptive_thresh=150, rms_box_bright=(60, 15), flag_maxsize_fwhm=0.5,
+                             frequency=float(freq), quiet=True, output_opts=False)
+    with atomic_path(out) as tmp:
+        img.write_catalog(outfile=str(tmp), format="fits", catalog_type="srl", clobber=True)
+    return Table.read(out)
+
+
+def run_quality(workdir: Any, comps: list[Comparison], min_matches: int = 10,
+                root: str = FINAL_ROOT) -> dict[str, Any]:
+    """Catalogue the final image, compare it with each catalogue, write quality/quality.json,
+    quality.txt and plots, and record the summary in the field state."""
+    from pathlib import Path
+
+    from astropy.io import fits
+    from astropy.table import Table
+    from astropy.wcs import WCS
+
+    from hpcddf.atomic import write_json_atomic, write_text_atomic
+    from hpcddf.errors import HpcddfError
+    from hpcddf.mosaic import clipped_rms, image_plane
+    wd = Path(workdir)
+    app = wd / f"{root}.app.restored.fits"
+    int_ = wd / f"{root}.int.restored.fits"
+    if not app.is_file():
+        raise HpcddfError(f"{app} does not exist: the field has no final image yet",
+                          f"see `hpcddf status {wd.name}`")
+    if not int_.is_file():
+        int_ = app  # no primary beam applied (e.g. beam_model = None): int is app
+    out = wd / QUALITY_DIR
+    out.mkdir(exist_ok=True)
+    cat = source_catalogue(str(int_), str(app), str(out / f"{root}.cat.fits"))
+    data, wcs, header = image_plane(str(int_))
+    rms = clipped_rms(data, 1000)
+    cell = abs(float(header.get("CDELT2", header.get("CDELT1", 1.5 / 3600)))) * 3600
+    ra, dec = np.asarray(cat["RA"], float), np.asarray(cat["DEC"], float)
+    beam = float(header.get("BMAJ", 6.0 / 3600)) * 3600
+    dr = dynamic_range(np.asarray(data), WCS(header).celestial, ra, dec, np.asarray(cat["Peak_flux"], float),
+                       cell, beam)
+    doc: dict[str, Any] = {"image": int_.name, "n_sources": len(cat), "rms_jy": rms,
+                           "dynamic_range": dr.to_dict(), "catalogues": {}}
+    for c in comps:
+        t = Table.read(c.path)
+        off = position_offsets(ra, dec, t["RA"], t["DEC"], c.radius_arcsec)
+        ratio = flux_ratio(ra, dec, np.asarray(cat["Total_flux"], float), t["RA"], t["DEC"],
+                           t["Total_flux"], c.radius_arcsec, c.fluxfactor)
+        entry = {"matches": ratio.n, "dRA_arcsec": off["dRA"].to_dict(), "dDEC_arcsec": off["dDEC"].to_dict(),
+                 "flux_ratio": ratio.to_dict(), "used": ratio.n >= min_matches}
+        doc["catalogues"][c.name] = entry
+    write_json_atomic(out / "quality.json", doc)
+    write_text_atomic(out / "quality.txt", report_text(wd.name, doc))
+    _plots(out, doc)
+    _record(wd, doc)
+    return doc
+
+
+def report_text(field: str, doc: dict[str, Any]) -> str:
+    dr = doc["dynamic_range"]
+    lines = [f"quality of {field} ({doc['image']})",
+             f"  sources found        {doc['n_sources']}",
+             f"  central rms          {doc['rms_jy'] * 1e6:.1f} uJy/beam",
+             f"  dynamic range        {dr['value']:.0f} (68 %: {dr['lo']:.0f}-{dr['hi']:.0f}, {dr['n']} sources)"]
+    for name, c in doc["catalogues"].items():
+        flag = "" if c["used"] else "  (too few matches: not used)"
+        lines.append(f"  vs {name}: {c['matches']} matches{flag}")
+        for key in ("dRA_arcsec", "dDEC_arcsec"):
+            e = c[key]
+            lines.append(f"    mean {key[:-7]:<4} {e['value']:+.2f}\" (68 %: {e['lo']:+.2f} to {e['hi']:+.2f})")
+        f = c["flux_ratio"]
+        lines.append(f"    flux ratio LOFAR/{name} {f['value']:.3f} (68 %: {f['lo']:.3f}-{f['hi']:.3f})")
+    return "\n".join(lines) + "\n"
+
+
+def summary_line(doc: dict[str, Any]) -> str:
+    """One line for `hpcddf status`."""
+    parts = [f"rms {doc['rms_jy'] * 1e6:.0f} uJy/b", f"DR {doc['dynamic_range']['value']:.0f}"]
+    for name, c in doc["catalogues"].items():
+        if c["used"]:
+            parts.append(f"{name}: dRA {c['dRA_arcsec']['value']:+.2f}\" dDEC {c['dDEC_arcsec']['value']:+.2f}\" "
+                         f"flux x{c['flux_ratio']['value']:.3f}")
+    return ", ".join(parts)
+
+
+def _plots(out: Any, doc: dict[str, Any]) -> None:
+    """Offsets and flux ratios per catalogue, one PNG (written atomically)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hpcddf.atomic import atomic_path
+    cats = list(doc["catalogues"].items())
+    if not cats:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, c in cats:
+        axes[0].errorbar(c["dRA_arcsec"]["value"], c["dDEC_arcsec"]["value"],
+                         xerr=[[c["dRA_arcsec"]["value"] - c["dRA_arcsec"]["lo"]], [c["dRA_arcsec"]["hi"] - c["dRA_arcsec"]["value"]]],
+                         yerr=[[c["dDEC_arcsec"]["value"] - c["dDEC_arcsec"]["lo"]], [c["dDEC_arcsec"]["hi"] - c["dDEC_arcsec"]["value"]]],
+                         fmt="o", label=name)
+        axes[1].errorbar([name], [c["flux_ratio"]["value"]],
+                         yerr=[[c["flux_ratio"]["value"] - c["flux_ratio"]["lo"]], [c["flux_ratio"]["hi"] - c["flux_ratio"]["value"]]],
+                         fmt="s")
+    axes[0].axhline(0, color="grey", lw=0.5)
+    axes[0].axvline(0, color="grey", lw=0.5)
+    axes[0].set_xlabel("mean dRA (arcsec)")
+    axes[0].set_ylabel("mean dDEC (arcsec)")
+    axes[0].legend()
+    axes[1].axhline(1, color="grey", lw=0.5)
+    axes[1].set_ylabel("median flux ratio LOFAR / catalogue")
+    fig.tight_layout()
+    with atomic_path(out / "quality.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def _record(workdir: Any, doc: dict[str, Any]) -> None:
+    from hpcddf.state import now_iso, update_state
+
+    def change(state: dict[str, Any]) -> None:
+        state["quality"] = {"summary": summary_line(doc), "time": now_iso(),
+                            "report": str(workdir / QUALITY_DIR / "quality.txt")}
+    update_state(workdir, workdir.name, change)

@@ -113,6 +113,8 @@ def status_table(states: Sequence[dict[str, Any]], title: str = "fields") -> Tab
                       f"{s['node_hours']:.2f}" if s.get("node_hours") is not None else "-",
                       _note(s))
             first = False
+        if st.get("quality"):
+            t.add_row("", "quality", "-", "done", "-", "-", "-", st["quality"]["summary"])
     return t
 
 

@@ -69,3 +69,39 @@ def test_every_step_has_a_marker_logs_and_the_summary_has_versions(demo):
     import os
     leftovers = [p for p in os.listdir("/dev/shm") if p.startswith("ddf.")]
     assert not [p for p in leftovers if not Path(f"/proc/{p.split('.')[1]}").exists()]
+
+
+def test_quality_of_the_final_image_against_catalogues_of_the_true_sky(demo, tmp_path):
+    """`hpcddf quality` on the reduced field: one catalogue is the true sky, the other the true
+    sky 30" further north and in mJy; the offsets, flux ratios and units must come out."""
+    from astropy.table import Table
+    from hpcddf.simulate import read_skymodel
+    sky = read_skymodel(demo["workdir"] / "skymodel.txt")
+    ra = [s.ra_deg for s in sky]
+    dec = [s.dec_deg for s in sky]
+    flux = [s.flux_jy for s in sky]
+    Table({"RA": ra, "DEC": dec, "Total_flux": flux, "E_Total_flux": [0.1 * f for f in flux]}).write(
+        tmp_path / "truth.fits")
+    Table({"RA": ra, "DEC": [d + 30 / 3600 for d in dec], "Total_flux": [1000 * f for f in flux],
+           "E_Total_flux": [100 * f for f in flux]}).write(tmp_path / "north_mjy.fits")
+    proc = hpcddf("quality", FIELD, "--work-root", str(demo["home"] / "work"),
+                  "--catalogue", f"TRUTH={tmp_path / 'truth.fits'}:60",
+                  "--catalogue", f"NORTH={tmp_path / 'north_mjy.fits'}:60:1000",
+                  "--min-matches", "3", "--json", home=demo["home"], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    truth, north = doc["catalogues"]["TRUTH"], doc["catalogues"]["NORTH"]
+    assert truth["matches"] == 6 and north["matches"] == 6 and truth["used"]
+    assert abs(truth["dRA_arcsec"]["value"]) < 6 and abs(truth["dDEC_arcsec"]["value"]) < 6
+    assert north["dDEC_arcsec"]["value"] == pytest.approx(truth["dDEC_arcsec"]["value"] - 30, abs=0.5)
+    assert truth["flux_ratio"]["value"] == pytest.approx(1.0, abs=0.1)
+    assert north["flux_ratio"]["value"] == pytest.approx(truth["flux_ratio"]["value"], rel=1e-6)
+    assert doc["dynamic_range"]["value"] > 50 and doc["rms_jy"] < 0.05
+    qdir = demo["workdir"] / "quality"
+    assert (qdir / "quality.json").is_file() and (qdir / "quality.png").is_file()
+    assert "flux ratio LOFAR/TRUTH" in (qdir / "quality.txt").read_text()
+    status = hpcddf("status", FIELD, "--work-root", str(demo["home"] / "work"), home=demo["home"])
+    assert "quality" in status.stdout and "DR " in status.stdout
+    shown = json.loads(hpcddf("status", FIELD, "--work-root", str(demo["home"] / "work"), "--json",
+                              home=demo["home"]).stdout)[0]["quality"]
+    assert "TRUTH: dRA" in shown["summary"] and shown["report"].endswith("quality/quality.txt")
