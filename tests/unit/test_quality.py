@@ -64,3 +64,21 @@ def test_dynamic_range_is_peak_over_the_worst_nearby_artefact():
     assert est.value == pytest.approx(200.0) and est.n == 1
     faint = dynamic_range(img, w, np.array([150.0]), np.array([50.0]), np.array([0.3]), 1.5)
     assert faint.n == 0
+
+
+def test_comparison_catalogues_from_the_command_line_and_a_quality_parset(tmp_path):
+    from hpcddf.errors import HpcddfError
+    from hpcddf.quality import Comparison, comparisons_from_parset, parse_comparison
+    assert parse_comparison("FIRST=/c/first.fits") == Comparison("FIRST", "/c/first.fits", 10.0, 1.0)
+    assert parse_comparison("TGSS=/c/tgss.fits:8:1000") == Comparison("TGSS", "/c/tgss.fits", 8.0, 1000.0)
+    for bad in ("FIRST", "=x", "A=/p:-1", "A=/p:1:2:3", "A=/p:x"):
+        with pytest.raises(HpcddfError, match="NAME=PATH"):
+            parse_comparison(bad)
+    cfg = tmp_path / "quality_pipeline.cfg"
+    cfg.write_text("[comparison_cats]\nlist=['TGSS','FIRST']\nfilenames=['tgss.fits','first.fits']\n"
+                   "radii=[10,10]\nfluxfactor=[1000,1000]\n")
+    assert comparisons_from_parset(str(cfg)) == [Comparison("TGSS", "tgss.fits", 10.0, 1000.0),
+                                                 Comparison("FIRST", "first.fits", 10.0, 1000.0)]
+    cfg.write_text("[comparison_cats]\nlist=['TGSS','FIRST']\nfilenames=['tgss.fits']\n")
+    with pytest.raises(HpcddfError, match="differ in length"):
+        comparisons_from_parset(str(cfg))
