@@ -203,6 +203,23 @@ def crossmatch(ra: np.ndarray, dec: np.ndarray, total: np.ndarray, chan_flux: np
     return Matched(freqs, scaled, flux, err, ra[idx][good], dec[idx][good])
 
 
+def channel_fluxes(table: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-channel fluxes, errors (nsrc, nchan) and channel frequencies of a PyBDSF source list
+    made with ``spectralindex_do`` and ``incl_chan`` (columns ``Total_flux_chK``,
+    ``E_Total_flux_chK``, ``Freq_chK``)."""
+    nchan = 0
+    while f"Total_flux_ch{nchan + 1}" in table.colnames:
+        nchan += 1
+    if nchan == 0:
+        raise BootstrapError("the bootstrap source list has no per-channel fluxes",
+                             "run PyBDSF with spectralindex_do=True and incl_chan=True")
+    cols = range(1, nchan + 1)
+    flux = np.column_stack([np.asarray(table[f"Total_flux_ch{k}"], float) for k in cols])
+    err = np.column_stack([np.asarray(table[f"E_Total_flux_ch{k}"], float) for k in cols])
+    freqs = np.array([np.nanmedian(np.asarray(table[f"Freq_ch{k}"], float)) for k in cols])
+    return flux, err, freqs
+
+
 # ---------------------------------------------------------------- model and fit
 
 def profile_chi2(flux: np.ndarray, err: np.ndarray, freqs: np.ndarray) -> np.ndarray:

@@ -119,3 +119,15 @@ def test_scaled_data_is_the_factor_times_the_column_and_never_applied_twice(tmp_
     assert apply_scaling(ms, 1.25, "DATA") is False
     with table(ms, ack=False) as t:
         assert np.allclose(t.getcol("SCALED_DATA"), 1.25 * data)
+
+
+def test_channel_fluxes_come_from_pybdsf_per_channel_columns():
+    from hpcddf.bootstrap import BootstrapError, channel_fluxes
+    t = Table({"RA": [1.0, 2.0], "Total_flux": [1.0, 2.0],
+               "Total_flux_ch1": [0.9, 1.8], "E_Total_flux_ch1": [0.1, 0.2], "Freq_ch1": [120e6, 120e6],
+               "Total_flux_ch2": [1.1, np.nan], "E_Total_flux_ch2": [0.1, np.nan], "Freq_ch2": [150e6, 150e6]})
+    flux, err, freqs = channel_fluxes(t)
+    assert flux.shape == (2, 2) and flux[1, 0] == 1.8 and np.isnan(flux[1, 1])
+    assert err[0].tolist() == [0.1, 0.1] and freqs.tolist() == [120e6, 150e6]
+    with pytest.raises(BootstrapError, match="incl_chan"):
+        channel_fluxes(Table({"RA": [1.0], "Total_flux": [1.0]}))
