@@ -134,6 +134,9 @@ class SimSpec:
     ndir: int = 3  # number of DDE directions ("nodes")
     seed: int = 1
     sources: tuple[Source, ...] = DEFAULT_SOURCES
+    # a flux-scale error per MS (the sky in MS k is multiplied by flux_scale[k]): what the
+    # bootstrap must find and remove; empty = none
+    flux_scale: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,9 @@ def check_spec(spec: SimSpec) -> None:
                               "use names like S1 (they are written to a text sky model)")
     if len(set(names)) != len(names):
         raise HpcddfError("simulation source names are not unique", "give every source its own name")
+    if spec.flux_scale and (len(spec.flux_scale) != spec.n_ms or min(spec.flux_scale) <= 0):
+        raise HpcddfError(f"flux_scale {spec.flux_scale} must give one positive factor per MS",
+                          f"give {spec.n_ms} factors")
     if spec.ndir > len(spec.sources):
         raise HpcddfError(f"ndir = {spec.ndir} directions but only {len(spec.sources)} sources",
                           "use at most one direction per source")
@@ -522,6 +528,8 @@ def _fill_main(ms: Any, spec: SimSpec, ms_index: int, obs: _Obs) -> None:
     uvw = obs.ant_uvw[row_time, ant2] - obs.ant_uvw[row_time, ant1]
     freqs = channel_freqs(spec, ms_index)
     xx = predict(uvw, freqs, row_time, ant1, ant2, spec, obs.nodes, obs.phases)
+    if spec.flux_scale:
+        xx = xx * np.float32(spec.flux_scale[ms_index])
     data = np.zeros((nrow, spec.nchan, 4), dtype=np.complex64)
     data[:, :, 0] = xx
     data[:, :, 3] = xx
@@ -624,6 +632,22 @@ def _fill_subtables(ct: Any, ms: Path, spec: SimSpec, ms_index: int, obs: _Obs) 
 
 
 # ------------------------------------------------------------------------------ text files
+
+
+def write_catalogue(path: Path, sources: Iterable[Source], rel_err: float = 0.05) -> Path:
+    """The true sky as a PyBDSM-format catalogue (RA, DEC, Total_flux, E_Total_flux in Jy; the
+    sources are flat-spectrum, so it serves at any frequency): a stand-in for VLSS/WENSS in
+    bootstrap and quality tests, which must not need the network."""
+    from astropy.table import Table
+
+    from hpcddf.atomic import atomic_path
+    src = list(sources)
+    table = Table({"RA": [s.ra_deg for s in src], "DEC": [s.dec_deg for s in src],
+                   "Total_flux": [s.flux_jy for s in src],
+                   "E_Total_flux": [rel_err * s.flux_jy for s in src]})
+    with atomic_path(path) as tmp:
+        table.write(tmp, format="fits", overwrite=True)
+    return Path(path)
 
 
 def skymodel_text(sources: Iterable[Source]) -> str:

@@ -412,3 +412,22 @@ def test_dde_phase_screens_have_no_gradient_across_the_array() -> None:
         coef, *_ = np.linalg.lstsq(design, phases[t], rcond=None)
         assert np.abs(coef[1:]).max() < 1e-12  # radians per metre
     assert np.degrees(np.sqrt((phases ** 2).mean())) == pytest.approx(20.0)
+
+
+def test_a_flux_scale_error_per_ms_scales_the_sky_only(tmp_path):
+    base = SimSpec(n_ms=2, nant=6, ntime=4, noise_jy=0.0)
+    plain = simulate_field(tmp_path / "a", base)
+    scaled = simulate_field(tmp_path / "b", SimSpec(n_ms=2, nant=6, ntime=4, noise_jy=0.0, flux_scale=(1.2, 0.9)))
+    for k, f in enumerate((1.2, 0.9)):
+        assert np.allclose(column(scaled.ms[k], "DATA"), f * column(plain.ms[k], "DATA"), rtol=1e-5, atol=1e-6)
+    with pytest.raises(HpcddfError, match="one positive factor per MS"):
+        simulate_field(tmp_path / "c", SimSpec(n_ms=2, flux_scale=(1.0,)))
+
+
+def test_the_true_sky_as_a_pybdsm_catalogue(tmp_path):
+    from astropy.table import Table
+
+    from hpcddf.simulate import DEFAULT_SOURCES, write_catalogue
+    t = Table.read(write_catalogue(tmp_path / "vlss.fits", DEFAULT_SOURCES))
+    assert t.colnames == ["RA", "DEC", "Total_flux", "E_Total_flux"] and len(t) == len(DEFAULT_SOURCES)
+    assert t["Total_flux"][0] == DEFAULT_SOURCES[0].flux_jy
