@@ -99,12 +99,15 @@ def submit(args: tuple[str, ...], site: str | None, site_file: str | None, confi
     recipe = make_recipe(pipeline, pipeline_opts)
     jobs = app.prepare(s, fields, configs, overrides, work_root)
     if dry_run:
-        doc = app.dry_run_document(s, jobs)
+        doc = app.dry_run_document(s, jobs, reduction=pipeline == "ddf")
         if as_json:
             _print_json(doc)
         else:
             from hpcddf.report import plan_table
             out.print(plan_table(doc))
+            for what in doc["unsupported"]:
+                click.echo(f"warning: a real submit refuses this config: this hpcddf version cannot run "
+                           f"{what} yet (switch it off)", err=True)
         return
     from hpcddf.engine import submit_fields
     _print_result(submit_fields(s, jobs, recipe, _progress), as_json)

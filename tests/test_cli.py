@@ -363,6 +363,8 @@ def test_dry_run_local_site(run_cli, tmp_path):
 
 
 def test_dry_run_table(run_cli, site_file):
+    proc = run_cli("submit", "L123456", "--site", "testsite", "--dry-run", "--control-bootstrap=True")
+    assert "a real submit refuses this config" in proc.stderr and "[control] bootstrap" in proc.stderr
     out = ok(run_cli("submit", "L123456", "--site", "testsite", "--dry-run"))
     assert "plan on site testsite (local): 1 field(s), 1 chain(s)" in out
     for name in DEFAULT_STAGES:
@@ -377,6 +379,8 @@ def test_dry_run_tier1_sep2024(run_cli, data_dir, write_site):
     assert list(stages) == ALL_STAGES
     assert stages["bootstrap"]["steps"] == ["DDS0", "bootstrap"]
     assert stages["fulllow"]["depends_on"] == ["fullampphase"]
+    assert "[control] bootstrap" in doc["unsupported"]  # what a real submit would refuse
+    assert ok_json(run_cli("submit", "L123456", "--site", "withcat", "--dry-run", "--json"))["unsupported"] == []
 
 
 def test_dry_run_needs_a_catalogue_dir_for_dollar_dollar(run_cli, cli_error, data_dir, site_file):
