@@ -58,3 +58,30 @@ def test_a_facet_without_sources_is_flagged_and_takes_the_median_when_applied():
     assert applied[7] == (pytest.approx(float(np.median([f.ra.offset for f in good]))),
                           pytest.approx(float(np.median([f.dec.offset for f in good]))))
     assert applied[0] == (fits_[0].ra.offset, fits_[0].dec.offset)
+
+
+DDF = __import__("pathlib").Path(__file__).parent.parent / "data" / "ddf"
+
+
+def test_ddfacet_facets_are_read_and_every_facet_centre_lies_in_its_own_facet():
+    from hpcddf.offsets import facet_of, read_facet_coords, read_tessel
+    facets = read_tessel(str(DDF / "image_full_ampphase_di_m.NS.tessel.reg"))
+    assert [f.index for f in facets] == list(range(16))
+    assert {f.direction for f in facets} == {0, 1, 2} and all(len(f.polygon) >= 3 for f in facets)
+    coords = np.degrees(read_facet_coords(str(DDF / "image_full_ampphase_di_m.NS.facetCoord.txt")))
+    assert coords.shape == (16, 2)
+    assert facet_of(coords[:, 0], coords[:, 1], facets, (180.0, 60.0)).tolist() == list(range(16))
+    assert facet_of(np.array([150.0]), np.array([10.0]), facets, (180.0, 60.0)).tolist() == [-1]
+
+
+def test_the_shift_file_gives_each_facet_its_directions_offset_in_pixels():
+    from hpcddf.offsets import facet_offset_text, read_facet_coords, read_tessel
+    facets = read_tessel(str(DDF / "image_full_ampphase_di_m.NS.tessel.reg"))
+    coords = read_facet_coords(str(DDF / "image_full_ampphase_di_m.NS.facetCoord.txt"))
+    text = facet_offset_text(coords, facets, {0: (3.0, -1.5), 1: (0.0, 0.0), 2: (-6.0, 6.0)}, 1.5)
+    rows = [line.split() for line in text.splitlines()]
+    assert len(rows) == 16 and float(rows[0][0]) == pytest.approx(coords[0][0])
+    by_dir = {f.index: f.direction for f in facets}
+    for i, row in enumerate(rows):
+        want = {0: (-2.0, -1.0), 1: (0.0, 0.0), 2: (4.0, 4.0)}[by_dir[i]]
+        assert (float(row[2]), float(row[3])) == pytest.approx(want)
