@@ -264,11 +264,13 @@ def write_catalogue(mosaic: Path, out: Path) -> None:
     from astropy.io import fits
 
     from hpcddf.atomic import atomic_path
+    from hpcddf.quality import pybdsf_to_log
     freq = float(fits.getheader(mosaic).get("RESTFRQ", 144e6))  # bdsf wants one; the mosaic has no FREQ axis
-    img = bdsf.process_image(str(mosaic), thresh_isl=3.0, thresh_pix=5.0, adaptive_rms_box=True,
-                             frequency=freq, quiet=True, output_opts=False)
-    with atomic_path(out) as tmp:
-        img.write_catalog(outfile=str(tmp), format="fits", catalog_type="srl", clobber=True)
+    with pybdsf_to_log(out.with_suffix(".pybdsf.log")):
+        img = bdsf.process_image(str(mosaic), thresh_isl=3.0, thresh_pix=5.0, adaptive_rms_box=True,
+                                 frequency=freq, quiet=True, output_opts=False)
+        with atomic_path(out) as tmp:
+            img.write_catalog(outfile=str(tmp), format="fits", catalog_type="srl", clobber=True)
 
 
 # ---------------------------------------------------------------- submission

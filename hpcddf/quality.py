@@ -6,7 +6,9 @@ writing the report are the callers'.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -162,6 +164,26 @@ def check_comparisons(comps: list[Comparison]) -> None:
         check_catalogue(c.path)  # same format rule as the bootstrap's catalogues
 
 
+@contextlib.contextmanager
+def pybdsf_to_log(path: Any) -> Iterator[None]:
+    """PyBDSF prints to stdout and logs to the root logger's handlers: both go to ``path``, so
+    a command's output (``--json``) stays clean and the detail is still kept."""
+    import logging
+    lg = logging.getLogger("PyBDSF")
+    with open(path, "a") as fh:
+        handler = logging.StreamHandler(fh)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        old = lg.propagate
+        lg.propagate = False
+        lg.addHandler(handler)
+        try:
+            with contextlib.redirect_stdout(fh):
+                yield
+        finally:
+            lg.removeHandler(handler)
+            lg.propagate = old
+
+
 def source_catalogue(int_image: str, app_image: str, out: str) -> Any:
     """PyBDSF on the beam-corrected image, detecting on the apparent one (quality pipeline's
     thresholds; no wavelet decomposition), written to ``out`` atomically."""
@@ -170,13 +192,15 @@ def source_catalogue(int_image: str, app_image: str, out: str) -> Any:
     from astropy.table import Table
 
     from hpcddf.atomic import atomic_path
+    from pathlib import Path
     freq = fits.getheader(app_image).get("RESTFRQ") or fits.getheader(app_image).get("CRVAL4") or 144e6
-    img = bdsf.process_image(int_image, detection_image=app_image, thresh_isl=4.0, thresh_pix=5.0,
-                             rms_box=(160, 50), rms_map=True, mean_map="zero", adaptive_rms_box=True,
-                             adaptive_thresh=150, rms_box_bright=(60, 15), flag_maxsize_fwhm=0.5,
-                             frequency=float(freq), quiet=True, output_opts=False)
-    with atomic_path(out) as tmp:
-        img.write_catalog(outfile=str(tmp), format="fits", catalog_type="srl", clobber=True)
+    with pybdsf_to_log(Path(out).with_suffix(".pybdsf.log")):
+        img = bdsf.process_image(int_image, detection_image=app_image, thresh_isl=4.0, thresh_pix=5.0,
+                                 rms_box=(160, 50), rms_map=True, mean_map="zero", adaptive_rms_box=True,
+                                 adaptive_thresh=150, rms_box_bright=(60, 15), flag_maxsize_fwhm=0.5,
+                                 frequency=float(freq), quiet=True, output_opts=False)
+        with atomic_path(out) as tmp:
+            img.write_catalog(outfile=str(tmp), format="fits", catalog_type="srl", clobber=True)
     return Table.read(out)
 
 

