@@ -355,3 +355,158 @@ def apply_scaling(ms: str, factor: float, source_col: str, scaled_col: str = "SC
         t.flush()
         t.renamecol(tmp, scaled_col)
     return True
+
+
+# ---------------------------------------------------------------- the step's node tools
+
+def ref_frequency(ms: str) -> float:
+    """The MS's reference frequency (Hz), what the factor is interpolated at."""
+    from casacore.tables import table
+    with table(f"{ms}::SPECTRAL_WINDOW", ack=False) as t:
+        return float(t.getcol("REF_FREQUENCY")[0])
+
+
+def cube_catalogue(cube: str, out: str) -> Any:
+    """PyBDSF on the bootstrap cube with per-channel fluxes (ddf-pipeline's parameters:
+    thresh_pix 5, rms box (80,20), adaptive (35,7) above 80, wavelets to scale 2)."""
+    import bdsf
+    from astropy.table import Table
+
+    from hpcddf.atomic import atomic_path
+    from hpcddf.quality import pybdsf_to_log
+    with pybdsf_to_log(Path(out).with_suffix(".pybdsf.log")):
+        img = bdsf.process_image(cube, thresh_pix=5.0, rms_box=(80, 20), rms_map=True,
+                                 adaptive_rms_box=True, adaptive_thresh=80.0, rms_box_bright=(35, 7),
+                                 atrous_do=True, atrous_jmax=2, spectralindex_do=True,
+                                 quiet=True, output_opts=False)
+        with atomic_path(out) as tmp:
+            img.write_catalog(outfile=str(tmp), format="fits", catalog_type="srl", clobber=True,
+                              incl_chan=True)
+    return Table.read(out)
+
+
+def fit_cube(cube: str, config: str, out: str, seed: int = 0) -> FitResult:
+    """Catalogue the cube, crossmatch it with the [bootstrap] catalogues and fit the factors;
+    the result and the matched fluxes (for ``hpcddf plot-factors``) go to ``out`` (JSON)."""
+    from astropy.io import fits
+
+    from hpcddf.atomic import write_json_atomic
+    from hpcddf.config import load_config
+    cats = catalogues_from_config(load_config([config]))
+    table = cube_catalogue(cube, str(Path(out).with_suffix(".srl.fits")))
+    flux, err, freqs = channel_fluxes(table)
+    hdr = fits.getheader(cube)
+    m = crossmatch(table["RA"], table["DEC"], table["Total_flux"], flux, err, freqs, cats,
+                   centre=(float(hdr["CRVAL1"]), float(hdr["CRVAL2"])))
+    result = run_fit(m, seed=seed)
+    doc = result.to_dict()
+    doc["catalogues"] = [c.name for c in cats]
+    doc["matched"] = {"freqs_hz": m.freqs.tolist(), "scaled": m.scaled.tolist(),
+                      "flux": _listed(m.flux), "err": _listed(m.err),
+                      "ra": m.ra.tolist(), "dec": m.dec.tolist()}
+    write_json_atomic(out, doc)
+    print(f"bootstrap: {result.n_sources} sources ({result.rejected} rejected); factors "
+          + ", ".join(f"{f / 1e6:.2f} MHz: {s:.3f}" for f, s in zip(result.freqs, result.factors)))
+    return result
+
+
+def _listed(a: np.ndarray) -> list[list[float | None]]:
+    """JSON has no NaN: absent fluxes are null."""
+    return [[None if not np.isfinite(v) else float(v) for v in row] for row in a]
+
+
+def load_result(path: str) -> tuple[FitResult, Matched]:
+    """A fit written by :func:`fit_cube`."""
+    import json
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    mt = doc["matched"]
+    arr = lambda rows: np.array([[np.nan if v is None else v for v in r] for r in rows], float)  # noqa: E731
+    m = Matched(np.array(mt["freqs_hz"]), np.array(mt["scaled"], bool), arr(mt["flux"]), arr(mt["err"]),
+                np.array(mt["ra"]), np.array(mt["dec"]))
+    res = FitResult(np.array(doc["freqs_hz"]), np.array(doc["factors"]), np.array(doc["err_lo"]),
+                    np.array(doc["err_hi"]), int(doc["n_sources"]), int(doc.get("rejected", 0)))
+    return res, m
+
+
+def apply_factors(result: str, mss: Sequence[str], colname: str, di_col: str | None = None) -> dict[str, float]:
+    """Scale every MS by the factor at its frequency: ``SCALED_DATA`` from ``colname`` and, where
+    the DI-corrected column exists, ``<di_col>_SCALED`` from it. A column already written is left
+    alone, so a rerun after a kill never scales twice."""
+    from casacore.tables import table
+    fit, _ = load_result(result)
+    applied = {}
+    for ms in mss:
+        factor = fit.factor_at(ref_frequency(ms))
+        wrote = apply_scaling(ms, factor, colname)
+        with table(ms, ack=False) as t:
+            has_di = bool(di_col) and di_col in t.colnames()
+        if has_di:
+            wrote = apply_scaling(ms, factor, str(di_col), f"{di_col}_SCALED") or wrote
+        print(f"{ms}: factor {factor:.4f}" + ("" if wrote else " (already scaled; left alone)"))
+        applied[ms] = factor
+    return applied
+
+
+def plot_factors(result: str, out: str) -> Path:
+    """Source spectra with the fitted factors applied and their power laws (log-log), and the
+    factors against frequency: the check a user makes before trusting the flux scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hpcddf.atomic import atomic_path
+    fit, m = load_result(result)
+    f, e = scaled_data(m, fit.factors[None, :])
+    f, e = f[0], e[0]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    grid = np.geomspace(m.freqs.min() * 0.9, m.freqs.max() * 1.1, 50)
+    for i in range(len(f)):
+        ok = np.isfinite(f[i]) & np.isfinite(e[i])
+        line = ax1.errorbar(m.freqs[ok] / 1e6, f[i][ok], yerr=e[i][ok], fmt="o", ms=3)
+        norm, alpha = power_law(f[i], e[i], m.freqs)
+        ax1.plot(grid / 1e6, norm * (grid / REF_FREQ) ** alpha, color=line[0].get_color(), lw=0.8)
+    ax1.set(xscale="log", yscale="log", xlabel="frequency (MHz)", ylabel="flux density (Jy)",
+            title=f"{len(f)} sources, factors applied")
+    ax2.errorbar(fit.freqs / 1e6, fit.factors, yerr=[-fit.lo, fit.hi], fmt="o-")
+    ax2.axhline(1.0, color="grey", lw=0.5)
+    ax2.set(xlabel="frequency (MHz)", ylabel="scale factor", title=f"{fit.rejected} outliers rejected")
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return Path(out)
+
+
+def power_law(flux: np.ndarray, err: np.ndarray, freqs: np.ndarray) -> tuple[float, float]:
+    """The best (N, alpha) of one source (the profile fit's minimum, on a fine alpha grid)."""
+    w = np.where(np.isfinite(flux) & np.isfinite(err) & (err > 0), 1.0 / np.square(np.nan_to_num(err, nan=1.0)), 0.0)
+    y = np.nan_to_num(flux)
+    alphas = np.linspace(ALPHA_GRID[0], ALPHA_GRID[-1], 801)
+    x = (freqs[None, :] / REF_FREQ) ** alphas[:, None]
+    sxx = np.sum(w * x * x, axis=1)
+    norm = np.sum(w * y * x, axis=1) / np.where(sxx > 0, sxx, 1.0)
+    chi2 = np.sum(w * np.square(y - norm[:, None] * x), axis=1)
+    k = int(np.argmin(chi2))
+    return float(norm[k]), float(alphas[k])
+
+
+def mean_image(images: Sequence[str], out: str) -> None:
+    """``image_bootstrap.app.mean.fits``: the mean of the observations' apparent images."""
+    from astropy.io import fits
+
+    from hpcddf.atomic import atomic_path
+    data = [fits.getdata(p) for p in images]
+    with atomic_path(out) as tmp:
+        fits.PrimaryHDU(np.mean(data, axis=0).astype(np.float32), fits.getheader(images[0])).writeto(tmp, overwrite=True)
+
+
+def plot_field(workdir: Path, out: str | None = None) -> list[Path]:
+    """``hpcddf plot-factors``: one PNG per observation's bootstrap result in the field."""
+    results = sorted(Path(workdir).glob("*-bootstrap-factors.json"))
+    if not results:
+        raise BootstrapError(f"no bootstrap results in {workdir}",
+                             "the bootstrap step has not run yet: see hpcddf status")
+    if out and len(results) > 1:
+        raise BootstrapError(f"--out names one file but {workdir} has {len(results)} observations",
+                             "leave out --out: each plot goes beside its factors")
+    return [plot_factors(str(r), out or str(r.with_suffix(".png"))) for r in results]

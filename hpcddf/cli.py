@@ -244,6 +244,22 @@ def quality(field: str, site: str | None, site_file: str | None, catalogues: tup
         click.echo(report_text(field, doc), nl=False)
 
 
+@cli.command("plot-factors")
+@click.argument("field")
+@site_options
+@click.option("--work-root", type=click.Path(file_okay=False, path_type=Path), help="Override the site's work root.")
+@click.option("--out", type=click.Path(dir_okay=False), help="PNG to write (default: beside the factors).")
+def plot_factors(field: str, site: str | None, site_file: str | None, work_root: Path | None,
+                 out: str | None) -> None:
+    """Plot FIELD's flux-scale bootstrap: source spectra with the fitted factors applied, and
+    the factors against frequency (one PNG per observation)."""
+    from hpcddf.bootstrap import plot_field
+    the_site = _site(None, site_file) if site_file else _site(site or "local", None)
+    wd = _fields_of(the_site, [field], work_root)[0].workdir
+    for path in plot_field(wd, out):
+        click.echo(str(path))
+
+
 @cli.command()
 @click.argument("fields", nargs=-1, metavar="[CENTRE...]")
 @site_options

@@ -64,6 +64,8 @@ class Image:
     mode: str = "Clean"            # Clean, Dirty, Predict
     reuse_psf: bool = False
     reuse_dirty: str | None = None  # "forcedirty" or "forceresidual"
+    nband: int = 2                 # frequency bands (the bootstrap's cube: one per subband)
+    cubes: str | None = None       # also save these images as cubes (DDF --Output-Cubes codes)
     extra: tuple[str, ...] = ()
 
 
@@ -131,7 +133,7 @@ def ddf_image(cfg: PipelineConfig, m: Machine, img: Image) -> Command:
                   Debug_Pdb="never", Log_Memory=1, Log_Boring=1,
                   DDESolutions_SolsDir=cfg.get("solutions", "SolsDir"),
                   RIME_DecorrMode="FT" if cfg.get("image", "do_decorr") else None,
-                  Freq_NBand=2,
+                  Freq_NBand=img.nband, Output_Cubes=img.cubes,
                   Weight_ColName="IMAGING_WEIGHT" if img.imaging_weights else
                   ("WEIGHT_SPECTRUM" if cfg.get("image", "use_weightspectrum") else "None"),
                   Weight_Mode="Briggs", Weight_Robust=img.robust,
@@ -157,6 +159,17 @@ def ddf_image(cfg: PipelineConfig, m: Machine, img: Image) -> Command:
         optional.append((cache_path(m, img.mslist, what), (f"--Cache-Dirty={img.reuse_dirty}",)))
     return Command(tuple(argv), f"{img.name}.log", timeout_s=m.timeout_s,
                    when_exists=tuple(optional))
+
+
+def ddf_shift(m: Machine, name: str, shift_file: str) -> Command:
+    """``DDF.py <name>.parset --Output-Mode=RestoreAndShift``: restore ``name`` again with every
+    facet shifted by the offsets in ``shift_file`` (``<name>_shift.{app,int}.facetRestored``),
+    from the PSF and last residual DDFacet cached while making ``name``."""
+    argv = ["DDF.py", f"{name}.parset", *_opts(
+        Output_Name=f"{name}_shift", Output_Mode="RestoreAndShift", Output_ShiftFacetsFile=shift_file,
+        Predict_InitDicoModel=f"{name}.DicoModel", Cache_Dir=m.cache_dir, Cache_DirWisdomFFTW=m.cache_dir,
+        Parallel_NCPU=m.ncpu_ddf, Parallel_Affinity=affinity(m), Debug_Pdb="never", Log_Boring=1)]
+    return Command(tuple(argv), f"{name}_shift.log", timeout_s=m.timeout_s)
 
 
 def _deconv(cfg: PipelineConfig, img: Image) -> list[str]:

@@ -117,12 +117,14 @@ def _freeze_config(fj: FieldJob) -> None:
 
 def check_supported(jobs: Sequence[FieldJob]) -> None:
     """Refuse, before queueing, a config that switches on a step hpcddf cannot run yet."""
-    from hpcddf.reduction import unsupported
+    from hpcddf.reduction import check_inputs, unsupported
     for fj in jobs:
-        missing = unsupported([s for st in fj.plan.stages for s in st.steps])
+        names = [s for st in fj.plan.stages for s in st.steps]
+        missing = unsupported(names)
         if missing:
             raise PlanError(f"field {fj.field.id}: this hpcddf version cannot run {missing[0]} yet",
                             f"switch it off ({missing[0]}=False/None) in the config or on the command line")
+        check_inputs(fj.config, names)
 
 
 def submit_fields(site: Site, jobs: Sequence[FieldJob], recipe: dict[str, Any] | None = None,

@@ -266,3 +266,190 @@ def facet_offset_text(coords: np.ndarray, facets: Sequence[Facet],
         dx, dy = by_direction.get(direction.get(i, -1), (0.0, 0.0))
         lines.append(f"{ra:.9f} {dec:.9f} {-dx / cell_arcsec:.6f} {dy / cell_arcsec:.6f}")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- the offsets step (node side)
+
+RA_NAMES = ("ra", "raMean", "RA", "RAJ2000", "ra_deg")
+DEC_NAMES = ("dec", "decMean", "DEC", "Dec", "DEJ2000", "dec_deg")
+ASTROMAP_BLOCK = 20  # astromap.fits pixels are this many image pixels on a side
+
+
+def _column(names: Sequence[str], colnames: Sequence[str]) -> str | None:
+    lower = {c.lower(): c for c in colnames}
+    return next((lower[n.lower()] for n in names if n.lower() in lower), None)
+
+
+def reference_catalogue(cfg: object) -> str:
+    """The local reference catalogue of ``[offsets]``, checked before anything is queued."""
+    from pathlib import Path
+
+    from hpcddf.errors import ConfigError
+    method = cfg.get("offsets", "method")  # type: ignore[attr-defined]
+    path = cfg.get("offsets", "catalogue")  # type: ignore[attr-defined]
+    if not path:
+        raise ConfigError(f"[offsets] method={method} needs a local reference catalogue",
+                          "set [offsets] catalogue to a FITS/CSV file with RA and Dec columns "
+                          "(hpcddf downloads nothing)")
+    if not Path(path).is_file():
+        raise ConfigError(f"offsets reference catalogue {path} does not exist",
+                          "fix [offsets] catalogue ($$ is the site's catalogue dir)")
+    read_reference(path)
+    return str(path)
+
+
+def read_reference(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ra, dec) degrees of a reference catalogue; a clear error if it has no such columns."""
+    from astropy.table import Table
+
+    from hpcddf.errors import ConfigError
+    try:
+        t = Table.read(path, format="ascii.csv") if str(path).endswith(".csv") else Table.read(path)
+    except Exception as exc:
+        raise ConfigError(f"offsets reference catalogue {path} cannot be read: {str(exc).splitlines()[0][:150]}",
+                          "give a FITS table or a CSV file with a header line") from None
+    ra, dec = _column(RA_NAMES, t.colnames), _column(DEC_NAMES, t.colnames)
+    if ra is None or dec is None:
+        raise ConfigError(f"offsets reference catalogue {path} has no RA/Dec columns (has {', '.join(t.colnames[:8])})",
+                          "name them ra and dec (degrees)")
+    return np.asarray(t[ra], float), np.asarray(t[dec], float)
+
+
+def lofar_catalogue(root: str, out: str) -> object:
+    """PyBDSF on ``<root>.int.restored.fits``, detecting on the apparent image (ddf-pipeline's
+    offsets parameters: thresh 4/5, rms box (150,15), adaptive (60,15) above 150, no wavelets)."""
+    import bdsf
+    from astropy.table import Table
+
+    from hpcddf.atomic import atomic_path
+    from hpcddf.quality import pybdsf_to_log
+    from pathlib import Path
+    with pybdsf_to_log(Path(out).with_suffix(".pybdsf.log")):
+        img = bdsf.process_image(f"{root}.int.restored.fits", detection_image=f"{root}.app.restored.fits",
+                                 thresh_isl=4.0, thresh_pix=5.0, rms_box=(150, 15), rms_map=True,
+                                 mean_map="zero", adaptive_rms_box=True, adaptive_thresh=150.0,
+                                 rms_box_bright=(60, 15), flag_maxsize_fwhm=0.5, frequency=144e6,
+                                 quiet=True, output_opts=False)
+        with atomic_path(out) as tmp:
+            img.write_catalog(outfile=str(tmp), format="fits", catalog_type="srl", clobber=True)
+    return Table.read(out)
+
+
+def compact(table: object, bmaj_deg: float) -> np.ndarray:
+    """Compact, isolated sources: single-Gaussian (S_Code S), no larger than twice the beam,
+    S/N >= 3, and no neighbour within max(15", 2.5 beams). ddf-pipeline additionally fits an
+    envelope in ln(S_int/S_peak) against S/N; on the few hundred sources of a field that cut
+    removes little that these do not, and it is left out."""
+    from scipy.spatial import cKDTree
+    t = table
+    ra, dec = np.asarray(t["RA"], float), np.asarray(t["DEC"], float)  # type: ignore[index]
+    xyz = np.column_stack([np.cos(np.radians(dec)) * np.cos(np.radians(ra)),
+                           np.cos(np.radians(dec)) * np.sin(np.radians(ra)), np.sin(np.radians(dec))])
+    radius = np.radians(max(15.0 / 3600.0, 2.5 * bmaj_deg))
+    n_near = np.array([len(x) for x in cKDTree(xyz).query_ball_point(xyz, r=radius)])
+    code = np.char.strip(np.asarray(t["S_Code"]).astype(str))  # type: ignore[index]
+    snr = np.asarray(t["Peak_flux"], float) / np.asarray(t["Isl_rms"], float)  # type: ignore[index]
+    return (n_near == 1) & (code == "S") & (np.asarray(t["Maj"], float) < 2 * bmaj_deg) & (snr >= 3)  # type: ignore[index]
+
+
+def _sky_xy(wcs: object, ra: np.ndarray, dec: np.ndarray, cell_arcsec: float) -> np.ndarray:
+    """Image-pixel positions scaled to arcsec, x increasing to the east (as ddf-pipeline)."""
+    x, y = wcs.celestial.all_world2pix(ra, dec, 0)  # type: ignore[attr-defined]
+    return np.column_stack([-x * cell_arcsec, y * cell_arcsec])
+
+
+def offsets_table(fits_: Sequence[FacetOffset], out: str) -> None:
+    """``<method>-facet_offsets.fits`` with ddf-pipeline's columns (one row per direction)."""
+    from astropy.table import Table
+
+    from hpcddf.atomic import atomic_path
+    t = Table({"Facet_id": [f.facet for f in fits_], "N_Sources": [f.n_sources for f in fits_],
+               "RA_offset": [f.ra.offset for f in fits_], "DEC_offset": [f.dec.offset for f in fits_],
+               "RA_error": [f.ra.offset_err for f in fits_], "DEC_error": [f.dec.offset_err for f in fits_],
+               "RA_peak": [f.ra.norm for f in fits_], "DEC_peak": [f.dec.norm for f in fits_],
+               "RA_peak_error": [f.ra.norm_err for f in fits_], "DEC_peak_error": [f.dec.norm_err for f in fits_],
+               "Bad": [f.bad for f in fits_]})
+    with atomic_path(out) as tmp:
+        t.write(tmp, format="fits", overwrite=True)
+
+
+def astromap(app_image: str, facets: Sequence[Facet], fits_: Sequence[FacetOffset],
+             centre: tuple[float, float], out: str) -> None:
+    """``astromap.fits``: the image grid with 20x larger pixels, each holding the positional
+    error of its direction, sqrt(RA_error^2 + DEC_error^2) in arcsec (NaN outside the facets)."""
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    from hpcddf.atomic import atomic_path
+    hdr = fits.getheader(app_image)
+    w = WCS(hdr).celestial
+    ny, nx = int(hdr["NAXIS2"]) // ASTROMAP_BLOCK, int(hdr["NAXIS1"]) // ASTROMAP_BLOCK
+    w2 = w.deepcopy()
+    w2.wcs.cdelt = w.wcs.cdelt * ASTROMAP_BLOCK
+    w2.wcs.crpix = (w.wcs.crpix - 0.5) / ASTROMAP_BLOCK + 0.5
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    ra, dec = w2.all_pix2world(xx.ravel(), yy.ravel(), 0)
+    direction = {f.index: f.direction for f in facets}
+    err = {f.facet: float(np.hypot(f.ra.offset_err, f.dec.offset_err)) for f in fits_}
+    idx = facet_of(ra, dec, facets, centre)
+    vals = np.array([err.get(direction.get(int(i), -1), np.nan) if i >= 0 else np.nan for i in idx])
+    with atomic_path(out) as tmp:
+        fits.PrimaryHDU(vals.reshape(ny, nx).astype(np.float32), w2.to_header()).writeto(tmp, overwrite=True)
+
+
+def quiver_plot(facets: Sequence[Facet], fits_: Sequence[FacetOffset], centre: tuple[float, float], out: str) -> None:
+    """Each direction's offset as an arrow at its facets' mean position (bad ones grey)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hpcddf.atomic import atomic_path
+    fig, ax = plt.subplots(figsize=(6, 6))
+    for fo in fits_:
+        polys = [f.polygon for f in facets if f.direction == fo.facet]
+        if not polys:
+            continue
+        xy = _tangent(np.concatenate(polys)[:, 0], np.concatenate(polys)[:, 1], centre).mean(axis=0)
+        ax.quiver(xy[0], xy[1], fo.ra.offset, fo.dec.offset, angles="xy", scale_units="xy", scale=20.0,
+                  color="grey" if fo.bad else "C0")
+        ax.annotate(f"{fo.facet}: {fo.ra.offset:+.2f}\", {fo.dec.offset:+.2f}\"", xy, fontsize=7)
+    ax.set(xlabel="east offset (deg)", ylabel="north offset (deg)", title="astrometric offsets per direction")
+    ax.invert_xaxis()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def run_offsets(root: str, config: str, seed: int = 0) -> list[FacetOffset]:
+    """The offsets step in the field directory: catalogue, compact sources, per-direction fits,
+    and every output (table, facet-offset.txt, astromap.fits, quiver PNG)."""
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    from hpcddf.atomic import write_text_atomic
+    from hpcddf.config import load_config
+    cfg = load_config([config])
+    method, how = cfg.get("offsets", "method"), cfg.get("offsets", "fit")
+    ref_ra, ref_dec = read_reference(reference_catalogue(cfg))
+    app = f"{root}.app.restored.fits"
+    hdr = fits.getheader(app)
+    wcs, cell = WCS(hdr), abs(float(hdr["CDELT2"])) * 3600.0
+    centre = (float(hdr["CRVAL1"]), float(hdr["CRVAL2"]))
+    table = lofar_catalogue(root, f"{root}.offsets.srl.fits")
+    keep = compact(table, float(hdr["BMAJ"]))
+    ra, dec = np.asarray(table["RA"], float)[keep], np.asarray(table["DEC"], float)[keep]  # type: ignore[index]
+    facets = read_tessel(f"{root}.tessel.reg", centre)
+    direction = {f.index: f.direction for f in facets}
+    lofar_dir = np.array([direction.get(int(i), -1) for i in facet_of(ra, dec, facets, centre)])
+    dirs = sorted({f.direction for f in facets})
+    fits_ = fit_facets(_sky_xy(wcs, ra, dec, cell), lofar_dir, _sky_xy(wcs, ref_ra, ref_dec, cell),
+                       dirs, method=how, seed=seed)
+    offsets_table(fits_, f"{method}-facet_offsets.fits")
+    coords = read_facet_coords(f"{root}.facetCoord.txt")
+    write_text_atomic("facet-offset.txt", facet_offset_text(coords, facets, applied_offsets(fits_), cell))
+    astromap(app, facets, fits_, centre, "astromap.fits")
+    quiver_plot(facets, fits_, centre, f"{method}-offsets.png")
+    for f in fits_:
+        print(f"direction {f.facet}: {f.n_sources} sources, RA {f.ra.offset:+.2f} +- {f.ra.offset_err:.2f}\", "
+              f"Dec {f.dec.offset:+.2f} +- {f.dec.offset_err:.2f}\"" + (" (bad: median used)" if f.bad else ""))
+    return fits_

@@ -23,6 +23,7 @@ from hpcddf.ddfcommands import (
     Solve,
     clipcal,
     ddf_image,
+    ddf_shift,
     dirty_of,
     hpcddf_tool,
     kms,
@@ -37,9 +38,7 @@ from hpcddf.runner import Command, Step
 UNSUPPORTED = {
     "redo_DI": "[control] redo_DI (DP3 against a downloaded sky model)",
     "image_full_wide": "[image] do_wide",
-    "bootstrap": "[control] bootstrap",
     "extended_mask": "[masking] extended_size (needs the bootstrap)",
-    "offsets": "[offsets] method",
     "spectral_restored": "[control] spectral_restored",
     "polcubes": "[control] polcubes",
     "stokesv": "[control] stokesv",
@@ -51,6 +50,7 @@ CLUSTER_CAT = "image_dirin_SSD_m.npy.ClusterCat.npy"
 EXT_MASK = "external_mask.fits"  # written only when something is masked: DDF refuses empty masks
 EXT_MASK_RECORD = "external_mask.json"
 DI_COL = "DATA_DI_CORRECTED"
+SCALED_COL = "SCALED_DATA"
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,11 @@ class Reduction:
     m: Machine
     mss: tuple[str, ...]          # MSs of [data] mslist
     full_mss: tuple[str, ...]     # MSs of [data] full_mslist
+    # which columns hold the data at this step (see columns_at): after the bootstrap the
+    # calibration starts from SCALED_DATA, and until DIS1 rewrites DATA_DI_CORRECTED from it
+    # the self-cal images image DATA_DI_CORRECTED_SCALED
+    scaled: bool = False
+    di_scaled: bool = False
 
     def get(self, section: str, name: str):
         return self.cfg.get(section, name)
@@ -76,7 +81,7 @@ class Reduction:
     @property
     def col(self) -> str:
         """The column calibration starts from (the raw or, after bootstrap, scaled data)."""
-        return self.cfg.get("data", "colname")
+        return SCALED_COL if self.scaled else self.cfg.get("data", "colname")
 
     @property
     def di(self) -> bool:
@@ -85,7 +90,9 @@ class Reduction:
     @property
     def img_col(self) -> str:
         """What the self-cal images image once DI calibration has run."""
-        return DI_COL if self.di else self.col
+        if not self.di:
+            return self.col
+        return f"{DI_COL}_SCALED" if self.di_scaled else DI_COL
 
     def thr(self, i: int) -> float:
         t = self.cfg.get("masking", "thresholds")
@@ -109,6 +116,41 @@ class Reduction:
         kw.setdefault("robust", self.get("image", "robust"))
         kw.setdefault("psf_arcsec", self.get("image", "psf_arcsec"))
         return Image(name=name, **kw)
+
+
+def obsid_of(ms: str) -> str:
+    """ddf-pipeline's observation id: the MS file name up to its first underscore."""
+    return Path(ms).name.split("_", 1)[0]
+
+
+def group_by_obsid(mss: tuple[str, ...] | list[str]) -> dict[str, list[str]]:
+    """The MSs of each observation, in list order (the bootstrap makes one cube per observation)."""
+    groups: dict[str, list[str]] = {}
+    for ms in mss:
+        groups.setdefault(obsid_of(ms), []).append(ms)
+    return groups
+
+
+def check_inputs(cfg: PipelineConfig, step_names: list[str] | tuple[str, ...]) -> None:
+    """Refuse, before anything is queued, a step whose external inputs are missing or wrong:
+    the bootstrap's catalogues (files and PyBDSM columns) and the offsets' reference catalogue."""
+    try:  # the full check reads the tables (astropy); a bare login-node install checks the files
+        from hpcddf.bootstrap import catalogues_from_config
+        from hpcddf.offsets import reference_catalogue
+    except ImportError:
+        catalogues_from_config = reference_catalogue = _files_exist
+    if "bootstrap" in step_names:
+        catalogues_from_config(cfg)
+    if "offsets" in step_names:
+        reference_catalogue(cfg)
+
+
+def _files_exist(cfg: PipelineConfig) -> None:
+    from hpcddf.errors import ConfigError
+    paths = list(cfg.get("bootstrap", "catalogues") or []) + [cfg.get("offsets", "catalogue") or ""]
+    for p in paths:
+        if p and not Path(str(p)).is_file():
+            raise ConfigError(f"catalogue {p} does not exist", "fix the path in the config ($$ is the site's catalogue dir)")
 
 
 def read_list(workdir: Path, name: str | None) -> tuple[str, ...]:
@@ -307,6 +349,53 @@ def DDS0(r: Reduction) -> Step:
     return _step("DDS0", cmds, outs, 90)
 
 
+BOOTSTRAP_MEAN = "image_bootstrap.app.mean.fits"
+
+
+def low_res(r: Reduction) -> dict:
+    """The low-resolution image knobs (beam, cell, size, uv range) the bootstrap cube uses."""
+    psf = r.get("image", "low_psf_arcsec")
+    if psf is None:
+        raise PlanError("the bootstrap needs a low-resolution beam: [image] low_psf_arcsec is not set",
+                        "set [image] low_psf_arcsec (20 for LoTSS) or switch off [control] bootstrap")
+    cell = r.get("image", "low_cell")
+    size = r.get("image", "low_imsize") or int(r.get("image", "imsize") * r.get("image", "cellsize") / cell)
+    return {"psf_arcsec": psf, "cellsize": cell, "imsize": size, "robust": r.get("image", "low_robust"),
+            "uvrange": (r.get("image", "uvmin") or 0.0, 2.5 * 206.0 / psf)}
+
+
+def bootstrap(r: Reduction) -> Step:
+    """Per observation: a low-resolution cube (one band per subband, DDS0 applied), PyBDSF with
+    per-channel fluxes, the factor fit against the [bootstrap] catalogues, then SCALED_DATA (and
+    DATA_DI_CORRECTED_SCALED) in every MS of that observation in both MS lists.
+
+    ddf-pipeline first makes a dirty cube and a TGSS mask for it; here the cube is cleaned
+    with its automask alone (the bright sources the fit uses are well above 15 sigma)."""
+    cmds: list[Command] = []
+    outs: list[str] = []
+    full = group_by_obsid(r.full_mss or r.mss)
+    apps = []
+    for obsid, mss in group_by_obsid(r.mss).items():
+        lst, name = f"bootstrap_{obsid}.mslist", f"image_bootstrap_{obsid}"
+        cmds.append(hpcddf_tool(r.m, ["write-list", "--out", lst, *mss], f"{name}.list.log"))
+        img = r.image(name, mslist=lst, colname=r.col, majorcycles=5, automask_sigma=15.0,
+                      clusterfile=CLUSTER_CAT, ddsols=applied(r, "DDS0"), apply=r.apply(6),
+                      nband=len(mss), cubes="Ii", **low_res(r))
+        cmds.append(ddf_image(r.cfg, r.m, img))
+        factors = f"{obsid}-bootstrap-factors.json"
+        cmds.append(hpcddf_tool(r.m, ["bootstrap-fit", "--cube", f"{name}.cube.int.restored.fits",
+                                      "--config", ".hpcddf/pipeline.cfg", "--out", factors],
+                                f"{name}.fit.log"))
+        targets = sorted(set(mss) | set(full.get(obsid, [])))
+        di = ["--di-col", DI_COL] if r.di else []
+        apply = ["bootstrap-apply", "--factors", factors, "--colname", r.col, *di, *targets]
+        cmds.append(hpcddf_tool(r.m, apply, f"{name}.apply.log"))
+        outs += [factors, f"{name}.cube.int.restored.fits"]
+        apps.append(f"{name}.app.restored.fits")
+    cmds.append(hpcddf_tool(r.m, ["mean-image", "--out", BOOTSTRAP_MEAN, *apps], "image_bootstrap.mean.log"))
+    return _step("bootstrap", cmds, outs + [BOOTSTRAP_MEAN], 300)
+
+
 def image_phase1(r: Reduction) -> Step:
     base = _last_di_image(r)
     img = r.image("image_phase1", majorcycles=2, clusterfile=CLUSTER_CAT,
@@ -473,6 +562,23 @@ def image_full_ampphase_di_m_NS(r: Reduction) -> Step:
     return _step(name, [ddf_image(r.cfg, r.m, img)], [restored(name)], 180)
 
 
+FINAL_NS = "image_full_ampphase_di_m.NS"
+
+
+def offsets(r: Reduction) -> Step:
+    """Per-direction astrometric offsets of the final image against the local reference
+    catalogue, then DDFacet's RestoreAndShift with them (the ``_shift`` images).
+
+    RestoreAndShift reads the final image's PSF and last-residual cache, which lives in this
+    job's cache directory: the step runs in the same stage as the image."""
+    method = r.get("offsets", "method")
+    cmds = [hpcddf_tool(r.m, ["offsets", "--root", FINAL_NS, "--config", ".hpcddf/pipeline.cfg"], "offsets.log"),
+            ddf_shift(r.m, FINAL_NS, "facet-offset.txt")]
+    outs = [f"{method}-facet_offsets.fits", "facet-offset.txt", "astromap.fits", f"{method}-offsets.png",
+            f"{FINAL_NS}_shift.app.facetRestored.fits"]
+    return _step("offsets", cmds, outs, 120)
+
+
 def summary(r: Reduction) -> Step:
     cmds = [hpcddf_tool(r.m, ["summary", "--config", ".hpcddf/pipeline.cfg", "--out", "summary.txt"],
                         "summary.log")]
@@ -486,11 +592,27 @@ BUILDERS: dict[str, Callable[[Reduction], Step]] = {
     f.__name__: f for f in (
         image_dirin_SSD_init, external_mask, image_dirin_SSD, mask_diffuse, image_dirin_SSD_m,
         cluster, image_dirin_SSD_m_c, DIS0, image_dirin_SSD_m_c_di, image_dirin_SSD_m_c_di_m,
-        DDS0, image_phase1, mask_phase1, DDS1, image_ampphase1, Predict_DI1, DIS1,
+        DDS0, bootstrap, image_phase1, mask_phase1, DDS1, image_ampphase1, Predict_DI1, DIS1,
         image_ampphase1_di, DDS2_full, Predict_DDS2, DIS2_full, image_full_ampphase_di,
-        image_full_ampphase_di_m, DDS3_full, DDS3_full_slow, image_full_low, summary)
+        image_full_ampphase_di_m, DDS3_full, DDS3_full_slow, image_full_low, offsets, summary)
 }
 BUILDERS["image_full_ampphase_di_m.NS"] = image_full_ampphase_di_m_NS
+
+
+# Steps that run on the unscaled data even when the bootstrap is on; and, after it, the steps
+# that still image the scaled copy of DIS0's output (DIS1 then recalibrates from SCALED_DATA).
+BEFORE_BOOTSTRAP = frozenset({
+    "image_dirin_SSD_init", "external_mask", "image_dirin_SSD", "mask_diffuse", "image_dirin_SSD_m",
+    "cluster", "image_dirin_SSD_m_c", "DIS0", "image_dirin_SSD_m_c_di", "image_dirin_SSD_m_c_di_m",
+    "DDS0", "bootstrap"})
+BEFORE_DIS1 = frozenset({"image_phase1", "mask_phase1", "DDS1", "image_ampphase1", "Predict_DI1"})
+
+
+def columns_at(r: Reduction, name: str) -> Reduction:
+    """The reduction as step ``name`` sees it: which columns hold the (scaled) data."""
+    if not r.get("control", "bootstrap") or name in BEFORE_BOOTSTRAP:
+        return r
+    return replace(r, scaled=True, di_scaled=name in BEFORE_DIS1)
 
 
 def build(r: Reduction, stage: str, names: list[str] | tuple[str, ...]) -> list[Step]:
@@ -500,7 +622,7 @@ def build(r: Reduction, stage: str, names: list[str] | tuple[str, ...]) -> list[
         if name in UNSUPPORTED or name not in BUILDERS:
             raise PlanError(f"step {name} is not implemented in this hpcddf version",
                             f"switch off {UNSUPPORTED.get(name, name)} in the config")
-        steps.append(replace(BUILDERS[name](r), stage=stage))
+        steps.append(replace(BUILDERS[name](columns_at(r, name)), stage=stage))
     return steps
 
 

@@ -261,7 +261,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("summary")
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True)
+    p = sub.add_parser("write-list", help="an MS list file (one name per line)")
+    p.add_argument("--out", required=True)
+    p.add_argument("ms", nargs="+")
+    p = sub.add_parser("bootstrap-fit", help="catalogue a bootstrap cube and fit the flux-scale factors")
+    p.add_argument("--cube", required=True)
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("bootstrap-apply", help="write SCALED_DATA (and the DI-corrected scaled column)")
+    p.add_argument("--factors", required=True)
+    p.add_argument("--colname", required=True)
+    p.add_argument("--di-col")
+    p.add_argument("ms", nargs="+")
+    p = sub.add_parser("mean-image")
+    p.add_argument("--out", required=True)
+    p.add_argument("images", nargs="+")
+    p = sub.add_parser("offsets", help="astrometric offsets of the final image per direction")
+    p.add_argument("--root", required=True)
+    p.add_argument("--config", required=True)
     a = ap.parse_args(argv)
+    if a.cmd == "offsets":
+        from hpcddf.offsets import run_offsets
+        run_offsets(a.root, a.config)
+        return 0
+    if a.cmd.startswith("bootstrap") or a.cmd == "mean-image":
+        return _bootstrap_tools(a)
     if a.cmd == "prepare-ms":
         prepare_ms(a.ms, a.colname)
     elif a.cmd == "clear-cache":
@@ -279,6 +303,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         link_sols(a.solsdir, a.sols, a.target, a.ms)
     elif a.cmd == "summary":
         write_summary(a.config, a.out)
+    elif a.cmd == "write-list":
+        _write_text(Path(a.out), "".join(f"{ms}\n" for ms in a.ms))
+    return 0
+
+
+def _bootstrap_tools(a: argparse.Namespace) -> int:
+    from hpcddf import bootstrap
+    from hpcddf.errors import HpcddfError
+    try:
+        if a.cmd == "bootstrap-fit":
+            bootstrap.fit_cube(a.cube, a.config, a.out)
+        elif a.cmd == "bootstrap-apply":
+            bootstrap.apply_factors(a.factors, a.ms, a.colname, a.di_col)
+        else:
+            bootstrap.mean_image(a.images, a.out)
+    except HpcddfError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

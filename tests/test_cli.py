@@ -363,8 +363,8 @@ def test_dry_run_local_site(run_cli, tmp_path):
 
 
 def test_dry_run_table(run_cli, site_file):
-    proc = run_cli("submit", "L123456", "--site", "testsite", "--dry-run", "--control-bootstrap=True")
-    assert "a real submit refuses this config" in proc.stderr and "[control] bootstrap" in proc.stderr
+    proc = run_cli("submit", "L123456", "--site", "testsite", "--dry-run", "--control-polcubes=True")
+    assert "a real submit refuses this config" in proc.stderr and "[control] polcubes" in proc.stderr
     out = ok(run_cli("submit", "L123456", "--site", "testsite", "--dry-run"))
     assert "plan on site testsite (local): 1 field(s), 1 chain(s)" in out
     for name in DEFAULT_STAGES:
@@ -379,7 +379,8 @@ def test_dry_run_tier1_sep2024(run_cli, data_dir, write_site):
     assert list(stages) == ALL_STAGES
     assert stages["bootstrap"]["steps"] == ["DDS0", "bootstrap"]
     assert stages["fulllow"]["depends_on"] == ["fullampphase"]
-    assert "[control] bootstrap" in doc["unsupported"]  # what a real submit would refuse
+    assert "[control] bootstrap" not in doc["unsupported"]
+    assert "[masking] extended_size (needs the bootstrap)" in doc["unsupported"]  # what a real submit would refuse
     assert ok_json(run_cli("submit", "L123456", "--site", "withcat", "--dry-run", "--json"))["unsupported"] == []
 
 
@@ -464,3 +465,22 @@ def test_demo_without_the_science_stack_says_how_to_install_it(tmp_path, monkeyp
         run_demo(tmp_path / "w")
     assert "hpcddf[science]" in str(err.value)
     assert not (tmp_path / "w").exists()
+
+
+TIER1_RUNNABLE = ("--masking-extended_size=None", "--control-polcubes=False", "--control-stokesv=False",
+                  "--spectra-do_dynspec=False", "--compression-compress_ms=False")
+
+
+def test_a_missing_bootstrap_catalogue_is_refused_before_anything_is_queued(run_cli, data_dir, write_site, tmp_path):
+    write_site("nocats", catalog_dir=str(tmp_path / "cats"))  # VLSS.fits is not there
+    proc = run_cli("submit", "L123456", "--site", "nocats", "-c", data_dir / "tier1-sep2024.cfg", *TIER1_RUNNABLE)
+    assert proc.returncode == 2, proc.stderr
+    assert "bootstrap catalogue" in proc.stderr and "VLSS.fits does not exist" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_an_offsets_method_without_a_local_catalogue_is_refused(run_cli, data_dir, write_site):
+    write_site("plain")
+    proc = run_cli("submit", "L123456", "--site", "plain", "--offsets-method=pslocal")
+    assert proc.returncode == 2, proc.stderr
+    assert "needs a local reference catalogue" in proc.stderr and "[offsets] catalogue" in proc.stderr

@@ -155,7 +155,7 @@ def test_full_tier1_style_config(cfg_file):
     assert v["bootstrap"]["frequencies"] == [74e6, 327e6]
     assert v["compression"] == {"compress_polcubes": False, "fpack_q": 8,
                                 "delete_compressed": False, "compress_ms": True}
-    assert v["offsets"] == {"method": None, "fit": "chi2", "mode": "normal"}
+    assert v["offsets"] == {"method": None, "fit": "chi2", "mode": "normal", "catalogue": None}
     assert v["spectra"]["bright_threshold"] == 2.0
     assert v["inputmodel"]["basedicomodel"] is None
     # options not in the file keep their defaults

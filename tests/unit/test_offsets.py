@@ -85,3 +85,53 @@ def test_the_shift_file_gives_each_facet_its_directions_offset_in_pixels():
     for i, row in enumerate(rows):
         want = {0: (-2.0, -1.0), 1: (0.0, 0.0), 2: (4.0, 4.0)}[by_dir[i]]
         assert (float(row[2]), float(row[3])) == pytest.approx(want)
+
+
+def _cfg(tmp_path, *overrides):
+    from hpcddf.config import load_config
+    return load_config([], ["--offsets-method=pslocal", *overrides])
+
+
+def test_the_reference_catalogue_is_checked_before_anything_is_queued(tmp_path):
+    from astropy.table import Table
+
+    from hpcddf.errors import ConfigError
+    from hpcddf.offsets import read_reference, reference_catalogue
+    with pytest.raises(ConfigError, match="needs a local reference catalogue"):
+        reference_catalogue(_cfg(tmp_path))
+    with pytest.raises(ConfigError, match="does not exist"):
+        reference_catalogue(_cfg(tmp_path, f"--offsets-catalogue={tmp_path / 'nope.fits'}"))
+    Table({"x": [1.0]}).write(tmp_path / "bad.fits")
+    with pytest.raises(ConfigError, match="no RA/Dec columns"):
+        reference_catalogue(_cfg(tmp_path, f"--offsets-catalogue={tmp_path / 'bad.fits'}"))
+    (tmp_path / "ps.csv").write_text("raMean,decMean\n180.5,60.1\n")
+    assert reference_catalogue(_cfg(tmp_path, f"--offsets-catalogue={tmp_path / 'ps.csv'}")).endswith("ps.csv")
+    ra, dec = read_reference(str(tmp_path / "ps.csv"))
+    assert ra.tolist() == [180.5] and dec.tolist() == [60.1]
+
+
+def test_offsets_table_and_astromap_hold_each_directions_result(tmp_path):
+    from astropy.io import fits
+    from astropy.table import Table
+    from astropy.wcs import WCS
+
+    from hpcddf.offsets import EMPTY, AxisFit, FacetOffset, astromap, offsets_table, read_tessel
+    facets = read_tessel(str(DDF / "image_full_ampphase_di_m.NS.tessel.reg"))
+    dirs = sorted({f.direction for f in facets})
+    fits_ = [FacetOffset(d, 30, AxisFit(0.5 * d, 0.1 * (d + 1), 1.0, 10.0, 1.0, 1.0),
+                         AxisFit(-0.5, 0.2, 1.0, 10.0, 1.0, 1.0)) for d in dirs[:-1]]
+    fits_.append(FacetOffset(dirs[-1], 0, EMPTY, EMPTY))
+    offsets_table(fits_, str(tmp_path / "t.fits"))
+    t = Table.read(tmp_path / "t.fits")
+    assert list(t["Facet_id"]) == dirs and list(t["Bad"]) == [False] * (len(dirs) - 1) + [True]
+    assert t["RA_offset"][1] == pytest.approx(0.5 * dirs[1])
+    w = WCS(naxis=2)
+    w.wcs.ctype, w.wcs.crval = ["RA---SIN", "DEC--SIN"], [180.0, 60.0]
+    w.wcs.cdelt, w.wcs.crpix = [-20 / 3600, 20 / 3600], [301, 301]
+    fits.PrimaryHDU(np.zeros((600, 600), np.float32), w.to_header()).writeto(tmp_path / "app.fits")
+    astromap(str(tmp_path / "app.fits"), facets, fits_, (180.0, 60.0), str(tmp_path / "astromap.fits"))
+    amap = fits.getdata(tmp_path / "astromap.fits")
+    assert amap.shape == (30, 30)
+    want = {float(np.float32(np.hypot(f.ra.offset_err, f.dec.offset_err))) for f in fits_}
+    got = set(np.unique(amap[np.isfinite(amap)]).tolist())
+    assert got and got <= want and len(got) >= 2

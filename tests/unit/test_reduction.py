@@ -157,11 +157,63 @@ def test_unsupported_steps_are_named_before_anything_runs():
     site = load_site("local")
     plan = plan_reduction(load_config([TIER1], catalog_dir="/cats"), site, "L1")
     names = [n for st in plan.stages for n in st.steps]
-    assert unsupported(names) == ["[control] bootstrap", "[masking] extended_size (needs the bootstrap)",
+    assert unsupported(names) == ["[masking] extended_size (needs the bootstrap)",
                                   "[control] polcubes", "[control] stokesv", "[spectra] do_dynspec",
                                   "[compression] compress_ms"]
-    with pytest.raises(PlanError, match="bootstrap"):
-        build(tier1(), "bootstrap", ["bootstrap"])
+    with pytest.raises(PlanError, match="extended_size"):
+        build(tier1(), "ampphase", ["extended_mask"])
+
+
+def boot(*overrides: str) -> Reduction:
+    cfg = load_config([TIER1], ["--control-bootstrap=True", *overrides], catalog_dir="/cats")
+    return Reduction(cfg, NODE, MS, FULL)
+
+
+def test_bootstrap_images_a_cube_per_observation_and_scales_both_lists():
+    [step] = build(boot(), "bootstrap", ["bootstrap"])
+    ddf = [c.argv for c in step.commands if c.argv[0] == "DDF.py"]
+    assert len(ddf) == 1  # one observation, L1
+    argv = ddf[0]
+    for opt in ("--Data-MS=bootstrap_L1.mslist", "--Data-ColName=CORRECTED_DATA", "--Freq-NBand=2",
+                "--Output-Cubes=Ii", "--Image-Cell=4.5", "--Image-NPix=6000", "--Output-RestoringBeam=20",
+                "--Weight-Robust=-0.25", "--DDESolutions-DDSols=DDS0_smoothed", "--Deconv-MaxMajorIter=5",
+                "--Mask-SigTh=15", "--Selection-UVRangeKm=[0.1,25.75]"):
+        assert opt in argv, opt
+    tools = {c.argv[3]: c.argv[4:] for c in step.commands if c.argv[1:3] == ("-m", "hpcddf.tools")}
+    assert tools["write-list"] == ("--out", "bootstrap_L1.mslist", *MS)
+    assert tools["bootstrap-fit"][:2] == ("--cube", "image_bootstrap_L1.cube.int.restored.fits")
+    # every MS of the observation in either list gets SCALED_DATA, and the DI column is scaled too
+    assert tools["bootstrap-apply"] == ("--factors", "L1-bootstrap-factors.json", "--colname", "CORRECTED_DATA",
+                                        "--di-col", "DATA_DI_CORRECTED", *sorted(FULL))
+    assert "image_bootstrap.app.mean.fits" in step.outputs and "L1-bootstrap-factors.json" in step.outputs
+
+
+def test_bootstrap_needs_a_low_resolution_beam():
+    with pytest.raises(PlanError, match="low_psf_arcsec"):
+        build(boot("--image-low_psf_arcsec=None"), "bootstrap", ["bootstrap"])
+
+
+def _col(step, prog="DDF.py", opt="--Data-ColName="):
+    for c in step.commands:
+        if c.argv[0] == prog:
+            if prog == "kMS.py":
+                return c.argv[c.argv.index("--InCol") + 1]
+            return next(a[len(opt):] for a in c.argv if a.startswith(opt))
+    raise AssertionError(f"no {prog} in {step.name}")
+
+
+def test_after_the_bootstrap_steps_read_the_scaled_columns():
+    names = ["DDS0", "image_phase1", "DDS1", "Predict_DI1", "DIS1", "image_ampphase1_di", "DDS2_full"]
+    on = {s.name: s for s in build(boot(), "x", names)}
+    off = {s.name: s for s in build(tier1(), "x", names)}
+    assert _col(on["DDS0"], "kMS.py") == _col(off["DDS0"], "kMS.py") == "DATA_DI_CORRECTED"
+    assert _col(on["image_phase1"]) == "DATA_DI_CORRECTED_SCALED"
+    assert _col(off["image_phase1"]) == "DATA_DI_CORRECTED"
+    assert _col(on["DDS1"], "kMS.py") == "DATA_DI_CORRECTED_SCALED"
+    assert _col(on["Predict_DI1"]) == "SCALED_DATA" and _col(off["Predict_DI1"]) == "CORRECTED_DATA"
+    assert _col(on["DIS1"], "kMS.py") == "SCALED_DATA"  # DIS1 rewrites DATA_DI_CORRECTED from it
+    assert _col(on["image_ampphase1_di"]) == "DATA_DI_CORRECTED"
+    assert _col(on["DDS2_full"], "kMS.py") == "SCALED_DATA"
 
 
 def test_build_steps_reads_the_ms_lists_of_the_field(tmp_path):
