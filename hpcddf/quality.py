@@ -204,6 +204,64 @@ def source_catalogue(int_image: str, app_image: str, out: str) -> Any:
     return Table.read(out)
 
 
+# Intema et al. (2017) 150 MHz Euclidean-normalised source counts: log10(S^2.5 dN/dS / Jy^1.5 sr^-1)
+# as a polynomial in log10(S / Jy) (the coefficients ddf-pipeline's quality pipeline uses).
+INTEMA_COEFFS = (3.5142, 0.3738, -0.3138, -0.0717, 0.0213, 0.0097)
+COUNT_INDEX_PRIOR = (1.753, 0.01)   # alpha of dN/dS near 0.1 Jy: mean, width
+SQ_DEG_PER_SR = 3282.8
+
+
+def euclidean_counts_intema(s_jy: float) -> float:
+    x = np.log10(s_jy)
+    return float(10 ** sum(c * x ** i for i, c in enumerate(INTEMA_COEFFS)))
+
+
+def _counts_log_prob(p: np.ndarray, h: np.ndarray, s: np.ndarray, ds: np.ndarray) -> np.ndarray:
+    """Poisson ln L of binned counts under n(S) = 10^norm (S/0.1 Jy)^-alpha per Jy, with
+    ln Gamma(h + 1) (the reference wrote ln Gamma(h), which is not the Poisson term) and the
+    Gaussian prior on alpha with its 1/2 (the reference left it out, halving the width)."""
+    from scipy.special import gammaln
+    p = np.atleast_2d(p)
+    norm, alpha = p[:, 0:1], p[:, 1:2]
+    ok = ((norm >= 0) & (norm <= 5) & (alpha >= 0) & (alpha <= 4))[:, 0]
+    mu = np.maximum(10 ** norm * ds * (s / 0.1) ** (-alpha), 1e-300)
+    lp = np.sum(h * np.log(mu) - mu - gammaln(h + 1), axis=1)
+    lp -= 0.5 * np.square((alpha[:, 0] - COUNT_INDEX_PRIOR[0]) / COUNT_INDEX_PRIOR[1])
+    return np.where(ok, lp, -np.inf)
+
+
+def source_counts(flux_jy: np.ndarray, rms_jy: float, area_deg2: float, seed: int = 0) -> dict[str, Any] | None:
+    """Fit the differential source counts above 20 rms (19 log bins up to the first empty
+    one) and the flux factor k that moves them onto Intema et al.'s at 0.1 Jy: scaling every
+    flux by k multiplies n(S) by k^(alpha - 1), so k = (E_Intema / E_fit)^(1 / (alpha - 1)).
+    (ddf-pipeline iterates towards the same point; the closed form needs no iteration.)
+    None when fewer than 10 sources are above the cut."""
+    import emcee
+    s = np.asarray(flux_jy, float)
+    s = s[np.isfinite(s) & (s > 20 * rms_jy)]
+    if len(s) < 10 or area_deg2 <= 0:
+        return None
+    edges = np.logspace(np.log10(s.min()), np.log10(s.max()) + 1e-9, 20)
+    h, _ = np.histogram(s, edges)
+    empty = np.flatnonzero(h == 0)
+    nb = int(empty[0]) if len(empty) else len(h)
+    h, edges = h[:nb].astype(float), edges[:nb + 1]
+    centres, widths = np.sqrt(edges[1:] * edges[:-1]), np.diff(edges)
+    rng = np.random.default_rng(seed)
+    start = np.log10(max(h[0] / widths[0] * (centres[0] / 0.1) ** COUNT_INDEX_PRIOR[0], 1.0))
+    p0 = np.column_stack([np.clip(start + rng.normal(0, 0.05, 10), 0.01, 4.99),
+                          COUNT_INDEX_PRIOR[0] + rng.normal(0, 0.005, 10)])
+    sampler = emcee.EnsembleSampler(10, 2, lambda p: _counts_log_prob(p, h, centres, widths), vectorize=True)
+    sampler.random_state = np.random.RandomState(seed).get_state()
+    sampler.run_mcmc(p0, 1000, progress=False)
+    norm, alpha = sampler.get_chain(discard=200, flat=True).mean(axis=0)
+    omega = area_deg2 / SQ_DEG_PER_SR
+    measured = 10 ** norm * 0.1 ** 2.5 / omega          # S^2.5 dN/dS at 0.1 Jy, per sr
+    scale = (euclidean_counts_intema(0.1) / measured) ** (1.0 / (alpha - 1.0))
+    return {"norm": float(norm), "index": float(alpha), "scale": float(scale), "n_sources": int(h.sum()),
+            "area_deg2": float(area_deg2)}
+
+
 def run_quality(workdir: Any, comps: list[Comparison], min_matches: int = 10,
                 root: str = FINAL_ROOT) -> dict[str, Any]:
     """Catalogue the final image, compare it with each catalogue, write quality/quality.json,
@@ -235,8 +293,10 @@ def run_quality(workdir: Any, comps: list[Comparison], min_matches: int = 10,
     beam = float(header.get("BMAJ", 6.0 / 3600)) * 3600
     dr = dynamic_range(np.asarray(data), WCS(header).celestial, ra, dec, np.asarray(cat["Peak_flux"], float),
                        cell, beam)
+    area = float(np.isfinite(np.asarray(data)).sum()) * (cell / 3600) ** 2
     doc: dict[str, Any] = {"image": int_.name, "n_sources": len(cat), "rms_jy": rms,
-                           "dynamic_range": dr.to_dict(), "catalogues": {}}
+                           "dynamic_range": dr.to_dict(), "catalogues": {},
+                           "source_counts": source_counts(np.asarray(cat["Total_flux"], float), rms, area)}
     for c in comps:
         t = Table.read(c.path)
         off = position_offsets(ra, dec, t["RA"], t["DEC"], c.radius_arcsec)
@@ -258,6 +318,9 @@ def report_text(field: str, doc: dict[str, Any]) -> str:
              f"  sources found        {doc['n_sources']}",
              f"  central rms          {doc['rms_jy'] * 1e6:.1f} uJy/beam",
              f"  dynamic range        {dr['value']:.0f} (68 %: {dr['lo']:.0f}-{dr['hi']:.0f}, {dr['n']} sources)"]
+    sc = doc.get("source_counts")
+    lines.append(f"  source counts        index {sc['index']:.3f}, flux factor to Intema et al. {sc['scale']:.3f} "
+                 f"({sc['n_sources']} sources)" if sc else "  source counts        too few sources above 20 rms")
     for name, c in doc["catalogues"].items():
         flag = "" if c["used"] else "  (too few matches: not used)"
         lines.append(f"  vs {name}: {c['matches']} matches{flag}")

@@ -82,3 +82,24 @@ def test_comparison_catalogues_from_the_command_line_and_a_quality_parset(tmp_pa
     cfg.write_text("[comparison_cats]\nlist=['TGSS','FIRST']\nfilenames=['tgss.fits']\n")
     with pytest.raises(HpcddfError, match="differ in length"):
         comparisons_from_parset(str(cfg))
+
+
+def _power_law_sources(n_expected_per_deg2: float, area: float, alpha: float, smin: float, rng) -> np.ndarray:
+    """Fluxes drawn from dN/dS proportional to S^-alpha above smin (Jy)."""
+    n = rng.poisson(n_expected_per_deg2 * area)
+    return smin * (1 - rng.uniform(size=n)) ** (-1.0 / (alpha - 1.0))
+
+
+def test_source_counts_recover_a_flux_scale_error():
+    from hpcddf.quality import COUNT_INDEX_PRIOR, SQ_DEG_PER_SR, euclidean_counts_intema, source_counts
+    rng = np.random.default_rng(2)
+    alpha, area, smin = COUNT_INDEX_PRIOR[0], 30.0, 0.01
+    # normalise so that S^2.5 dN/dS at 0.1 Jy equals Intema et al.'s: dN/dS = A S^-alpha per sr
+    a_sr = euclidean_counts_intema(0.1) * 0.1 ** (alpha - 2.5)
+    per_deg2 = a_sr / SQ_DEG_PER_SR * smin ** (1 - alpha) / (alpha - 1)
+    flux = _power_law_sources(per_deg2, area, alpha, smin, rng)
+    ok = source_counts(flux, rms_jy=smin / 20, area_deg2=area)
+    assert ok["scale"] == pytest.approx(1.0, abs=0.05) and ok["index"] == pytest.approx(alpha, abs=0.03)
+    low = source_counts(flux * 0.8, rms_jy=smin / 20 * 0.8, area_deg2=area)   # fluxes 20 % low
+    assert low["scale"] == pytest.approx(1 / 0.8, rel=0.05)
+    assert source_counts(flux[:5], rms_jy=smin / 20, area_deg2=area) is None
