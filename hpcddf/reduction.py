@@ -143,6 +143,12 @@ def check_inputs(cfg: PipelineConfig, step_names: list[str] | tuple[str, ...]) -
         catalogues_from_config(cfg)
     if "offsets" in step_names:
         reference_catalogue(cfg)
+    if "quality" in step_names:
+        try:
+            from hpcddf.quality import check_comparisons, parse_comparison
+        except ImportError:  # a bare login-node install: the node checks them
+            return
+        check_comparisons([parse_comparison(str(c)) for c in cfg.get("control", "quality")])
 
 
 def _files_exist(cfg: PipelineConfig) -> None:
@@ -579,6 +585,15 @@ def offsets(r: Reduction) -> Step:
     return _step("offsets", cmds, outs, 120)
 
 
+def quality(r: Reduction) -> Step:
+    """``hpcddf quality`` as the last science step: its report in ``quality/``."""
+    args = ["quality"]
+    for c in r.get("control", "quality"):
+        args += ["--catalogue", str(c)]
+    return _step("quality", [hpcddf_tool(r.m, args, "quality.log")],
+                 ["quality/quality.json", "quality/quality.txt"], 120)
+
+
 def summary(r: Reduction) -> Step:
     cmds = [hpcddf_tool(r.m, ["summary", "--config", ".hpcddf/pipeline.cfg", "--out", "summary.txt"],
                         "summary.log")]
@@ -594,7 +609,7 @@ BUILDERS: dict[str, Callable[[Reduction], Step]] = {
         cluster, image_dirin_SSD_m_c, DIS0, image_dirin_SSD_m_c_di, image_dirin_SSD_m_c_di_m,
         DDS0, bootstrap, image_phase1, mask_phase1, DDS1, image_ampphase1, Predict_DI1, DIS1,
         image_ampphase1_di, DDS2_full, Predict_DDS2, DIS2_full, image_full_ampphase_di,
-        image_full_ampphase_di_m, DDS3_full, DDS3_full_slow, image_full_low, offsets, summary)
+        image_full_ampphase_di_m, DDS3_full, DDS3_full_slow, image_full_low, offsets, quality, summary)
 }
 BUILDERS["image_full_ampphase_di_m.NS"] = image_full_ampphase_di_m_NS
 

@@ -117,6 +117,8 @@ STEPS: tuple[StepSpec, ...] = (
     StepSpec("dynspec", "final", _all(_full, _opt("spectra", "do_dynspec")), "dynamic spectra"),
     StepSpec("compress_ms", "final", _all(_full, _opt("compression", "compress_ms")),
              "dysco-compress the MSs"),
+    StepSpec("quality", "final", _all(_full, _opt("control", "quality")),
+             "quality report of the final image against the given catalogues"),
     StepSpec("summary", "final", _always, "summary.txt and cache clean-up"),
 )
 

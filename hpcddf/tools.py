@@ -279,7 +279,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("offsets", help="astrometric offsets of the final image per direction")
     p.add_argument("--root", required=True)
     p.add_argument("--config", required=True)
+    p = sub.add_parser("quality", help="the quality report of the final image (in the field directory)")
+    p.add_argument("--catalogue", action="append", default=[])
     a = ap.parse_args(argv)
+    if a.cmd == "quality":
+        from hpcddf.quality import check_comparisons, parse_comparison, run_quality
+        comps = [parse_comparison(c) for c in a.catalogue]
+        check_comparisons(comps)
+        doc = run_quality(Path.cwd(), comps)
+        print(json.dumps({k: doc[k] for k in ("n_sources", "rms_jy")}))
+        return 0
     if a.cmd == "offsets":
         from hpcddf.offsets import run_offsets
         run_offsets(a.root, a.config)

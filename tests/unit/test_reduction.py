@@ -234,3 +234,22 @@ def test_predicts_write_dd_predict_unsorted():
     assert "--Data-Sort=0" in argv  # DDF 0.9.1 crashes sorting data it loaded without weights
     assert "--Data-MS=big-mslist.txt" in argv and "--Data-ColName=CORRECTED_DATA" in argv
     assert not any(a.startswith("--Deconv-") for a in argv)
+
+
+def test_quality_runs_as_the_last_step_when_configured_and_its_catalogues_are_checked(tmp_path):
+    from astropy.table import Table
+
+    from hpcddf.errors import ConfigError
+    from hpcddf.reduction import check_inputs
+    from hpcddf.plan import group_steps
+    cat = tmp_path / "first.fits"
+    Table({"RA": [1.0], "DEC": [2.0], "Total_flux": [1.0], "E_Total_flux": [0.1]}).write(cat)
+    r = tier1(f"--control-quality=['FIRST={cat}:10']")
+    [step] = build(r, "final", ["quality"])
+    assert step.commands[0].argv[3:] == ("quality", "--catalogue", f"FIRST={cat}:10")
+    assert "quality/quality.json" in step.outputs
+    names = [n for _, steps in group_steps(r.cfg) for n in steps]
+    assert names[-2:] == ["quality", "summary"]
+    check_inputs(r.cfg, names)
+    with pytest.raises(ConfigError, match="nope.fits"):
+        check_inputs(tier1(f"--control-quality=['FIRST={tmp_path}/nope.fits']").cfg, names)
