@@ -324,8 +324,11 @@ def lofar_catalogue(root: str, out: str) -> object:
     from hpcddf.atomic import atomic_path
     from hpcddf.quality import pybdsf_to_log
     from pathlib import Path
+    int_ = f"{root}.int.restored.fits"
+    if not Path(int_).is_file():
+        int_ = f"{root}.app.restored.fits"  # no beam model (beam_model = None): DDF writes app only
     with pybdsf_to_log(Path(out).with_suffix(".pybdsf.log")):
-        img = bdsf.process_image(f"{root}.int.restored.fits", detection_image=f"{root}.app.restored.fits",
+        img = bdsf.process_image(int_, detection_image=f"{root}.app.restored.fits",
                                  thresh_isl=4.0, thresh_pix=5.0, rms_box=(150, 15), rms_map=True,
                                  mean_map="zero", adaptive_rms_box=True, adaptive_thresh=150.0,
                                  rms_box_bright=(60, 15), flag_maxsize_fwhm=0.5, frequency=144e6,

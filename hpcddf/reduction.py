@@ -382,7 +382,7 @@ def bootstrap(r: Reduction) -> Step:
     full = group_by_obsid(r.full_mss or r.mss)
     apps = []
     for obsid, mss in group_by_obsid(r.mss).items():
-        lst, name = f"bootstrap_{obsid}.mslist", f"image_bootstrap_{obsid}"
+        lst, name = f"bootstrap_{obsid}_mslist.txt", f"image_bootstrap_{obsid}"  # DDF reads *.txt as a list
         cmds.append(hpcddf_tool(r.m, ["write-list", "--out", lst, *mss], f"{name}.list.log"))
         img = r.image(name, mslist=lst, colname=r.col, majorcycles=5, automask_sigma=15.0,
                       clusterfile=CLUSTER_CAT, ddsols=applied(r, "DDS0"), apply=r.apply(6),

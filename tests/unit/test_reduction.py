@@ -174,13 +174,13 @@ def test_bootstrap_images_a_cube_per_observation_and_scales_both_lists():
     ddf = [c.argv for c in step.commands if c.argv[0] == "DDF.py"]
     assert len(ddf) == 1  # one observation, L1
     argv = ddf[0]
-    for opt in ("--Data-MS=bootstrap_L1.mslist", "--Data-ColName=CORRECTED_DATA", "--Freq-NBand=2",
+    for opt in ("--Data-MS=bootstrap_L1_mslist.txt", "--Data-ColName=CORRECTED_DATA", "--Freq-NBand=2",
                 "--Output-Cubes=Ii", "--Image-Cell=4.5", "--Image-NPix=6000", "--Output-RestoringBeam=20",
                 "--Weight-Robust=-0.25", "--DDESolutions-DDSols=DDS0_smoothed", "--Deconv-MaxMajorIter=5",
                 "--Mask-SigTh=15", "--Selection-UVRangeKm=[0.1,25.75]"):
         assert opt in argv, opt
     tools = {c.argv[3]: c.argv[4:] for c in step.commands if c.argv[1:3] == ("-m", "hpcddf.tools")}
-    assert tools["write-list"] == ("--out", "bootstrap_L1.mslist", *MS)
+    assert tools["write-list"] == ("--out", "bootstrap_L1_mslist.txt", *MS)
     assert tools["bootstrap-fit"][:2] == ("--cube", "image_bootstrap_L1.cube.int.restored.fits")
     # every MS of the observation in either list gets SCALED_DATA, and the DI column is scaled too
     assert tools["bootstrap-apply"] == ("--factors", "L1-bootstrap-factors.json", "--colname", "CORRECTED_DATA",
