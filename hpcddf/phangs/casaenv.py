@@ -1,0 +1,150 @@
+"""The separate CASA environment the PHANGS CASA stages run in, seen from hpcddf's side.
+
+CASA 6.7.0.31 (the release with a Python 3.11 wheel that imports on Debian 12) pins its own
+numpy and brings 850 MB of measures data; it lives in its own virtual environment, built by
+``containers/make-casa-env.sh DEST``, as PHANGS keeps its CASA and Python halves apart. hpcddf
+runs ``DEST/bin/python -m hpcddf.phangs.casa_tasks STAGE --options`` with hpcddf importable
+through PYTHONPATH (casa_tasks needs nothing of hpcddf's own dependencies) and CASASITECONFIG
+pointing at ``DEST/casasiteconfig.py``: no ~/.casa, no network, no logger window, CASA's log
+beside the products.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpcddf.errors import ConfigError, StepFailed
+
+ENV_VAR = "HPCDDF_CASA_ENV"
+MODULE = "hpcddf.phangs.casa_tasks"
+BUILD_HINT = "run containers/make-casa-env.sh {path} (or set HPCDDF_CASA_ENV to an existing one)"
+# Variables of the calling environment that would let its packages or settings leak into the
+# CASA interpreter (another venv's site-packages, a conda prefix, user site-packages).
+LEAKY_VARS = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", "CONDA_PREFIX",
+              "PYTHONUSERBASE", "CASASITECONFIG", "HPCDDF_CASA_LOGFILE")
+
+
+@dataclass(frozen=True)
+class CasaEnv:
+    """A CASA environment: its interpreter and its site configuration (absolute paths)."""
+
+    python: Path
+    siteconfig: Path
+
+
+def find_casa_env(path: str | os.PathLike[str] | None = None) -> CasaEnv:
+    """The CASA environment at ``path`` (default ``$HPCDDF_CASA_ENV``), checked without
+    starting it: the interpreter, casasiteconfig.py and the casatools package must exist."""
+    where = path if path is not None else os.environ.get(ENV_VAR)
+    if not where:
+        raise ConfigError(f"no CASA environment given (--casa-env or ${ENV_VAR})",
+                          BUILD_HINT.format(path="DEST"))
+    root = Path(where).expanduser().resolve()
+    python = root / "bin" / "python"
+    siteconfig = root / "casasiteconfig.py"
+    hint = BUILD_HINT.format(path=root)
+    if not python.exists():
+        raise ConfigError(f"CASA environment {root} does not exist or has no bin/python", hint)
+    if not siteconfig.is_file():
+        raise ConfigError(f"CASA environment {root} has no casasiteconfig.py", hint)
+    if not any(root.glob("lib/python3*/site-packages/casatools/__init__.py")):
+        raise ConfigError(f"CASA environment {root} has no casatools", hint)
+    return CasaEnv(python=python, siteconfig=siteconfig)
+
+
+def _option_args(name: str, value: Any) -> list[str]:
+    flag = "--" + name.replace("_", "-")
+    if value is None or value is False:
+        return []
+    if value is True:
+        return [flag]
+    if isinstance(value, (list, tuple)):
+        return [arg for item in value for arg in _option_args(
+            name, ",".join(map(str, item)) if isinstance(item, (list, tuple)) else item)]
+    if isinstance(value, Mapping):
+        return [flag, json.dumps(dict(value), sort_keys=True)]
+    return [flag, str(value)]
+
+
+def casa_argv(env: CasaEnv, stage: str, **params: Any) -> list[str]:
+    """argv of one casa_tasks stage: ``foo_bar=x`` becomes ``--foo-bar x``; True a bare flag;
+    None/False nothing; a list or tuple repeats the option (a pair inside it is written
+    ``lo,hi``, as ``--exclude-kms`` takes it); a dict becomes JSON."""
+    argv = [str(env.python), "-m", MODULE, stage]
+    for name, value in params.items():
+        argv += _option_args(name, value)
+    return argv
+
+
+def _hpcddf_path(logdir: Path) -> Path:
+    """A directory to put on the CASA interpreter's PYTHONPATH that holds hpcddf and nothing
+    else: the checkout for a source or editable install; for an installed hpcddf, whose
+    parent is a site-packages full of this environment's numpy, astropy, ..., which would
+    shadow CASA's own, a directory under ``logdir`` with just a link to the package."""
+    package = Path(__file__).resolve().parents[1]
+    parent = package.parent
+    if parent.name not in ("site-packages", "dist-packages"):
+        return parent
+    shim = logdir / ".hpcddf-path"
+    link = shim / "hpcddf"
+    if not (link.is_symlink() and link.resolve() == package):
+        shim.mkdir(parents=True, exist_ok=True)
+        tmp = shim / f".hpcddf.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(package, target_is_directory=True)
+        os.replace(tmp, link)
+    return shim
+
+
+def casa_environ(env: CasaEnv, logdir: str | os.PathLike[str], *, threads: int | None = None,
+                 base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a casa_tasks process: ``base`` (default os.environ) without the
+    variables that leak another Python environment into CASA's, plus CASASITECONFIG, PYTHONPATH
+    to hpcddf only, a headless matplotlib and OpenMP limited to the granted cores. CASA's log
+    goes to ``logdir`` (one file per stage run), matplotlib's cache under it; HOME is unused."""
+    logdir = Path(logdir).resolve()
+    environ = {k: v for k, v in (os.environ if base is None else base).items()
+               if k not in LEAKY_VARS}
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    environ.update({
+        "CASASITECONFIG": str(env.siteconfig),
+        "PYTHONPATH": str(_hpcddf_path(logdir)),
+        "PYTHONNOUSERSITE": "1",
+        "MPLBACKEND": "Agg",
+        "MPLCONFIGDIR": str(logdir / ".matplotlib"),
+        "OMP_NUM_THREADS": str(threads),
+        "HPCDDF_CASA_LOGDIR": str(logdir),
+    })
+    environ.pop("DISPLAY", None)
+    return environ
+
+
+def run_casa(env: CasaEnv, stage: str, logdir: str | os.PathLike[str], *,
+             timeout: float | None = None, threads: int | None = None,
+             **params: Any) -> dict[str, Any]:
+    """Run one casa_tasks stage and return its JSON summary (the last line of its stdout).
+
+    A failure raises StepFailed with the tail of the stage's stderr; CASA's own log is in
+    ``logdir``."""
+    argv = casa_argv(env, stage, **params)
+    Path(logdir).mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout,
+                          env=casa_environ(env, logdir, threads=threads), cwd=logdir)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        last = tail.splitlines()[-1] if tail else ""
+        raise StepFailed(f"casa {stage}", argv, proc.returncode, tail, log_path=str(logdir),
+                         reason=last or None)
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError:
+        raise StepFailed(f"casa {stage}", argv, proc.returncode, lines[-1], log_path=str(logdir),
+                         reason="no JSON summary on the last line of stdout") from None
