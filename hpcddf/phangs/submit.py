@@ -1,0 +1,361 @@
+"""Queue a PHANGS project's tasks: one held job array per stage, per-task dependencies, release.
+
+``submit_phangs`` plans the project (:func:`hpcddf.phangs.plan.plan_project`) and, on a Slurm
+site, submits each stage as ONE job array, held. Every task then gets ``afterok`` on exactly
+the tasks it needs, mapped from task ids to their ``ARRAYID_INDEX`` job ids (``scontrol update
+JobId=A_i Dependency=afterok:B_j:B_k``), the states are written, and all arrays are released.
+``kill_on_invalid_dep`` makes a failed task cancel only what depends on it. On the local site
+the same tasks run one after another with submitit's local executor, in stage order (a task's
+dependencies are all in earlier stages); a task whose dependency failed is not run.
+
+Tasks already done (state done, products present) are not submitted again and nobody waits for
+them; on Slurm, tasks still queued or running from an earlier submission are not submitted twice
+and their dependents wait for the live job.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from hpcddf.errors import ConfigError, SubmissionError
+from hpcddf.phangs.keys import Project, load_project
+from hpcddf.phangs.plan import (
+    CASA_STAGES,
+    STAGES,
+    StageArray,
+    Task,
+    dry_run_document,
+    plan_project,
+    project_work_dir,
+)
+from hpcddf.phangs.run import (
+    FINAL_STATES,
+    STATE_DIR,
+    PhangsTask,
+    products_present,
+    read_task_state,
+    update_task_state,
+)
+from hpcddf.plan import Resources
+from hpcddf.sites import Site
+from hpcddf.state import now_iso
+
+JOBS_DIR = Path(".hpcddf") / "phangs-jobs"
+MAX_ARRAY_SIZE = 1000  # below Slurm's default MaxArraySize (1001): bigger stages are split
+LIVE = ("queued", "running", "requeued")
+# (cpus, mem_gb, walltime_min) wanted per task, capped by the site; None: a whole node
+STAGE_RESOURCES: dict[str, tuple[int | None, int | None, int | None]] = {
+    "stage_ms": (4, 16, 240), "stage_line": (4, 32, 480), "imaging": (None, None, None),
+    "postprocess": (4, 32, 240), "derived": (2, 16, 240),
+}
+
+
+def load_keys(keydir: str | Path) -> Project:
+    """The project of a key directory (its ``master_key.txt``) or of a master key file."""
+    path = Path(keydir)
+    master = path / "master_key.txt" if path.is_dir() else path
+    if not master.is_file():
+        raise ConfigError(f"{path} is neither a master key nor a directory holding "
+                          "master_key.txt", "give the PHANGS key directory")
+    return load_project(master)
+
+
+def stage_resources(site: Site, stage: str) -> Resources:
+    cpus, mem, minutes = STAGE_RESOURCES[stage]
+    s = site.slurm
+    return Resources(cpus=min(cpus or site.cpus, site.cpus), mem_gb=min(mem or site.mem_gb, site.mem_gb),
+                     walltime_min=min(minutes or site.max_walltime_min, site.max_walltime_min),
+                     exclusive=s.exclusive and cpus is None, partition=s.partition or None,
+                     account=s.account or None, qos=s.qos or None, extra=dict(s.extra_sbatch))
+
+
+# ---------------------------------------------------------------------------------------------
+# What to submit
+# ---------------------------------------------------------------------------------------------
+
+def _live_jobs(site: Site, states: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """task id -> job id of tasks an earlier submission left queued or running in Slurm."""
+    if site.scheduler != "slurm":
+        return {}
+    candidates = {tid: str(st["job_id"]) for tid, st in states.items()
+                  if st.get("state") in LIVE and st.get("job_id")
+                  and st.get("scheduler") == "slurm"}
+    if not candidates:
+        return {}
+    from hpcddf.slurm_query import query_jobs
+    info = query_jobs(candidates.values())
+    return {tid: job for tid, job in candidates.items() if job in info and info[job].active}
+
+
+def _triage(site: Site, plan: Sequence[StageArray], work: Path
+            ) -> tuple[list[tuple[str, list[Task]]], list[str], dict[str, str]]:
+    """(stage, tasks to submit) in order, tasks already done, tasks still live (-> job id)."""
+    states = {t.id: read_task_state(work, t.id) or {} for a in plan for t in a.tasks}
+    done = [tid for tid, st in states.items() if products_present(st)]
+    live = _live_jobs(site, {k: v for k, v in states.items() if k not in done})
+    todo = [(a.name, [t for t in a.tasks if t.id not in done and t.id not in live])
+            for a in plan]
+    return todo, done, live
+
+
+def _needs_casa(todo: Iterable[tuple[str, list[Task]]]) -> bool:
+    return any(stage in CASA_STAGES and not all(Path(p).exists() for p in t.outputs)
+               for stage, tasks in todo for t in tasks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Slurm
+# ---------------------------------------------------------------------------------------------
+
+def _scontrol(*args: str) -> None:
+    out = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60,
+                         check=False)
+    if out.returncode != 0:
+        raise SubmissionError(f"scontrol {' '.join(args)} failed: {out.stderr.strip()[:300]}",
+                              "check the cluster with `hpcddf phangs status`")
+
+
+def _chunks(tasks: list[Task], size: int) -> list[list[Task]]:
+    return [tasks[i:i + size] for i in range(0, len(tasks), size)]
+
+
+def _submit_array(site: Site, stage: str, tasks: list[Task], work: Path,
+                  casa_env: str | None) -> list[str]:
+    """One held array (a plain job for one task); the job id of each task."""
+    from hpcddf.backend import slurm_parameters
+    ex = submitit.SlurmExecutor(folder=work / JOBS_DIR / "%j",
+                                max_num_timeout=site.slurm.max_requeues)
+    ex._throttling = 0.0  # one sbatch per stage: no need for submitit's pause between calls
+    params = slurm_parameters(site, stage_resources(site, stage), f"hpcddf-phangs-{stage}",
+                              None, True, len(tasks))
+    params["additional_parameters"].update(hold=True, kill_on_invalid_dep="yes")
+    ex.update_parameters(**params)
+    try:
+        with ex.batch():
+            jobs = [ex.submit(PhangsTask(t, str(work), casa_env)) for t in tasks]
+    except Exception as exc:  # submitit raises plain errors carrying sbatch's stderr
+        raise SubmissionError(f"sbatch refused the {stage} array: {str(exc).strip()[:400]}",
+                              "check the site's partition/account/qos with `hpcddf sites show`"
+                              ) from None
+    return [str(j.job_id) for j in jobs]
+
+
+def submit_slurm(site: Site, todo: list[tuple[str, list[Task]]], live: dict[str, str],
+                 work: Path, casa_env: str | None) -> dict[str, str]:
+    """Held arrays, per-task afterok, states written, then every array released."""
+    ids: dict[str, str] = dict(live)
+    arrays: list[str] = []
+    new: list[Task] = []
+    try:
+        for stage, tasks in todo:
+            for chunk in _chunks(tasks, MAX_ARRAY_SIZE):
+                job_ids = _submit_array(site, stage, chunk, work, casa_env)
+                ids.update({t.id: j for t, j in zip(chunk, job_ids, strict=True)})
+                arrays.append(job_ids[0].split("_")[0])
+                new += chunk
+        for t in new:
+            waits = [ids[d] for d in t.depends if d in ids]
+            if waits:
+                _scontrol("update", f"JobId={ids[t.id]}", f"Dependency=afterok:{':'.join(waits)}")
+        for t in new:
+            update_task_state(work, t, state="queued", job_id=ids[t.id], scheduler="slurm",
+                              submitted=now_iso(), error=None,
+                              waits_for=[d for d in t.depends if d in ids], note="")
+        for array in arrays:
+            _scontrol("release", array)
+    except BaseException:
+        if arrays:
+            subprocess.run(["scancel", *arrays], check=False)
+        for t in new:
+            if t.id in ids and read_task_state(work, t.id):
+                update_task_state(work, t, state="cancelled", note="submission failed")
+        raise
+    return {t.id: ids[t.id] for t in new}
+
+
+# ---------------------------------------------------------------------------------------------
+# Local
+# ---------------------------------------------------------------------------------------------
+
+def run_local(site: Site, todo: list[tuple[str, list[Task]]], work: Path,
+              casa_env: str | None, progress: Callable[[str], None]) -> dict[str, str]:
+    """Every task here, one after another, with submitit's local executor."""
+    from hpcddf.backend import _first_line
+    ids: dict[str, str] = {}
+    failed: list[str] = []
+    for stage, tasks in todo:
+        res = stage_resources(site, stage)
+        for t in tasks:
+            blocked = [d for d in t.depends if d in failed]
+            if blocked:
+                update_task_state(work, t, state="cancelled", scheduler="local",
+                                  note=f"not run: {blocked[0]} failed")
+                failed.append(t.id)
+                progress(f"{t.id}: not run, {blocked[0]} failed")
+                continue
+            ex = submitit.LocalExecutor(folder=work / JOBS_DIR / "%j",
+                                        max_num_timeout=site.slurm.max_requeues)
+            ex.update_parameters(timeout_min=res.walltime_min)
+            update_task_state(work, t, state="queued", scheduler="local", submitted=now_iso(),
+                              error=None, note="")
+            job = ex.submit(PhangsTask(t, str(work), casa_env))
+            ids[t.id] = str(job.job_id)
+            update_task_state(work, t, job_id=ids[t.id])
+            progress(f"{t.id}: running (local job {job.job_id})")
+            try:
+                job.result()
+            except Exception as exc:
+                failed.append(t.id)
+                progress(f"{t.id}: FAILED: {_first_line(exc)}")
+                continue
+            progress(f"{t.id}: done")
+    if failed:
+        raise SubmissionError(f"{len(failed)} PHANGS task(s) failed or were not run, first "
+                              f"{failed[0]}", f"see `hpcddf phangs status {work}`")
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+def _names(values: Sequence[str] | str | None) -> list[str] | None:
+    """``a,b`` or ``['a', 'b,c']`` as a list; None when nothing was given."""
+    if values is None:
+        return None
+    items = [values] if isinstance(values, str) else list(values)
+    names = [n.strip() for v in items for n in v.split(",") if n.strip()]
+    return names or None
+
+
+def submit_phangs(site: Site, keydir: str | Path, targets: Sequence[str] | str | None = None,
+                  stages: Sequence[str] | str | None = None, dry_run: bool = False,
+                  casa_env: str | None = None,
+                  progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Plan the project and queue it (or, with ``dry_run``, only show the plan).
+
+    Returns the plan document plus ``jobs`` (task id -> job id of this submission),
+    ``done`` (tasks skipped as finished) and ``already_queued`` (task id -> live job id).
+    """
+    project = load_keys(keydir)
+    plan = plan_project(project, _names(targets), _names(stages))
+    work = project_work_dir(project)
+    doc: dict[str, Any] = {"site": site.name, "scheduler": site.scheduler,
+                           "master_key": str(project.master_key), "work_dir": str(work),
+                           **dry_run_document(plan), "jobs": {}, "done": [],
+                           "already_queued": {}}
+    if dry_run:
+        return doc
+    todo, doc["done"], doc["already_queued"] = _triage(site, plan, work)
+    if _needs_casa(todo):
+        from hpcddf.phangs.casaenv import find_casa_env
+        casa_env = str(find_casa_env(casa_env).python.parent.parent)
+    if not any(tasks for _, tasks in todo):
+        progress("nothing to submit: every task is done or already queued")
+        return doc
+    (work / JOBS_DIR).mkdir(parents=True, exist_ok=True)
+    if site.scheduler == "slurm":
+        doc["jobs"] = submit_slurm(site, todo, doc["already_queued"], work, casa_env)
+    else:
+        doc["jobs"] = run_local(site, todo, work, casa_env, progress)
+    return doc
+
+
+def submission_lines(doc: dict[str, Any]) -> list[str]:
+    """The human summary of :func:`submit_phangs`'s document."""
+    lines = []
+    jobs = doc.get("jobs", {})
+    for stage in doc["stages"]:
+        mine = [jobs[t["id"]] for t in stage["tasks"] if t["id"] in jobs]
+        arrays = sorted({j.split("_")[0] for j in mine})
+        where = f"job {', '.join(arrays)}" if arrays else "not submitted"
+        lines.append(f"{stage['name']}: {stage['array_size']} tasks, {where}")
+        for t in stage["tasks"]:
+            waits = ", ".join(t["depends"]) or "nothing"
+            lines.append(f"  {t['id']}  <- {waits}  {jobs.get(t['id'], '')}".rstrip())
+    if doc.get("done"):
+        lines.append(f"already done: {len(doc['done'])} task(s)")
+    for tid, job in doc.get("already_queued", {}).items():
+        lines.append(f"already queued: {tid} ({job})")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Status
+# ---------------------------------------------------------------------------------------------
+
+def _work_dir_of(path: str | Path) -> Path:
+    p = Path(path)
+    if (p / STATE_DIR).is_dir() and not (p / "master_key.txt").is_file():
+        return p
+    return project_work_dir(load_keys(p))
+
+
+def _refresh_from_slurm(rows: list[dict[str, Any]]) -> None:
+    """Live Slurm states of the tasks not finished (one squeue/sacct call)."""
+    from hpcddf.slurm_query import query_jobs
+    pending = [r for r in rows if r.get("scheduler") == "slurm" and r.get("job_id")
+               and r.get("state") not in FINAL_STATES]
+    if not pending or shutil.which("squeue") is None:
+        return
+    try:
+        info = query_jobs(str(r["job_id"]) for r in pending)
+    except SubmissionError as exc:
+        for r in pending:
+            r["stale"] = f"scheduler not reachable ({exc.message}): state as last recorded"
+        return
+    for r in pending:
+        job = info.get(str(r["job_id"]))
+        if job is None:
+            continue
+        r["slurm_state"] = job.state
+        if r.get("state") in ("queued", "requeued") and job.state == "CANCELLED":
+            r["state"] = "cancelled"
+        if not job.active and job.state in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"):
+            r["state"] = "failed"
+        if job.reason and job.reason not in ("None", "(null)"):
+            r["note"] = job.reason
+
+
+def phangs_status(path: str | Path) -> list[dict[str, Any]]:
+    """Every recorded PHANGS task of a project (key dir, master key or work dir), in stage
+    order, Slurm jobs refreshed from the scheduler when it answers."""
+    work = _work_dir_of(path)
+    root = work / STATE_DIR
+    rows = []
+    for f in root.rglob("*.json") if root.is_dir() else []:
+        tid = f.relative_to(root).with_suffix("").as_posix()
+        st = read_task_state(work, tid)
+        if st:
+            rows.append({**st, "task": tid})
+    rows.sort(key=lambda r: (STAGES.index(r["stage"]) if r.get("stage") in STAGES else 99,
+                             r["task"]))
+    _refresh_from_slurm(rows)
+    return rows
+
+
+def status_table(rows: Sequence[dict[str, Any]]) -> Any:
+    """A rich table of :func:`phangs_status` rows."""
+    from rich.table import Table
+
+    t = Table(title="phangs tasks")
+    for col in ("task", "job", "state", "attempts", "elapsed", "note"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        live = f" ({r['slurm_state']})" if r.get("slurm_state") else ""
+        err = r.get("error")
+        note = (err.get("message", "") if isinstance(err, dict) else str(err or "")) or \
+            str(r.get("note") or "")
+        elapsed = r.get("elapsed_s")
+        t.add_row(r["task"], str(r.get("job_id") or "-"), f"{r.get('state', '?')}{live}",
+                  str(r.get("attempts", 0)), f"{elapsed:.0f} s" if elapsed is not None else "-",
+                  note)
+    if not rows:
+        t.add_row("(no task submitted)", "-", "-", "-", "-", "")
+    return t

@@ -1,0 +1,419 @@
+"""PHANGS stages as task arrays: the plan of the example key set (tests/data/phangs_keys).
+
+The example has three whole targets: ngc0628 (12m x2 and 7m, single dish for co21), ngc1087
+(7m only) and the mosaic ngc3627 of two parts (12m and 7m each, single dish for co21); a line
+product co21 and a continuum product; interferometric configs 12m+7m, 12m, 7m and feather
+configs 12m+7m+tp, 7m+tp; mask_configs linking every line config to 12m+7m+tp and 7m co21 to
+7m+tp too. Counts below are worked out by hand from those keys. No CASA, no Slurm.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hpcddf.errors import ConfigError
+from hpcddf.phangs import plan as P
+from hpcddf.phangs.keys import Project, load_project
+from hpcddf.phangs.run import (
+    PhangsRunError,
+    read_task_state,
+    run_task,
+    scales_in_pixels,
+    task_state_path,
+)
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "phangs_keys"
+C_KMS = 299_792.458
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    target = tmp_path / "keys"
+    shutil.copytree(DATA, target)
+    return target
+
+
+def make_ms(keys: Path) -> None:
+    for line in (keys / "ms_file_key.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            words = line.split()
+            (keys.parent / f"ms_{words[3]}" / words[5]).mkdir(parents=True)
+
+
+@pytest.fixture
+def project(keys: Path) -> Project:
+    make_ms(keys)
+    return load_project(keys / "master_key.txt")
+
+
+def by_id(plan: list[P.StageArray]) -> dict[str, P.Task]:
+    return {t.id: t for t in P.plan_tasks(plan)}
+
+
+def append(path: Path, line: str) -> None:
+    path.write_text(path.read_text() + line + "\n")
+
+
+def touch_all(paths: list[str]) -> None:
+    for p in paths:
+        Path(p).parent.mkdir(parents=True, exist_ok=True)
+        Path(p).write_bytes(b"")
+
+
+# ---------------------------------------------------------------------------------------------
+# The arrays and their dependencies
+# ---------------------------------------------------------------------------------------------
+
+def test_one_array_per_stage_in_order_with_sizes(project: Project) -> None:
+    plan = P.plan_project(project)
+    # stage_ms: 8 MSs x 2 products; stage_line/imaging: 10 target-configs with data x 2;
+    # postprocess/derived: ngc0628 5+3, ngc1087 1+1, ngc3627 5+3
+    assert [(a.name, a.size) for a in plan] == [
+        ("stage_ms", 16), ("stage_line", 20), ("imaging", 20), ("postprocess", 18),
+        ("derived", 18)]
+    ids = by_id(plan)
+    assert len(ids) == 92  # ids are unique
+    assert "imaging/ngc0628/co21/12m" in ids
+    assert "stage_ms/ngc0628/co21/2017.1.00886.L/12m/2" in ids
+    assert "stage_line/ngc1087/co21/12m" not in ids       # ngc1087 has no 12m data
+    assert not any(i.startswith("imaging/ngc3627/") for i in ids)       # the mosaic: no uv
+    assert not any(i.startswith("postprocess/ngc3627_1/") for i in ids)  # parts: no postproc.
+
+
+def test_every_dependency_is_a_task_of_an_earlier_stage(project: Project) -> None:
+    ids = by_id(P.plan_project(project))
+    for task in ids.values():
+        for dep in task.depends:
+            assert dep in ids
+            assert P.STAGES.index(ids[dep].stage) == P.STAGES.index(task.stage) - 1
+            assert set(task.inputs) & set(ids[dep].outputs), (task.id, dep)
+
+
+def test_stage_line_waits_for_all_ms_of_its_config(project: Project) -> None:
+    ids = by_id(P.plan_project(project))
+    ms = "stage_ms/ngc0628/co21/2017.1.00886.L"
+    assert ids["stage_line/ngc0628/co21/12m+7m"].depends == (
+        f"{ms}/12m/1", f"{ms}/12m/2", f"{ms}/7m/1")
+    assert ids["stage_line/ngc0628/co21/12m"].depends == (f"{ms}/12m/1", f"{ms}/12m/2")
+    assert ids["stage_line/ngc0628/cont/7m"].depends == (
+        "stage_ms/ngc0628/cont/2017.1.00886.L/7m/1",)
+    assert ids["stage_line/ngc1087/co21/7m"].depends == (
+        "stage_ms/ngc1087/co21/2017.1.00886.L/7m/1",)
+
+
+def test_imaging_is_one_to_one_on_stage_line(project: Project) -> None:
+    plan = P.plan_project(project)
+    imaging = next(a for a in plan if a.name == "imaging")
+    for task in imaging.tasks:
+        assert task.depends == ("stage_line/" + "/".join(task.key),)
+
+
+def test_a_linear_mosaic_waits_for_all_its_parts(project: Project) -> None:
+    ids = by_id(P.plan_project(project))
+    assert ids["postprocess/ngc3627/co21/12m"].depends == (
+        "imaging/ngc3627_1/co21/12m", "imaging/ngc3627_2/co21/12m")
+    # a feather config waits for its interferometric config's imaging of every part
+    assert ids["postprocess/ngc3627/co21/12m+7m+tp"].depends == (
+        "imaging/ngc3627_1/co21/12m+7m", "imaging/ngc3627_2/co21/12m+7m")
+    assert ids["postprocess/ngc0628/co21/7m+tp"].depends == ("imaging/ngc0628/co21/7m",)
+    # no single dish for continuum, nor for ngc1087
+    assert "postprocess/ngc0628/cont/12m+7m+tp" not in ids
+    assert [i for i in ids if i.startswith("postprocess/ngc1087/")] == [
+        "postprocess/ngc1087/co21/7m", "postprocess/ngc1087/cont/7m"]
+    mosaic = ids["postprocess/ngc3627/co21/12m"]
+    assert len(mosaic.inputs) == 6  # .image, .pb, _singlescale.image of both parts
+    assert mosaic.outputs[0].endswith("postprocess/ngc3627/ngc3627_12m_co21_pbcorr_trimmed_k.fits")
+
+
+def test_broad_mask_links_are_all_of_dependencies_on_their_postprocess(project: Project) -> None:
+    ids = by_id(P.plan_project(project))
+    d = ids["derived/ngc0628/co21/7m"]
+    assert d.depends == ("postprocess/ngc0628/co21/7m", "postprocess/ngc0628/co21/12m+7m+tp",
+                         "postprocess/ngc0628/co21/7m+tp")
+    assert d.params["linked"] == ["12m+7m+tp", "7m+tp"]
+    assert set(d.params["chains"]) == {"7m", "12m+7m+tp", "7m+tp"}
+    assert [Path(p).name for p in d.inputs] == [
+        "ngc0628_7m_co21_pbcorr_trimmed_k.fits", "ngc0628_12m+7m+tp_co21_pbcorr_trimmed_k.fits",
+        "ngc0628_7m+tp_co21_pbcorr_trimmed_k.fits"]
+    # the linked config's products are its own task's, not this one's
+    assert not any("12m+7m+tp" in Path(p).name for p in d.outputs)
+    # linking to itself adds nothing; links a target does not have are ignored
+    assert ids["derived/ngc0628/co21/12m+7m+tp"].depends == (
+        "postprocess/ngc0628/co21/12m+7m+tp",)
+    assert ids["derived/ngc1087/co21/7m"].depends == ("postprocess/ngc1087/co21/7m",)
+    assert ids["derived/ngc0628/cont/7m"].depends == ("postprocess/ngc0628/cont/7m",)
+    assert ids["derived/ngc3627/co21/12m"].depends == (
+        "postprocess/ngc3627/co21/12m", "postprocess/ngc3627/co21/12m+7m+tp")
+
+
+def test_mutual_mask_links_make_no_cycle(keys: Path) -> None:
+    make_ms(keys)
+    append(keys / "derived_key.txt", "12m+7m+tp  co21  mask_configs  ['7m']")
+    ids = by_id(P.plan_project(load_project(keys / "master_key.txt")))
+    assert "postprocess/ngc0628/co21/7m" in ids["derived/ngc0628/co21/12m+7m+tp"].depends
+    assert "postprocess/ngc0628/co21/12m+7m+tp" in ids["derived/ngc0628/co21/7m"].depends
+    assert not any(dep.startswith("derived/") for t in ids.values() for dep in t.depends)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the tasks carry
+# ---------------------------------------------------------------------------------------------
+
+def test_casa_task_parameters_come_from_the_keys(project: Project) -> None:
+    ids = by_id(P.plan_project(project))
+    ms = ids["stage_ms/ngc0628/co21/2017.1.00886.L/7m/1"].params
+    assert ms["vis"] == str(project.ms_roots[1] / "2017.1.00886.L/ngc0628_7m_1.ms")
+    assert (ms["restfreq_ghz"], ms["vsys_kms"], ms["vwidth_kms"]) == (230.538, 657.0, 120.0)
+    assert (ms["margin_kms"], ms["fitorder"], ms["field"]) == (50.0, 0, "ngc0628")
+    # 13CO(2-1) at vsys, in CO(2-1) radio velocity, +- vwidth/2, kept out of the uvcontsub fit
+    v13 = C_KMS * (1 - 220.398684 * (1 - 657.0 / C_KMS) / 230.538)
+    assert ms["exclude_kms"][0] == pytest.approx([v13 - 60, v13 + 60], abs=1e-3)
+    assert len(ms["exclude_kms"]) == 2
+    line = ids["stage_line/ngc0628/co21/12m"].params
+    assert line["vis"] == ids["stage_line/ngc0628/co21/12m"].inputs
+    assert line["outputvis"].endswith("imaging/ngc0628/ngc0628_12m_co21.ms")
+    assert (line["channel_kms"], line["statwt_edge_kms"]) == (2.54, 50.0)
+    img = ids["imaging/ngc0628/co21/12m"].params
+    assert img["recipes"]["singlescale"]["deconvolver"] == "hogbom"
+    assert img["recipes"]["dirty"]["threshold"] == "0.0mJy/beam"
+    assert img["clean_scales_arcsec"] == [0, 1, 2, 4]
+    post = ids["postprocess/ngc3627/co21/12m+7m+tp"].params
+    assert (post["mosaic"], post["feather"], post["interf_config"]) == (True, True, "12m+7m")
+    assert json.loads(json.dumps(P.dry_run_document(P.plan_project(project))))  # JSON-able
+
+
+def test_derived_parameters_resolutions_kw_and_moments(project: Project) -> None:
+    ids = by_id(P.plan_project(project))
+    d = ids["derived/ngc0628/co21/12m+7m+tp"].params
+    chain = d["chains"]["12m+7m+tp"]
+    assert [lvl["tag"] for lvl in chain["levels"]] == ["", "1as", "2as", "60pc", "90pc", "120pc"]
+    assert chain["levels"][4]["phys_pc"] == 95.0      # the later derived-key line wins
+    assert Path(chain["levels"][1]["strictmask"]).name == "ngc0628_12m+7m+tp_co21_1as_strictmask.fits"
+    assert Path(chain["levels"][0]["noise"]).name == "ngc0628_12m+7m+tp_co21_noise.fits"
+    assert chain["noise_kw"] == {"spec_box": 5, "iterations": 4}
+    assert chain["strictmask_kw"] == {"hi_thresh": 4.0, "hi_nchan": 2, "lo_thresh": 2.0,
+                                      "lo_nchan": 2}
+    assert d["broadmask"]["kw"] == {"recipe": "anyscale", "fraction": 0.25}
+    assert Path(d["broadmask"]["out"]).name == "ngc0628_12m+7m+tp_co21_broadmask.fits"
+    assert d["distance_mpc"] == 9.84
+    names = {Path(m["out"]).name for m in d["moments"]}
+    assert "ngc0628_12m+7m+tp_co21_strict_mom0.fits" in names
+    assert "ngc0628_12m+7m+tp_co21_60pc_broad_mom0.fits" in names
+    assert len(d["moments"]) == 2 * 6                   # strictmom0, broadmom0 at 6 levels
+    broad = next(m for m in d["moments"] if m["moment"] == "broadmom0" and m["tag"] == "60pc")
+    assert broad["mask"] == d["broadmask"]["out"]
+    assert broad["err"].endswith("ngc0628_12m+7m+tp_co21_60pc_broad_emom0.fits")
+    assert [s["moment"] for s in d["skipped_moments"]] == ["mom1wprior"]  # round 2
+    assert {Path(o).name for o in ids["derived/ngc0628/co21/12m+7m+tp"].outputs} >= names
+
+
+def test_kw_names_are_parameters_of_the_functions_they_feed() -> None:
+    from hpcddf.phangs.convolution import smooth_cube
+    from hpcddf.phangs.masks import broad_mask, strict_mask
+    from hpcddf.phangs.noise import phangs_noise
+    for table, func in ((P.NOISE_KW, phangs_noise), (P.STRICTMASK_KW, strict_mask),
+                        (P.BROADMASK_KW, broad_mask), (P.CONVOLVE_KW, smooth_cube)):
+        assert set(table.values()) <= set(inspect.signature(func).parameters), func.__name__
+
+
+def test_unknown_derived_keyword_names_the_derived_key(keys: Path) -> None:
+    append(keys / "derived_key.txt", "all  all  noise_kw  {'spectral_box':5}")
+    project = load_project(keys / "master_key.txt")
+    touch_all([P.postprocess_cube(project, t, p, c) for t in project.whole_targets
+               for p in ("co21", "cont") for c in P.whole_target_configs(project, t, p)])
+    with pytest.raises(ConfigError, match=r"unknown keyword 'spectral_box'.*derived_key\.txt"):
+        P.plan_project(project, stages=["derived"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage filter and target selection
+# ---------------------------------------------------------------------------------------------
+
+def test_stage_filter_checks_the_products_of_stages_not_run(keys: Path) -> None:
+    project = load_project(keys / "master_key.txt")  # no MS on disk: not needed for derived
+    with pytest.raises(ConfigError) as err:
+        P.plan_project(project, stages=["derived"])
+    assert "ngc0628_12m+7m_co21_pbcorr_trimmed_k.fits does not exist" in err.value.message
+    assert "derived/ngc0628/co21/12m+7m" in err.value.message
+    assert "run stage postprocess first" in (err.value.hint or "")
+    cubes = [P.postprocess_cube(project, t, p, c) for t in project.whole_targets
+             for p in ("co21", "cont") for c in P.whole_target_configs(project, t, p)]
+    touch_all(cubes)
+    plan = P.plan_project(project, stages=["derived"])
+    assert [(a.name, a.size) for a in plan] == [("derived", 18)]
+    assert all(t.depends == () for t in plan[0].tasks)
+
+
+def test_kept_stages_keep_dependencies_and_come_in_pipeline_order(keys: Path) -> None:
+    project = load_project(keys / "master_key.txt")
+    with pytest.raises(ConfigError, match=r"ngc0628_12m\+7m_co21\.image does not exist") as err:
+        P.plan_project(project, stages=["derived", "postprocess"])
+    assert "run stage imaging first" in (err.value.hint or "")
+    touch_all([f for t in project.targets if t not in project.linmos
+               for p in ("co21", "cont") for c in project.interf_configs_for(t)
+               for f in P._imaging_products(P.imaging_base(project, t, p, c))])
+    plan = P.plan_project(project, stages=["derived", "postprocess"])
+    assert [a.name for a in plan] == ["postprocess", "derived"]
+    ids = by_id(plan)
+    assert ids["postprocess/ngc3627/co21/12m"].depends == ()
+    assert ids["derived/ngc0628/co21/7m"].depends[0] == "postprocess/ngc0628/co21/7m"
+
+
+def test_a_task_whose_products_exist_needs_no_inputs(keys: Path) -> None:
+    project = load_project(keys / "master_key.txt")
+    post = [f for t in project.whole_targets for p in ("co21", "cont")
+            for c in P.whole_target_configs(project, t, p)
+            for f in P._postprocess_products(project, t, p, c)]
+    touch_all(post)
+    plan = P.plan_project(project, stages=["postprocess"])  # no imaging products: fine
+    assert plan[0].size == 18
+
+
+def test_ms_on_disk_and_rest_frequencies_are_checked_only_for_stages_that_run(keys: Path) -> None:
+    project = load_project(keys / "master_key.txt")
+    with pytest.raises(ConfigError, match=r"ms_file_key\.txt:2: measurement set"):
+        P.plan_project(project, stages=["stage_ms"])
+    make_ms(keys)
+    text = (keys / "config_definitions.txt").read_text().replace("'line_tag':'co21'",
+                                                                  "'line_tag':'co76'")
+    (keys / "config_definitions.txt").write_text(text)
+    project = load_project(keys / "master_key.txt")
+    with pytest.raises(ConfigError, match="line_tag 'co76' has no known rest frequency"):
+        P.plan_project(project, stages=["stage_ms"])
+    touch_all([P.postprocess_cube(project, t, p, c) for t in project.whole_targets
+               for p in ("co21", "cont") for c in P.whole_target_configs(project, t, p)])
+    assert P.plan_project(project, stages=["derived"])[0].size == 18
+
+
+def test_unknown_stage_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="unknown PHANGS stage 'imagin'") as err:
+        P.select_stages(["imagin"])
+    assert "imaging" in (err.value.hint or "")
+    assert P.select_stages(["derived", " stage_ms"]) == ["stage_ms", "derived"]
+
+
+def test_target_selection(project: Project) -> None:
+    mosaic = by_id(P.plan_project(project, targets=["ngc3627"]))
+    assert {i.split("/")[1] for i in mosaic if i.startswith("stage_ms/")} == {"ngc3627_1",
+                                                                               "ngc3627_2"}
+    assert {i.split("/")[1] for i in mosaic if i.startswith("derived/")} == {"ngc3627"}
+    assert len(mosaic) == 8 + 12 + 12 + 8 + 8
+    part = P.plan_project(project, targets=["ngc3627_1"])
+    assert [(a.name, a.size) for a in part] == [("stage_ms", 4), ("stage_line", 6),
+                                                ("imaging", 6), ("postprocess", 0),
+                                                ("derived", 0)]
+    one = P.plan_project(project, targets=["ngc1087"], stages=["stage_ms", "stage_line"])
+    assert [(a.name, a.size) for a in one] == [("stage_ms", 2), ("stage_line", 2)]
+    with pytest.raises(ConfigError, match="unknown target 'ngc1078'") as err:
+        P.plan_project(project, targets=["ngc1078"])
+    assert "ngc1087" in (err.value.hint or "")
+
+
+def test_phys_res_without_distance_is_an_error_when_derived_runs(keys: Path) -> None:
+    text = (keys / "distance_key.txt").read_text().replace("ngc1087,15.85\n", "")
+    (keys / "distance_key.txt").write_text(text)
+    project = load_project(keys / "master_key.txt")
+    touch_all([P.postprocess_cube(project, "ngc1087", p, "7m") for p in ("co21", "cont")])
+    with pytest.raises(ConfigError, match="ngc1087: config 7m product co21 has physical") as err:
+        P.plan_project(project, targets=["ngc1087"], stages=["derived"])
+    assert "distance_key.txt" in (err.value.hint or "")
+
+
+def test_names_that_cannot_be_task_ids_are_refused(keys: Path) -> None:
+    append(keys / "ms_file_key.txt", "ngc1087  proj/x  ngc1087  7m  2  a/b.ms")
+    with pytest.raises(ConfigError, match=r"'proj/x' cannot be part of a task id"):
+        P.plan_project(load_project(keys / "master_key.txt"), stages=["stage_line"])
+
+
+def test_dry_run_document_shape(project: Project) -> None:
+    plan = P.plan_project(project, targets=["ngc1087"])
+    doc = json.loads(json.dumps(P.dry_run_document(plan)))
+    assert doc["total_tasks"] == 2 + 2 + 2 + 2 + 2
+    assert [s["name"] for s in doc["stages"]] == list(P.STAGES)
+    for stage in doc["stages"]:
+        assert stage["array_size"] == len(stage["tasks"])
+        assert stage["depends_on"] == P.DEPENDENCY_RULES[stage["name"]]
+    derived = doc["stages"][-1]["tasks"][0]
+    assert derived["id"] == "derived/ngc1087/co21/7m"
+    assert derived["depends"] == ["postprocess/ngc1087/co21/7m"]
+    assert derived["key"] == ["ngc1087", "co21", "7m"]
+    assert derived["params"]["config"] == "7m"
+
+
+def test_work_dir_holds_the_roots(project: Project, keys: Path) -> None:
+    assert P.project_work_dir(project) == keys.parent / "work"
+
+
+# ---------------------------------------------------------------------------------------------
+# The node side without CASA: state files, skipping, errors
+# ---------------------------------------------------------------------------------------------
+
+def test_task_with_its_products_present_is_done_without_casa(project: Project,
+                                                             tmp_path: Path) -> None:
+    task = by_id(P.plan_project(project))["stage_ms/ngc1087/co21/2017.1.00886.L/7m/1"]
+    touch_all(task.outputs)
+    out = run_task(task, tmp_path / "w")
+    assert out["skipped"] and out["products"] == task.outputs
+    state = read_task_state(tmp_path / "w", task.id)
+    assert state["state"] == "done" and state["products"] == task.outputs
+    assert task_state_path(tmp_path / "w", task.id) == (
+        tmp_path / "w/.hpcddf/phangs/stage_ms/ngc1087/co21/2017.1.00886.L/7m/1.json")
+
+
+def test_failed_task_records_error_and_attempts(project: Project, tmp_path: Path) -> None:
+    task = by_id(P.plan_project(project))["postprocess/ngc3627/co21/12m"]
+    for attempt in (1, 2):
+        with pytest.raises(PhangsRunError, match="linear mosaic of ngc3627_1, ngc3627_2"):
+            run_task(task, tmp_path)
+        state = read_task_state(tmp_path, task.id)
+        assert (state["state"], state["attempts"]) == ("failed", attempt)
+        assert "not implemented" in state["error"]["message"] and state["ended"]
+
+
+def test_walltime_checkpoint_marks_requeued_and_resubmits_the_same_task(project: Project,
+                                                                       tmp_path: Path) -> None:
+    import pickle
+
+    from hpcddf.phangs.run import PhangsTask
+    task = by_id(P.plan_project(project))["imaging/ngc1087/co21/7m"]
+    job = PhangsTask(task, str(tmp_path))
+    again = job.checkpoint()
+    assert again.function is job
+    assert read_task_state(tmp_path, task.id)["state"] == "requeued"
+    copy = pickle.loads(pickle.dumps(job))          # what submitit ships to the node
+    assert copy.task.id == task.id and copy.task.params == task.params
+
+
+def test_clean_scales_from_arcsec_to_pixels() -> None:
+    assert scales_in_pixels([0, 1, 2, 4], 0.25) == "0,4,8,16"
+    assert scales_in_pixels([0, 0.1], 0.3) == "0"
+    assert scales_in_pixels([], 0.3) is None and scales_in_pixels([1.0], None) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+def test_cli_dry_run_and_one_line_errors(keys: Path, run_cli, site_file: Path) -> None:
+    make_ms(keys)
+    out = run_cli("phangs", "submit", keys, "--site-file", site_file, "--targets", "ngc1087",
+                  "--stages", "stage_ms,stage_line", "--dry-run", "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert [(s["name"], s["array_size"]) for s in doc["stages"]] == [("stage_ms", 2),
+                                                                    ("stage_line", 2)]
+    assert doc["jobs"] == {} and doc["work_dir"] == str(keys.parent / "work")
+    text = run_cli("phangs", "submit", keys, "--site-file", site_file, "--targets", "ngc1087",
+                   "--stages", "stage_ms", "--dry-run")
+    assert "stage_ms: 2 tasks, not submitted" in text.stdout
+    assert not (keys.parent / "work").exists()  # a dry run writes nothing
+    bad = run_cli("phangs", "submit", keys, "--site-file", site_file, "--stages", "derived")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "run stage postprocess first" in bad.stderr
+    status = run_cli("phangs", "status", keys, "--json")
+    assert status.returncode == 0 and json.loads(status.stdout) == []
