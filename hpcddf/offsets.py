@@ -31,6 +31,43 @@ BINS = np.linspace(-40.0, 40.0, 151)
 CENTRES = 0.5 * (BINS[1:] + BINS[:-1])
 MAX_OFFSET = 5.0
 MAX_SIGMA = 5.0
+REFERENCE_BEAM_ARCSEC = 6.0   # the resolution ddf-pipeline's numbers above are chosen for
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The pair radius, histogram range and prior bounds, in arcsec. ddf-pipeline's are for a
+    6" beam; hpcddf scales them with the restoring beam (``for_beam``) so that the method
+    works at other resolutions too (at 6" and finer they are ddf-pipeline's exactly)."""
+
+    scale: float = 1.0
+
+    @classmethod
+    def for_beam(cls, bmaj_arcsec: float) -> "Geometry":
+        return cls(max(1.0, bmaj_arcsec / REFERENCE_BEAM_ARCSEC))
+
+    @property
+    def radius(self) -> float:
+        return R_ARCSEC * self.scale
+
+    @property
+    def bins(self) -> np.ndarray:
+        return BINS * self.scale
+
+    @property
+    def centres(self) -> np.ndarray:
+        return CENTRES * self.scale
+
+    @property
+    def max_offset(self) -> float:
+        return MAX_OFFSET * self.scale
+
+    @property
+    def max_sigma(self) -> float:
+        return MAX_SIGMA * self.scale
+
+
+LOFAR = Geometry()
 MIN_PAIRS = 20
 
 
@@ -78,44 +115,47 @@ def pair_separations(lofar_xy: np.ndarray, ref_xy: np.ndarray, radius: float = R
     return d[:, 0], d[:, 1]
 
 
-def model(x: np.ndarray, norm: float, sigma: float, offset: float, bl: float) -> np.ndarray:
-    return (bl * np.sqrt(np.clip(R_ARCSEC ** 2 - x ** 2, 0.0, None)) / R_ARCSEC
+def model(x: np.ndarray, norm: float, sigma: float, offset: float, bl: float,
+          radius: float = R_ARCSEC) -> np.ndarray:
+    return (bl * np.sqrt(np.clip(radius ** 2 - x ** 2, 0.0, None)) / radius
             + norm * np.exp(-np.square(x - offset) / (2.0 * sigma ** 2)))
 
 
-def log_prob(p: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def log_prob(p: np.ndarray, counts: np.ndarray, geo: Geometry = LOFAR) -> np.ndarray:
     """Poisson ln posterior of parameter rows [norm, sigma, offset, bl] (vectorised)."""
     from scipy.special import gammaln
     p = np.atleast_2d(p)
     norm, sigma, offset, bl = p.T
-    ok = (norm >= 0) & (bl >= 0) & (sigma > 0) & (sigma <= MAX_SIGMA) & (np.abs(offset) <= MAX_OFFSET)
+    ok = ((norm >= 0) & (bl >= 0) & (sigma > 0) & (sigma <= geo.max_sigma)
+          & (np.abs(offset) <= geo.max_offset))
     out = np.full(len(p), -np.inf)
     if ok.any():
         q = p[ok]
-        mu = model(CENTRES[None, :], q[:, 0:1], q[:, 1:2], q[:, 2:3], q[:, 3:4])
+        mu = model(geo.centres[None, :], q[:, 0:1], q[:, 1:2], q[:, 2:3], q[:, 3:4], geo.radius)
         mu = np.maximum(mu, 1e-12)
         out[ok] = np.sum(counts * np.log(mu) - mu - gammaln(counts + 1.0), axis=1)
     return out
 
 
-def _start(counts: np.ndarray) -> tuple[float, float, float]:
+def _start(counts: np.ndarray, geo: Geometry = LOFAR) -> tuple[float, float, float]:
     height = float(np.median(counts))
-    peak = float(CENTRES[int(np.argmax(counts))])
-    if abs(peak) > 3.0:
+    peak = float(geo.centres[int(np.argmax(counts))])
+    if abs(peak) > 3.0 * geo.scale:
         peak = 0.0
     return max(float(counts.max()) - height, 0.1), peak, max(height, 0.1)
 
 
-def fit_axis_mcmc(d: np.ndarray, seed: int = 0, nsteps: int = 1000, burn: int = 200) -> AxisFit:
+def fit_axis_mcmc(d: np.ndarray, seed: int = 0, nsteps: int = 1000, burn: int = 200,
+                  geo: Geometry = LOFAR) -> AxisFit:
     import emcee
-    counts, _ = np.histogram(d, bins=BINS)
+    counts, _ = np.histogram(d, bins=geo.bins)
     counts = counts.astype(float)
-    norm0, peak0, height0 = _start(counts)
+    norm0, peak0, height0 = _start(counts, geo)
     rng = np.random.default_rng(seed)
     nwalk = 24
-    p0 = np.column_stack([np.abs(norm0 + rng.normal(0, 0.5, nwalk)), np.abs(0.5 + rng.normal(0, 0.05, nwalk)),
-                          peak0 + rng.normal(0, 0.1, nwalk), np.abs(height0 + rng.normal(0, 2, nwalk))])
-    sampler = emcee.EnsembleSampler(nwalk, 4, lambda p: log_prob(p, counts), vectorize=True)
+    p0 = np.column_stack([np.abs(norm0 + rng.normal(0, 0.5, nwalk)), np.abs(0.5 * geo.scale + rng.normal(0, 0.05 * geo.scale, nwalk)),
+                          peak0 + rng.normal(0, 0.1 * geo.scale, nwalk), np.abs(height0 + rng.normal(0, 2, nwalk))])
+    sampler = emcee.EnsembleSampler(nwalk, 4, lambda p: log_prob(p, counts, geo), vectorize=True)
     sampler.random_state = np.random.RandomState(seed).get_state()
     sampler.run_mcmc(p0, nsteps, progress=False)
     chain = sampler.get_chain(discard=burn)              # (steps, walkers, 4)
@@ -130,14 +170,15 @@ def fit_axis_mcmc(d: np.ndarray, seed: int = 0, nsteps: int = 1000, burn: int = 
     return AxisFit(float(est[2]), float(err[2]), float(est[1]), float(est[0]), float(err[0]), float(est[3]))
 
 
-def fit_axis_chi2(d: np.ndarray) -> AxisFit:
+def fit_axis_chi2(d: np.ndarray, geo: Geometry = LOFAR) -> AxisFit:
     from scipy.optimize import curve_fit
-    counts, _ = np.histogram(d, bins=BINS)
-    norm0, peak0, height0 = _start(counts.astype(float))
+    counts, _ = np.histogram(d, bins=geo.bins)
+    norm0, peak0, height0 = _start(counts.astype(float), geo)
     try:
-        p, cov = curve_fit(model, CENTRES, counts, p0=[norm0, 1.0, peak0, height0],
-                           sigma=1.0 + np.sqrt(counts + 0.75),
-                           bounds=([0, 1e-3, -MAX_OFFSET, 0], [np.inf, MAX_SIGMA, MAX_OFFSET, np.inf]))
+        p, cov = curve_fit(lambda x, n, s, o, b: model(x, n, s, o, b, geo.radius), geo.centres, counts,
+                           p0=[norm0, geo.scale, peak0, height0], sigma=1.0 + np.sqrt(counts + 0.75),
+                           bounds=([0, 1e-3 * geo.scale, -geo.max_offset, 0],
+                                   [np.inf, geo.max_sigma, geo.max_offset, np.inf]))
     except RuntimeError:
         return EMPTY
     err = np.sqrt(np.clip(np.diag(cov), 0, None))
@@ -145,19 +186,20 @@ def fit_axis_chi2(d: np.ndarray) -> AxisFit:
 
 
 def fit_facets(lofar_xy: np.ndarray, lofar_facet: np.ndarray, ref_xy: np.ndarray,
-               facets: Sequence[int], method: str = "mcmc", seed: int = 0) -> list[FacetOffset]:
+               facets: Sequence[int], method: str = "mcmc", seed: int = 0,
+               geo: Geometry = LOFAR) -> list[FacetOffset]:
     """Offsets (arcsec, reference minus LOFAR, east and north) of every facet."""
     out = []
     for k, f in enumerate(facets):
         mine = lofar_xy[lofar_facet == f]
-        dx, dy = pair_separations(mine, ref_xy)
+        dx, dy = pair_separations(mine, ref_xy, geo.radius)
         if len(dx) < MIN_PAIRS:
             out.append(FacetOffset(int(f), len(mine), EMPTY, EMPTY))
             continue
         if method == "chi2":
-            fx, fy = fit_axis_chi2(dx), fit_axis_chi2(dy)
+            fx, fy = fit_axis_chi2(dx, geo), fit_axis_chi2(dy, geo)
         else:
-            fx, fy = fit_axis_mcmc(dx, seed + 2 * k), fit_axis_mcmc(dy, seed + 2 * k + 1)
+            fx, fy = fit_axis_mcmc(dx, seed + 2 * k, geo=geo), fit_axis_mcmc(dy, seed + 2 * k + 1, geo=geo)
         out.append(FacetOffset(int(f), len(mine), fx, fy))
     return out
 
@@ -445,8 +487,9 @@ def run_offsets(root: str, config: str, seed: int = 0) -> list[FacetOffset]:
     direction = {f.index: f.direction for f in facets}
     lofar_dir = np.array([direction.get(int(i), -1) for i in facet_of(ra, dec, facets, centre)])
     dirs = sorted({f.direction for f in facets})
+    geo = Geometry.for_beam(float(hdr["BMAJ"]) * 3600.0)
     fits_ = fit_facets(_sky_xy(wcs, ra, dec, cell), lofar_dir, _sky_xy(wcs, ref_ra, ref_dec, cell),
-                       dirs, method=how, seed=seed)
+                       dirs, method=how, seed=seed, geo=geo)
     offsets_table(fits_, f"{method}-facet_offsets.fits")
     coords = read_facet_coords(f"{root}.facetCoord.txt")
     write_text_atomic("facet-offset.txt", facet_offset_text(coords, facets, applied_offsets(fits_), cell))

@@ -135,3 +135,23 @@ def test_offsets_table_and_astromap_hold_each_directions_result(tmp_path):
     want = {float(np.float32(np.hypot(f.ra.offset_err, f.dec.offset_err))) for f in fits_}
     got = set(np.unique(amap[np.isfinite(amap)]).tolist())
     assert got and got <= want and len(got) >= 2
+
+
+def test_the_histogram_geometry_scales_with_the_beam_so_coarse_images_work():
+    """A 120" image: positions scatter by arcsec and the shift is tens of arcsec, beyond the
+    6"-beam geometry's 5" prior; the beam-scaled geometry recovers it."""
+    from hpcddf.offsets import LOFAR, Geometry
+    geo = Geometry.for_beam(120.0)
+    assert geo.scale == 20.0 and geo.radius == 1200.0 and geo.max_offset == 100.0
+    assert Geometry.for_beam(6.0) == LOFAR and Geometry.for_beam(4.0) == LOFAR
+    rng = np.random.default_rng(5)
+    n, shift = 40, np.array([30.0, -20.0])
+    lofar = rng.uniform(-20000, 20000, (n, 2))
+    ref = np.vstack([lofar + shift + rng.normal(0, 2.0, (n, 2)),
+                     rng.uniform(-21000, 21000, (800, 2))])
+    [fit] = fit_facets(lofar, np.zeros(n, int), ref, [0], method="mcmc", geo=geo)
+    assert not fit.bad
+    assert fit.ra.offset == pytest.approx(shift[0], abs=max(3 * fit.ra.offset_err, 2.0))
+    assert fit.dec.offset == pytest.approx(shift[1], abs=max(3 * fit.dec.offset_err, 2.0))
+    [narrow] = fit_facets(lofar, np.zeros(n, int), ref, [0], method="mcmc")  # ddf-pipeline's numbers
+    assert abs(narrow.ra.offset - shift[0]) > 10  # its prior cannot reach 30"
