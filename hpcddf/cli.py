@@ -196,13 +196,24 @@ def logs(field: str, site: str | None, site_file: str | None, work_root: Path | 
 @site_options
 @click.option("--work-root", type=click.Path(file_okay=False, path_type=Path), help="Override the site's work root.")
 @click.option("--mosaics", "only_mosaics", is_flag=True, help="Show only the mosaics.")
+@click.option("--phangs", "phangs_dir", type=click.Path(path_type=Path), metavar="KEYDIR",
+              help="Show the tasks of this PHANGS project instead (as `hpcddf phangs status`).")
 @click.option("--json", "as_json", is_flag=True, help="Print the states as JSON.")
 def status(fields: tuple[str, ...], site: str | None, site_file: str | None,
-           work_root: Path | None, only_mosaics: bool, as_json: bool) -> None:
+           work_root: Path | None, only_mosaics: bool, phangs_dir: Path | None, as_json: bool) -> None:
     """Show the stages, job ids, states and attempts of FIELD(s) (default: all fields, then
-    the mosaics)."""
+    the mosaics), or of a PHANGS project's tasks."""
     from hpcddf.report import status_table
     from hpcddf.status import collect_mosaic_status, collect_status
+    if phangs_dir is not None:
+        from hpcddf.phangs.submit import phangs_status
+        from hpcddf.phangs.submit import status_table as phangs_table
+        rows = phangs_status(phangs_dir)
+        if as_json:
+            _print_json(rows)
+        else:
+            out.print(phangs_table(rows))
+        return
     the_site = _site(None, site_file) if site_file else _site(site or "local", None)
     states = [] if only_mosaics else collect_status(the_site, fields, work_root)
     mosaics = collect_mosaic_status(the_site, work_root) if only_mosaics or not fields else []

@@ -65,6 +65,8 @@ def test_every_task_is_done_and_says_so(project):
     rows = json.loads(out.stdout)
     assert {r["stage"] for r in rows} == {"stage_ms", "stage_line", "imaging", "postprocess", "derived"}
     assert all(r["state"] == "done" for r in rows), rows
+    same = hpcddf("status", "--phangs", str(project / "keys"), "--json")
+    assert same.returncode == 0 and json.loads(same.stdout) == rows
 
 
 def test_products_have_units_and_round_beams(project):
