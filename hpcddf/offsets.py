@@ -15,8 +15,9 @@ squares (``fit=chi2``, errors 1 + sqrt(n + 0.75)).
 Differences from ddf-pipeline's offsets.py, on purpose:
 * the Poisson log-likelihood keeps ln Gamma(n + 1) (a constant, so the fit is unchanged);
 * a facet with too few pairs gets offset 0 with error 100" (as theirs) and is flagged ``bad``;
-  bad facets (peak / error < 2 on either axis) get the median offset of the good ones when the
-  table is applied (ddf-pipeline meant to, but assigned to a copy).
+  bad facets (true matches / their error < 2 on either axis) get the median offset of the good
+  ones when the table is applied (ddf-pipeline meant to, but assigned to a copy);
+* the pair radius, histogram range and priors scale with the restoring beam (``Geometry``).
 """
 
 from __future__ import annotations
@@ -79,10 +80,15 @@ class AxisFit:
     norm: float          # peak height of the true-match Gaussian (counts per bin)
     norm_err: float
     bl: float
+    matches: float = 0.0      # true matches under the Gaussian: norm sigma sqrt(2 pi) / bin width
+    matches_err: float = 0.0
 
     @property
     def significant(self) -> bool:
-        return self.norm_err > 0 and self.norm / self.norm_err >= 2.0
+        """The true-match peak is real: its number of matches is at least twice its error.
+        (ddf-pipeline judged the peak height; when the matches scatter by less than a bin,
+        height and width trade off and the height's error says nothing about the peak.)"""
+        return self.matches_err > 0 and self.matches / self.matches_err >= 2.0
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,7 @@ class FacetOffset:
         return not (self.ra.significant and self.dec.significant)
 
 
-EMPTY = AxisFit(0.0, 100.0, 0.0, 0.0, 100.0, 0.0)
+EMPTY = AxisFit(0.0, 100.0, 0.0, 0.0, 100.0, 0.0, 0.0, 100.0)
 
 
 def pair_separations(lofar_xy: np.ndarray, ref_xy: np.ndarray, radius: float = R_ARCSEC) -> tuple[np.ndarray, np.ndarray]:
@@ -167,7 +173,14 @@ def fit_axis_mcmc(d: np.ndarray, seed: int = 0, nsteps: int = 1000, burn: int = 
     est = samples.mean(axis=0)
     p16, p84 = np.percentile(samples, [16, 84], axis=0)
     err = (p84 - p16) / 2.0
-    return AxisFit(float(est[2]), float(err[2]), float(est[1]), float(est[0]), float(err[0]), float(est[3]))
+    n = samples[:, 0] * samples[:, 1] * np.sqrt(2 * np.pi) / _bin_width(geo)
+    n16, n84 = np.percentile(n, [16, 84])
+    return AxisFit(float(est[2]), float(err[2]), float(est[1]), float(est[0]), float(err[0]), float(est[3]),
+                   float(n.mean()), float((n84 - n16) / 2.0))
+
+
+def _bin_width(geo: Geometry) -> float:
+    return float(geo.bins[1] - geo.bins[0])
 
 
 def fit_axis_chi2(d: np.ndarray, geo: Geometry = LOFAR) -> AxisFit:
@@ -182,7 +195,11 @@ def fit_axis_chi2(d: np.ndarray, geo: Geometry = LOFAR) -> AxisFit:
     except RuntimeError:
         return EMPTY
     err = np.sqrt(np.clip(np.diag(cov), 0, None))
-    return AxisFit(float(p[2]), float(err[2]), float(p[1]), float(p[0]), float(err[0]), float(p[3]))
+    n = p[0] * p[1] * np.sqrt(2 * np.pi) / _bin_width(geo)
+    # first order, with the norm-sigma covariance (they trade off against each other)
+    rel2 = (cov[0, 0] / p[0] ** 2 + cov[1, 1] / p[1] ** 2 + 2 * cov[0, 1] / (p[0] * p[1])) if p[0] > 0 else np.inf
+    return AxisFit(float(p[2]), float(err[2]), float(p[1]), float(p[0]), float(err[0]), float(p[3]),
+                   float(n), float(n * np.sqrt(max(rel2, 0.0))))
 
 
 def fit_facets(lofar_xy: np.ndarray, lofar_facet: np.ndarray, ref_xy: np.ndarray,
@@ -413,6 +430,9 @@ def offsets_table(fits_: Sequence[FacetOffset], out: str) -> None:
                "RA_error": [f.ra.offset_err for f in fits_], "DEC_error": [f.dec.offset_err for f in fits_],
                "RA_peak": [f.ra.norm for f in fits_], "DEC_peak": [f.dec.norm for f in fits_],
                "RA_peak_error": [f.ra.norm_err for f in fits_], "DEC_peak_error": [f.dec.norm_err for f in fits_],
+               "RA_matches": [f.ra.matches for f in fits_], "DEC_matches": [f.dec.matches for f in fits_],
+               "RA_matches_error": [f.ra.matches_err for f in fits_],
+               "DEC_matches_error": [f.dec.matches_err for f in fits_],
                "Bad": [f.bad for f in fits_]})
     with atomic_path(out) as tmp:
         t.write(tmp, format="fits", overwrite=True)

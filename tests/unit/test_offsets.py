@@ -118,8 +118,8 @@ def test_offsets_table_and_astromap_hold_each_directions_result(tmp_path):
     from hpcddf.offsets import EMPTY, AxisFit, FacetOffset, astromap, offsets_table, read_tessel
     facets = read_tessel(str(DDF / "image_full_ampphase_di_m.NS.tessel.reg"))
     dirs = sorted({f.direction for f in facets})
-    fits_ = [FacetOffset(d, 30, AxisFit(0.5 * d, 0.1 * (d + 1), 1.0, 10.0, 1.0, 1.0),
-                         AxisFit(-0.5, 0.2, 1.0, 10.0, 1.0, 1.0)) for d in dirs[:-1]]
+    fits_ = [FacetOffset(d, 30, AxisFit(0.5 * d, 0.1 * (d + 1), 1.0, 10.0, 1.0, 1.0, 20.0, 4.0),
+                         AxisFit(-0.5, 0.2, 1.0, 10.0, 1.0, 1.0, 20.0, 4.0)) for d in dirs[:-1]]
     fits_.append(FacetOffset(dirs[-1], 0, EMPTY, EMPTY))
     offsets_table(fits_, str(tmp_path / "t.fits"))
     t = Table.read(tmp_path / "t.fits")

@@ -1,0 +1,168 @@
+"""The offsets step on a real DDFacet image: a simulated field rich enough in sources for a
+per-direction histogram fit (30 compact sources, 3 calibration directions) is imaged by
+DDFacet as the final image; the reference catalogue is the true sky shifted by a known offset
+plus a dense background of unrelated sources (as an optical catalogue would be). The offsets
+step must measure the shift, write its products, and DDFacet's RestoreAndShift must move the
+sources onto the reference frame.
+
+The rest of the reduction (kMS) is not needed for this and is not run: the image is made
+with the same DDF.py command builder the final step uses.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.science.conftest import BIN
+
+pytestmark = pytest.mark.timeout(1500)
+
+SHIFT = (30.0, -20.0)  # arcsec east, north (a quarter beam): reference = truth + SHIFT
+BEAM_ARCSEC = 120.0
+
+
+def _sources(n: int, seed: int):
+    from hpcddf.simulate import Source
+    rng = np.random.default_rng(seed)
+    out: list[Source] = []
+    while len(out) < n:
+        r, th = 1.35 * np.sqrt(rng.uniform(0.01, 1.0)), rng.uniform(0, 2 * np.pi)
+        dec = 60.0 + r * np.sin(th)
+        ra = 180.0 + r * np.cos(th) / np.cos(np.radians(dec))
+        if all(np.hypot((ra - s.ra_deg) * np.cos(np.radians(dec)), dec - s.dec_deg) > 0.12 for s in out):
+            out.append(Source(f"R{len(out)}", float(ra), float(dec), float(np.exp(rng.uniform(np.log(1.0), np.log(4.0))))))
+    return tuple(out)
+
+
+def _reference(path: Path, sources, seed: int, shift: tuple[float, float] = SHIFT) -> None:
+    """Truth shifted by ``shift``, plus unrelated sources (chance matches: ~10 per pair disc,
+    whose radius scales with the beam, 1200" here)."""
+    from astropy.table import Table
+    rng = np.random.default_rng(seed)
+    dec_true = np.array([s.dec_deg for s in sources]) + shift[1] / 3600
+    ra_true = np.array([s.ra_deg for s in sources]) + shift[0] / 3600 / np.cos(np.radians(dec_true))
+    n_bg = 400
+    dec_bg = rng.uniform(58.2, 61.8, n_bg)
+    ra_bg = 180.0 + rng.uniform(-1.8, 1.8, n_bg) / np.cos(np.radians(dec_bg))
+    Table({"ra": np.concatenate([ra_true, ra_bg]), "dec": np.concatenate([dec_true, dec_bg])}).write(path)
+
+
+def _run(cmd, wd: Path) -> None:
+    c = cmd.resolved(wd)
+    with open(wd / c.log_name, "w") as log:
+        env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+        proc = subprocess.run(c.argv, cwd=wd, stdout=log, stderr=subprocess.STDOUT, timeout=1200, env=env)
+    assert proc.returncode == 0, (c.argv[:3], (wd / c.log_name).read_text()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def field(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from hpcddf.config import load_config
+    from hpcddf.ddfcommands import Image, Machine, ddf_image
+    from hpcddf.reduction import FINAL_NS, Reduction, build
+    from hpcddf.simulate import SimSpec, simulate_field
+    wd = tmp_path_factory.mktemp("offsets") / "SIMO"
+    sources = _sources(30, seed=3)
+    # 30 bright sources need a better PSF than the demo's 16 stations x 8 min to be cleaned
+    # down to their positions: 24 stations x 32 min x 8 channels
+    simulate_field(wd, SimSpec(n_ms=1, nant=24, ntime=240, nchan=8, sources=sources))
+    _reference(wd / "reference.fits", sources, seed=4)
+    _reference(wd / "truth.fits", sources, seed=4, shift=(0.0, 0.0))
+    cfg = load_config([str(wd / "hpcddf.cfg")], ["--offsets-method=pslocal", f"--offsets-catalogue={wd / 'reference.fits'}",
+                                                 "--offsets-fit=mcmc"])
+    (wd / ".hpcddf").mkdir()
+    (wd / ".hpcddf" / "pipeline.cfg").write_text(cfg.to_cfg_text())
+    m = Machine(ncpu_ddf=2, ncpu_kms=2, cache_dir=str(wd / "cache"), timeout_s=1200.0, python=sys.executable)
+    (wd / "cache").mkdir()
+    _run(ddf_image(cfg, m, Image(name=FINAL_NS, mslist="mslist.txt", colname="CORRECTED_DATA",
+                                 clusterfile="nodes.npy", robust=-0.5, psf_arcsec=BEAM_ARCSEC,
+                                 majorcycles=4)), wd)
+    # the baseline: the same fit against the unshifted truth measures what the simulated
+    # image itself holds (DDFacet's facet positions of a simulated sky are a few arcsec off)
+    base = load_config([str(wd / "hpcddf.cfg")], ["--offsets-method=baseline", f"--offsets-catalogue={wd / 'truth.fits'}"])
+    (wd / ".hpcddf" / "baseline.cfg").write_text(base.to_cfg_text())
+    [step] = build(Reduction(base, m, ("SIM_SB000.ms",), ("SIM_SB000.ms",)), "final", ["offsets"])
+    offsets_tool = step.commands[0]
+    _run(type(offsets_tool)(offsets_tool.argv[:-1] + (".hpcddf/baseline.cfg",), "baseline.log"), wd)
+    [step] = build(Reduction(cfg, m, ("SIM_SB000.ms",), ("SIM_SB000.ms",)), "final", ["offsets"])
+    for cmd in step.commands:
+        _run(cmd, wd)
+    return {"wd": wd, "step": step}
+
+
+def test_offsets_step_writes_its_products(field):
+    wd, step = field["wd"], field["step"]
+    for name in step.outputs:
+        assert (wd / name).is_file(), name
+    assert (wd / "pslocal-offsets.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_injected_shift_is_measured_within_a_tenth_of_the_beam(field):
+    """Every direction (8-13 compact sources each here, so the significance test passes for
+    some only) measures the injected shift on top of the baseline, within its errors."""
+    from astropy.table import Table
+    t = Table.read(field["wd"] / "pslocal-facet_offsets.fits")
+    b = Table.read(field["wd"] / "baseline-facet_offsets.fits")
+    assert (~t["Bad"]).sum() >= 1, t
+    for row, ref in zip(t, b):
+        assert row["N_Sources"] >= 5, row
+        for axis, want in (("RA", SHIFT[0]), ("DEC", SHIFT[1])):
+            got = row[f"{axis}_offset"] - ref[f"{axis}_offset"]
+            err = float(np.hypot(row[f"{axis}_error"], ref[f"{axis}_error"]))
+            assert abs(got - want) < 0.1 * BEAM_ARCSEC, (row["Facet_id"], axis, got, want)   # the issue's bar
+            assert abs(got - want) < max(3.0, 3 * err), (row["Facet_id"], axis, got, want, err)
+
+
+def test_astromap_holds_the_direction_errors(field):
+    from astropy.io import fits
+    from astropy.table import Table
+    t = Table.read(field["wd"] / "pslocal-facet_offsets.fits")
+    amap = fits.getdata(field["wd"] / "astromap.fits")
+    from hpcddf.reduction import FINAL_NS
+    n = fits.getheader(field["wd"] / f"{FINAL_NS}.app.restored.fits")["NAXIS1"] // 20
+    assert amap.shape == (n, n)
+    errs = np.hypot(t["RA_error"], t["DEC_error"])
+    vals = np.unique(amap[np.isfinite(amap)])
+    assert len(vals) and all(np.isclose(errs, v).any() for v in vals)
+
+
+def test_restore_and_shift_moves_sources_onto_the_reference(field):
+    """Bright-source centroids in the _shift image are displaced by the measured offset in the
+    sense that brings them onto the reference catalogue (east = lower pixel x)."""
+    from astropy.io import fits
+    from astropy.table import Table
+    from hpcddf.reduction import FINAL_NS
+    wd = field["wd"]
+    before = fits.getdata(wd / f"{FINAL_NS}.app.restored.fits").squeeze()
+    after = fits.getdata(wd / f"{FINAL_NS}_shift.app.facetRestored.fits").squeeze()
+    cell = abs(fits.getheader(wd / f"{FINAL_NS}.app.restored.fits")["CDELT2"]) * 3600
+    t = Table.read(wd / "pslocal-facet_offsets.fits")
+    good = t[~t["Bad"]]
+    want = (float(np.median(good["RA_offset"])), float(np.median(good["DEC_offset"])))
+    shifts = []
+    for y, x in zip(*np.nonzero((before > 0.3) & (before == _local_max(before)))):
+        if 5 <= y < before.shape[0] - 5 and 5 <= x < before.shape[1] - 5:
+            shifts.append(np.subtract(_centroid(after, y, x), _centroid(before, y, x)))
+    assert len(shifts) >= 10
+    dy, dx = np.median(shifts, axis=0)
+    # directions differ by a few arcsec; the sign and size must be those of the offsets
+    assert -dx * cell == pytest.approx(want[0], abs=4.0)
+    assert dy * cell == pytest.approx(want[1], abs=4.0)
+
+
+def _local_max(a: np.ndarray) -> np.ndarray:
+    from scipy.ndimage import maximum_filter
+    return maximum_filter(np.nan_to_num(a), size=5)
+
+
+def _centroid(a: np.ndarray, y: int, x: int, h: int = 3) -> np.ndarray:
+    box = np.nan_to_num(a[y - h:y + h + 1, x - h:x + h + 1])
+    box = np.clip(box - 0.5 * box.max(), 0, None)  # the core of the beam only
+    yy, xx = np.mgrid[-h:h + 1, -h:h + 1]
+    return np.array([y + (box * yy).sum() / box.sum(), x + (box * xx).sum() / box.sum()])
