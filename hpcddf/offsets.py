@@ -316,14 +316,15 @@ def read_facet_coords(path: str) -> np.ndarray:
 
 def facet_offset_text(coords: np.ndarray, facets: Sequence[Facet],
                       by_direction: dict[int, tuple[float, float]], cell_arcsec: float) -> str:
-    """DDFacet's ``--Output-ShiftFacetsFile``: per facet ``ra_rad dec_rad dx dy`` in pixels, the
-    facet's direction's offset (arcsec, reference minus LOFAR; pixel x runs to -RA). The sign
-    DDFacet's RestoreAndShift expects is to be checked when the offsets step runs it."""
+    """DDFacet's ``--Output-ShiftFacetsFile``: per facet ``ra_rad dec_rad dl dm`` in pixels, so
+    that RestoreAndShift moves the facet by its direction's offset (arcsec east and north,
+    reference minus LOFAR). DDFacet 0.9.1 moves a facet east by dl and north by -dm pixels:
+    measured on its own output (tests/science/test_offsets_reduction.py)."""
     direction = {f.index: f.direction for f in facets}
     lines = []
     for i, (ra, dec) in enumerate(coords):
         dx, dy = by_direction.get(direction.get(i, -1), (0.0, 0.0))
-        lines.append(f"{ra:.9f} {dec:.9f} {-dx / cell_arcsec:.6f} {dy / cell_arcsec:.6f}")
+        lines.append(f"{ra:.9f} {dec:.9f} {dx / cell_arcsec:.6f} {-dy / cell_arcsec:.6f}")
     return "\n".join(lines) + "\n"
 
 

@@ -147,7 +147,7 @@ def test_restore_and_shift_moves_sources_onto_the_reference(field):
     want = (float(np.median(good["RA_offset"])), float(np.median(good["DEC_offset"])))
     shifts = []
     for y, x in zip(*np.nonzero((before > 0.3) & (before == _local_max(before)))):
-        if 5 <= y < before.shape[0] - 5 and 5 <= x < before.shape[1] - 5:
+        if 8 <= y < before.shape[0] - 8 and 8 <= x < before.shape[1] - 8:
             shifts.append(np.subtract(_centroid(after, y, x), _centroid(before, y, x)))
     assert len(shifts) >= 10
     dy, dx = np.median(shifts, axis=0)
@@ -161,7 +161,7 @@ def _local_max(a: np.ndarray) -> np.ndarray:
     return maximum_filter(np.nan_to_num(a), size=5)
 
 
-def _centroid(a: np.ndarray, y: int, x: int, h: int = 3) -> np.ndarray:
+def _centroid(a: np.ndarray, y: int, x: int, h: int = 5) -> np.ndarray:
     box = np.nan_to_num(a[y - h:y + h + 1, x - h:x + h + 1])
     box = np.clip(box - 0.5 * box.max(), 0, None)  # the core of the beam only
     yy, xx = np.mgrid[-h:h + 1, -h:h + 1]

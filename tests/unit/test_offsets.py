@@ -83,7 +83,7 @@ def test_the_shift_file_gives_each_facet_its_directions_offset_in_pixels():
     assert len(rows) == 16 and float(rows[0][0]) == pytest.approx(coords[0][0])
     by_dir = {f.index: f.direction for f in facets}
     for i, row in enumerate(rows):
-        want = {0: (-2.0, -1.0), 1: (0.0, 0.0), 2: (4.0, 4.0)}[by_dir[i]]
+        want = {0: (2.0, 1.0), 1: (0.0, 0.0), 2: (-4.0, -4.0)}[by_dir[i]]  # east = +dl, north = -dm
         assert (float(row[2]), float(row[3])) == pytest.approx(want)
 
 
