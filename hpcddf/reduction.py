@@ -375,8 +375,11 @@ def bootstrap(r: Reduction) -> Step:
     per-channel fluxes, the factor fit against the [bootstrap] catalogues, then SCALED_DATA (and
     DATA_DI_CORRECTED_SCALED) in every MS of that observation in both MS lists.
 
-    ddf-pipeline first makes a dirty cube and a TGSS mask for it; here the cube is cleaned
-    with its automask alone (the bright sources the fit uses are well above 15 sigma)."""
+    As in ddf-pipeline, a dirty image comes first and the clean is masked; its mask here is
+    MakeMask's on that dirty image at the first masking threshold (ddf-pipeline's is made from
+    TGSS, which hpcddf does not download). Without it the 15-sigma automask leaves sources
+    near a sidelobe-limited noise uncleaned, and PyBDSF then fits them with the dirty beam
+    and underestimates their flux against the restoring beam."""
     cmds: list[Command] = []
     outs: list[str] = []
     full = group_by_obsid(r.full_mss or r.mss)
@@ -384,10 +387,13 @@ def bootstrap(r: Reduction) -> Step:
     for obsid, mss in group_by_obsid(r.mss).items():
         lst, name = f"bootstrap_{obsid}_mslist.txt", f"image_bootstrap_{obsid}"  # DDF reads *.txt as a list
         cmds.append(hpcddf_tool(r.m, ["write-list", "--out", lst, *mss], f"{name}.list.log"))
+        mask = f"{name}.dirty.fits.mask.fits"
         img = r.image(name, mslist=lst, colname=r.col, majorcycles=5, automask_sigma=15.0,
                       clusterfile=CLUSTER_CAT, ddsols=applied(r, "DDS0"), apply=r.apply(6),
-                      nband=len(mss), cubes="Ii", **low_res(r))
-        cmds.append(ddf_image(r.cfg, r.m, img))
+                      nband=len(mss), cubes="Ii", cleanmask=mask, **low_res(r))
+        cmds += [ddf_image(r.cfg, r.m, dirty_of(replace(img, cleanmask=None, cubes=None))),
+                 make_mask(r.m, f"{name}.dirty.fits", r.thr(0), f"{name}.makemask.log"),
+                 ddf_image(r.cfg, r.m, img)]
         factors = f"{obsid}-bootstrap-factors.json"
         cmds.append(hpcddf_tool(r.m, ["bootstrap-fit", "--cube", f"{name}.cube.int.restored.fits",
                                       "--config", ".hpcddf/pipeline.cfg", "--out", factors],

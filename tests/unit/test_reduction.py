@@ -172,8 +172,12 @@ def boot(*overrides: str) -> Reduction:
 def test_bootstrap_images_a_cube_per_observation_and_scales_both_lists():
     [step] = build(boot(), "bootstrap", ["bootstrap"])
     ddf = [c.argv for c in step.commands if c.argv[0] == "DDF.py"]
-    assert len(ddf) == 1  # one observation, L1
-    argv = ddf[0]
+    assert len(ddf) == 2  # one observation, L1: dirty, then the masked clean
+    assert "--Output-Mode=Dirty" in ddf[0] and "--Output-Cubes=Ii" not in ddf[0]
+    mm = next(c.argv for c in step.commands if c.argv[0] == "MakeMask.py")
+    assert mm[1] == "--RestoredIm=image_bootstrap_L1.dirty.fits"
+    argv = ddf[1]
+    assert "--Mask-External=image_bootstrap_L1.dirty.fits.mask.fits" in argv
     for opt in ("--Data-MS=bootstrap_L1_mslist.txt", "--Data-ColName=CORRECTED_DATA", "--Freq-NBand=2",
                 "--Output-Cubes=Ii", "--Image-Cell=4.5", "--Image-NPix=6000", "--Output-RestoringBeam=20",
                 "--Weight-Robust=-0.25", "--DDESolutions-DDSols=DDS0_smoothed", "--Deconv-MaxMajorIter=5",
