@@ -67,9 +67,33 @@ def apply_redofrom(workdir: Path, cfg: PipelineConfig, point: str) -> list[str]:
         os.replace(workdir / name, target / name)
     kept_steps = DIRIN_STEPS if point == "dirin" else ()
     forget_steps(workdir, [s for s in STEP_NAMES if s not in kept_steps])
-    _record(workdir, point, target, movable)
+    dropped = drop_scaled_columns(workdir)
+    _record(workdir, point, target, movable, dropped)
     log.info("redofrom=%s: archived %d item(s) to %s", point, len(movable), target)
     return movable
+
+
+def drop_scaled_columns(workdir: Path) -> dict[str, list[str]]:
+    """Every redofrom point comes before the bootstrap: drop its scaled columns from the
+    field's MSs so the redone bootstrap writes them from its own factors."""
+    dropped: dict[str, list[str]] = {}
+    mss = sorted(p for p in workdir.iterdir() if p.is_dir() and p.suffix in (".ms", ".MS")
+                 and (p / "table.dat").exists())
+    if not mss:
+        return dropped
+    try:
+        from hpcddf.bootstrap import remove_scaled_columns
+        import casacore.tables  # noqa: F401  (the science extra)
+    except ImportError:
+        log.warning("python-casacore is not installed here: any SCALED_DATA column in the MSs "
+                    "stays (the bootstrap would keep its old factors)")
+        return dropped
+    for ms in mss:
+        gone = remove_scaled_columns(str(ms))
+        if gone:
+            dropped[ms.name] = gone
+            log.info("redofrom: removed %s from %s", ", ".join(gone), ms.name)
+    return dropped
 
 
 def forget_steps(workdir: Path, steps: Iterable[str]) -> None:
@@ -78,12 +102,14 @@ def forget_steps(workdir: Path, steps: Iterable[str]) -> None:
         (workdir / ".hpcddf" / "done" / f"{name}.done.json").unlink(missing_ok=True)
 
 
-def _record(workdir: Path, point: str, target: Path, moved: list[str]) -> None:
+def _record(workdir: Path, point: str, target: Path, moved: list[str],
+            dropped: dict[str, list[str]]) -> None:
     d = workdir / ".hpcddf"
     d.mkdir(parents=True, exist_ok=True)
     with open(d / "redo.log", "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "redofrom": point,
-                             "archive": str(target), "moved": moved}) + "\n")
+                             "archive": str(target), "moved": moved,
+                             "dropped_columns": dropped}) + "\n")
 
 
 def apply_restart_policy(workdir: Path, cfg: PipelineConfig) -> str | None:

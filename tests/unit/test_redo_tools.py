@@ -58,6 +58,25 @@ def test_redofrom_twice_never_overwrites_the_archive(tmp_path):
     assert not list((wd / ".hpcddf" / "done").iterdir())
 
 
+def test_redofrom_drops_the_bootstrap_columns_so_it_is_redone(tmp_path):
+    """The bootstrap never overwrites an existing scaled column (so a requeue cannot scale
+    twice); a redone field must therefore lose them, or it would keep the old factors."""
+    from casacore.tables import table
+
+    from hpcddf.bootstrap import apply_scaling
+    from hpcddf.simulate import SimSpec, simulate_field
+    sim = simulate_field(tmp_path / "L1", SimSpec(n_ms=1, nant=6, ntime=5))
+    ms = str(sim.ms[0])
+    assert apply_scaling(ms, 1.2, "DATA") and apply_scaling(ms, 1.2, "DATA", "DATA_DI_CORRECTED_SCALED")
+    apply_redofrom(sim.outdir, load_config([], ["--data-mslist=mslist.txt"]), "start")
+    with table(ms, ack=False) as t:
+        cols = t.colnames()
+        assert "SCALED_DATA" not in cols and "DATA_DI_CORRECTED_SCALED" not in cols and "DATA" in cols
+    record = json.loads((sim.outdir / ".hpcddf" / "redo.log").read_text())
+    assert record["dropped_columns"] == {Path(ms).name: ["SCALED_DATA", "DATA_DI_CORRECTED_SCALED"]}
+    assert apply_scaling(ms, 0.9, "DATA")  # the redone bootstrap writes its own factor
+
+
 def test_restart_false_forgets_every_step_but_moves_nothing(tmp_path):
     wd = _field(tmp_path)
     note = apply_restart_policy(wd, load_config([], ["--control-restart=False"]))
