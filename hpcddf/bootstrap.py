@@ -357,6 +357,22 @@ def apply_scaling(ms: str, factor: float, source_col: str, scaled_col: str = "SC
     return True
 
 
+def remove_scaled_columns(ms: str) -> list[str]:
+    """Drop the columns the bootstrap wrote (``SCALED_DATA``, ``*_SCALED`` and a partial one).
+
+    ``redofrom`` calls this: the bootstrap leaves an existing scaled column alone (so a requeue
+    never scales twice), which would otherwise keep a redone field on the old factors. The
+    columns are derived data (factor x a column that stays), so nothing is lost."""
+    from casacore.tables import table
+    with table(ms, readonly=False, ack=False) as t:
+        gone = [c for c in t.colnames()
+                if c == "SCALED_DATA" or c.endswith("_SCALED") or c.endswith("_SCALED_HPCDDF_PARTIAL")
+                or c == "SCALED_DATA_HPCDDF_PARTIAL"]
+        if gone:
+            t.removecols(gone)
+    return gone
+
+
 # ---------------------------------------------------------------- the step's node tools
 
 def ref_frequency(ms: str) -> float:

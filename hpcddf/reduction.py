@@ -370,16 +370,37 @@ def low_res(r: Reduction) -> dict:
             "uvrange": (r.get("image", "uvmin") or 0.0, 2.5 * 206.0 / psf)}
 
 
+def _bootstrap_mask(r: Reduction, name: str, out: str) -> list[Command]:
+    """The bootstrap clean's mask on its dirty image's grid: TGSS sources (when ``[masking]
+    tgss`` is set) OR MakeMask's islands."""
+    dirty = f"{name}.dirty.fits"
+    cmds = [make_mask(r.m, dirty, r.thr(0), f"{name}.makemask.log")]
+    optional = []
+    if r.get("masking", "tgss"):
+        tgss = f"{name}.tgss_mask.fits"
+        cmds.append(hpcddf_tool(r.m, [
+            "external-mask", "--template", dirty, "--out", tgss, "--record", f"{name}.tgss_mask.json",
+            "--tgss", r.get("masking", "tgss"), "--tgss-radius", str(r.get("masking", "tgss_radius")),
+            "--tgss-flux", str(r.get("masking", "tgss_flux"))], f"{name}.tgss_mask.log"))
+        optional = ["--optional", tgss]  # not written when no TGSS source falls in the image
+    cmds.append(hpcddf_tool(r.m, ["merge-masks", "--out", out, f"{dirty}.mask.fits", *optional],
+                            f"{name}.mergemask.log"))
+    return cmds
+
+
 def bootstrap(r: Reduction) -> Step:
     """Per observation: a low-resolution cube (one band per subband, DDS0 applied), PyBDSF with
     per-channel fluxes, the factor fit against the [bootstrap] catalogues, then SCALED_DATA (and
     DATA_DI_CORRECTED_SCALED) in every MS of that observation in both MS lists.
 
-    As in ddf-pipeline, a dirty image comes first and the clean is masked; its mask here is
-    MakeMask's on that dirty image at the first masking threshold (ddf-pipeline's is made from
-    TGSS, which hpcddf does not download). Without it the 15-sigma automask leaves sources
-    near a sidelobe-limited noise uncleaned, and PyBDSF then fits them with the dirty beam
-    and underestimates their flux against the restoring beam."""
+    As in ddf-pipeline, a dirty image comes first and the clean is masked. The mask is the
+    ``[masking] tgss`` catalogue's sources drawn on the dirty image's grid (ddf-pipeline's
+    bootstrap mask; hpcddf reads the file, it downloads nothing), OR'd with MakeMask's mask of
+    that dirty image at the first masking threshold, which is all there is without a TGSS file.
+    A source outside the mask is left to the 15-sigma automask, whose noise on a dirty,
+    sidelobe-limited image is high: it stays uncleaned, and PyBDSF then fits it with the
+    narrower dirty beam and finds a third of its flux against the restoring beam (measured on
+    the simulated field), which biases every factor."""
     cmds: list[Command] = []
     outs: list[str] = []
     full = group_by_obsid(r.full_mss or r.mss)
@@ -387,13 +408,12 @@ def bootstrap(r: Reduction) -> Step:
     for obsid, mss in group_by_obsid(r.mss).items():
         lst, name = f"bootstrap_{obsid}_mslist.txt", f"image_bootstrap_{obsid}"  # DDF reads *.txt as a list
         cmds.append(hpcddf_tool(r.m, ["write-list", "--out", lst, *mss], f"{name}.list.log"))
-        mask = f"{name}.dirty.fits.mask.fits"
+        mask = f"{name}.mask.fits"
         img = r.image(name, mslist=lst, colname=r.col, majorcycles=5, automask_sigma=15.0,
                       clusterfile=CLUSTER_CAT, ddsols=applied(r, "DDS0"), apply=r.apply(6),
                       nband=len(mss), cubes="Ii", cleanmask=mask, **low_res(r))
         cmds += [ddf_image(r.cfg, r.m, dirty_of(replace(img, cleanmask=None, cubes=None))),
-                 make_mask(r.m, f"{name}.dirty.fits", r.thr(0), f"{name}.makemask.log"),
-                 ddf_image(r.cfg, r.m, img)]
+                 *_bootstrap_mask(r, name, mask), ddf_image(r.cfg, r.m, img)]
         factors = f"{obsid}-bootstrap-factors.json"
         cmds.append(hpcddf_tool(r.m, ["bootstrap-fit", "--cube", f"{name}.cube.int.restored.fits",
                                       "--config", ".hpcddf/pipeline.cfg", "--out", factors],

@@ -650,6 +650,21 @@ def write_catalogue(path: Path, sources: Iterable[Source], rel_err: float = 0.05
     return Path(path)
 
 
+def write_tgss_catalogue(path: Path, sources: Iterable[Source]) -> Path:
+    """The true sky in TGSS ADR1's columns (RA, DEC, Peak_flux and Total_flux in mJy), what
+    ``[masking] tgss`` reads to draw the external and bootstrap clean masks."""
+    from astropy.table import Table
+
+    from hpcddf.atomic import atomic_path
+    src = list(sources)
+    mjy = [1e3 * s.flux_jy for s in src]
+    table = Table({"RA": [s.ra_deg for s in src], "DEC": [s.dec_deg for s in src],
+                   "Peak_flux": mjy, "Total_flux": mjy})
+    with atomic_path(path) as tmp:
+        table.write(tmp, format="fits", overwrite=True)
+    return Path(path)
+
+
 def skymodel_text(sources: Iterable[Source]) -> str:
     """The true sky as text: ``name ra_deg dec_deg flux_jy`` per line (J2000, flat spectrum)."""
     lines = ["# hpcddf.simulate true sky: flat-spectrum point sources, J2000",

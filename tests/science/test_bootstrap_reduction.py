@@ -23,7 +23,8 @@ FLUX_SCALE = (0.85, 1.0, 1.12, 0.93)  # injected per subband: the sky in MS k is
 
 @pytest.fixture(scope="module")
 def field(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from hpcddf.simulate import DEFAULT_SOURCES, SimSpec, simulate_field, write_catalogue
+    from hpcddf.simulate import (DEFAULT_SOURCES, SimSpec, simulate_field, write_catalogue,
+                                 write_tgss_catalogue)
     home = tmp_path_factory.mktemp("bootstrap")
     work = home / "work"
     wd = work / "SIMB"
@@ -33,7 +34,11 @@ def field(tmp_path_factory: pytest.TempPathFactory) -> dict:
     cats.mkdir()
     write_catalogue(cats / "VLSS.fits", DEFAULT_SOURCES)
     write_catalogue(cats / "WENSS.fits", DEFAULT_SOURCES)
+    write_tgss_catalogue(cats / "TGSS.fits", DEFAULT_SOURCES)
     cfg = (wd / "hpcddf.cfg").read_text().replace("bootstrap = False", "bootstrap = True")
+    # ddf-pipeline masks the bootstrap clean with TGSS sources: without them the fainter
+    # sources stay uncleaned and PyBDSF finds a third of their flux
+    cfg = cfg.replace("tgss = None", f"tgss = {cats}/TGSS.fits")
     # the bootstrap's "low resolution" is the simulated field's own: a coarser grid makes
     # DDFacet's padded 4-band convolution functions take ~20 GB
     cfg = cfg.replace("[image]\n", "[image]\nlow_psf_arcsec = 120\nlow_cell = 20\nlow_imsize = 600\nlow_robust = -0.5\n")

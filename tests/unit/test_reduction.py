@@ -177,7 +177,7 @@ def test_bootstrap_images_a_cube_per_observation_and_scales_both_lists():
     mm = next(c.argv for c in step.commands if c.argv[0] == "MakeMask.py")
     assert mm[1] == "--RestoredIm=image_bootstrap_L1.dirty.fits"
     argv = ddf[1]
-    assert "--Mask-External=image_bootstrap_L1.dirty.fits.mask.fits" in argv
+    assert "--Mask-External=image_bootstrap_L1.mask.fits" in argv
     for opt in ("--Data-MS=bootstrap_L1_mslist.txt", "--Data-ColName=CORRECTED_DATA", "--Freq-NBand=2",
                 "--Output-Cubes=Ii", "--Image-Cell=4.5", "--Image-NPix=6000", "--Output-RestoringBeam=20",
                 "--Weight-Robust=-0.25", "--DDESolutions-DDSols=DDS0_smoothed", "--Deconv-MaxMajorIter=5",
@@ -190,6 +190,26 @@ def test_bootstrap_images_a_cube_per_observation_and_scales_both_lists():
     assert tools["bootstrap-apply"] == ("--factors", "L1-bootstrap-factors.json", "--colname", "CORRECTED_DATA",
                                         "--di-col", "DATA_DI_CORRECTED", *sorted(FULL))
     assert "image_bootstrap.app.mean.fits" in step.outputs and "L1-bootstrap-factors.json" in step.outputs
+
+
+def test_bootstrap_mask_is_tgss_on_the_dirty_grid_or_makemask():
+    """ddf-pipeline masks the bootstrap clean with TGSS sources; MakeMask's islands are OR'd in
+    (and are the whole mask without a TGSS file)."""
+    def tools(red: Reduction) -> dict:
+        [step] = build(red, "bootstrap", ["bootstrap"])
+        return {c.argv[3]: c.argv[4:] for c in step.commands if c.argv[1:3] == ("-m", "hpcddf.tools")}
+    with_tgss = tools(boot("--masking-tgss=/cats/tgss.fits", "--masking-tgss_radius=5"))
+    ext = with_tgss["external-mask"]
+    assert ext[:2] == ("--template", "image_bootstrap_L1.dirty.fits")
+    assert ("--tgss", "/cats/tgss.fits") == ext[ext.index("--tgss"):ext.index("--tgss") + 2]
+    assert ext[ext.index("--tgss-radius") + 1] == "5.0"
+    assert with_tgss["merge-masks"] == ("--out", "image_bootstrap_L1.mask.fits",
+                                        "image_bootstrap_L1.dirty.fits.mask.fits",
+                                        "--optional", "image_bootstrap_L1.tgss_mask.fits")
+    without = tools(boot("--masking-tgss=None"))
+    assert "external-mask" not in without
+    assert without["merge-masks"] == ("--out", "image_bootstrap_L1.mask.fits",
+                                      "image_bootstrap_L1.dirty.fits.mask.fits")
 
 
 def test_bootstrap_needs_a_low_resolution_beam():
