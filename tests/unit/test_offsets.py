@@ -155,3 +155,145 @@ def test_the_histogram_geometry_scales_with_the_beam_so_coarse_images_work():
     assert fit.dec.offset == pytest.approx(shift[1], abs=max(3 * fit.dec.offset_err, 2.0))
     [narrow] = fit_facets(lofar, np.zeros(n, int), ref, [0], method="mcmc")  # ddf-pipeline's numbers
     assert abs(narrow.ra.offset - shift[0]) > 10  # its prior cannot reach 30"
+
+
+# ---------------------------------------------------------------- compact sources: the envelope
+
+BMAJ = 6.0 / 3600.0
+POINT, RESOLVED, EXTENDED = 0, 1, 2
+
+
+def source_catalogue(seed: int = 0, n_point: int = 2600, n_resolved: int = 150, n_extended: int = 1250):
+    """A PyBDSF-like catalogue over 3 deg x 3 deg (so almost every source is isolated) with known
+    kinds: point sources, whose ln(S_I/S_P) scatters about 0 by 0.03 + 1.2/SNR; marginally
+    resolved ones (1.3-1.9 beams, S_Code S: they pass the isolation, S_Code and size cuts);
+    and extended ones (2.2-5 beams or multi-Gaussian: the cuts remove them, but they are the
+    whole catalogue's tail). A resolved source's ln(S_I/S_P) is 2 ln(size / beam) plus noise."""
+    from astropy.table import Table
+    rng = np.random.default_rng(seed)
+    kind = np.repeat([POINT, RESOLVED, EXTENDED], [n_point, n_resolved, n_extended])
+    n = len(kind)
+    snr = 3.0 / rng.uniform(0.003, 1.0, n)  # N(>S) ~ 1/S from S/N 3 to 1000
+    size = np.ones(n)
+    size[kind == RESOLVED] = rng.uniform(1.3, 1.9, n_resolved)
+    size[kind == EXTENDED] = rng.uniform(2.2, 5.0, n_extended)
+    ln_ratio = 2 * np.log(size) + rng.normal(0.0, 0.03 + 1.2 / snr)
+    code = np.where((kind == EXTENDED) & (rng.uniform(size=n) < 0.5), "M", "S")
+    rms = 1e-4
+    dec = 50.0 + rng.uniform(-1.5, 1.5, n)
+    ra = 180.0 + rng.uniform(-1.5, 1.5, n) / np.cos(np.radians(dec))
+    table = Table({"RA": ra, "DEC": dec, "S_Code": code, "Maj": size * BMAJ * rng.uniform(0.95, 1.05, n),
+                   "Total_flux": snr * rms, "E_Total_flux": np.full(n, rms),
+                   "Peak_flux": snr * rms / np.exp(ln_ratio), "Isl_rms": np.full(n, rms)})
+    return table, kind
+
+
+@pytest.fixture(scope="module")
+def envelope_field():
+    from hpcddf.offsets import compact_selection
+    table, kind = source_catalogue(seed=1)
+    return table, kind, compact_selection(table, BMAJ)
+
+
+def test_the_envelope_rejects_resolved_sources_and_keeps_point_sources(envelope_field):
+    from hpcddf.offsets import snr_and_log_ratio
+    table, kind, sel = envelope_field
+    assert sel.method == "envelope" and sel.reason == ""
+    assert len(sel.envelope.snr) == 16  # 4000 sources: N/250 bins, every one with a point
+    # the cuts alone keep nearly all marginally resolved sources: the envelope does the work
+    assert sel.cuts[kind == RESOLVED].mean() > 0.95
+    kept = sel.keep[sel.cuts]
+    by_kind = {k: kept[kind[sel.cuts] == k].mean() for k in (POINT, RESOLVED)}
+    assert by_kind[POINT] > 0.97           # measured 0.984
+    assert by_kind[RESOLVED] < 0.25        # measured 0.14
+    assert not sel.keep[kind == EXTENDED].any()
+    snr, ratio = snr_and_log_ratio(table)
+    above = ratio > sel.envelope(snr)
+    assert above[kind == EXTENDED].mean() > 0.95  # the envelope alone would reject them too
+    assert not (sel.keep & above).any() and not (sel.keep & ~sel.cuts).any()
+
+
+def test_the_envelope_narrows_with_snr_and_is_flat_beyond_its_bins(envelope_field):
+    _, _, sel = envelope_field
+    env = sel.envelope
+    lo, hi = env.snr.min(), env.snr.max()
+    assert 3.0 <= lo < 4.0 and hi > 50.0
+    faint, bright = env(np.array([lo, hi]))
+    assert 0.5 < faint < 1.0 and 0.05 < bright < 0.4 and faint > bright + 0.3
+    # ddf-pipeline extrapolates the fit; here it is held at the edge of the bins
+    assert env(np.array([1e6, 0.5])) == pytest.approx([bright, faint])
+    assert np.sqrt(np.mean((env(env.snr) - env.points) ** 2)) < 0.15
+
+
+def test_compact_says_how_it_chose_and_returns_the_selection(envelope_field, capsys):
+    from hpcddf.offsets import compact
+    table, _, sel = envelope_field
+    assert (compact(table, BMAJ) == sel.keep).all()
+    out = capsys.readouterr().out
+    assert f"{int(sel.keep.sum())} of the {int(sel.cuts.sum())} isolated small ones" in out
+    assert "envelope (c0..c3 =" in out
+
+
+def test_a_small_field_falls_back_to_the_cuts(capsys):
+    """~30 sources, as the simulated field of the science test: no envelope, the cuts alone."""
+    from hpcddf.offsets import compact, compact_selection, isolated_small_sources
+    table, kind = source_catalogue(seed=2, n_point=26, n_resolved=2, n_extended=4)
+    sel = compact_selection(table, BMAJ)
+    assert sel.method == "cuts only" and sel.envelope is None
+    assert "32 sources give 0 S/N bins" in sel.reason
+    assert (sel.keep == isolated_small_sources(table, BMAJ)).all()
+    assert sel.keep[kind == POINT].all() and not sel.keep[kind == EXTENDED].any()
+    assert (compact(table, BMAJ) == sel.keep).all()
+    assert "by the isolation, S_Code, size and S/N cuts alone (no envelope: 32 sources" in capsys.readouterr().out
+
+
+def test_too_few_compact_sources_per_bin_fall_back_to_the_cuts():
+    """Enough sources for bins (2000: 8 of them), but mostly extended: 20 compact ones a bin."""
+    from hpcddf.offsets import compact_selection
+    table, _ = source_catalogue(seed=3, n_point=150, n_resolved=10, n_extended=1840)
+    sel = compact_selection(table, BMAJ)
+    assert sel.envelope is None and "compact sources in an S/N bin (need 30)" in sel.reason
+    assert (sel.keep == sel.cuts).all()
+
+
+@pytest.mark.parametrize("n, bins", [(25000, 25), (9999, 19), (4999, 19), (2600, 10), (1249, 4), (200, 0)])
+def test_snr_bins_follow_ddf_pipelines_rule(n, bins):
+    """N/1000 bins, else N/500, else N/250 when the first gives fewer than 10."""
+    from hpcddf.offsets import snr_bin_edges
+    edges = snr_bin_edges(n, np.arange(1.0, 301.0))
+    assert max(len(edges) - 1, 0) == bins
+
+
+def test_bins_hold_their_faintest_and_brightest_source():
+    """ddf-pipeline's open bins (edge < S/N < edge) dropped the extremes; each source is in one bin."""
+    from hpcddf.offsets import _bin_index, snr_bin_edges
+    snr = np.random.default_rng(4).uniform(3, 300, 500)
+    idx = _bin_index(snr, snr_bin_edges(2500, snr))
+    assert idx.min() == 0 and idx.max() == 9 and np.bincount(idx).tolist() == [50] * 10
+    assert _bin_index(np.array([1.0, 400.0]), snr_bin_edges(2500, snr)).tolist() == [-1, -1]
+
+
+def test_the_envelope_fit_recovers_a_known_curve():
+    from hpcddf.offsets import envelope_model, fit_envelope
+    snr = np.geomspace(3, 300, 12)
+    truth = (0.2, 1.5, 10.0, 0.15)
+    coeffs = fit_envelope(snr, envelope_model(snr, truth))
+    assert coeffs is not None
+    assert envelope_model(snr, coeffs) == pytest.approx(envelope_model(snr, truth), abs=1e-3)
+    assert fit_envelope(snr[:4], envelope_model(snr[:4], truth)) is None  # 4 points, 4 coefficients
+
+
+def test_the_envelope_point_is_where_the_full_tail_is_five_times_the_compact_one():
+    """Compact: N(0, 0.1); full: 70 % of those plus 30 % spread over ln(S_I/S_P) 0.3-2. The
+    compact survival function at 0.2 (2 sigma) is 0.023, the full one > 0.3: the point lies
+    between 1 and 2 sigma, on the 0.01 grid."""
+    from hpcddf.offsets import envelope_point
+    rng = np.random.default_rng(6)
+    comp = rng.normal(0.0, 0.1, 700)
+    full = np.concatenate([rng.normal(0.0, 0.1, 700), rng.uniform(0.3, 2.0, 300)])
+    x = envelope_point(comp, full)
+    assert x is not None and 0.1 <= x <= 0.2 and round(x * 100) == pytest.approx(x * 100, abs=1e-6)
+    # same population: only where both fitted tails are extrapolated (beyond 3 sigma) may they differ
+    same = envelope_point(comp, rng.normal(0.0, 0.1, 700))
+    assert same is None or same > 0.3
+    assert envelope_point(comp[:20], full) is None                  # too few for a fit
