@@ -11,13 +11,20 @@ Stages (one per PHANGS unit of work; loops over targets/products/configs live in
 
 * ``simobserve``  model cube -> MS (ALMA antenna list from casadata), optional Gaussian noise of
   known sigma added with numpy instead of CASA's atmosphere model
-* ``split``       per MS x product: the channels of the line window (LSRK radio velocity)
+* ``split``       per MS x product: the channels of the line window (LSRK radio velocity), or
+  with ``--continuum`` those of a continuum product's frequency ranges
 * ``contsub``     uvcontsub on the line-free channels outside the window
 * ``extract_line`` per target x product x config: regrid to channel_kms (LSRK, radio), concat
   several MS, statwt on the edge channels
-* ``dirty``, ``clean_mask``, ``multiscale``, ``singlescale``, ``export_image``: imaging
+* ``extract_continuum`` per target x continuum product x config: flag the lines' channels,
+  average to channel_ghz, concat several MS
+* ``dirty``, ``clean_mask``, ``multiscale``, ``singlescale``, ``export_image``: imaging (a
+  cube, or one plane when the recipe says specmode 'mfs')
 * ``postprocess``  impbcor, round beam, Jy/beam -> K, trim, FITS export
-* ``feather``, ``linmos``: not implemented yet (exit code 3 with a message)
+* ``feather``     the same with the round-beam cube feathered with a single-dish cube (imported,
+  made Jy/beam, regridded onto the interferometric grid) before the conversion to K. The
+  linear mosaic of parts is not a CASA stage: hpcddf combines the parts' postprocessed FITS
+  cubes itself (:func:`hpcddf.phangs.run.linear_mosaic`)
 
 Every product is written under a temporary name and renamed into place, so a killed stage
 never leaves a product that looks finished; a stage whose product exists is skipped unless
@@ -36,6 +43,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -315,8 +323,9 @@ def stage_simobserve(a: argparse.Namespace) -> dict[str, Any]:
     try:
         tasks.simobserve(
             project="sim", skymodel=str(skymodel), inbright="", indirection="", incell="",
-            incenter="", inwidth="", setpointings=True, integration=a.integration, direction="",
-            mapsize=["", ""], maptype="hexagonal", pointingspacing="", obsmode="int",
+            incenter="", inwidth="", setpointings=True, integration=a.integration,
+            direction=a.direction, mapsize=[a.mapsize, a.mapsize], maptype="hexagonal",
+            pointingspacing="", obsmode="int",
             antennalist=antennalist, hourangle="transit", totaltime=a.totaltime,
             thermalnoise=thermal, user_pwv=a.user_pwv, t_ground=a.t_ground, seed=a.seed,
             graphics="none", overwrite=True)
@@ -397,17 +406,15 @@ def ms_summary(vis: Path) -> dict[str, Any]:
 
 def stage_split(a: argparse.Namespace) -> dict[str, Any]:
     """The channels of one line product's window (vsys +- vwidth/2, widened by ``--margin-kms``
-    so that uvcontsub and statwt keep line-free channels) of one input MS."""
+    so that uvcontsub and statwt keep line-free channels) of one input MS; with
+    ``--continuum`` the channels of a continuum product's ``--freq-range-ghz`` ranges (every
+    channel without one: PHANGS stages the whole band and flags the lines later)."""
     out = Path(a.outputvis).resolve()
     if skip_existing(out, a.overwrite):
         return {"outputvis": str(out), "skipped": True}
     vis = need(Path(a.vis).resolve(), "measurement set")
-    restfreq = a.restfreq_ghz * 1e9
-    half = a.vwidth_kms / 2.0 + a.margin_kms
-    spw = window_selection(vis, restfreq, a.vsys_kms - half, a.vsys_kms + half)
-    if not spw:
-        raise StageError(f"{vis} has no channel within {a.vsys_kms:g} +- {half:g} km/s of "
-                         f"{a.restfreq_ghz:g} GHz (LSRK, radio)")
+    spw = (continuum_selection(vis, a.freq_range_ghz) if a.continuum
+           else line_split_selection(vis, a))
     _, tasks = casa()
     tmp = tmp_name(out)
     remove(tmp)
@@ -415,6 +422,108 @@ def stage_split(a: argparse.Namespace) -> dict[str, Any]:
                 datacolumn=datacolumn_of(vis), keepflags=False)
     publish(tmp, out)
     return {"outputvis": str(out), "spw": spw}
+
+
+def line_split_selection(vis: Path, a: argparse.Namespace) -> str:
+    """The spw:channel selection of a line product's window plus its margin."""
+    missing = [f"--{n.replace('_', '-')}" for n in ("restfreq_ghz", "vsys_kms", "vwidth_kms")
+               if getattr(a, n) is None]
+    if missing:
+        raise StageError(f"a line split needs {', '.join(missing)} (or --continuum)")
+    half = a.vwidth_kms / 2.0 + a.margin_kms
+    spw = window_selection(vis, a.restfreq_ghz * 1e9, a.vsys_kms - half, a.vsys_kms + half)
+    if not spw:
+        raise StageError(f"{vis} has no channel within {a.vsys_kms:g} +- {half:g} km/s of "
+                         f"{a.restfreq_ghz:g} GHz (LSRK, radio)")
+    return spw
+
+
+def channels_in_ranges(freqs_hz: Sequence[float], width_hz: float,
+                       ranges_ghz: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the channels (centre, width) that overlap any [low, high] GHz range."""
+    half = width_hz / 2.0
+    return [i for i, f in enumerate(freqs_hz)
+            if any(f + half > lo * 1e9 and f - half < hi * 1e9 for lo, hi in ranges_ghz)]
+
+
+def frequency_selection(vis: Path, ranges_ghz: Sequence[tuple[float, float]]
+                        ) -> tuple[str, int]:
+    """(CASA spw:channel selection of the channels overlapping the LSRK ranges, '' if none;
+    the number of channels outside them)."""
+    parts, outside = [], 0
+    for spw, (freqs, width) in lsrk_channels(vis).items():
+        chans = channels_in_ranges(freqs, width, ranges_ghz)
+        outside += len(freqs) - len(chans)
+        if chans:
+            parts.append(f"{spw}:{ranges_text(chans)}")
+    return ",".join(parts), outside
+
+
+def continuum_selection(vis: Path, ranges_ghz: Sequence[tuple[float, float]]) -> str:
+    """A continuum product's channels: those in its frequency ranges, or all ('')."""
+    if not ranges_ghz:
+        return ""
+    spw, _ = frequency_selection(vis, ranges_ghz)
+    if not spw:
+        text = ", ".join(f"{lo:g}-{hi:g}" for lo, hi in ranges_ghz)
+        raise StageError(f"{vis} has no channel within the continuum ranges {text} GHz (LSRK)")
+    return spw
+
+
+def channel_bins(nchans: Sequence[int], widths_hz: Sequence[float], channel_ghz: float
+                 ) -> list[int]:
+    """mstransform's chanbin per spw: the whole number of native channels nearest to
+    ``channel_ghz`` (at least 1, at most the spw), or the whole spw when it is 0 (PHANGS
+    collapses each spw to one channel when a continuum product gives no width)."""
+    if channel_ghz <= 0:
+        return [int(n) for n in nchans]
+    return [max(1, min(int(n), round(channel_ghz * 1e9 / w))) for n, w in zip(nchans, widths_hz)]
+
+
+def stage_extract_continuum(a: argparse.Namespace) -> dict[str, Any]:
+    """A continuum product's MS from its staged MSs: on a copy of each, flag the channels of
+    the lines (``--flag-ghz LO,HI`` LSRK ranges: the lines named by the product at the
+    target's window), average ``--channel-ghz`` wide channels (flagged channels do not enter
+    the average; an output channel with none left is flagged), then concat. No statwt:
+    PHANGS runs none on continuum data either, and the weights follow the averaging."""
+    out = Path(a.outputvis).resolve()
+    if skip_existing(out, a.overwrite):
+        return {"outputvis": str(out), "skipped": True}
+    vis = [need(Path(v).resolve(), "measurement set") for v in a.vis]
+    _, tasks = casa()
+    work = out.with_name(f".{out.name}.work{os.getpid()}")
+    remove(work)
+    work.mkdir()
+    parts, flagged, bins = [], [], []
+    for i, v in enumerate(vis):
+        copy = work / f"copy{i}.ms"
+        shutil.copytree(v, copy)  # the staged MS belongs to stage_ms: never flag it in place
+        flags, kept = frequency_selection(copy, a.flag_ghz)
+        if not kept:
+            raise StageError(f"every channel of {v} lies within a flagged line window")
+        if flags:
+            tasks.flagdata(vis=str(copy), mode="manual", spw=flags, flagbackup=False)
+        chans = lsrk_channels(copy)
+        spw_bins = channel_bins([len(f) for f, _ in chans.values()],
+                                [w for _, w in chans.values()], a.channel_ghz)
+        part = work / f"part{i}.ms"
+        average = {"chanaverage": True, "chanbin": spw_bins} if max(spw_bins) > 1 else {}
+        tasks.mstransform(vis=str(copy), outputvis=str(part), datacolumn=datacolumn_of(copy),
+                          keepflags=False, **average)
+        remove(copy)
+        parts.append(part)
+        flagged.append(flags)
+        bins.append(spw_bins)
+    tmp = tmp_name(out)
+    remove(tmp)
+    if len(parts) == 1:
+        os.rename(parts[0], tmp)
+    else:
+        tasks.concat(vis=[str(p) for p in parts], concatvis=str(tmp))
+    publish(tmp, out)
+    shutil.rmtree(work, ignore_errors=True)
+    return {"outputvis": str(out), "flagged": flagged, "chanbin": bins,
+            "channel_ghz": a.channel_ghz}
 
 
 def stage_contsub(a: argparse.Namespace) -> dict[str, Any]:
@@ -537,9 +646,19 @@ def tclean_params(a: argparse.Namespace, vis: Sequence[Path]) -> dict[str, Any]:
     params = {**TCLEAN_DEFAULTS, **parse_json_dict(a.tclean, "--tclean")}
     for key in TCLEAN_OWNED:
         params.pop(key, None)
-    params["restfreq"] = f"{a.restfreq_ghz}GHz"
+    # a continuum image (specmode 'mfs', one plane) has no line: it is sized for the highest
+    # frequency of its data, where the beam is finest
+    sizing_ghz = a.restfreq_ghz
+    if params.get("specmode") == "mfs":
+        sizing_ghz = None
+    elif a.restfreq_ghz is None:
+        raise StageError(f"a cube (specmode {params.get('specmode')!r}) needs --restfreq-ghz; "
+                         "a continuum image sets specmode 'mfs' in --tclean")
+    if a.restfreq_ghz is not None:
+        params["restfreq"] = f"{a.restfreq_ghz}GHz"
     if not params.get("imsize") or not params.get("cell") or not params.get("phasecenter"):
-        params.update({k: v for k, v in pick_cell_and_imsize(vis, a.restfreq_ghz).items()
+        sizing_ghz = sizing_ghz or highest_frequency_ghz(vis)
+        params.update({k: v for k, v in pick_cell_and_imsize(vis, sizing_ghz).items()
                        if not params.get(k)})
     params["vis"] = [str(v) for v in vis]
     params["imagename"] = str(Path(a.imagename).resolve())
@@ -557,6 +676,11 @@ def good_imsize(n: int) -> int:
         if k == 1 and m % 2 == 0:
             return m
         m += 1
+
+
+def highest_frequency_ghz(vis: Sequence[Path]) -> float:
+    """The highest LSRK channel frequency of the inputs (GHz)."""
+    return max(max(freqs) for v in vis for freqs, _ in lsrk_channels(v).values()) / 1e9
 
 
 def pick_cell_and_imsize(vis: Sequence[Path], restfreq_ghz: float) -> dict[str, Any]:
@@ -771,7 +895,8 @@ def multiscale_scales(a: argparse.Namespace, params: dict[str, Any]) -> list[int
 
 def singlescale_mask(base: str, hi_snr: float, lo_snr: float, within: Path | None) -> Any:
     """Bright emission of the multiscale result: S/N > hi seeds grown through S/N > lo (both
-    in two consecutive channels), optionally inside the prior clean mask."""
+    in two consecutive channels of a cube; a continuum image has one plane, where the S/N
+    alone decides), optionally inside the prior clean mask."""
     import numpy as np
     from scipy import ndimage
 
@@ -782,7 +907,7 @@ def singlescale_mask(base: str, hi_snr: float, lo_snr: float, within: Path | Non
     run[..., :] = True
 
     def in_two_channels(m: Any) -> Any:
-        return ndimage.binary_opening(m, structure=run)
+        return ndimage.binary_opening(m, structure=run) if m.shape[3] > 1 else m
     hi = in_two_channels(snr > hi_snr)
     lo = in_two_channels(snr > lo_snr)
     mask = ndimage.binary_propagation(hi, mask=lo) & good
@@ -821,8 +946,39 @@ def stage_singlescale(a: argparse.Namespace) -> dict[str, Any]:
             "loops": history}
 
 
+def single_plane_frequency_hz(image: Path) -> float | None:
+    """The frequency of an image with one spectral plane (a continuum image), else None."""
+    tools, _ = casa()
+    ia = tools.image()
+    ia.open(str(image))
+    try:
+        csys = ia.coordsys()
+        spec = csys.findcoordinate("spectral")
+        if not spec["return"]:
+            return None
+        axis = int(spec["pixel"][0])
+        if ia.shape()[axis] != 1:
+            return None
+        return float(csys.toworld([0.0] * len(ia.shape()), format="n")["numeric"][axis])
+    finally:
+        ia.close()
+
+
 def export_fits(image: Path, fits: Path) -> Path:
-    """exportfits with velocity axes and degenerate axes dropped, atomically."""
+    """exportfits with velocity axes and degenerate axes dropped, atomically.
+
+    Dropping the degenerate axes drops a continuum image's one-plane spectral axis, and with
+    it the frequency its Kelvin scale (and any spectral index) refers to: it is kept as the
+    header card FREQ (Hz), written from the image's miscinfo."""
+    freq = single_plane_frequency_hz(image)
+    if freq is not None:
+        tools, _ = casa()
+        ia = tools.image()
+        ia.open(str(image))
+        try:
+            ia.setmiscinfo({**ia.miscinfo(), "FREQ": freq})
+        finally:
+            ia.close()
     _, tasks = casa()
     tmp = fits.with_name(f".tmp{os.getpid()}.{fits.name}")
     remove(tmp)
@@ -861,6 +1017,12 @@ def round_beam_arcsec(beam: dict[str, float], forced: float | None) -> float:
 def convert_to_kelvin(image: Path) -> list[float]:
     """Jy/beam -> K (Rayleigh-Jeans) in place, channel by channel at each channel's frequency:
     T = S c^2 / (2 k nu^2 Omega_beam), Omega = pi bmaj bmin / (4 ln 2)."""
+    return rescale_brightness(image, to_kelvin=True)
+
+
+def rescale_brightness(image: Path, to_kelvin: bool) -> list[float]:
+    """Jy/beam <-> K in place with the image's beam; the K per Jy/beam factor of each channel.
+    The inverse direction stages a single-dish cube delivered in K (feather needs Jy/beam)."""
     import numpy as np
 
     tools, _ = casa()
@@ -884,9 +1046,9 @@ def convert_to_kelvin(image: Path) -> list[float]:
             trc = [s - 1 for s in shape]
             blc[axis] = trc[axis] = chan
             plane = ia.getchunk(blc=blc, trc=trc)
-            ia.putchunk(np.asarray(plane) * factor, blc=blc)
+            ia.putchunk(np.asarray(plane) * (factor if to_kelvin else 1.0 / factor), blc=blc)
             factors.append(factor)
-        ia.setbrightnessunit("K")
+        ia.setbrightnessunit("K" if to_kelvin else "Jy/beam")
     finally:
         ia.close()
     return factors
@@ -912,6 +1074,18 @@ def stage_postprocess(a: argparse.Namespace) -> dict[str, Any]:
     """impbcor, imsmooth to a round beam, Jy/beam -> K, trim to the pb cutoff, export:
     ``{stem}_pbcorr_trimmed_k.fits`` (the input of the derived products),
     ``{stem}_flat_trimmed_k.fits`` (not pb-corrected: flat noise) and ``{stem}_pb_trimmed.fits``."""
+    return postprocess(a, singledish=None)
+
+
+def stage_feather(a: argparse.Namespace) -> dict[str, Any]:
+    """The postprocess of a feather config: as ``postprocess``, with the round-beam cubes
+    feathered with the single-dish cube ``--singledish`` before the conversion to K (the
+    feathered cube keeps the interferometric round beam), so the products have the same
+    names, units and trim and the derived products treat them like any other cube."""
+    return postprocess(a, singledish=need(Path(a.singledish).resolve(), "single-dish cube"))
+
+
+def postprocess(a: argparse.Namespace, singledish: Path | None) -> dict[str, Any]:
     base = str(Path(a.imagename).resolve())
     outdir = Path(a.outdir).resolve()
     outdir.mkdir(parents=True, exist_ok=True)
@@ -928,29 +1102,186 @@ def stage_postprocess(a: argparse.Namespace) -> dict[str, Any]:
     work.mkdir()
     beam = beam_of(image)
     target = round_beam_arcsec(beam, a.round_beam_arcsec)
+    # a single-dish cube feather cannot use fails here, before the interferometric steps
+    sd = import_singledish(singledish, work) if singledish is not None else None
     tasks.impbcor(imagename=str(image), pbimage=str(pb), outfile=str(work / "pbcor.im"),
                   cutoff=a.pb_cutoff, overwrite=True)
     for name, src in (("pbcorr", work / "pbcor.im"), ("flat", image)):
         tasks.imsmooth(imagename=str(src), kernel="gauss", targetres=True,
                        major=f"{target}arcsec", minor=f"{target}arcsec", pa="0deg",
                        outfile=str(work / f"{name}_round.im"), overwrite=True)
-        convert_to_kelvin(work / f"{name}_round.im")
-    box = trim_box(pb, a.pb_cutoff, a.trim_pad)
     sources = {"pbcorr_trimmed_k": work / "pbcorr_round.im", "flat_trimmed_k": work / "flat_round.im",
                "pb_trimmed": pb}
+    summary: dict[str, Any] = {}
+    if sd is not None:
+        cubes, summary["singledish"] = feather_with_singledish(
+            sd, sources["pbcorr_trimmed_k"], sources["flat_trimmed_k"], pb, work,
+            cutoff=a.pb_cutoff, apodize=a.apodize, sdfactor=a.sdfactor)
+        sources.update(cubes)
+    for key in ("pbcorr_trimmed_k", "flat_trimmed_k"):
+        convert_to_kelvin(sources[key])
+    box = trim_box(pb, a.pb_cutoff, a.trim_pad)
     for key, src in sources.items():
         trimmed = work / f"{key}.im"
         tasks.imsubimage(imagename=str(src), outfile=str(trimmed), box=box, overwrite=True)
         export_fits(trimmed, finals[key])
     shutil.rmtree(work, ignore_errors=True)
     return {"fits": {k: str(v) for k, v in finals.items()}, "round_beam_arcsec": target,
-            "native_beam": beam, "trim_box": box}
+            "native_beam": beam, "trim_box": box, **summary}
 
 
-def stage_not_implemented(a: argparse.Namespace) -> dict[str, Any]:
-    raise NotImplementedError(
-        f"casa_tasks {a.stage} is not implemented yet: this version images 12m-only line "
-        "cubes of single-field or mosaicked targets without single-dish data")
+# --------------------------------------------------------------------------- feather
+
+def dropdeg(image: Path, out: Path) -> Path:
+    """``image`` without its length-1 axes (Stokes): single-dish cubes come as RA, Dec,
+    spectral, and imregrid and the pixel arithmetic below need the same axes on both sides."""
+    _, tasks = casa()
+    tasks.imsubimage(imagename=str(image), outfile=str(out), dropdeg=True, overwrite=True)
+    return out
+
+
+def image_like(path: Path, template: Path, data: Any) -> Path:
+    """A new unmasked image of ``data`` with ``template``'s coordinates, beam and unit (NaN
+    marks blanks: exportfits writes them as NaN, as it writes masked pixels)."""
+    tools, _ = casa()
+    ia = tools.image()
+    ia.open(str(template))
+    try:
+        csys, beam, unit = ia.coordsys().torecord(), ia.restoringbeam(), ia.brightnessunit()
+    finally:
+        ia.close()
+    out = tools.image()
+    out.fromarray(outfile=str(path), pixels=data.astype("float32"), csys=csys, overwrite=True)
+    try:
+        if "major" in beam:
+            out.setrestoringbeam(beam=beam)
+        out.setbrightnessunit(unit)
+    finally:
+        out.close()
+    return path
+
+
+def singledish_unit(image: Path, source: Path) -> str:
+    """Check the imported single-dish cube has a beam and a brightness unit feather can use;
+    a cube in K is converted to Jy/beam in place. Returns the unit it came in."""
+    tools, _ = casa()
+    ia = tools.image()
+    ia.open(str(image))
+    try:
+        beam, unit = ia.restoringbeam(), ia.brightnessunit().strip()
+        ndim = len(ia.shape())
+    finally:
+        ia.close()
+    if "major" not in beam and "beams" not in beam:
+        raise StageError(f"single-dish cube {source} has no beam (BMAJ/BMIN): feather needs it")
+    if ndim != 3:
+        raise StageError(f"single-dish cube {source} has {ndim} non-degenerate axes; "
+                         "expected RA, Dec and a spectral axis")
+    key = unit.replace(" ", "").lower()
+    if key == "k":
+        rescale_brightness(image, to_kelvin=False)
+    elif key != "jy/beam":
+        raise StageError(f"single-dish cube {source} has brightness unit {unit or '(none)'!r}; "
+                         "feather needs Jy/beam (or K, converted with its beam)")
+    return unit
+
+
+@dataclass(frozen=True)
+class SingleDish:
+    """An imported single-dish cube: its CASA image (Jy/beam, no degenerate axes), the FITS
+    file it came from and the brightness unit it came in."""
+
+    image: Path
+    source: Path
+    unit_in: str
+
+
+def import_singledish(sd_fits: Path, work: Path) -> SingleDish:
+    _, tasks = casa()
+    raw = work / "sd_import.im"
+    tasks.importfits(fitsimage=str(sd_fits), imagename=str(raw), overwrite=True)
+    sd = dropdeg(raw, work / "sd.im")
+    return SingleDish(sd, sd_fits, singledish_unit(sd, sd_fits))
+
+
+def regrid_singledish(sd: SingleDish, template: Path, work: Path
+                      ) -> tuple[Path, dict[str, Any]]:
+    """The single-dish cube on ``template``'s grid (the interferometric round-beam cube),
+    spatially and spectrally (imregrid, linear): feather and the apodisation need both cubes
+    pixel for pixel on one grid. Channels the single dish does not cover are an error; pixels
+    outside its map are zero (no single-dish information).
+
+    Feather takes the total flux from the single dish on this grid, so the single-dish emission
+    outside the interferometric image is lost: the image must hold the galaxy plus about a
+    single-dish beam (a 28.6" TP beam spreads a 26" disk over some 80"). Channels are
+    interpolated, not averaged: a cube at (or finer than half) the product's channel width
+    keeps the line's flux."""
+    import numpy as np
+
+    _, tasks = casa()
+    regridded = work / "sd_regrid.im"
+    tasks.imregrid(imagename=str(sd.image), template=str(template), output=str(regridded),
+                   interpolation="linear", overwrite=True)
+    data, good = read_image(regridded)
+    covered = good & np.isfinite(data)
+    per_chan = covered.reshape(-1, covered.shape[-1]).any(axis=0)
+    if not per_chan.all():
+        missing = [int(i) for i in np.nonzero(~per_chan)[0]]
+        raise StageError(f"single-dish cube {sd.source} does not cover channel(s) "
+                         f"{ranges_text(missing)} of the interferometric cube (compare their "
+                         "velocity ranges)")
+    info = {"file": str(sd.source), "unit_in": sd.unit_in,
+            **{f"sd_{k}": v for k, v in beam_of(sd.image).items()},
+            "uncovered_fraction": round(float(1.0 - covered.mean()), 4)}
+    return image_like(work / "sd_on_grid.im", regridded, np.where(covered, data, 0.0)), info
+
+
+def feather_with_singledish(sd_in: SingleDish, pbcorr: Path, flat: Path, pb: Path,
+                            work: Path, *, cutoff: float, apodize: bool, sdfactor: float
+                            ) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Feathered (pbcorr, flat) round-beam cubes in Jy/beam.
+
+    Plain: feather(pb-corrected interferometric, single dish); the flat cube is that times pb.
+    Apodised (PHANGS' option): feather(flat interferometric, single dish x pb), then divide by
+    pb, so both inputs taper to the same footprint before the Fourier combination and the edge
+    noise of the pb-corrected cube does not enter it. That treats (sky * SD beam) x pb as
+    (sky x pb) * SD beam, true only where pb varies slowly across the single-dish beam; with
+    ALMA's TP beam about as wide as the 12 m primary beam it is not (on the simulated galaxy
+    the apodised cube keeps under half the flux), hence off by default. Blanked
+    interferometric pixels (pb below the cutoff) are zero inside feather and blank again after
+    it: the feathered cube keeps the interferometric footprint."""
+    import numpy as np
+
+    _, tasks = casa()
+    hi_pbcorr, hi_flat, pb3 = (dropdeg(img, work / f"{name}_3d.im") for img, name in
+                               ((pbcorr, "pbcorr"), (flat, "flat"), (pb, "pb")))
+    sd, info = regrid_singledish(sd_in, hi_pbcorr, work)
+    pbcorr_data, _ = read_image(hi_pbcorr)
+    flat_data, _ = read_image(hi_flat)
+    pb_data = np.nan_to_num(read_image(pb3)[0])
+    sd_data, _ = read_image(sd)
+    valid = np.isfinite(pbcorr_data) & (pb_data >= cutoff)
+    if apodize:
+        high = np.where(valid & np.isfinite(flat_data), flat_data, 0.0)
+        low = sd_data * pb_data
+    else:
+        high, low = np.where(valid, pbcorr_data, 0.0), sd_data
+    high_im = image_like(work / "feather_high.im", hi_pbcorr, high)
+    low_im = image_like(work / "feather_low.im", sd, low)
+    out = work / "feathered.im"
+    tasks.feather(imagename=str(out), highres=str(high_im), lowres=str(low_im), sdfactor=sdfactor,
+                  lowpassfiltersd=False)
+    feathered, _ = read_image(out)
+    # feather writes a degenerate Stokes axis back; the pixels are those of its inputs
+    feathered = feathered.reshape(pb_data.shape)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pbcorr_out = feathered / pb_data if apodize else feathered
+        flat_out = feathered if apodize else feathered * pb_data
+    cubes = {"pbcorr_trimmed_k": image_like(work / "pbcorr_feathered.im", hi_pbcorr,
+                                            np.where(valid, pbcorr_out, np.nan)),
+             "flat_trimmed_k": image_like(work / "flat_feathered.im", hi_pbcorr,
+                                          np.where(valid, flat_out, np.nan))}
+    return cubes, {**info, "apodize": apodize, "sdfactor": sdfactor}
 
 
 # --------------------------------------------------------------------------- command line
@@ -963,16 +1294,28 @@ def _velocity_range(text: str) -> tuple[float, float]:
     return (min(lo, hi), max(lo, hi))
 
 
+def _frequency_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected LO,HI in GHz, got {text!r}") from exc
+    return (min(lo, hi), max(lo, hi))
+
+
 def _timebin(text: str) -> str | int:
     """statwt's timebin: a number of integrations, or a time quantity such as '60s'."""
     return int(text) if text.isdigit() else text
 
 
-def _line_options(p: argparse.ArgumentParser, vwidth: bool = True) -> None:
-    p.add_argument("--restfreq-ghz", type=float, required=True, help="rest frequency of the line")
-    p.add_argument("--vsys-kms", type=float, required=True, help="target systemic velocity (LSRK, radio)")
+def _line_options(p: argparse.ArgumentParser, vwidth: bool = True,
+                  required: bool = True) -> None:
+    p.add_argument("--restfreq-ghz", type=float, required=required,
+                   help="rest frequency of the line")
+    p.add_argument("--vsys-kms", type=float, required=required,
+                   help="target systemic velocity (LSRK, radio)")
     if vwidth:
-        p.add_argument("--vwidth-kms", type=float, required=True, help="full width of the line window")
+        p.add_argument("--vwidth-kms", type=float, required=required,
+                       help="full width of the line window")
 
 
 def _clean_options(p: argparse.ArgumentParser, threshold_snr: float) -> None:
@@ -989,17 +1332,28 @@ def _imaging_options(p: argparse.ArgumentParser, with_vis: bool = True) -> None:
     p.add_argument("--imagename", required=True, help="image base name (tclean imagename)")
     if with_vis:
         p.add_argument("--vis", action="append", required=True, help="input MS (repeatable)")
-        p.add_argument("--restfreq-ghz", type=float, required=True)
+        p.add_argument("--restfreq-ghz", type=float,
+                       help="the line's rest frequency (a cube; not for specmode 'mfs')")
         p.add_argument("--tclean", help="JSON object of tclean parameters (the recipe)")
 
 
 STAGES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "simobserve": stage_simobserve, "split": stage_split, "contsub": stage_contsub,
-    "extract_line": stage_extract_line, "dirty": stage_dirty, "clean_mask": stage_clean_mask,
+    "extract_line": stage_extract_line, "extract_continuum": stage_extract_continuum,
+    "dirty": stage_dirty, "clean_mask": stage_clean_mask,
     "multiscale": stage_multiscale, "singlescale": stage_singlescale,
     "export_image": stage_export_image, "postprocess": stage_postprocess,
-    "feather": stage_not_implemented, "linmos": stage_not_implemented,
+    "feather": stage_feather,
 }
+
+
+def _postprocess_options(p: argparse.ArgumentParser) -> None:
+    _imaging_options(p, with_vis=False)
+    p.add_argument("--outdir", required=True)
+    p.add_argument("--stem", required=True, help="{target}_{config}_{product}")
+    p.add_argument("--pb-cutoff", type=float, default=0.2)
+    p.add_argument("--round-beam-arcsec", type=float)
+    p.add_argument("--trim-pad", type=int, default=2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1025,14 +1379,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user-pwv", type=float, default=1.0)
     p.add_argument("--t-ground", type=float, default=269.0)
     p.add_argument("--seed", type=int, default=11111)
+    p.add_argument("--direction", default="", help="map centre, e.g. 'J2000 10h00m00.5s "
+                   "-30d00m00s' (default: the model's centre)")
+    p.add_argument("--mapsize", default="", help="size of the pointing pattern, e.g. '0arcsec' "
+                   "for one pointing at --direction (default: the model's size)")
 
-    p = add("split", "the line window of one MS")
+    p = add("split", "the line window (or a continuum product's channels) of one MS")
     p.add_argument("--vis", required=True)
     p.add_argument("--outputvis", required=True)
     p.add_argument("--field", default="")
-    _line_options(p)
+    _line_options(p, required=False)
     p.add_argument("--margin-kms", type=float, default=50.0,
                    help="extra velocity kept on each side for uvcontsub and statwt")
+    p.add_argument("--continuum", action="store_true",
+                   help="a continuum product: the channels of --freq-range-ghz, else all")
+    p.add_argument("--freq-range-ghz", type=_frequency_range, action="append", default=[],
+                   help="LO,HI LSRK frequencies a continuum product keeps (repeatable)")
 
     p = add("contsub", "uvcontsub on the line-free channels")
     p.add_argument("--vis", required=True)
@@ -1050,6 +1412,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--statwt-edge-kms", type=float, default=50.0)
     p.add_argument("--statwt-timebin", type=_timebin, help="statwt timebin (a time, or a number of "
                    f"integrations); default: enough for {MIN_STATWT_SAMPLES} samples per weight")
+
+    p = add("extract_continuum", "flag the lines, average and concat one continuum product")
+    p.add_argument("--vis", action="append", required=True, help="input MS (repeatable)")
+    p.add_argument("--outputvis", required=True)
+    p.add_argument("--channel-ghz", type=float, default=0.0,
+                   help="averaged channel width; 0: one channel per spectral window")
+    p.add_argument("--flag-ghz", type=_frequency_range, action="append", default=[],
+                   help="LO,HI LSRK frequencies of a line to flag (repeatable)")
 
     p = add("dirty", "tclean niter=0")
     _imaging_options(p)
@@ -1080,15 +1450,15 @@ def build_parser() -> argparse.ArgumentParser:
     _imaging_options(p, with_vis=False)
 
     p = add("postprocess", "pbcor, round beam, K, trim, FITS")
-    _imaging_options(p, with_vis=False)
-    p.add_argument("--outdir", required=True)
-    p.add_argument("--stem", required=True, help="{target}_{config}_{product}")
-    p.add_argument("--pb-cutoff", type=float, default=0.2)
-    p.add_argument("--round-beam-arcsec", type=float)
-    p.add_argument("--trim-pad", type=int, default=2)
+    _postprocess_options(p)
 
-    for name in ("feather", "linmos"):
-        add(name, "not implemented yet")
+    p = add("feather", "postprocess with the round-beam cube feathered with single-dish data")
+    _postprocess_options(p)
+    p.add_argument("--singledish", required=True, help="single-dish FITS cube (Jy/beam or K, "
+                   "with BMAJ/BMIN), regridded here onto the interferometric grid")
+    p.add_argument("--apodize", action="store_true", help="feather the flat cube with the "
+                   "single dish times pb, then divide by pb")
+    p.add_argument("--sdfactor", type=float, default=1.0, help="single-dish flux scale factor")
     return parser
 
 

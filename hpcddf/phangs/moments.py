@@ -30,6 +30,9 @@ Reference quirks fixed here (each checked against a Monte Carlo of noisy spectra
   variance, not the standard deviation (no square root), and neighbours beyond the band
   wrapped around to the other end; both are fixed.
 
+The velocity field (``velocity_field``) stacks the mom1wprior maps of every resolution, finest
+first: each pixel takes the first finite value (then an external field, if any, fills the rest).
+
 tpeak/vpeak/vquad search the channel range spanned by any voxel of the mask, first to last
 masked channel inclusive, at every pixel (they are maps of the peak, not of masked emission).
 """
@@ -38,7 +41,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -304,6 +307,24 @@ def mom1wprior(strict_mom1: np.ndarray, strict_emom1: np.ndarray, broad_mom1: np
     return value, error
 
 
+def velocity_field(layers: Sequence[np.ndarray]) -> np.ndarray:
+    """Velocity fields combined in order of trust: at each pixel the first layer with a finite
+    value gives it (PHANGS' vfield: the finest mom1wprior where it has a value, coarser maps
+    and then an external field only fill its gaps, never average with it)."""
+    if not layers:
+        raise ConfigError("no velocity field to combine",
+                          "make a mom1wprior map or name a vfield in the window key")
+    out = np.full(np.shape(layers[0]), np.nan)
+    for layer in layers:
+        layer = np.asarray(layer, dtype=np.float64)
+        if layer.shape != out.shape:
+            raise ConfigError(f"velocity field layers have shapes {out.shape} and "
+                              f"{layer.shape}", "put the layers on one grid first")
+        take = ~np.isfinite(out) & np.isfinite(layer)
+        out[take] = layer[take]
+    return out
+
+
 # ---------------------------------------------------------------- writing maps
 
 ALGORITHMS: dict[str, tuple[Callable[..., Maps], str, str]] = {
@@ -431,3 +452,45 @@ def _write_mom1wprior(maps: Mapping[str, PathLike] | None, out_path: PathLike,
     header = header.copy()
     header["BTYPE"] = "Moment1"
     return _write_pair(value, error, header, "Moment1", out_path, err_path)
+
+
+def _velocity_map_kms(path: PathLike) -> tuple[np.ndarray, Any]:
+    """A 2-D velocity map in km/s (its BUNIT converted; none means km/s) and its header."""
+    import astropy.units as u
+
+    data, header = read_array(path, ndim=2)
+    text = str(header.get("BUNIT", "") or "").strip() or "km/s"
+    try:
+        scale = u.Unit(text, parse_strict="silent").to(u.km / u.s)
+    except (u.UnitsError, ValueError) as exc:
+        raise ConfigError(f"velocity field {path} is in {text!r}, not a velocity",
+                          "pass a mom1/vfield map in km/s or m/s") from exc
+    return np.asarray(data, dtype=np.float64) * scale, header
+
+
+def write_velocity_field(map_paths: Sequence[PathLike], out_path: PathLike,
+                         template: PathLike) -> Path:
+    """Combine velocity maps with :func:`velocity_field` (first finite value wins, in the order
+    given) on the sky grid of ``template`` (a cube or a map) and write the float32 field
+    (BTYPE Velocity, km/s). Maps on another grid are reprojected bilinearly; one on the grid
+    already is taken as it is."""
+    from astropy.io import fits
+    from astropy.wcs import WCS
+    from reproject import reproject_interp
+
+    theader = fits.getheader(template)
+    twcs = WCS(theader).celestial
+    shape = (int(theader["NAXIS2"]), int(theader["NAXIS1"]))
+    layers = []
+    for path in map_paths:
+        data, header = _velocity_map_kms(path)
+        wcs = WCS(header).celestial
+        if data.shape != shape or not wcs.wcs.compare(twcs.wcs, tolerance=1e-9):
+            data, _ = reproject_interp((data, wcs), twcs, shape_out=shape, order="bilinear")
+        layers.append(data)
+    header = twcs.to_header()
+    header["BTYPE"] = "Velocity"
+    header["BUNIT"] = "km/s"
+    if "OBJECT" in theader:
+        header["OBJECT"] = theader["OBJECT"]
+    return write_fits_atomic(out_path, velocity_field(layers).astype(np.float32), header)

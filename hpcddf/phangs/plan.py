@@ -20,15 +20,19 @@ Stages, in order, and what each task waits for (:data:`DEPENDENCY_RULES`; all ar
                  mosaic's task waits for the ``imaging`` tasks of ALL its parts; a feather
                  config's for the imaging of its interferometric config.
 ``derived``      (whole target, product, config): convolve, noise, strict masks (native and
-                 every resolution), then the broad mask and the round-1 moments. The broad mask
-                 joins this config's strict masks with those of its linked ``mask_configs``, so
-                 the task waits for its own ``postprocess`` task AND for the ``postprocess``
-                 task of every linked config (the predecessors of the linked ``derived``
-                 tasks). It makes the linked configs' strict masks itself if they are not
-                 there yet, under a per-file lock, so a linked task running at the same time
-                 reuses rather than redoes them. Depending on those predecessors instead of on
-                 sibling ``derived`` tasks keeps the array free of internal dependencies and of
-                 cycles: two configs may list each other as mask configs.
+                 every resolution), the broad mask, then the moments round by round: round 1
+                 (masked moments), round 2 (mom1wprior from round-1 maps), the velocity field
+                 and flat masks, round 3 (moments on flat masks). The broad mask joins this
+                 config's strict masks with those of its linked ``mask_configs``, so the task
+                 waits for its own ``postprocess`` task AND for the ``postprocess`` task of
+                 every linked config (the predecessors of the linked ``derived`` tasks). It
+                 makes the linked configs' strict masks itself if they are not there yet,
+                 under a per-file lock, so a linked task running at the same time reuses
+                 rather than redoes them; a mom1wprior prior that is another config's strict
+                 mom1 (PHANGS' 7m+tp 15as) is made the same way, and that config's
+                 ``postprocess`` task joins the dependencies. Depending on those predecessors
+                 instead of on sibling ``derived`` tasks keeps the array free of internal
+                 dependencies and of cycles: two configs may list each other as mask configs.
 
 Targets: ``stage_ms``/``stage_line``/``imaging`` run per target with uv data (mosaic parts
 separately); ``postprocess``/``derived`` per whole target (a mosaic replaces its parts).
@@ -69,7 +73,8 @@ DEPENDENCY_RULES = {
     "postprocess": "all imaging tasks of the whole target's parts (itself if not a mosaic) "
                    "for this config (a feather config: its interferometric config)",
     "derived": "the postprocess task of this config and of every linked mask_config of the "
-               "same target and product (their strict masks feed the broad mask)",
+               "same target and product (their strict masks feed the broad mask), and of the "
+               "config whose map is a mom1wprior prior",
 }
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]*$")
 C_KMS = 299_792.458
@@ -361,7 +366,9 @@ def _stage_ms_params(project: Project, target: str, product: str, e: Any) -> dic
                             "field": "" if e.field.lower() == "all" else e.field,
                             **_staged_ms_paths(project, target, product, e)}
     if product not in project.line_products:
-        return {**base, "kind": "cont"}
+        # split keeps the channels of the product's frequency ranges; the lines are flagged
+        # later (stage_line), on a copy, as PHANGS flags them in task_extract_continuum
+        return {**base, "kind": "cont", "freq_ranges_ghz": cont_freq_ranges_ghz(project, product)}
     line = project.configs.line_product[product]
     win = _window(project, target)
     return {**base, "kind": "line", "restfreq_ghz": line_restfreq_ghz(project, product), **win,
@@ -401,11 +408,78 @@ def _stage_line_params(project: Project, target: str, product: str, config: str,
     base = {"target": target, "product": product, "config": config, "vis": vis,
             "outputvis": out}
     if product not in project.line_products:
-        return {**base, "kind": "cont"}
+        cont = project.configs.cont_product[product]
+        win = _window(project, target)
+        if cont.channel_ghz < 0:
+            raise ConfigError(f"cont_product {product}: channel_ghz {cont.channel_ghz:g} is "
+                              f"negative ({_key_files(project, 'config_key')})",
+                              "give the averaged channel width in GHz, or 0 for one channel "
+                              "per spectral window")
+        return {**base, "kind": "cont", **win, "channel_ghz": cont.channel_ghz,
+                "flag_ghz": line_flag_ranges_ghz(project, product, win["vsys_kms"],
+                                                 win["vwidth_kms"])}
     line = project.configs.line_product[product]
     return {**base, "kind": "line", "restfreq_ghz": line_restfreq_ghz(project, product),
             **_window(project, target), "channel_kms": line.channel_kms,
             "statwt_edge_kms": line.statwt_edge_kms}
+
+
+def _range_error(project: Project, product: str, what: str, pair: Any) -> ConfigError:
+    return ConfigError(f"cont_product {product}: {what} entry {pair!r} is not [low, high] in "
+                       f"GHz ({_key_files(project, 'config_key')})",
+                       "write e.g. [[210.0, 235.0], [245.0, 260.0]]")
+
+
+def cont_freq_ranges_ghz(project: Project, product: str) -> list[list[float]]:
+    """A continuum product's freq_ranges_ghz as sorted [low, high] pairs (LSRK GHz); empty
+    means every channel of the data."""
+    out = []
+    for pair in project.configs.cont_product[product].freq_ranges_ghz:
+        try:
+            lo, hi = sorted(float(f) for f in pair)
+        except (TypeError, ValueError):
+            raise _range_error(project, product, "freq_ranges_ghz", pair) from None
+        if lo <= 0 or lo == hi:
+            raise _range_error(project, product, "freq_ranges_ghz", pair)
+        out.append([lo, hi])
+    return sorted(out)
+
+
+def lines_to_flag(project: Project, product: str) -> list[str]:
+    """The line tags a continuum product's lines_to_flag names. An entry is a tag (``co21``)
+    or, as PHANGS's line families, a tag without its transition (``co``: co10, co21, co32,
+    co43; ``13co``: the 13CO lines; never a longer name that merely starts alike)."""
+    tags: list[str] = []
+    for name in project.configs.cont_product[product].lines_to_flag:
+        tag = re.sub(r"[^0-9a-z]", "", str(name).lower())
+        family = [t for t in LINE_REST_GHZ if re.fullmatch(re.escape(tag) + r"[0-9]+", t)]
+        if tag in LINE_REST_GHZ:
+            tags.append(tag)
+        elif tag and family:
+            tags += family
+        else:
+            raise ConfigError(f"cont_product {product}: lines_to_flag names {name!r}, which is "
+                              f"neither a known line tag nor a family of them "
+                              f"({_key_files(project, 'config_key')})",
+                              f"use tags such as co21 or families such as co, 13co, hcn "
+                              f"(known tags: {', '.join(LINE_REST_GHZ)})")
+    return list(dict.fromkeys(tags))
+
+
+def line_flag_ranges_ghz(project: Project, product: str, vsys_kms: float, vwidth_kms: float
+                         ) -> list[list[float]]:
+    """LSRK frequency ranges (GHz) a continuum product flags: every line of lines_to_flag
+    over the target's window vsys +- vwidth/2 (radio convention, as PHANGS), overlaps merged."""
+    ranges = sorted([LINE_REST_GHZ[t] * (1.0 - (vsys_kms + vwidth_kms / 2.0) / C_KMS),
+                     LINE_REST_GHZ[t] * (1.0 - (vsys_kms - vwidth_kms / 2.0) / C_KMS)]
+                    for t in lines_to_flag(project, product))
+    merged: list[list[float]] = []
+    for lo, hi in ranges:
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return merged
 
 
 def imaging_base(project: Project, target: str, product: str, config: str) -> str:
@@ -439,10 +513,27 @@ def _imaging_params(project: Project, target: str, product: str, config: str, ba
     recipes = {stage: read_recipe(path)
                for stage, path in project.imaging_recipes(config, product).items()}
     kind = "line" if product in project.line_products else "cont"
+    if kind == "cont":
+        recipes = _continuum_recipes(project, config, product, recipes)
     return {"target": target, "product": product, "config": config, "kind": kind,
             "imagename": base, "vis": [vis], "recipes": recipes,
             "restfreq_ghz": line_restfreq_ghz(project, product) if kind == "line" else None,
             "clean_scales_arcsec": list(project.configs.interf_config[config].clean_scales_arcsec)}
+
+
+def _continuum_recipes(project: Project, config: str, product: str,
+                       recipes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A continuum product is imaged as one plane (tclean specmode 'mfs'): a recipe that
+    leaves specmode out gets it, one that asks for another mode is an error."""
+    paths = project.imaging_recipes(config, product)
+    for stage, params in recipes.items():
+        mode = params.get("specmode", "mfs")
+        if mode != "mfs":
+            raise ConfigError(f"{paths[stage]}: specmode {mode!r} for continuum product "
+                              f"{product} (config {config}, stage {stage})",
+                              "continuum products are imaged as one plane: write "
+                              "specmode = 'mfs' in the recipe, or leave specmode out")
+    return {stage: {**params, "specmode": "mfs"} for stage, params in recipes.items()}
 
 
 def _postprocess_products(project: Project, whole: str, product: str, config: str) -> list[str]:
@@ -477,10 +568,57 @@ def _build_postprocess(project: Project, sel: _Selection, detailed: bool) -> lis
                         "feather": config in project.configs.feather_config,
                         "interf_config": interf, "imagenames": bases,
                         "outdir": str(project.postprocess_dir(whole)),
-                        "stem": _stem(whole, config, product)})
+                        "stem": _stem(whole, config, product),
+                        "units": _postprocess_units(project, whole, product, config, bases,
+                                                    check=not _all_exist(params["outputs"]))})
                 tasks.append(_task("postprocess", _line_key(whole, product, config), deps,
                                    params))
     return tasks
+
+
+def _postprocess_units(project: Project, whole: str, product: str, config: str,
+                       bases: list[str], check: bool = True) -> list[dict[str, Any]]:
+    """One CASA postprocess (or, for a feather config, feather) run per imaged target: the
+    whole target's own products, or for a linear mosaic each part's, in the part's
+    postprocess directory, which the mosaic then combines (PHANGS also prepares, and feathers,
+    every part before the mosaic). A part feathers with its own single-dish entry if the key
+    has one, else with the mosaic's (one total-power map usually covers the whole galaxy).
+    ``check``: a missing single-dish file is an error (not for a task whose products all
+    exist: it will only be skipped, as for its other inputs)."""
+    feather = config in project.configs.feather_config
+    units = []
+    for part, base in zip(_parts(project, whole), bases, strict=True):
+        stem = _stem(part, config, product)
+        outdir = project.postprocess_dir(part)
+        unit: dict[str, Any] = {
+            "target": part, "imagename": base, "outdir": str(outdir), "stem": stem,
+            "fits": {k: str(outdir / f"{stem}_{k}.fits")
+                     for k in ("pbcorr_trimmed_k", "flat_trimmed_k", "pb_trimmed")}}
+        if feather:
+            owner = part if (part, product) in project.singledish_files else whole
+            sd = (singledish_path(project, owner, product) if check
+                  else project.singledish_file(owner, product))
+            unit["singledish"] = str(sd) if sd else None
+        units.append(unit)
+    return units
+
+
+def singledish_path(project: Project, target: str, product: str) -> Path:
+    """The single-dish cube of (target, product); a key entry whose file is under no
+    singledish_root is a ConfigError naming the key line, before anything is queued."""
+    ref = project.singledish_files.get((target, product))
+    if ref is None:
+        raise ConfigError(f"no single-dish cube for {target} {product} "
+                          f"({_key_files(project, 'singledish_key')})",
+                          f"add a line '{target} {product} FILE' to the singledish key")
+    path = project.singledish_file(target, product)
+    if path is None:
+        roots = ", ".join(map(str, project.singledish_roots)) or "none set"
+        raise ConfigError(f"{ref.source}: single-dish cube {ref.file} not found under any "
+                          f"singledish_root ({roots})",
+                          f"fix the file name, or add the singledish_root holding it to "
+                          f"{project.master_key}")
+    return path
 
 
 # -- derived ------------------------------------------------------------------------------------
@@ -553,62 +691,483 @@ def _chain_products(chain: dict[str, Any]) -> list[str]:
             for k in ("cube", "coverage", "coverage2d", "noise", "strictmask")]
 
 
-def _moments(project: Project, whole: str, product: str, config: str, levels: list[dict]
-             ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """Round-1 moments to make at every level, and the moments left out (with why)."""
+# The round-1 maps mom1wprior combines, by the role the moment key's kwargs may name them with:
+# the (algorithm, mask) of the moment that makes them, and moments.PRIOR_MAPS' names for its
+# value and error maps.
+MOM1WPRIOR_ROLES: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {
+    "strict_vfield": (("mom1", "strictmask"), ("strict_mom1", "strict_emom1")),
+    "broad_vfield": (("mom1", "broadmask"), ("broad_mom1", "broad_emom1")),
+    "broad_signal": (("mom0", "broadmask"), ("broad_mom0", "broad_emom0")),
+}
+# mom1wprior's numeric kwargs (PHANGS' names and hpcddf's) -> moments.mom1wprior parameters.
+# Other kwargs of a mom1wprior are ignored with a note rather than refused: PHANGS' keys pass it
+# keywords of their own implementation (output units, contexts) that mean nothing here.
+MOM1WPRIOR_KW = {"vfield_reject_thresh": "vwindow_kms", "vwindow_kms": "vwindow_kms",
+                 "mom0_thresh_for_mom1": "snr_thresh", "snr_thresh": "snr_thresh"}
+# kwargs that name maps instead: the three roles, and a prior map of this config
+MOM1WPRIOR_MAP_KW = (*MOM1WPRIOR_ROLES, "vfield_prior", "vfield_prior_res")
+FLATMASK_KW = {"window": "window"}
+DEFAULT_FLAT_WINDOW_KMS = 50.0
+RAD_ARCSEC = 206_264.806
+
+
+def _level_arcsec(level: dict[str, Any], distance_mpc: float | None) -> float:
+    """A level's resolution, to order levels finest first (native: 0; no distance: last)."""
+    if "ang_arcsec" in level:
+        return float(level["ang_arcsec"])
+    if "phys_pc" in level:
+        if not distance_mpc:
+            return float("inf")
+        return float(level["phys_pc"]) / (float(distance_mpc) * 1e6) * RAD_ARCSEC
+    return 0.0
+
+
+def _finest_first(levels: list[dict[str, Any]], distance_mpc: float | None
+                  ) -> list[dict[str, Any]]:
+    return sorted(levels, key=lambda lvl: _level_arcsec(lvl, distance_mpc))
+
+
+def _moment_kw_names(algorithm: str) -> list[str]:
+    """The kwargs a moment key may give an algorithm: the parameters of its function after
+    (cube, noise, mask, vaxis); mom1wprior's are translated (MOM1WPRIOR_KW, MOM1WPRIOR_MAP_KW)."""
+    import inspect
+
+    from hpcddf.phangs.moments import ALGORITHMS
+    if algorithm == "mom1wprior":
+        return [*MOM1WPRIOR_KW, *MOM1WPRIOR_MAP_KW]
+    return list(inspect.signature(ALGORITHMS[algorithm][0]).parameters)[4:]
+
+
+def _checked_moment(project: Project, name: str) -> Any:
+    """The moment key's definition of ``name``, checked: known algorithm, an ext, known
+    kwargs (so a typo is a key error at planning, not a TypeError on the node)."""
     from hpcddf.phangs.moments import ALGORITHMS
 
-    made, skipped = [], []
-    for name in project.derived_params(config, product).moments:
-        m = project.moment_params(name)
-        where = _key_files(project, "moment_key")
-        if m.round != 1:
-            skipped.append({"moment": name, "reason": f"round {m.round} moments are not made "
-                                                      "by this version"})
+    m = project.moment_params(name)
+    where = _key_files(project, "moment_key")
+    if m.algorithm not in ALGORITHMS:
+        raise ConfigError(f"moment {name}: algorithm {m.algorithm!r} is unknown ({where})",
+                          f"use one of {', '.join(ALGORITHMS)}")
+    if not m.ext:
+        raise ConfigError(f"moment {name} has no ext ({where})",
+                          f"add a line '{name} ext _{name}'")
+    known = _moment_kw_names(m.algorithm)
+    unknown = sorted(set(m.kwargs) - set(known))
+    if unknown and m.algorithm != "mom1wprior":  # mom1wprior's: ignored with a note
+        raise ConfigError(f"moment {name}: kwargs keyword {unknown[0]!r} is not a parameter "
+                          f"of {m.algorithm} ({where})",
+                          f"use {', '.join(known)}" if known
+                          else f"give {m.algorithm} no kwargs")
+    return m
+
+
+def _moment_mask(project: Project, whole: str, product: str, config: str,
+                 level: dict[str, Any], mask: str | None) -> str | None:
+    """The mask file a moment uses at a level: strict and flat-strict masks are per level,
+    broad and flat-broad masks are one per config (on the native grid all levels share)."""
+    if mask is None:
+        return None
+    if mask == "strictmask":
+        return level["strictmask"]
+    ext = {"broadmask": "broadmask", "flatbroadmask": "flatbroadmask",
+           "flatstrictmask": f"{level['tag']}_flatstrictmask"}[mask]
+    return _derived_name(project, whole, config, product, ext)
+
+
+def _cube_moment(project: Project, whole: str, product: str, config: str, name: str, m: Any,
+                 level: dict[str, Any], rnd: int) -> dict[str, Any]:
+    """A moment computed from a level's cube, noise cube and mask."""
+    def path(ext: str) -> str:
+        return _derived_name(project, whole, config, product, f"{level['tag']}{ext}")
+    return {"moment": name, "tag": level["tag"], "round": rnd, "algorithm": m.algorithm,
+            "cube": level["cube"], "noise": level["noise"], "mask_kind": m.mask,
+            "mask": _moment_mask(project, whole, product, config, level, m.mask),
+            "out": path(m.ext), "err": path(m.ext_error) if m.ext_error else None,
+            "kwargs": dict(m.kwargs)}
+
+
+def _mom1wprior_roles(project: Project, name: str, m: Any, listed: list[str]
+                      ) -> tuple[dict[str, str], str | None]:
+    """The moment playing each of mom1wprior's roles (MOM1WPRIOR_ROLES), or why none can.
+
+    Named by the role's kwarg first (PHANGS' ``strict_vfield`` etc.), then by the
+    (algorithm, mask) of the moments in ``maps_to_pass``, then of the config's moment list,
+    then of any moment the key defines (made too, then: a passed map must exist).
+    """
+    where = _key_files(project, "moment_key")
+    defs = project.moments
+
+    def known(ref: str, what: str) -> tuple[str | None, str | None]:
+        if ref not in defs:
+            raise ConfigError(f"moment {name}: {what} names {ref!r}, which the moment key "
+                              f"does not define ({where})",
+                              f"define {ref} or use one of {', '.join(sorted(defs))}")
+        return defs[ref].algorithm, defs[ref].mask
+
+    roles: dict[str, str] = {}
+    for role, (want, _) in MOM1WPRIOR_ROLES.items():
+        if role in m.kwargs:
+            ref = str(m.kwargs[role])
+            if known(ref, role) != want:
+                raise ConfigError(f"moment {name}: {role} {ref} is not a {want[0]} with mask "
+                                  f"{want[1]} ({where})", f"name a {want[0]} moment with mask "
+                                                          f"{want[1]} as {role}")
+            roles[role] = ref
+    for ref in m.maps_to_pass:
+        sig = known(str(ref), "maps_to_pass")
+        role = next((r for r, (want, _) in MOM1WPRIOR_ROLES.items() if sig == want), None)
+        if role is None:
+            raise ConfigError(f"moment {name}: maps_to_pass names {ref} ({sig[0]} with mask "
+                              f"{sig[1]}), which is none of the maps mom1wprior combines "
+                              f"({where})", "pass a mom1 with strictmask, a mom1 with "
+                                            "broadmask and a mom0 with broadmask")
+        roles.setdefault(role, str(ref))
+    pool = [*listed, *sorted(set(defs) - set(listed))]
+    for role, (want, _) in MOM1WPRIOR_ROLES.items():
+        if role not in roles:
+            found = next((r for r in pool if (defs[r].algorithm, defs[r].mask) == want), None)
+            if found is None:
+                return roles, (f"needs a {want[0]} moment with mask {want[1]} ({role}); the "
+                               f"moment key defines none")
+            roles[role] = found
+    for role, ref in roles.items():
+        if not defs[ref].ext_error:
+            return roles, f"its {role} map {ref} has no ext_error (its error map is needed)"
+    return roles, None
+
+
+def _mom1wprior_kwargs(project: Project, name: str, m: Any) -> tuple[dict[str, float],
+                                                                    list[str]]:
+    """The numeric kwargs as moments.mom1wprior parameters (a threshold like '30km/s' too),
+    and the kwargs ignored."""
+    from hpcddf.phangs.masks import window_kms
+
+    out: dict[str, float] = {}
+    ignored = [k for k in m.kwargs if k not in MOM1WPRIOR_KW and k not in MOM1WPRIOR_MAP_KW]
+    for key, value in m.kwargs.items():
+        if key not in MOM1WPRIOR_KW:
             continue
+        try:
+            out[MOM1WPRIOR_KW[key]] = (window_kms(value) if MOM1WPRIOR_KW[key] == "vwindow_kms"
+                                       else float(value))
+        except (ConfigError, TypeError, ValueError):
+            raise ConfigError(f"moment {name}: kwargs {key} {value!r} is not a "
+                              f"{'velocity' if 'thresh' in key and 'mom0' not in key else 'number'}"
+                              f" ({_key_files(project, 'moment_key')})",
+                              "write e.g. {'vfield_reject_thresh':'30km/s',"
+                              "'mom0_thresh_for_mom1':2.0}") from None
+    return out, ignored
+
+
+def _prior(project: Project, whole: str, product: str, config: str, name: str, m: Any,
+           levels: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where mom1wprior's prior velocity field comes from.
+
+    ``other_exts {'prior': ext}`` names the file ``<target><ext>`` in the target's derived
+    directory (PHANGS: ``<target>_7m+tp_co21_15as_strict_mom1.fits``, a robust low-resolution
+    field); PHANGS' kwargs ``vfield_prior`` (a moment) and ``vfield_prior_res`` (a level tag)
+    name one of this config's own maps. With neither, the source is the fallback: the broad
+    mom1 of the coarsest level made (see run.py), which is also used when the named file is
+    missing when the map is made.
+    """
+    where = _key_files(project, "moment_key")
+    extra = sorted(set(m.other_exts) - {"prior"})
+    if extra:
+        raise ConfigError(f"moment {name}: other_exts {extra[0]!r} is not used by "
+                          f"{m.algorithm} ({where})",
+                          "mom1wprior takes other_exts {'prior':'_<config>_<product>_<res>"
+                          "_strict_mom1.fits'}")
+    if "prior" in m.other_exts:
+        ext = str(m.other_exts["prior"])
+        ext = ext if ext.endswith(".fits") else f"{ext}.fits"
+        return {"path": str(project.derived_dir(whole) / f"{whole}{ext}"), "source": "file"}
+    if "vfield_prior" in m.kwargs:
+        ref = str(m.kwargs["vfield_prior"])
+        tag = str(m.kwargs.get("vfield_prior_res") or "")
+        if ref not in project.moments or not project.moments[ref].ext:
+            raise ConfigError(f"moment {name}: vfield_prior {ref!r} is not a moment with an "
+                              f"ext ({where})", "name the moment whose map is the prior")
+        tags = [lvl["tag"] for lvl in levels]
+        if tag not in tags:
+            raise ConfigError(f"moment {name}: vfield_prior_res {tag!r} is not a resolution "
+                              f"of config {config} ({where})",
+                              f"use one of {', '.join(repr(t) for t in tags)}")
+        return {"path": _derived_name(project, whole, config, product,
+                                      f"{tag}{project.moments[ref].ext}"), "source": "file"}
+    return {"path": None, "source": "fallback"}
+
+
+def _moments(project: Project, whole: str, product: str, config: str, levels: list[dict],
+             distance_mpc: float | None = None
+             ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Every moment of the config at every level, each a spec with its inputs and the round
+    it runs in, and the moments left out (with why).
+
+    A moment runs no earlier than the key's ``round`` and after its inputs: mom1wprior after
+    the maps it combines (round ≥ 2, PHANGS' "secondary" moments); a moment on a flat mask
+    after the velocity field the flat masks follow, which is made from the mom1wprior maps
+    once their round is over (round ≥ 3, PHANGS' "flat maps"). Maps mom1wprior needs that the
+    config's moment list lacks are made as well (marked ``implied_by``).
+    """
+    listed = project.derived_params(config, product).moments
+    defs = {n: _checked_moment(project, n) for n in listed}
+    skipped: list[dict[str, str]] = []
+    cube_names = [n for n in listed if defs[n].algorithm != "mom1wprior"]
+    implied: dict[str, str] = {}
+    wprior: dict[str, dict[str, str]] = {}
+    for name in listed:
+        if defs[name].algorithm != "mom1wprior":
+            continue
+        roles, reason = _mom1wprior_roles(project, name, defs[name], listed)
+        if reason:
+            skipped.append({"moment": name, "reason": reason})
+            continue
+        wprior[name] = roles
+        for ref in roles.values():
+            if ref not in cube_names and ref not in implied:
+                defs[ref] = _checked_moment(project, ref)
+                implied[ref] = name
+
+    def path(tag: str, ext: str) -> str:
+        return _derived_name(project, whole, config, product, f"{tag}{ext}")
+
+    made: list[dict[str, Any]] = []
+    for name in [*cube_names, *implied]:
+        m = defs[name]
         if m.mask in FLAT_MASKS:
-            skipped.append({"moment": name, "reason": f"{m.mask} (flat masks need the "
-                                                      "velocity field) is not made by this "
-                                                      "version"})
-            continue
-        if m.algorithm not in ALGORITHMS:
-            raise ConfigError(f"moment {name}: algorithm {m.algorithm!r} is unknown ({where})",
-                              f"use one of {', '.join(ALGORITHMS)}")
-        if not m.ext:
-            raise ConfigError(f"moment {name} has no ext ({where})",
-                              f"add a line '{name} ext _{name}'")
+            continue  # below, once the round of the velocity field is known
         for lvl in levels:
-            out = _derived_name(project, whole, config, product, f"{lvl['tag']}{m.ext}")
-            err = (_derived_name(project, whole, config, product, f"{lvl['tag']}{m.ext_error}")
-                   if m.ext_error else None)
-            mask = {"strictmask": lvl["strictmask"],
-                    "broadmask": _derived_name(project, whole, config, product, "broadmask"),
-                    None: None}[m.mask]
-            made.append({"moment": name, "tag": lvl["tag"], "algorithm": m.algorithm,
-                         "cube": lvl["cube"], "noise": lvl["noise"], "mask": mask, "out": out,
-                         "err": err, "kwargs": dict(m.kwargs)})
+            spec = _cube_moment(project, whole, product, config, name, m, lvl, max(m.round, 1))
+            if name in implied:
+                spec["implied_by"] = implied[name]
+            made.append(spec)
+    round_of = {s["out"]: s["round"] for s in made}
+    coarsest_first = list(reversed(_finest_first(levels, distance_mpc)))
+    for name, roles in wprior.items():
+        m = defs[name]
+        prior = _prior(project, whole, product, config, name, m, levels)
+        prior["fallback"] = [path(lvl["tag"], defs[roles["broad_vfield"]].ext)
+                             for lvl in coarsest_first]
+        after = [round_of[path(levels[0]["tag"], defs[r].ext)] for r in roles.values()]
+        if prior["path"] in round_of:  # one of this config's own maps: made first
+            after.append(round_of[prior["path"]])
+        rnd = max(m.round, 2, *(r + 1 for r in after))
+        kwargs, ignored = _mom1wprior_kwargs(project, name, m)
+        for lvl in levels:
+            maps = {}
+            for role, ref in roles.items():
+                value_map, error_map = MOM1WPRIOR_ROLES[role][1]
+                maps[value_map] = path(lvl["tag"], defs[ref].ext)
+                maps[error_map] = path(lvl["tag"], defs[ref].ext_error)
+            made.append({"moment": name, "tag": lvl["tag"], "round": rnd,
+                         "algorithm": m.algorithm, "maps": maps, "prior": prior,
+                         "out": path(lvl["tag"], m.ext),
+                         "err": path(lvl["tag"], m.ext_error) if m.ext_error else None,
+                         "kwargs": kwargs, **({"ignored_kwargs": ignored} if ignored else {})})
+    vround = max((s["round"] for s in made if s["algorithm"] == "mom1wprior"), default=2)
+    for name in cube_names:
+        m = defs[name]
+        if m.mask in FLAT_MASKS:
+            made += [_cube_moment(project, whole, product, config, name, m, lvl,
+                                  max(m.round, 3, vround + 1)) for lvl in levels]
     return made, skipped
+
+
+def _other_config_priors(project: Project, whole: str, product: str, config: str,
+                         moments: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+    """Priors that are maps of another config (PHANGS' 7m+tp 15as strict mom1 for every
+    config): this task makes them itself, under the product lock as it does linked strict
+    masks, so the result does not depend on which task runs first. That needs the other
+    config's cube, noise and strict mask at that level only; a prior on its broad mask would
+    need its whole chain and linked configs, so one missing at planning falls back instead.
+    Returns {prior path: what to make} and notes."""
+    made_here, notes = {}, []
+    own = {s["out"] for s in moments}
+    for spec in moments:
+        prior = spec.get("prior")
+        if not prior or prior["source"] != "file" or prior.get("checked"):
+            continue
+        prior["checked"] = True
+        if prior["path"] in own:
+            prior["source"] = "own"
+            continue
+        found = _planned_elsewhere(project, whole, product, config, prior["path"])
+        if found is None:
+            continue
+        other, name, level = found
+        m = _checked_moment(project, name)
+        if m.mask in (None, "strictmask"):
+            chain = _chain(project, whole, product, other, True)
+            chain["levels"] = [lvl for i, lvl in enumerate(chain["levels"])
+                               if i == 0 or lvl["tag"] == level["tag"]]
+            made_here[prior["path"]] = {
+                "config": other, "chain": chain,
+                "moment": _cube_moment(project, whole, product, other, name, m, level, 1)}
+            prior["source"], prior["config"] = "config", other
+        elif not Path(prior["path"]).exists():
+            prior["source"] = "fallback"
+            notes.append(f"moment {spec['moment']}: prior {Path(prior['path']).name} is made "
+                         f"by derived/{whole}/{product}/{other} on a broad mask and is not there"
+                         f" yet: the fallback prior is used (run that task first to use it)")
+    for spec in moments:
+        if spec.get("prior"):
+            spec["prior"].pop("checked", None)
+    return made_here, notes
+
+
+def _planned_elsewhere(project: Project, whole: str, product: str, config: str, path: str
+                       ) -> tuple[str, str, dict[str, Any]] | None:
+    """(config, moment, level) of another config of the target that ``path`` is a map of: a
+    moment of its list, or any the key defines (the file name says which, even when that
+    config's own task does not make it)."""
+    from hpcddf.phangs.moments import ALGORITHMS
+
+    for other in whole_target_configs(project, whole, product):
+        if other == config:
+            continue
+        levels = _chain(project, whole, product, other, False)["levels"]
+        listed = project.derived_params(other, product).moments
+        for name in [*listed, *sorted(set(project.moments) - set(listed))]:
+            d = project.moments[name]
+            if d.algorithm not in ALGORITHMS or d.algorithm == "mom1wprior" or not d.ext:
+                continue
+            for lvl in levels:
+                if _derived_name(project, whole, other, product, f"{lvl['tag']}{d.ext}") == path:
+                    return other, name, lvl
+    return None
+
+
+def _external_vfield(project: Project, whole: str) -> tuple[str | None, str | None]:
+    """The window key's velocity field file of the target (in vfield_root), or a note."""
+    win = project.window(whole)
+    if win is None or not win.vfield_file:
+        return None, None
+    root = project.roots.get("vfield_root")
+    if root is None:
+        return None, (f"the window key names the velocity field {win.vfield_file} for {whole}, "
+                      f"but the master key sets no vfield_root: not used")
+    path = Path(root) / win.vfield_file
+    if not path.is_file():
+        return None, f"the window key's velocity field {path} does not exist: not used"
+    return str(path), None
+
+
+def _flat_window(project: Project, whole: str, config: str, product: str, kind: str
+                 ) -> tuple[float, str]:
+    """The velocity window (km/s) of a flat mask, and where it came from.
+
+    Reference quirk: PHANGS' task passes the window key's width as ``v_window`` while its
+    recipe reads ``window``, so 50 km/s was used whatever the window key said (unless the
+    derived key set ``window``). Fixed here because the window key is where a target's window
+    is meant to come from: its width is used; the derived key's ``<kind>_kw`` ``window``
+    serves targets without a window-key entry; 50 km/s otherwise.
+    """
+    from hpcddf.phangs.masks import window_kms
+
+    dp = project.derived_params(config, product)
+    kw = _mapped_kw(project, getattr(dp, f"{kind}_kw"), FLATMASK_KW, f"{kind}_kw", config,
+                    product)
+    win = project.window(whole)
+    if win is not None:
+        return float(win.width_kms), f"window key {win.source}"
+    if "window" in kw:
+        try:
+            return window_kms(kw["window"]), f"derived key {kind}_kw"
+        except ConfigError:
+            raise ConfigError(f"{kind}_kw window {kw['window']!r} of config {config} product "
+                              f"{product} is not a velocity "
+                              f"({_key_files(project, 'derived_key')})",
+                              "write e.g. {'window':'50km/s'}") from None
+    return DEFAULT_FLAT_WINDOW_KMS, "default"
+
+
+def _vfield_and_flat_masks(project: Project, whole: str, product: str, config: str,
+                           levels: list[dict[str, Any]], moments: list[dict[str, Any]],
+                           skipped: list[dict[str, str]]
+                           ) -> tuple[list[dict[str, Any]], dict[str, Any] | None,
+                                      list[dict[str, Any]], list[str]]:
+    """The velocity field and the flat masks the moments need.
+
+    The field (``<stem>_vfield.fits``) takes, pixel by pixel, the first finite value of the
+    config's mom1wprior maps from the finest level to the coarsest, then of the window key's
+    velocity field (PHANGS' hierarchy, first finite wins). It is made when there is a
+    mom1wprior map or a flat moment to feed. Flat masks (per level for flatstrictmask, one
+    per config for flatbroadmask) are made only where a moment uses them; without any
+    velocity field those moments move to ``skipped``. Returns (moments, vfield, flat masks,
+    notes)."""
+    distance = project.distance_mpc(whole)
+    wp = [s for s in moments if s["algorithm"] == "mom1wprior"]
+    flat = [s for s in moments if s.get("mask_kind") in FLAT_MASKS]
+    if not wp and not flat:
+        return moments, None, [], []
+    external, note = _external_vfield(project, whole)
+    notes = [note] if note else []
+    order = [lvl["tag"] for lvl in _finest_first(levels, distance)]
+    layers = [s["out"] for tag in order for s in wp if s["tag"] == tag]
+    if not layers and external is None:
+        for name in dict.fromkeys(s["moment"] for s in flat):
+            skipped.append({"moment": name, "reason": f"flat masks need a velocity field: "
+                                                      f"config {config} has no mom1wprior "
+                                                      f"moment and the window key no usable "
+                                                      f"vfield for {whole}"})
+        return [s for s in moments if s not in flat], None, [], notes
+    vfield = {"out": _derived_name(project, whole, config, product, "vfield"),
+              "layers": layers, "external": external, "template": levels[0]["cube"],
+              "after_round": max((s["round"] for s in wp), default=2)}
+    by_tag = {lvl["tag"]: lvl for lvl in levels}
+    wanted = dict.fromkeys((s["mask_kind"], s["tag"] if s["mask_kind"] == "flatstrictmask"
+                            else levels[0]["tag"], s["mask"]) for s in flat)
+    flatmasks = []
+    for kind, tag, out in wanted:
+        width, source = _flat_window(project, whole, config, product, kind)
+        base = (by_tag[tag]["strictmask"] if kind == "flatstrictmask"
+                else _derived_name(project, whole, config, product, "broadmask"))
+        flatmasks.append({"kind": kind, "tag": tag, "cube": by_tag[tag]["cube"], "mask": base,
+                          "vfield": vfield["out"], "out": out, "window_kms": width,
+                          "window_from": source})
+    return moments, vfield, flatmasks, notes
+
+
+def _derived_rounds(project: Project, whole: str, product: str, config: str,
+                    chain: dict[str, Any]) -> dict[str, Any]:
+    """Moments of every round, the velocity field and flat masks of one derived task, the
+    priors it makes for other configs, and the outputs all of that adds."""
+    moments, skipped = _moments(project, whole, product, config, chain["levels"],
+                                project.distance_mpc(whole))
+    priors, notes = _other_config_priors(project, whole, product, config, moments)
+    moments, vfield, flatmasks, vnotes = _vfield_and_flat_masks(
+        project, whole, product, config, chain["levels"], moments, skipped)
+    outputs = [p for m in moments for p in (m["out"], m["err"]) if p]
+    outputs += ([vfield["out"]] if vfield else []) + [f["out"] for f in flatmasks]
+    notes += list(dict.fromkeys(
+        f"moment {m['moment']}: kwargs {', '.join(m['ignored_kwargs'])} not used by "
+        f"{m['algorithm']}: ignored" for m in moments if m.get("ignored_kwargs")))
+    return {"moments": moments, "skipped_moments": skipped, "priors": priors,
+            "vfield": vfield, "flatmasks": flatmasks, "notes": notes + vnotes,
+            "outputs": list(dict.fromkeys(outputs))}
 
 
 def _build_derived(project: Project, sel: _Selection, detailed: bool) -> list[Task]:
     tasks = []
     for whole in sel.whole:
-        for product in _products(project):
+        # noise cubes, masks and moments are spectral-cube products: a continuum product ends
+        # at its postprocessed 2-D image (PHANGS' derived loop is over line products too)
+        for product in project.line_products:
             for config in whole_target_configs(project, whole, product):
                 linked = linked_mask_configs(project, whole, product, config)
                 chains = {c: _chain(project, whole, product, c, detailed)
                           for c in [config, *linked]}
                 broad = _derived_name(project, whole, config, product, "broadmask")
                 outputs = _chain_products(chains[config]) + [broad]
-                params: dict[str, Any] = {
-                    "inputs": [chains[c]["cube_in"] for c in [config, *linked]],
-                    "outputs": outputs}
+                sources = [config, *linked]
+                params: dict[str, Any] = {"outputs": outputs}
                 if detailed:
                     dp = project.derived_params(config, product)
-                    moments, skipped = _moments(project, whole, product, config,
-                                                chains[config]["levels"])
-                    params["outputs"] = outputs + [p for m in moments
-                                                   for p in (m["out"], m["err"]) if p]
+                    rounds = _derived_rounds(project, whole, product, config, chains[config])
+                    # a prior made here from another config needs that config's cube too
+                    sources += [p["config"] for p in rounds["priors"].values()
+                                if p["config"] not in sources]
+                    params["outputs"] = outputs + rounds.pop("outputs")
                     params.update({
                         "target": whole, "product": product, "config": config,
                         "linked": linked, "chains": chains,
@@ -616,9 +1175,11 @@ def _build_derived(project: Project, sel: _Selection, detailed: bool) -> list[Ta
                         "broadmask": {"out": broad, "kw": _mapped_kw(
                             project, dp.broadmask_kw, BROADMASK_KW, "broadmask_kw", config,
                             product)},
-                        "moments": moments, "skipped_moments": skipped})
+                        **rounds})
+                params["inputs"] = [postprocess_cube(project, whole, product, c)
+                                    for c in dict.fromkeys(sources)]
                 deps = [Task("postprocess", _line_key(whole, product, c)).id
-                        for c in [config, *linked]]
+                        for c in dict.fromkeys(sources)]
                 tasks.append(_task("derived", _line_key(whole, product, config), deps, params))
     return tasks
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import re
 import socket
@@ -229,6 +230,16 @@ def _line_only(ctx: RunContext) -> dict[str, Any]:
     return p
 
 
+def _product_params(ctx: RunContext) -> dict[str, Any]:
+    """The task's parameters; staging and imaging take line and continuum products."""
+    p = ctx.task.params
+    if p.get("kind") not in ("line", "cont"):
+        raise PhangsRunError(f"task {ctx.task.id}: product {p.get('product')} has no kind "
+                             f"(line or cont) in its plan",
+                             "plan the project again with this version (hpcddf phangs submit)")
+    return p
+
+
 def _mkparents(*paths: str) -> None:
     for path in paths:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -240,7 +251,13 @@ def _window(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_stage_ms(ctx: RunContext) -> list[str]:
-    p = _line_only(ctx)
+    p = _product_params(ctx)
+    if p["kind"] == "cont":
+        # the whole band (or the product's frequency ranges): lines are flagged in stage_line
+        _mkparents(p["split"])
+        ctx.casa("split", vis=p["vis"], outputvis=p["split"], field=p["field"] or None,
+                 continuum=True, freq_range_ghz=p["freq_ranges_ghz"])
+        return [p["split"]]
     _mkparents(p["split"], p["contsub"])
     ctx.casa("split", vis=p["vis"], outputvis=p["split"], field=p["field"] or None,
              margin_kms=p["margin_kms"], **_window(p))
@@ -250,8 +267,12 @@ def run_stage_ms(ctx: RunContext) -> list[str]:
 
 
 def run_stage_line(ctx: RunContext) -> list[str]:
-    p = _line_only(ctx)
+    p = _product_params(ctx)
     _mkparents(p["outputvis"])
+    if p["kind"] == "cont":
+        ctx.casa("extract_continuum", vis=p["vis"], outputvis=p["outputvis"],
+                 channel_ghz=p["channel_ghz"], flag_ghz=p["flag_ghz"])
+        return [p["outputvis"]]
     ctx.casa("extract_line", vis=p["vis"], outputvis=p["outputvis"],
              channel_kms=p["channel_kms"], statwt_edge_kms=p["statwt_edge_kms"], **_window(p))
     return [p["outputvis"]]
@@ -277,7 +298,9 @@ def scales_in_pixels(scales_arcsec: list[float], cell_arcsec: float | None) -> s
 
 
 def run_imaging(ctx: RunContext) -> list[str]:
-    p = _line_only(ctx)
+    # a continuum product's recipes say specmode 'mfs' (the plan sees to it) and it has no
+    # rest frequency: the same steps then make one plane
+    p = _product_params(ctx)
     base, recipes = p["imagename"], p["recipes"]
     _mkparents(base)
     img = {"vis": p["vis"], "imagename": base, "restfreq_ghz": p["restfreq_ghz"]}
@@ -295,16 +318,285 @@ def run_imaging(ctx: RunContext) -> list[str]:
     return [f"{base}.image", f"{base}.pb", f"{base}_singlescale.image", f"{base}.fits"]
 
 
-def run_postprocess(ctx: RunContext) -> list[str]:
-    p = _line_only(ctx)
-    if p["mosaic"]:
-        raise _not_implemented(f"task {ctx.task.id}: the linear mosaic of {', '.join(p['parts'])}",
-                               "image the parts and mosaic them outside hpcddf for now")
-    if p["feather"]:
-        raise _not_implemented(f"task {ctx.task.id}: feathering with single-dish data",
-                               "leave feather configs out (select interferometric configs)")
+def _postprocess_continuum(ctx: RunContext) -> list[str]:
+    """A continuum image through the same casa_tasks postprocess as a cube: pbcor, round
+    beam, Jy/beam -> K (PHANGS's cleanup converts every product, continuum included, and the
+    products are named ``_k``), trim, and a 2-D FITS image whose FREQ card keeps the
+    frequency the K scale refers to. One image per target and config: mosaics of continuum
+    parts are not made yet."""
+    p = ctx.task.params
+    if p["mosaic"] or p["feather"]:
+        what = (f"the linear mosaic of the continuum images of {', '.join(p['parts'])}"
+                if p["mosaic"] else "feathering a continuum image with single-dish data")
+        raise _not_implemented(f"task {ctx.task.id}: {what}",
+                               "image continuum products of single targets, or combine the "
+                               "parts' images outside hpcddf for now")
     ctx.casa("postprocess", imagename=p["imagenames"][0], outdir=p["outdir"], stem=p["stem"])
     return list(ctx.task.outputs)
+
+
+def run_postprocess(ctx: RunContext) -> list[str]:
+    if ctx.task.params.get("kind") == "cont":
+        return _postprocess_continuum(ctx)
+    # Line cubes: one CASA run per imaged target (the plan's ``units``), then for a linear
+    # mosaic the combination of the parts' products here (:func:`linear_mosaic`).
+    p = _line_only(ctx)
+    units = p.get("units")
+    if not units:
+        raise PhangsRunError(f"task {ctx.task.id} was planned without its postprocess units",
+                             "plan the project again with this version (hpcddf phangs submit)")
+    # pbcor, round beam (feathered with the single dish for a feather config), K, trim; a
+    # single target's products are the task's own, a mosaic part's go to its own directory
+    stage = "feather" if p["feather"] else "postprocess"
+    for unit in units:
+        extra = {"singledish": unit["singledish"]} if p["feather"] else {}
+        summary = ctx.casa(stage, imagename=unit["imagename"], outdir=unit["outdir"],
+                           stem=unit["stem"], **extra)
+        if p["mosaic"]:
+            ctx.steps[f"{stage} {unit['target']}"] = summary
+    if p["mosaic"]:
+        out = {k: str(Path(p["outdir"]) / f"{p['stem']}_{k}.fits") for k in MOSAIC_PRODUCTS}
+        summary = linear_mosaic([u["fits"] for u in units], out, name=p["target"])
+        ctx.steps["linear_mosaic"] = summary
+        ctx.notes.append(f"linear mosaic of {', '.join(p['parts'])} at a round "
+                         f"{summary['beam_arcsec']:.3g}\" beam")
+    return list(ctx.task.outputs)
+
+
+# -- linear mosaic -----------------------------------------------------------------------------
+#
+# PHANGS combines the postprocessed parts of a mosaic in CASA (imsmooth, imregrid, LEL). Here it
+# is numpy on the parts' FITS products (radio_beam, spectral_cube and reproject, as the derived
+# products): no CASA session, and the arithmetic can be tested on synthetic cubes with a known
+# truth. The parts arrive in K at a round beam, trimmed to their pb cutoff (NaN outside it).
+
+MOSAIC_PRODUCTS = ("pbcorr_trimmed_k", "flat_trimmed_k", "pb_trimmed")
+
+
+def mosaic_weights(pb: Any, sigma: float) -> Any:
+    """PHANGS's interferometric weight w = pb²/σ²: the inverse variance of a pb-corrected
+    part whose flat-noise σ grows as σ/pb. Blank or non-positive pb weighs 0."""
+    import numpy as np
+
+    pb = np.asarray(pb, dtype=float)
+    return np.where(np.isfinite(pb) & (pb > 0), pb, 0.0) ** 2 / sigma ** 2
+
+
+def cube_noise(flat: Any) -> float:
+    """σ of a flat-noise cube as PHANGS weights mosaic parts: 'chauvmad' (the std of what
+    Chauvenet's criterion keeps around a MAD start) per channel, the median over channels.
+    Faint emission wings survive the clipping and raise it by a few per cent in line
+    channels; the weights only need the parts' noise relative to each other."""
+    import numpy as np
+
+    from hpcddf.phangs.casa_tasks import chauvenet_mad_noise
+
+    values = [chauvenet_mad_noise(ch) for ch in np.asarray(flat, dtype=float)
+              if np.isfinite(ch).sum() >= 10]
+    values = [v for v in values if v > 0]
+    if not values:
+        raise PhangsRunError("cannot measure the noise of a mosaic part: no channel has 10 "
+                             "finite pixels that vary", "check the part's flat_trimmed_k cube")
+    return float(np.median(values))
+
+
+def common_grid(headers: list[Any]) -> tuple[Any, tuple[int, int]]:
+    """The first part's celestial grid (projection, tangent point, pixel size) widened to hold
+    every part's outline; (2-D WCS, (ny, nx)). Parts imaged on one phase centre and cell land
+    on whole-pixel shifts of it, so aligning them moves no flux."""
+    import numpy as np
+    from astropy.wcs import WCS
+
+    ref = WCS(headers[0]).celestial
+    xs, ys = [], []
+    for h in headers:
+        w = WCS(h).celestial
+        nx, ny = int(h["NAXIS1"]), int(h["NAXIS2"])
+        ex, ey = np.linspace(-0.5, nx - 0.5, 2 * nx + 1), np.linspace(-0.5, ny - 0.5, 2 * ny + 1)
+        px = np.concatenate([ex, ex, np.full_like(ey, -0.5), np.full_like(ey, nx - 0.5)])
+        py = np.concatenate([np.full_like(ex, -0.5), np.full_like(ex, ny - 0.5), ey, ey])
+        rx, ry = ref.world_to_pixel_values(*w.pixel_to_world_values(px, py))
+        xs.append(rx)
+        ys.append(ry)
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    x0, x1 = int(np.floor(x.min() + 0.5 + 1e-6)), int(np.ceil(x.max() - 0.5 - 1e-6))
+    y0, y1 = int(np.floor(y.min() + 0.5 + 1e-6)), int(np.ceil(y.max() - 0.5 - 1e-6))
+    out = ref.deepcopy()
+    out.wcs.crpix = [ref.wcs.crpix[0] - x0, ref.wcs.crpix[1] - y0]
+    return out, (y1 - y0 + 1, x1 - x0 + 1)
+
+
+def _whole_pixel_shift(wcs: Any, grid: Any, header: Any) -> bool:
+    """Whether the part's pixels are the grid's shifted by whole pixels (same projection,
+    tangent point and cell: the parts of a mosaic imaged on one phase centre)."""
+    import numpy as np
+
+    nx, ny = int(header["NAXIS1"]), int(header["NAXIS2"])
+    px, py = np.array([0.0, nx - 1.0, 0.0]), np.array([0.0, 0.0, ny - 1.0])
+    gx, gy = grid.world_to_pixel_values(*wcs.pixel_to_world_values(px, py))
+    dx, dy = gx - px, gy - py
+    return bool(np.all(np.abs(dx - np.round(dx[0])) < 1e-3)
+                and np.all(np.abs(dy - np.round(dy[0])) < 1e-3))
+
+
+def channel_axis(header: Any) -> Any:
+    """World value of each channel (m/s for the exported VRAD axis)."""
+    import numpy as np
+    from astropy.wcs import WCS
+
+    return np.asarray(WCS(header).spectral.pixel_to_world_values(np.arange(header["NAXIS3"])))
+
+
+def on_channels(data: Any, v_in: Any, v_out: Any) -> Any:
+    """``data`` [chan, y, x] linearly interpolated from channels ``v_in`` onto ``v_out`` (both
+    uniform, same width); NaN outside. The identity when the axes agree (the usual case: the
+    parts of a product share its channel grid)."""
+    import numpy as np
+
+    v_in, v_out = np.asarray(v_in, float), np.asarray(v_out, float)
+    dv_in, dv_out = v_in[1] - v_in[0], v_out[1] - v_out[0]
+    if v_in.size == v_out.size and np.allclose(v_in, v_out, atol=1e-3 * abs(dv_out)):
+        return data
+    if not math.isclose(abs(dv_in), abs(dv_out), rel_tol=0.01):
+        raise PhangsRunError(f"mosaic parts have different channel widths ({abs(dv_in):g} and "
+                             f"{abs(dv_out):g})", "image every part with the product's "
+                                                  "channel width")
+    f = (v_out - v_in[0]) / dv_in
+    out = np.full((v_out.size,) + data.shape[1:], np.nan)
+    for k, fk in enumerate(f):
+        i = int(np.floor(fk + 1e-9))
+        t = fk - i
+        if 0 <= i < v_in.size - 1:
+            out[k] = (1.0 - t) * data[i] + t * data[i + 1]
+        elif abs(fk - (v_in.size - 1)) < 1e-9:
+            out[k] = data[-1]
+    return out
+
+
+def _common_beam(headers: list[Any]) -> Any:
+    """The smallest beam every part can be convolved to: for round parts the largest."""
+    import astropy.units as u
+    from radio_beam import Beams
+
+    beams = Beams(major=[h["BMAJ"] for h in headers] * u.deg,
+                  minor=[h["BMIN"] for h in headers] * u.deg,
+                  pa=[h.get("BPA", 0.0) for h in headers] * u.deg)
+    if all(math.isclose(h["BMAJ"], h["BMIN"], rel_tol=1e-6) for h in headers):
+        return beams[int(beams.major.argmax())]
+    return beams.common_beam()
+
+
+def _part_on_beam(path: str, beam: Any) -> Any:
+    """A part's cube (K) at ``beam``, convolved only when its own beam is finer (a K cube is
+    a surface brightness, so the kernel is normalised, no beam-area factor)."""
+    import warnings
+
+    import numpy as np
+
+    from hpcddf.phangs.convolution import read_cube
+    cube = read_cube(path)
+    data = np.asarray(cube.unmasked_data[:].value, dtype=float)
+    own = cube.beam
+    if float(own.major.to("arcsec").value) < float(beam.major.to("arcsec").value) * (1 - 1e-4):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            conv = cube.convolve_to(beam, nan_treatment="interpolate")
+        blank = ~np.isfinite(data)
+        data = np.asarray(conv.unmasked_data[:].value, dtype=float)
+        data[blank] = np.nan
+    return data
+
+
+def linear_mosaic(parts: list[dict[str, str]], out: dict[str, str], name: str | None = None
+                  ) -> dict[str, Any]:
+    """Mosaic of parts (each a dict of its MOSAIC_PRODUCTS paths) into ``out`` (same keys);
+    ``name`` becomes the headers' OBJECT.
+
+    1. Common resolution: the largest part beam; finer parts are convolved to it.
+    2. Common grid: :func:`common_grid`; the spectral axis is the first part's (others are
+       interpolated onto it, :func:`on_channels`).
+    3. Weights w_i = pb_i²/σ_i² (:func:`mosaic_weights`), σ_i from the part's flat cube at the
+       common beam (:func:`cube_noise`); blank pixels weigh 0; I = Σ w_i I_i / Σ w_i.
+    4. ``pb_trimmed`` of the mosaic is its relative sensitivity sqrt(Σw / max Σw) per channel:
+       the pb-corrected mosaic's noise is 1/sqrt(Σw), so this plays the single pointing's pb
+       (1 at the best point, and ``flat_trimmed_k`` = mosaic x it has flat noise, as for a
+       single field; it exceeds a part's pb where parts overlap).
+    5. Trimmed to the pixels the mosaic covers (plus two), written atomically.
+
+    Accumulates part by part, so memory holds the mosaic grid and one part."""
+    import numpy as np
+    from astropy.io import fits
+    from astropy.wcs import WCS
+    from reproject import reproject_interp
+
+    headers = [fits.getheader(p["pbcorr_trimmed_k"]) for p in parts]
+    beam = _common_beam(headers)
+    grid, shape2d = common_grid(headers)
+    v_out = channel_axis(headers[0])
+    num = np.zeros((v_out.size, *shape2d))
+    wsum = np.zeros_like(num)
+    sigmas = []
+    for part, header in zip(parts, headers, strict=True):
+        cube = _part_on_beam(part["pbcorr_trimmed_k"], beam)
+        flat = _part_on_beam(part["flat_trimmed_k"], beam)
+        pb = fits.getdata(part["pb_trimmed"]).astype(float).reshape(cube.shape)
+        v_in = channel_axis(header)
+        cube, flat, pb = (on_channels(a, v_in, v_out) for a in (cube, flat, pb))
+        sigmas.append(cube_noise(flat))
+        w = np.where(np.isfinite(cube), mosaic_weights(pb, sigmas[-1]), 0.0)
+        celestial = WCS(header).celestial
+        shape = (v_out.size, *shape2d)
+        # a whole-pixel shift is copied (bilinear weights of ~0 would still spread blanks)
+        order = "nearest-neighbor" if _whole_pixel_shift(celestial, grid, header) else "bilinear"
+        cube_r, _ = reproject_interp((cube, celestial), grid, shape_out=shape, order=order)
+        w_r, _ = reproject_interp((w, celestial), grid, shape_out=shape, order=order)
+        w_r = np.where(np.isfinite(cube_r) & np.isfinite(w_r), w_r, 0.0)
+        num += w_r * np.nan_to_num(cube_r)
+        wsum += w_r
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mosaic = np.where(wsum > 0, num / wsum, np.nan)
+        peak = wsum.reshape(wsum.shape[0], -1).max(axis=1)[:, None, None]
+        coverage = np.where(wsum > 0, np.sqrt(wsum / np.where(peak > 0, peak, np.nan)), np.nan)
+    ys, xs = np.nonzero(np.isfinite(mosaic).any(axis=0))
+    if ys.size == 0:
+        raise PhangsRunError("the mosaic parts share no finite pixel", "check the parts' cubes")
+    y0, y1 = max(0, ys.min() - 2), min(shape2d[0], ys.max() + 3)
+    x0, x1 = max(0, xs.min() - 2), min(shape2d[1], xs.max() + 3)
+    header = _mosaic_header(headers[0], grid, x0, y0, beam, len(parts), sigmas)
+    if name:
+        header["OBJECT"] = name
+    products = {"pbcorr_trimmed_k": mosaic, "flat_trimmed_k": mosaic * coverage,
+                "pb_trimmed": coverage}
+    for key, data in products.items():
+        _write_mosaic_product(out[key], data[:, y0:y1, x0:x1], header, key)
+    return {"fits": dict(out), "beam_arcsec": float(beam.major.to("arcsec").value),
+            "noise_k": sigmas, "shape": [int(v_out.size), int(y1 - y0), int(x1 - x0)]}
+
+
+def _mosaic_header(first: Any, grid: Any, x0: int, y0: int, beam: Any, nparts: int,
+                   sigmas: list[float]) -> Any:
+    """The first part's header on the trimmed mosaic grid, with the common beam."""
+    header = first.copy()
+    header["CRPIX1"] = float(grid.wcs.crpix[0] - x0)
+    header["CRPIX2"] = float(grid.wcs.crpix[1] - y0)
+    beam.attach_to_header(header, copy=False)
+    header["HISTORY"] = (f"hpcddf linear mosaic of {nparts} parts, weights pb^2/sigma^2, "
+                         f"sigma (K) " + ", ".join(f"{s:.4g}" for s in sigmas))
+    return header
+
+
+def _write_mosaic_product(path: str, data: Any, header: Any, key: str) -> None:
+    import numpy as np
+
+    from hpcddf.phangs.convolution import set_data_range, write_fits_atomic
+    h = header.copy()
+    if key == "pb_trimmed":
+        h["BUNIT"] = ""
+        h["BTYPE"] = "Coverage"
+        h["COMMENT"] = "relative sensitivity sqrt(sum w / max sum w) of the linear mosaic"
+    data = data.astype(np.float32)
+    set_data_range(h, data)
+    write_fits_atomic(path, data, h)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,10 +674,112 @@ def _level_products(levels: list[dict[str, Any]]) -> list[str]:
             for k in ("cube", "coverage", "coverage2d", "noise", "strictmask")]
 
 
-def run_derived(ctx: RunContext) -> list[str]:
-    """Convolve, noise, strict masks (this config and the linked ones), broad mask, moments."""
-    from hpcddf.phangs.masks import broad_mask
+def _moment_outputs(m: dict[str, Any]) -> list[str]:
+    return [m["out"]] + ([m["err"]] if m["err"] else [])
+
+
+def _write_cube_moment(m: dict[str, Any]) -> Any:
     from hpcddf.phangs.moments import write_moment
+    return write_moment(m["cube"], m["noise"], m["mask"], m["algorithm"], m["out"], m["err"],
+                        **m["kwargs"])
+
+
+def _make_other_prior(ctx: RunContext, prior: dict[str, Any], distance: float | None) -> None:
+    """A prior map of another config, made here (its cube, noise, strict mask at that level
+    and the moment) under the product locks, as linked strict masks are: whichever task
+    comes second finds it made."""
+    before = len(ctx.made)
+    levels = _strict_chain(ctx, prior["chain"], distance)
+    m = prior["moment"]
+    if m["tag"] in {lvl["tag"] for lvl in levels}:
+        ctx.ensure(_moment_outputs(m), lambda: _write_cube_moment(m))
+    if len(ctx.made) > before:
+        ctx.notes.append(f"made {len(ctx.made) - before} products of config {prior['config']} "
+                         f"for the prior {Path(m['out']).name}")
+
+
+def _prior_map(ctx: RunContext, m: dict[str, Any]) -> str:
+    """The prior velocity field of a mom1wprior map. When the planned prior is missing (or
+    none is named) the fallback is the broad mom1 of the coarsest level made: smooth enough to
+    reject outliers of the finer broad maps, and present wherever the chain ran. At the
+    coarsest level the broad mom1 is then its own prior, so there every detected broad value
+    (broad mom0 above its S/N cut) fills a gap."""
+    prior = m["prior"]
+    path = prior.get("path")
+    if prior["source"] != "fallback" and path and Path(path).exists():
+        return path
+    fallback = next((f for f in prior["fallback"] if Path(f).exists()), None)
+    if fallback is None:
+        raise PhangsRunError(f"moment {m['moment']}: no prior velocity field (none of "
+                             f"{', '.join(Path(f).name for f in prior['fallback'])} exists)",
+                             "make the broad mom1 maps first (round 1)")
+    why = f"{Path(path).name} is missing" if path else "the moment key names no prior"
+    note = (f"moment {m['moment']}: {why}; the prior is {Path(fallback).name} (broad mom1 "
+            f"of the coarsest level made)")
+    if note not in ctx.notes:
+        ctx.notes.append(note)
+    return fallback
+
+
+def _make_moment(ctx: RunContext, m: dict[str, Any], p: dict[str, Any],
+                 distance: float | None) -> list[str]:
+    """One moment map (and its error map) of any round."""
+    from hpcddf.phangs.moments import write_moment
+    from hpcddf.phangs.plan import FLAT_MASKS
+
+    outs = _moment_outputs(m)
+    if m["algorithm"] == "mom1wprior":
+        if m["prior"]["source"] == "config" and not all(Path(o).exists() for o in outs):
+            # before taking this map's lock: making the prior takes the other config's locks
+            _make_other_prior(ctx, p["priors"][m["prior"]["path"]], distance)
+        ctx.ensure(outs, lambda: write_moment(
+            None, None, None, "mom1wprior", m["out"], m["err"],
+            maps_to_pass={**m["maps"], "prior_mom1": _prior_map(ctx, m)}, **m["kwargs"]))
+        return outs
+    if m.get("mask_kind") in FLAT_MASKS and not Path(m["mask"]).exists():
+        ctx.notes.append(f"moment {m['moment']} {m['tag'] or 'native'}: its "
+                         f"{m['mask_kind']} was not made (no velocity field), not made")
+        return []
+    ctx.ensure(outs, lambda: _write_cube_moment(m))
+    return outs
+
+
+def _vfield_and_flat_masks(ctx: RunContext, p: dict[str, Any], made_tags: set[str]
+                           ) -> list[str]:
+    """The velocity field from the mom1wprior maps made (finest first, then the window key's
+    field), then the flat masks that follow it within the window."""
+    from hpcddf.phangs.masks import flat_mask
+    from hpcddf.phangs.moments import write_velocity_field
+
+    v = p.get("vfield")
+    if not v:
+        return []
+    layers = [f for f in v["layers"] if Path(f).exists()]
+    if v.get("external"):
+        if Path(v["external"]).exists():
+            layers.append(v["external"])
+        else:
+            ctx.notes.append(f"velocity field {v['external']} (window key) is missing: not used")
+    if not layers:
+        ctx.notes.append("velocity field not made: none of its maps exists, so no flat masks")
+        return []
+    ctx.ensure([v["out"]], lambda: write_velocity_field(layers, v["out"], v["template"]))
+    products = [v["out"]]
+    for f in p.get("flatmasks", []):
+        if f["tag"] not in made_tags:
+            continue
+        ctx.ensure([f["out"]], lambda f=f: flat_mask(f["cube"], v["out"], out_path=f["out"],
+                                                     window=f["window_kms"],
+                                                     mask_path=f["mask"]))
+        products.append(f["out"])
+    return products
+
+
+def run_derived(ctx: RunContext) -> list[str]:
+    """Convolve, noise, strict masks (this config and the linked ones), broad mask, then the
+    moments round by round: round 1 from the masks, round 2 (mom1wprior) from round-1 maps,
+    then the velocity field and flat masks, then round 3 (flat-mask moments)."""
+    from hpcddf.phangs.masks import broad_mask
 
     p = ctx.task.params
     distance = p.get("distance_mpc")
@@ -404,14 +798,18 @@ def run_derived(ctx: RunContext) -> list[str]:
                                                   **broad["kw"]))
     made_tags = {lvl["tag"] for lvl in own}
     products = _level_products(own) + [broad["out"]]
-    for m in p["moments"]:
-        if m["tag"] not in made_tags:
-            continue
-        outs = [m["out"]] + ([m["err"]] if m["err"] else [])
-        ctx.ensure(outs, lambda m=m: write_moment(m["cube"], m["noise"], m["mask"],
-                                                  m["algorithm"], m["out"], m["err"],
-                                                  **m["kwargs"]))
-        products += outs
+    ctx.notes += p.get("notes", [])
+    vfield_after = (p.get("vfield") or {}).get("after_round")
+    rounds = sorted({m.get("round", 1) for m in p["moments"]})
+    for rnd in rounds:
+        if vfield_after is not None and rnd > vfield_after:
+            products += _vfield_and_flat_masks(ctx, p, made_tags)
+            vfield_after = None
+        for m in p["moments"]:
+            if m.get("round", 1) == rnd and m["tag"] in made_tags:
+                products += _make_moment(ctx, m, p, distance)
+    if vfield_after is not None:
+        products += _vfield_and_flat_masks(ctx, p, made_tags)
     for s in p.get("skipped_moments", []):
         ctx.notes.append(f"moment {s['moment']} not made: {s['reason']}")
     return products

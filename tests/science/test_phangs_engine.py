@@ -4,6 +4,8 @@ writes the galaxy, its MS (CASA's simulator) and key files; `hpcddf phangs submi
 products in hpcddf's own) as tasks; the derived products are then checked against the model:
 moment-0 flux within 12 % (12 m data miss some extended flux), moment-1 within 2 km/s rms,
 the noise cube within 10 % of the noise the cube actually holds, units and beams in headers.
+The later derived rounds too: mom1wprior (strict mom1 with gaps filled from the broad mom1),
+the velocity field against the true rotation, and mom0 on the flat strict mask.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from reproject import reproject_interp
 
 from hpcddf.errors import ConfigError
 from hpcddf.phangs.casaenv import find_casa_env
+from hpcddf.phangs.run import read_task_state
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -138,3 +141,83 @@ def test_noise_cube_is_the_noise_the_cube_holds(project):
     free[:2] = free[-2:] = False  # the regrid's edge channels are quieter
     empirical = 1.4826 * np.median(np.abs(cube[free]))
     assert float(np.nanmedian(noise[free])) == pytest.approx(empirical, rel=0.10)
+
+
+def _jy_kms(path: Path) -> float:
+    """Total flux (Jy km/s) of a mom0 map in K km/s."""
+    hdu = fits.open(path)[0]
+    h = hdu.header
+    ppbeam = math.pi * h["BMAJ"] * h["BMIN"] / (4 * math.log(2)) / h["CDELT2"] ** 2
+    return float(np.nansum(hdu.data)) * _jy_per_k(h) / ppbeam
+
+
+def test_later_rounds_are_in_the_task_state(project):
+    """broad mom1 (round 1), mom1wprior (round 2), the velocity field, the flat strict masks and
+    their mom0 (round 3): recorded as the derived task's products, and there."""
+    state = read_task_state(project, "derived/simgal/co21/12m")
+    assert state and state["state"] == "done", state
+    products = {Path(p).name for p in state["products"]}
+    for tag in ("", "2as_", "150pc_"):
+        for ext in ("broad_mom1", "broad_emom1", "mom1wprior", "emom1wprior", "flatstrictmask",
+                    "flatstrict_mom0", "flatstrict_emom0"):
+            assert f"{STEM}_{tag}{ext}.fits" in products, (tag, ext)
+    assert f"{STEM}_vfield.fits" in products
+    missing = [p for p in state["products"] if not Path(p).exists()]
+    assert not missing, missing
+
+
+def test_velocity_field_follows_the_rotation(project):
+    """Finest mom1wprior first, then coarser ones, then the window key's true mom1: against
+    the true mom1 at the native beam wherever both have a value."""
+    hdu = fits.open(_derived(project, "vfield"))[0]
+    assert u.Unit(hdu.header["BUNIT"]) == u.Unit("km / s")
+    vfield = hdu.data.astype(float)
+    h1 = fits.getheader(_derived(project, "strict_mom1"))
+    assert vfield.shape == (h1["NAXIS2"], h1["NAXIS1"])
+    _, true1 = _truth(project, h1, vfield.shape)
+    both = np.isfinite(vfield) & np.isfinite(true1)
+    assert both.sum() > 1000
+    assert float(np.sqrt(np.mean((vfield[both] - true1[both]) ** 2))) < 2.0
+    assert np.percentile(vfield[both], 99) - np.percentile(vfield[both], 1) > 80.0
+
+
+def test_mom1wprior_keeps_the_strict_mom1_and_fills_its_gaps(project):
+    """Where the strict mom1 has a value mom1wprior is it (with its error); the gaps it fills
+    take the broad mom1 (at the native resolution the strict mask misses the faint edge)."""
+    for tag in ("", "150pc_"):
+        strict = fits.getdata(_derived(project, f"{tag}strict_mom1")).astype(float)
+        wprior = fits.getdata(_derived(project, f"{tag}mom1wprior")).astype(float)
+        assert u.Unit(fits.getheader(_derived(project, f"{tag}mom1wprior"))["BUNIT"]) == u.Unit("km / s")
+        has = np.isfinite(strict)
+        assert np.isfinite(wprior).sum() >= has.sum() > 300, tag
+        np.testing.assert_allclose(wprior[has], strict[has], rtol=0, atol=1e-3, err_msg=tag)
+        estrict = fits.getdata(_derived(project, f"{tag}strict_emom1")).astype(float)
+        ewprior = fits.getdata(_derived(project, f"{tag}emom1wprior")).astype(float)
+        np.testing.assert_allclose(ewprior[has], estrict[has], rtol=0, atol=1e-3, err_msg=tag)
+        filled = np.isfinite(wprior) & ~has
+        broad = fits.getdata(_derived(project, f"{tag}broad_mom1")).astype(float)
+        np.testing.assert_allclose(wprior[filled], broad[filled], rtol=0, atol=1e-3, err_msg=tag)
+        if not tag:
+            assert filled.sum() > 20  # the fill path ran
+
+
+def test_flat_strict_mom0_holds_at_least_the_strict_flux(project):
+    """The flat mask is the strict mask OR a window around the velocity field, so its mom0 only
+    adds the voxels of that window: their flux is signal plus noise, so >= the strict mom0's
+    down to 3 sigma of their noise (beam-correlated: variance sum(sigma^2) x pixels per beam);
+    in all, the model's 150 Jy km/s within 12 %."""
+    strict_mask = fits.getdata(_derived(project, "strictmask")).astype(bool)
+    flat_mask = fits.getdata(_derived(project, "flatstrictmask")).astype(bool)
+    assert (strict_mask <= flat_mask).all()
+    extra = flat_mask & ~strict_mask
+    assert extra.sum() > 1000  # the window adds voxels: the comparison below means something
+    noise = fits.getdata(_derived(project, "noise")).astype(float)
+    h = fits.getheader(_derived(project, "strict_mom0"))
+    ppbeam = math.pi * h["BMAJ"] * h["BMIN"] / (4 * math.log(2)) / h["CDELT2"] ** 2
+    hn = fits.getheader(_derived(project, "noise"))
+    dv = abs(hn["CDELT3"]) * u.Unit(hn["CUNIT3"]).to(u.km / u.s)
+    sigma = math.sqrt(float(np.nansum(noise[extra] ** 2)) * ppbeam) * dv * _jy_per_k(h) / ppbeam
+    flat = _jy_kms(_derived(project, "flatstrict_mom0"))
+    strict = _jy_kms(_derived(project, "strict_mom0"))
+    assert flat >= strict - 3.0 * sigma, (flat, strict, sigma)
+    assert flat == pytest.approx(150.0, rel=0.12)

@@ -10,6 +10,7 @@ configs 12m+7m+tp, 7m+tp; mask_configs linking every line config to 12m+7m+tp an
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -39,10 +40,19 @@ def keys(tmp_path: Path) -> Path:
 
 
 def make_ms(keys: Path) -> None:
+    """The input data the example keys name: the MSs and the single-dish cubes."""
     for line in (keys / "ms_file_key.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             words = line.split()
             (keys.parent / f"ms_{words[3]}" / words[5]).mkdir(parents=True)
+    make_singledish(keys)
+
+
+def make_singledish(keys: Path) -> None:
+    (keys.parent / "singledish").mkdir(exist_ok=True)
+    for line in (keys / "singledish_key.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            (keys.parent / "singledish" / line.split()[2]).write_bytes(b"")
 
 
 @pytest.fixture
@@ -72,12 +82,15 @@ def touch_all(paths: list[str]) -> None:
 def test_one_array_per_stage_in_order_with_sizes(project: Project) -> None:
     plan = P.plan_project(project)
     # stage_ms: 8 MSs x 2 products; stage_line/imaging: 10 target-configs with data x 2;
-    # postprocess/derived: ngc0628 5+3, ngc1087 1+1, ngc3627 5+3
+    # postprocess: ngc0628 5+3, ngc1087 1+1, ngc3627 5+3 (co21 + cont);
+    # derived: co21 only, ngc0628 5, ngc1087 1, ngc3627 5 (a continuum product ends at its
+    # postprocessed 2-D image: noise, masks and moments are spectral-cube products)
     assert [(a.name, a.size) for a in plan] == [
         ("stage_ms", 16), ("stage_line", 20), ("imaging", 20), ("postprocess", 18),
-        ("derived", 18)]
+        ("derived", 11)]
     ids = by_id(plan)
-    assert len(ids) == 92  # ids are unique
+    assert len(ids) == 16 + 20 + 20 + 18 + 11  # ids are unique
+    assert not any(i.startswith("derived/") and i.split("/")[2] == "cont" for i in ids)
     assert "imaging/ngc0628/co21/12m" in ids
     assert "stage_ms/ngc0628/co21/2017.1.00886.L/12m/2" in ids
     assert "stage_line/ngc1087/co21/12m" not in ids       # ngc1087 has no 12m data
@@ -146,7 +159,10 @@ def test_broad_mask_links_are_all_of_dependencies_on_their_postprocess(project: 
     assert ids["derived/ngc0628/co21/12m+7m+tp"].depends == (
         "postprocess/ngc0628/co21/12m+7m+tp",)
     assert ids["derived/ngc1087/co21/7m"].depends == ("postprocess/ngc1087/co21/7m",)
-    assert ids["derived/ngc0628/cont/7m"].depends == ("postprocess/ngc0628/cont/7m",)
+    # continuum products have no derived task, so nothing links to their postprocess
+    assert "postprocess/ngc0628/cont/7m" in ids and "derived/ngc0628/cont/7m" not in ids
+    assert not any(dep.startswith("postprocess/ngc0628/cont/") for t in ids.values()
+                   if t.stage == "derived" for dep in t.depends)
     assert ids["derived/ngc3627/co21/12m"].depends == (
         "postprocess/ngc3627/co21/12m", "postprocess/ngc3627/co21/12m+7m+tp")
 
@@ -208,17 +224,81 @@ def test_derived_parameters_resolutions_kw_and_moments(project: Project) -> None
     broad = next(m for m in d["moments"] if m["moment"] == "broadmom0" and m["tag"] == "60pc")
     assert broad["mask"] == d["broadmask"]["out"]
     assert broad["err"].endswith("ngc0628_12m+7m+tp_co21_60pc_broad_emom0.fits")
-    assert [s["moment"] for s in d["skipped_moments"]] == ["mom1wprior"]  # round 2
+    # mom1wprior (round 2) combines a strict and a broad mom1 the example does not define
+    reason = ("needs a mom1 moment with mask strictmask (strict_vfield); the moment key "
+              "defines none")
+    assert [(s["moment"], s["reason"]) for s in d["skipped_moments"]] == [("mom1wprior", reason)]
+    assert d["vfield"] is None and d["flatmasks"] == []
     assert {Path(o).name for o in ids["derived/ngc0628/co21/12m+7m+tp"].outputs} >= names
 
 
 def test_kw_names_are_parameters_of_the_functions_they_feed() -> None:
     from hpcddf.phangs.convolution import smooth_cube
-    from hpcddf.phangs.masks import broad_mask, strict_mask
+    from hpcddf.phangs.masks import broad_mask, flat_mask, strict_mask
+    from hpcddf.phangs.moments import mom1wprior
     from hpcddf.phangs.noise import phangs_noise
     for table, func in ((P.NOISE_KW, phangs_noise), (P.STRICTMASK_KW, strict_mask),
-                        (P.BROADMASK_KW, broad_mask), (P.CONVOLVE_KW, smooth_cube)):
+                        (P.BROADMASK_KW, broad_mask), (P.CONVOLVE_KW, smooth_cube),
+                        (P.FLATMASK_KW, flat_mask), (P.MOM1WPRIOR_KW, mom1wprior)):
         assert set(table.values()) <= set(inspect.signature(func).parameters), func.__name__
+
+
+MOM1_LINES = [f"{name}  {param}  {value}" for name, mask, ext in (
+    ("strictmom1", "strictmask", "strict"), ("broadmom1", "broadmask", "broad"))
+    for param, value in (("algorithm", "mom1"), ("mask", mask), ("ext", f"_{ext}_mom1"),
+                         ("ext_error", f"_{ext}_emom1"))]
+FLAT_LINES = ["flatmom0  algorithm  mom0", "flatmom0  mask  flatstrictmask",
+              "flatmom0  ext  _flatstrict_mom0", "flatmom0  round  3"]
+
+
+def derived_plan(keys: Path) -> dict[str, P.Task]:
+    """The derived stage alone, on empty postprocessed cubes."""
+    project = load_project(keys / "master_key.txt")
+    touch_all([P.postprocess_cube(project, t, p, c) for t in project.whole_targets
+               for p in ("co21", "cont") for c in P.whole_target_configs(project, t, p)])
+    return by_id(P.plan_project(project, stages=["derived"]))
+
+
+def test_round_two_and_flat_moments_once_their_maps_are_defined(keys: Path) -> None:
+    for line in MOM1_LINES + FLAT_LINES:
+        append(keys / "moment_key.txt", line)
+    append(keys / "derived_key.txt", "all  co21  moments  ['flatmom0']")
+    append(keys / "derived_key.txt", "12m+7m  co21  moments  ['mom1wprior']")
+    ids = derived_plan(keys)
+    task = ids["derived/ngc0628/co21/12m+7m+tp"]
+    d = task.params
+    assert d["skipped_moments"] == []
+    assert sorted({(m["moment"], m["round"]) for m in d["moments"]}) == [
+        ("broadmom0", 1), ("broadmom1", 1), ("flatmom0", 3), ("mom1wprior", 2),
+        ("strictmom0", 1), ("strictmom1", 1)]
+    assert {m["moment"] for m in d["moments"] if m.get("implied_by")} == {"strictmom1",
+                                                                         "broadmom1"}
+    wp = next(m for m in d["moments"] if m["moment"] == "mom1wprior" and m["tag"] == "2as")
+    # other_exts {'prior':'_12m+7m+tp_co21_strict_mom1.fits'}: this config's native strict mom1
+    assert (Path(wp["prior"]["path"]).name, wp["prior"]["source"]) == (
+        "ngc0628_12m+7m+tp_co21_strict_mom1.fits", "own")
+    assert Path(wp["maps"]["broad_mom0"]).name == "ngc0628_12m+7m+tp_co21_2as_broad_mom0.fits"
+    assert wp["kwargs"] == {} and wp["ignored_kwargs"] == ["line_width_kms", "errorfrac"]
+    assert any("line_width_kms, errorfrac not used" in n for n in d["notes"])
+    # the example's master key has no vfield_root: the window key's field is not used
+    assert any("no vfield_root" in n for n in d["notes"]) and d["vfield"]["external"] is None
+    assert len(d["vfield"]["layers"]) == 6
+    # the flat window is ngc0628's window key entry (30 km/s), not PHANGS' fixed 50 km/s
+    assert {f["window_kms"] for f in d["flatmasks"]} == {30.0}
+    assert [f["tag"] for f in d["flatmasks"]] == [lvl["tag"] for lvl in
+                                                  d["chains"]["12m+7m+tp"]["levels"]]
+    names = {Path(o).name for o in task.outputs}
+    assert {"ngc0628_12m+7m+tp_co21_vfield.fits", "ngc0628_12m+7m+tp_co21_60pc_mom1wprior.fits",
+            "ngc0628_12m+7m+tp_co21_flatstrictmask.fits",
+            "ngc0628_12m+7m+tp_co21_120pc_flatstrict_mom0.fits"} <= names
+    # ngc1087 7m: no mom1wprior, no window key entry: no velocity field, flatmom0 skipped
+    one = ids["derived/ngc1087/co21/7m"].params
+    assert one["vfield"] is None and [s["moment"] for s in one["skipped_moments"]] == ["flatmom0"]
+    # 12m+7m's mom1wprior takes 12m+7m+tp's strict mom1 as its prior and makes it itself
+    other = ids["derived/ngc0628/co21/12m+7m"].params
+    wp = next(m for m in other["moments"] if m["moment"] == "mom1wprior")
+    assert (wp["prior"]["source"], wp["prior"]["config"]) == ("config", "12m+7m+tp")
+    assert [lvl["tag"] for lvl in other["priors"][wp["prior"]["path"]]["chain"]["levels"]] == [""]
 
 
 def test_unknown_derived_keyword_names_the_derived_key(keys: Path) -> None:
@@ -245,11 +325,12 @@ def test_stage_filter_checks_the_products_of_stages_not_run(keys: Path) -> None:
              for p in ("co21", "cont") for c in P.whole_target_configs(project, t, p)]
     touch_all(cubes)
     plan = P.plan_project(project, stages=["derived"])
-    assert [(a.name, a.size) for a in plan] == [("derived", 18)]
+    assert [(a.name, a.size) for a in plan] == [("derived", 11)]  # co21 only: no cont derived
     assert all(t.depends == () for t in plan[0].tasks)
 
 
 def test_kept_stages_keep_dependencies_and_come_in_pipeline_order(keys: Path) -> None:
+    make_singledish(keys)  # postprocess runs: its feather configs need the single-dish cubes
     project = load_project(keys / "master_key.txt")
     with pytest.raises(ConfigError, match=r"ngc0628_12m\+7m_co21\.image does not exist") as err:
         P.plan_project(project, stages=["derived", "postprocess"])
@@ -287,7 +368,7 @@ def test_ms_on_disk_and_rest_frequencies_are_checked_only_for_stages_that_run(ke
         P.plan_project(project, stages=["stage_ms"])
     touch_all([P.postprocess_cube(project, t, p, c) for t in project.whole_targets
                for p in ("co21", "cont") for c in P.whole_target_configs(project, t, p)])
-    assert P.plan_project(project, stages=["derived"])[0].size == 18
+    assert P.plan_project(project, stages=["derived"])[0].size == 11  # no cont derived
 
 
 def test_unknown_stage_is_an_error() -> None:
@@ -302,7 +383,8 @@ def test_target_selection(project: Project) -> None:
     assert {i.split("/")[1] for i in mosaic if i.startswith("stage_ms/")} == {"ngc3627_1",
                                                                                "ngc3627_2"}
     assert {i.split("/")[1] for i in mosaic if i.startswith("derived/")} == {"ngc3627"}
-    assert len(mosaic) == 8 + 12 + 12 + 8 + 8
+    # postprocess co21 5 + cont 3; derived co21 5 only (continuum has no derived task)
+    assert len(mosaic) == 8 + 12 + 12 + 8 + 5
     part = P.plan_project(project, targets=["ngc3627_1"])
     assert [(a.name, a.size) for a in part] == [("stage_ms", 4), ("stage_line", 6),
                                                 ("imaging", 6), ("postprocess", 0),
@@ -333,7 +415,7 @@ def test_names_that_cannot_be_task_ids_are_refused(keys: Path) -> None:
 def test_dry_run_document_shape(project: Project) -> None:
     plan = P.plan_project(project, targets=["ngc1087"])
     doc = json.loads(json.dumps(P.dry_run_document(plan)))
-    assert doc["total_tasks"] == 2 + 2 + 2 + 2 + 2
+    assert doc["total_tasks"] == 2 + 2 + 2 + 2 + 1  # derived: co21 only, no continuum task
     assert [s["name"] for s in doc["stages"]] == list(P.STAGES)
     for stage in doc["stages"]:
         assert stage["array_size"] == len(stage["tasks"])
@@ -365,14 +447,20 @@ def test_task_with_its_products_present_is_done_without_casa(project: Project,
         tmp_path / "w/.hpcddf/phangs/stage_ms/ngc1087/co21/2017.1.00886.L/7m/1.json")
 
 
-def test_failed_task_records_error_and_attempts(project: Project, tmp_path: Path) -> None:
+def test_failed_task_records_error_and_attempts(project: Project, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # a CASA environment that does not exist fails the first CASA step the same way each time
+    missing = tmp_path / "no-casa-env"
+    monkeypatch.setenv("HPCDDF_CASA_ENV", str(missing))
     task = by_id(P.plan_project(project))["postprocess/ngc3627/co21/12m"]
     for attempt in (1, 2):
-        with pytest.raises(PhangsRunError, match="linear mosaic of ngc3627_1, ngc3627_2"):
-            run_task(task, tmp_path)
-        state = read_task_state(tmp_path, task.id)
+        with pytest.raises(ConfigError, match="CASA environment .*no-casa-env does not exist"):
+            run_task(task, tmp_path / "w")
+        state = read_task_state(tmp_path / "w", task.id)
         assert (state["state"], state["attempts"]) == ("failed", attempt)
-        assert "not implemented" in state["error"]["message"] and state["ended"]
+        assert f"CASA environment {missing} does not exist" in state["error"]["message"]
+        assert "make-casa-env.sh" in state["error"]["hint"] and state["ended"]
+        assert not any(Path(p).exists() for p in task.outputs)
 
 
 def test_walltime_checkpoint_marks_requeued_and_resubmits_the_same_task(project: Project,
@@ -417,3 +505,130 @@ def test_cli_dry_run_and_one_line_errors(keys: Path, run_cli, site_file: Path) -
     assert "run stage postprocess first" in bad.stderr
     status = run_cli("phangs", "status", keys, "--json")
     assert status.returncode == 0 and json.loads(status.stdout) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Continuum products (cont: 210-235 and 245-260 GHz, 0.5 GHz channels, flagging co, 13co, c18o)
+# ---------------------------------------------------------------------------------------------
+
+def _radio_ghz(rest_ghz: float, v_kms: float) -> float:
+    return rest_ghz * (1 - v_kms / C_KMS)
+
+
+@pytest.fixture
+def cont_project(keys: Path) -> Project:
+    """The example without single-dish data (no feather configs): every stage plans with
+    only the measurement sets on disk."""
+    (keys / "singledish_key.txt").write_text("# target  product  file\n")
+    make_ms(keys)
+    return load_project(keys / "master_key.txt")
+
+
+def test_continuum_tasks_carry_ranges_line_flags_and_mfs_recipes(cont_project: Project) -> None:
+    project = cont_project
+    ids = by_id(P.plan_project(project, stages=["stage_ms", "stage_line", "imaging"]))
+    ms = ids["stage_ms/ngc0628/cont/2017.1.00886.L/7m/1"]
+    assert ms.params["kind"] == "cont" and "restfreq_ghz" not in ms.params
+    assert ms.params["freq_ranges_ghz"] == [[210.0, 235.0], [245.0, 260.0]]
+    assert ms.outputs == [ms.params["split"]] and ms.outputs[0].endswith("_cont_split.ms")
+    line = ids["stage_line/ngc0628/cont/12m"].params
+    assert (line["kind"], line["channel_ghz"], line["vsys_kms"]) == ("cont", 0.5, 657.0)
+    # families: co -> co10 co21 co32 co43, 13co and c18o -> their 1-0, 2-1, 3-2 (not 13co in co)
+    assert P.lines_to_flag(project, "cont") == ["co10", "co21", "co32", "co43", "13co10",
+                                                "13co21", "13co32", "c18o10", "c18o21",
+                                                "c18o32"]
+    flags = line["flag_ghz"]
+    assert len(flags) == 10 and flags == sorted(flags)
+    assert all(lo < hi < nxt for (lo, hi), (nxt, _) in itertools.pairwise(flags))
+    co21 = [_radio_ghz(230.538, 657.0 + 60.0), _radio_ghz(230.538, 657.0 - 60.0)]
+    assert any(f == pytest.approx(co21, rel=1e-12) for f in flags)
+    img = ids["imaging/ngc0628/cont/12m"].params
+    assert img["kind"] == "cont" and img["restfreq_ghz"] is None
+    assert {r["specmode"] for r in img["recipes"].values()} == {"mfs"}
+    assert img["recipes"]["dirty"]["pblimit"] == 0.25  # the rest of the recipe is kept
+
+
+def test_overlapping_line_windows_merge(keys: Path) -> None:
+    text = (keys / "config_definitions.txt").read_text().replace(
+        "'lines_to_flag':['co','13co','c18o']", "'lines_to_flag':['13co21','C18O 2-1']")
+    (keys / "config_definitions.txt").write_text(text)
+    project = load_project(keys / "master_key.txt")
+    assert P.lines_to_flag(project, "cont") == ["13co21", "c18o21"]
+    narrow = P.line_flag_ranges_ghz(project, "cont", 1000.0, 100.0)
+    assert len(narrow) == 2 and narrow[0][1] < narrow[1][0]
+    wide = P.line_flag_ranges_ghz(project, "cont", 1000.0, 3000.0)  # 2.2 GHz wide windows
+    assert wide == [pytest.approx([_radio_ghz(219.560354, 2500.0),
+                                   _radio_ghz(220.398684, -500.0)])]
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    ("'lines_to_flag':['co','13co','c18o']", "'lines_to_flag':['co','xco']",
+     r"lines_to_flag names 'xco'.*config_definitions\.txt"),
+    ("'freq_ranges_ghz':[[210.0,235.0],[245.0,260.0]]", "'freq_ranges_ghz':[[210.0]]",
+     r"freq_ranges_ghz entry \[210\.0\] is not \[low, high\]"),
+    ("'channel_ghz':0.5", "'channel_ghz':-0.5", r"channel_ghz -0\.5 is negative"),
+])
+def test_bad_continuum_definitions_are_config_errors(keys: Path, old: str, new: str,
+                                                     message: str) -> None:
+    make_ms(keys)
+    text = (keys / "config_definitions.txt").read_text()
+    assert old in text
+    (keys / "config_definitions.txt").write_text(text.replace(old, new))
+    with pytest.raises(ConfigError, match=message):
+        P.plan_project(load_project(keys / "master_key.txt"), targets=["ngc1087"],
+                       stages=["stage_ms", "stage_line"])
+
+
+def test_a_continuum_recipe_asking_for_a_cube_is_an_error(keys: Path) -> None:
+    make_ms(keys)
+    (keys / "singledish_key.txt").write_text("# target  product  file\n")
+    recipe = keys / "recipes" / "phangsalma_cont.clean"
+    recipe.write_text(recipe.read_text().replace("'mfs'", "'cube'"))
+    with pytest.raises(ConfigError, match=r"phangsalma_cont\.clean: specmode 'cube' for "
+                                          r"continuum product cont") as err:
+        P.plan_project(load_project(keys / "master_key.txt"), targets=["ngc1087"],
+                       stages=["stage_ms", "stage_line", "imaging"])
+    assert "specmode = 'mfs'" in (err.value.hint or "")
+    recipe.write_text("\n".join(line for line in recipe.read_text().splitlines()
+                                if not line.startswith("specmode")))
+    plan = P.plan_project(load_project(keys / "master_key.txt"), targets=["ngc1087"],
+                          stages=["stage_ms", "stage_line", "imaging"])
+    cont = by_id(plan)["imaging/ngc1087/cont/7m"].params
+    assert {r["specmode"] for r in cont["recipes"].values()} == {"mfs"}  # filled in
+
+
+def test_continuum_runners_call_stages_casa_tasks_accepts(cont_project: Project, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each continuum task through its runner, with CASA replaced by casa_tasks' own argument
+    parser: the options the runners pass are the ones the stages take."""
+    from hpcddf.phangs import casa_tasks
+    from hpcddf.phangs.casaenv import CasaEnv, casa_argv
+    from hpcddf.phangs.run import RunContext
+
+    env = CasaEnv(python=Path("/e/bin/python"), siteconfig=Path("/e/casasiteconfig.py"))
+    calls: list[tuple[str, object]] = []
+
+    def fake_casa(self: RunContext, stage: str, **params: object) -> dict[str, object]:
+        calls.append((stage, casa_tasks.build_parser().parse_args(
+            casa_argv(env, stage, **params)[3:])))
+        return {"cell": "0.25arcsec"} if stage == "dirty" else {}
+
+    monkeypatch.setattr(RunContext, "casa", fake_casa)
+    ids = by_id(P.plan_project(cont_project, stages=list(P.CASA_STAGES)))
+    for task_id in ("stage_ms/ngc0628/cont/2017.1.00886.L/7m/1", "stage_line/ngc0628/cont/7m",
+                    "imaging/ngc0628/cont/7m", "postprocess/ngc0628/cont/7m"):
+        run_task(ids[task_id], tmp_path)
+    stages = [stage for stage, _ in calls]
+    assert stages == ["split", "extract_continuum", "dirty", "clean_mask", "multiscale",
+                      "singlescale", "export_image", "postprocess"]
+    split, extract, dirty = (args for _, args in calls[:3])
+    assert split.continuum and split.freq_range_ghz == [(210.0, 235.0), (245.0, 260.0)]
+    assert split.restfreq_ghz is None
+    assert extract.channel_ghz == 0.5 and len(extract.flag_ghz) == 10
+    assert extract.vis == ids["stage_line/ngc0628/cont/7m"].inputs
+    assert dirty.restfreq_ghz is None and json.loads(dirty.tclean)["specmode"] == "mfs"
+    assert calls[4][1].scales_pix == "0,20,40"  # the 7m config's 0, 5, 10 arcsec
+    # continuum mosaics are not made yet: one line naming the parts
+    with pytest.raises(PhangsRunError, match="linear mosaic of the continuum images of "
+                                             "ngc3627_1, ngc3627_2"):
+        run_task(ids["postprocess/ngc3627/cont/12m"], tmp_path)
