@@ -1,0 +1,244 @@
+"""The whole PHANGS CASA chain of the simulated galaxy on the real local Slurm.
+
+`hpcddf phangs simulate` writes the galaxy, its MS and key files once (module fixture, Gaussian
+visibility noise as in the local engine test); `hpcddf phangs submit KEYDIR --site-file SITE`
+queues stage_ms, stage_line, imaging, postprocess and derived, each stage one job array (a
+plain job when the stage has one task, as here) whose tasks wait (``afterok``) on exactly the
+tasks the plan names. The checks: what Slurm was given (arrays, task counts, dependencies as
+``scontrol`` shows them while the jobs wait), what hpcddf recorded (every task done, in
+dependency order, every planned product there), and that the science is the local default's:
+the strict moment-0 holds the model's 150 Jy km/s within 12 %, the cube is in K with a round
+beam. The CASA environment is required (a failure, not a skip) when HPCDDF_REQUIRE_CASA=1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from astropy import units as u
+from astropy.io import fits
+
+from hpcddf.errors import ConfigError
+from hpcddf.phangs.casaenv import find_casa_env
+
+from .conftest import SITE_TEMPLATE, hpcddf, queue_empty_of, sacct_states, wait_for
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(1900)]
+
+CASA_ENV = Path(os.environ.get("HPCDDF_CASA_ENV", "/work/casa-env"))
+STAGE_ORDER = ["stage_ms", "stage_line", "imaging", "postprocess", "derived"]
+FINAL = ("done", "failed", "cancelled")
+WAIT_S = 1500  # the chain takes ~2 min alone; DDFacet tests may share the two cores
+
+
+@dataclass
+class Chain:
+    """One submitted and finished chain: what was planned, queued, recorded."""
+
+    root: Path
+    keys: Path
+    doc: dict[str, Any]                 # `hpcddf phangs submit --json`
+    waiting: dict[str, dict[str, str]]  # job id -> `scontrol show job` fields, right after submit
+    rows: dict[str, dict[str, Any]]     # task id -> `hpcddf phangs status --json` row at the end
+    sacct: dict[str, str]               # sacct job id -> state
+
+    def tasks(self, stage: str | None = None) -> list[dict[str, Any]]:
+        return [t for s in self.doc["stages"] if stage in (None, s["name"]) for t in s["tasks"]]
+
+
+def _require_casa() -> None:
+    try:
+        find_casa_env(CASA_ENV)
+    except ConfigError as exc:
+        if os.environ.get("HPCDDF_REQUIRE_CASA") == "1":
+            pytest.fail(f"the CASA environment is required here but not usable: {exc}")
+        pytest.skip(f"no CASA environment ({exc})")
+
+
+def _status(keys: Path) -> dict[str, dict[str, Any]]:
+    rows = json.loads(hpcddf("phangs", "status", str(keys), "--json").stdout)
+    return {r["task"]: r for r in rows}
+
+
+def _scontrol_jobs(job_ids: list[str]) -> dict[str, dict[str, str]]:
+    """`scontrol show job -o` fields of each (array) job, keyed by JobId / ArrayJobId_TaskId."""
+    jobs: dict[str, dict[str, str]] = {}
+    for base in sorted({j.split("_")[0] for j in job_ids}):
+        out = subprocess.run(["scontrol", "show", "job", "-o", base], capture_output=True,
+                             text=True, timeout=60, check=False).stdout
+        for line in out.splitlines():
+            fields = dict(re.findall(r"(\w+)=(\S*)", line))
+            if "ArrayTaskId" in fields and fields.get("ArrayJobId"):
+                jobs[f"{fields['ArrayJobId']}_{fields['ArrayTaskId']}"] = fields
+            elif "JobId" in fields:
+                jobs[fields["JobId"]] = fields
+    return jobs
+
+
+def _afterok_ids(dependency: str) -> list[str]:
+    """Job ids of the afterok parts of a Slurm dependency: 'afterok:1_0(unfulfilled),...'."""
+    ids = []
+    for part in re.split(r"[,?]", re.sub(r"\([^)]*\)", "", dependency)):
+        kind, _, rest = part.partition(":")
+        if kind == "afterok":
+            ids += [j for j in rest.split(":") if j]
+    return ids
+
+
+def _diagnostics(work: Path, keys: Path, rows: dict[str, dict[str, Any]]) -> str:
+    """`hpcddf phangs status`, then error and log tail of every task not done."""
+    table = hpcddf("phangs", "status", str(keys), check=False)
+    parts = [f"hpcddf phangs status {keys}:\n{table.stdout}{table.stderr}"]
+    for tid, r in rows.items():
+        if r.get("state") == "done":
+            continue
+        parts.append(f"--- {tid}: state {r.get('state')} ({r.get('slurm_state')}), "
+                     f"job {r.get('job_id')}, error {json.dumps(r.get('error'))[:1500]}")
+        job = str(r.get("job_id") or "")
+        for log in sorted((work / ".hpcddf" / "phangs-jobs").glob(f"*/{job}*_log.*")) if job else []:
+            parts.append(f"{log}:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:]))
+    return "\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def chain(slurm: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
+    _require_casa()
+    root = tmp_path_factory.mktemp("phangs-slurm-chain")
+    gal = root / "gal"
+    hpcddf("phangs", "simulate", str(gal), "--noise-jy", "0.14", "--casa-env", str(CASA_ENV),
+           timeout=900)
+    site = root / "ci-phangs.toml"
+    # Slurm here enforces walltimes but not memory or CPUs: the template's 1 CPU / 1 GB is fine
+    site.write_text(SITE_TEMPLATE.format(root=root, walltime="30", requeues=1, signal_delay=30,
+                                         max_map=0))
+    keys = gal / "keys"
+    doc = json.loads(hpcddf("phangs", "submit", str(keys), "--site-file", str(site),
+                            "--casa-env", str(CASA_ENV), "--json", timeout=300).stdout)
+    job_ids = list(doc["jobs"].values())
+    try:
+        # while stage_ms runs, every later stage still waits: Slurm shows its dependency
+        waiting = _scontrol_jobs(job_ids)
+        work = Path(doc["work_dir"])
+        total = doc["total_tasks"]
+
+        def finished() -> bool:
+            rows = _status(keys)
+            return (len(rows) == total and all(r["state"] in FINAL for r in rows.values())) \
+                or queue_empty_of(job_ids)
+        t0 = time.time()
+        try:
+            wait_for(finished, WAIT_S, "every PHANGS task to end", every=10)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{_diagnostics(work, keys, _status(keys))}") from None
+        rows = _status(keys)
+        for _ in range(30):  # a job that just left squeue: give sacct and its state a moment
+            if all(r["state"] in FINAL for r in rows.values()):
+                break
+            time.sleep(2)
+            rows = _status(keys)
+        print(f"\nPHANGS chain on Slurm: {time.time() - t0:.0f} s from submission to the end")
+        not_done = {t for t, r in rows.items() if r["state"] != "done"}
+        if not_done or len(rows) != total:
+            pytest.fail(f"tasks not done: {sorted(not_done)} ({len(rows)} of {total} recorded)\n"
+                        f"{_diagnostics(work, keys, rows)}")
+        yield Chain(root=gal, keys=keys, doc=doc, waiting=waiting, rows=rows,
+                    sacct=sacct_states(sorted({j.split('_')[0] for j in job_ids})))
+    finally:
+        if not queue_empty_of(job_ids):
+            subprocess.run(["scancel", *sorted({j.split("_")[0] for j in job_ids})], check=False)
+
+
+def test_one_array_per_stage_chained_with_afterok(chain: Chain) -> None:
+    doc, jobs = chain.doc, chain.doc["jobs"]
+    assert doc["scheduler"] == "slurm"
+    assert [s["name"] for s in doc["stages"]] == STAGE_ORDER
+    assert set(jobs) == {t["id"] for t in chain.tasks()}, "every planned task was queued"
+    arrays = {}
+    for stage in doc["stages"]:
+        bases = {jobs[t["id"]].split("_")[0] for t in stage["tasks"]}
+        assert len(bases) == 1, f"{stage['name']}: one array, not {sorted(bases)}"
+        arrays[stage["name"]] = bases.pop()
+        # as many Slurm jobs (array tasks) under that id as the stage has tasks
+        members = [j for j in chain.sacct if j.split("_")[0] == arrays[stage["name"]]]
+        assert len(members) == stage["array_size"] == len(stage["tasks"]), (stage["name"], members)
+    assert len(set(arrays.values())) == len(STAGE_ORDER), f"one array per stage: {arrays}"
+    # every task of stage k > 0 waits on exactly its planned predecessors, as Slurm has it
+    for t in chain.tasks():
+        want = sorted(jobs[d] for d in t["depends"])
+        if t["stage"] == "stage_ms":
+            assert not want
+            continue
+        assert want, f"{t['id']} waits for nothing"
+        fields = chain.waiting.get(jobs[t["id"]])
+        assert fields, f"scontrol did not show {jobs[t['id']]} ({t['id']}): {sorted(chain.waiting)}"
+        dep = fields.get("Dependency", "")
+        assert sorted(_afterok_ids(dep)) == want, (t["id"], dep)
+    # and so does hpcddf's submission record (the task states)
+    for t in chain.tasks():
+        row = chain.rows[t["id"]]
+        assert row["job_id"] == jobs[t["id"]] and row["scheduler"] == "slurm", row
+        assert row["waits_for"] == t["depends"], (t["id"], row["waits_for"])
+
+
+def test_every_task_done_in_order_with_its_products(chain: Chain) -> None:
+    rows = chain.rows
+    assert {r["stage"] for r in rows.values()} == set(STAGE_ORDER)
+    assert {t: r["state"] for t, r in rows.items()} == dict.fromkeys(rows, "done")
+    assert all(r["attempts"] == 1 for r in rows.values()), {t: r["attempts"] for t, r in rows.items()}
+    assert set(chain.sacct.values()) == {"COMPLETED"}, chain.sacct
+    for t in chain.tasks():
+        row = rows[t["id"]]
+        for d in t["depends"]:
+            assert row["started"] >= rows[d]["ended"], (t["id"], "started before", d)
+        missing = [p for p in t["params"]["outputs"] + row["products"] if not Path(p).exists()]
+        assert not missing, (t["id"], missing)
+        assert t["params"]["outputs"], f"{t['id']} plans no product"
+
+
+def _planned_strict_mom0(chain: Chain) -> Path:
+    """The native-resolution strict moment-0 the derived task planned (not a hard-coded name)."""
+    (derived,) = chain.tasks("derived")
+    outs = [m["out"] for m in derived["params"]["moments"]
+            if m["moment"] == "strictmom0" and not m["tag"]]
+    assert len(outs) == 1, derived["params"]["moments"]
+    assert outs[0] in chain.rows[derived["id"]]["products"]
+    return Path(outs[0])
+
+
+def _planned_k_cube(chain: Chain) -> Path:
+    (post,) = chain.tasks("postprocess")
+    (cube,) = [p for p in post["params"]["outputs"] if p.endswith("_pbcorr_trimmed_k.fits")]
+    return Path(cube)
+
+
+def test_science_is_the_local_defaults(chain: Chain) -> None:
+    truth = json.loads((chain.root / "model" / "model_truth.json").read_text())
+    model_flux = truth["total_line_flux_jykms"]
+    assert model_flux == pytest.approx(150.0, rel=1e-3)
+
+    cube = fits.getheader(_planned_k_cube(chain))
+    assert cube["BUNIT"].strip().upper() == "K", cube["BUNIT"]
+    assert cube["BMAJ"] == pytest.approx(cube["BMIN"], rel=1e-6), (cube["BMAJ"], cube["BMIN"])
+
+    hdu = fits.open(_planned_strict_mom0(chain))[0]
+    h = hdu.header
+    assert u.Unit(h["BUNIT"]) == u.Unit("K km / s"), h["BUNIT"]
+    beam_sr = (math.pi * (h["BMAJ"] * u.deg) * (h["BMIN"] * u.deg) / (4 * math.log(2))).to(u.sr)
+    restfreq = truth["spec"]["restfreq_ghz"] * u.GHz
+    jy_per_k = (1 * u.K).to(u.Jy, u.brightness_temperature(restfreq, beam_sr)).value
+    pix_per_beam = beam_sr.value / math.radians(abs(h["CDELT2"])) ** 2
+    flux = float(np.nansum(hdu.data)) * jy_per_k / pix_per_beam
+    print(f"\nstrict mom0 flux {flux:.1f} Jy km/s (model {model_flux:.1f}); "
+          f"cube BUNIT {cube['BUNIT']}, beam {cube['BMAJ'] * 3600:.3f}\" x {cube['BMIN'] * 3600:.3f}\"")
+    assert flux == pytest.approx(model_flux, rel=0.12)
