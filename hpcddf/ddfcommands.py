@@ -66,6 +66,7 @@ class Image:
     reuse_dirty: str | None = None  # "forcedirty" or "forceresidual"
     nband: int = 2                 # frequency bands (the bootstrap's cube: one per subband)
     cubes: str | None = None       # also save these images as cubes (DDF --Output-Cubes codes)
+    deconv_mode: str | None = None  # None: [image] cleanmode (the bootstrap cube always SSD)
     extra: tuple[str, ...] = ()
 
 
@@ -175,7 +176,7 @@ def ddf_shift(m: Machine, name: str, shift_file: str) -> Command:
 def _deconv(cfg: PipelineConfig, img: Image) -> list[str]:
     if img.mode != "Clean":
         return []
-    mode = cfg.get("image", "cleanmode")
+    mode = img.deconv_mode or cfg.get("image", "cleanmode")
     out = _opts(Deconv_Mode=mode, Deconv_MaxMajorIter=img.majorcycles,
                 Deconv_PeakFactor=img.peakfactor, Deconv_RMSFactor=img.rms_factor,
                 Deconv_FluxThreshold=0.0, Deconv_MaxMinorIter=1000000,

@@ -400,7 +400,11 @@ def bootstrap(r: Reduction) -> Step:
     A source outside the mask is left to the 15-sigma automask, whose noise on a dirty,
     sidelobe-limited image is high: it stays uncleaned, and PyBDSF then fits it with the
     narrower dirty beam and finds a third of its flux against the restoring beam (measured on
-    the simulated field), which biases every factor."""
+    the simulated field), which biases every factor.
+
+    The clean is SSD whatever ``[image] cleanmode`` says, as ddf-pipeline's bootstrap: on the
+    simulated field HMP's cube left one band's fluxes up to 40 % low while SSD's are within
+    5 % in every band (measured per source with PyBDSF's per-channel fluxes)."""
     cmds: list[Command] = []
     outs: list[str] = []
     full = group_by_obsid(r.full_mss or r.mss)
@@ -411,7 +415,7 @@ def bootstrap(r: Reduction) -> Step:
         mask = f"{name}.mask.fits"
         img = r.image(name, mslist=lst, colname=r.col, majorcycles=5, automask_sigma=15.0,
                       clusterfile=CLUSTER_CAT, ddsols=applied(r, "DDS0"), apply=r.apply(6),
-                      nband=len(mss), cubes="Ii", cleanmask=mask, **low_res(r))
+                      nband=len(mss), cubes="Ii", cleanmask=mask, deconv_mode="SSD", **low_res(r))
         cmds += [ddf_image(r.cfg, r.m, dirty_of(replace(img, cleanmask=None, cubes=None))),
                  *_bootstrap_mask(r, name, mask), ddf_image(r.cfg, r.m, img)]
         factors = f"{obsid}-bootstrap-factors.json"

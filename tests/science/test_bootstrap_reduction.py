@@ -39,9 +39,11 @@ def field(tmp_path_factory: pytest.TempPathFactory) -> dict:
     # ddf-pipeline masks the bootstrap clean with TGSS sources: without them the fainter
     # sources stay uncleaned and PyBDSF finds a third of their flux
     cfg = cfg.replace("tgss = None", f"tgss = {cats}/TGSS.fits")
-    # the bootstrap's "low resolution" is the simulated field's own: a coarser grid makes
-    # DDFacet's padded 4-band convolution functions take ~20 GB
-    cfg = cfg.replace("[image]\n", "[image]\nlow_psf_arcsec = 120\nlow_cell = 20\nlow_imsize = 600\nlow_robust = -0.5\n")
+    # the bootstrap's "low resolution" is the simulated field's own grid (a coarser one makes
+    # DDFacet's padded 4-band convolution functions take ~20 GB), and its beam the ~50" PSF of
+    # this 16-station array: a restoring beam much wider than the PSF weights the residual by
+    # their area ratio and PyBDSF's integrated fluxes then scatter by tens of per cent
+    cfg = cfg.replace("[image]\n", "[image]\nlow_psf_arcsec = 60\nlow_cell = 20\nlow_imsize = 600\nlow_robust = -0.5\n")
     cfg += (f"\n[bootstrap]\ncatalogues = ['{cats}/VLSS.fits', '{cats}/WENSS.fits']\n"
             "names = ['VLSS', 'WENSS']\nradii = [40, 40]\nfrequencies = [74e6, 327e6]\n")
     (wd / "hpcddf.cfg").write_text(cfg)
@@ -60,11 +62,6 @@ def test_bootstrap_step_runs_in_the_reduction(field):
         assert (wd / name).is_file(), name
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known open problem (issue 7 stays open): on this 8-minute, 16-station simulated field the "
-    "bootstrap cube's per-band fluxes follow DDFacet's smooth [S, Alpha] model rather than the "
-    "jumpy injected per-subband scales, and two of the six sources come out at a third of their "
-    "flux (DDS0 amplitudes applied); measured injected x factor = 0.89, 0.95, 0.97, 0.86"))
 def test_scaled_data_carries_the_true_flux_scale(field):
     from casacore.tables import table
     wd, sim = field["wd"], field["sim"]

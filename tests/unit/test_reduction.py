@@ -181,7 +181,7 @@ def test_bootstrap_images_a_cube_per_observation_and_scales_both_lists():
     for opt in ("--Data-MS=bootstrap_L1_mslist.txt", "--Data-ColName=CORRECTED_DATA", "--Freq-NBand=2",
                 "--Output-Cubes=Ii", "--Image-Cell=4.5", "--Image-NPix=6000", "--Output-RestoringBeam=20",
                 "--Weight-Robust=-0.25", "--DDESolutions-DDSols=DDS0_smoothed", "--Deconv-MaxMajorIter=5",
-                "--Mask-SigTh=15", "--Selection-UVRangeKm=[0.1,25.75]"):
+                "--Mask-SigTh=15", "--Selection-UVRangeKm=[0.1,25.75]", "--Deconv-Mode=SSD"):
         assert opt in argv, opt
     tools = {c.argv[3]: c.argv[4:] for c in step.commands if c.argv[1:3] == ("-m", "hpcddf.tools")}
     assert tools["write-list"] == ("--out", "bootstrap_L1_mslist.txt", *MS)
