@@ -702,10 +702,15 @@ MOM1WPRIOR_ROLES: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {
 # mom1wprior's numeric kwargs (PHANGS' names and hpcddf's) -> moments.mom1wprior parameters.
 # Other kwargs of a mom1wprior are ignored with a note rather than refused: PHANGS' keys pass it
 # keywords of their own implementation (output units, contexts) that mean nothing here.
+# PHANGS' published moment key writes the mom0 S/N threshold as 'mom0_thresh', its code as
+# 'mom0_thresh_for_mom1': both mean the same threshold.
 MOM1WPRIOR_KW = {"vfield_reject_thresh": "vwindow_kms", "vwindow_kms": "vwindow_kms",
-                 "mom0_thresh_for_mom1": "snr_thresh", "snr_thresh": "snr_thresh"}
+                 "mom0_thresh_for_mom1": "snr_thresh", "mom0_thresh": "snr_thresh",
+                 "snr_thresh": "snr_thresh"}
 # kwargs that name maps instead: the three roles, and a prior map of this config
 MOM1WPRIOR_MAP_KW = (*MOM1WPRIOR_ROLES, "vfield_prior", "vfield_prior_res")
+# other_exts keys naming mom1wprior's prior file: hpcddf's 'prior' and PHANGS' 'vfield_prior'
+PRIOR_EXT_KEYS = ("prior", "vfield_prior")
 FLATMASK_KW = {"window": "window"}
 DEFAULT_FLAT_WINDOW_KMS = 50.0
 RAD_ARCSEC = 206_264.806
@@ -786,42 +791,83 @@ def _cube_moment(project: Project, whole: str, product: str, config: str, name: 
             "kwargs": dict(m.kwargs)}
 
 
+def _moment_line(project: Project, name: str, param: str, mentions: str | None = None) -> str:
+    """``file:line`` of the moment key line setting ``param`` of moment ``name`` (the last,
+    the one in force; with ``mentions``, the last whose value contains it), else the moment
+    key files. The moment model keeps no line numbers, so errors found at planning look the
+    line up again here: the user should not have to search the key for it."""
+    from hpcddf.phangs.keys import _lines
+
+    found = None
+    for path in project.key_files.get("moment_key", []):
+        for where, line in _lines(Path(path)):
+            words = line.split(None, 2)
+            if (words[:2] == [name, param]
+                    and (mentions is None or mentions in (words[2:] or [""])[0])):
+                found = where
+    return str(found) if found else _key_files(project, "moment_key")
+
+
+def _passed_moment(project: Project, ref: str, listed: list[str]) -> str | None:
+    """The moment a ``maps_to_pass`` entry (or a role kwarg) names, or None.
+
+    Either a moment name (hpcddf's keys) or, as PHANGS' own moment key writes them, a map
+    extension: PHANGS passes the file ``<momentroot>_<ext>.fits``, so ``strict_mom1`` and
+    ``strict_emom1`` are the value and error maps of the moment whose ``ext`` / ``ext_error``
+    is ``_strict_mom1`` / ``_strict_emom1``. A name wins over an extension; an extension is
+    looked up in the config's moment list first, then anywhere in the moment key.
+    """
+    defs = project.moments
+    if ref in defs:
+        return ref
+    ext = "_" + ref.removesuffix(".fits").lstrip("_")
+    pool = [*listed, *sorted(set(defs) - set(listed))]
+    return next((n for n in pool if ext in (defs[n].ext, defs[n].ext_error)), None)
+
+
 def _mom1wprior_roles(project: Project, name: str, m: Any, listed: list[str]
                       ) -> tuple[dict[str, str], str | None]:
     """The moment playing each of mom1wprior's roles (MOM1WPRIOR_ROLES), or why none can.
 
     Named by the role's kwarg first (PHANGS' ``strict_vfield`` etc.), then by the
-    (algorithm, mask) of the moments in ``maps_to_pass``, then of the config's moment list,
-    then of any moment the key defines (made too, then: a passed map must exist).
+    (algorithm, mask) of the moments in ``maps_to_pass`` (moment names or PHANGS' map
+    extensions, see :func:`_passed_moment`), then of the config's moment list, then of any
+    moment the key defines (made too, then: a passed map must exist).
     """
-    where = _key_files(project, "moment_key")
     defs = project.moments
 
-    def known(ref: str, what: str) -> tuple[str | None, str | None]:
-        if ref not in defs:
+    def known(ref: str, what: str, where: str) -> tuple[str, tuple[str | None, str | None]]:
+        found = _passed_moment(project, ref, listed)
+        if found is None:
             raise ConfigError(f"moment {name}: {what} names {ref!r}, which the moment key "
-                              f"does not define ({where})",
-                              f"define {ref} or use one of {', '.join(sorted(defs))}")
-        return defs[ref].algorithm, defs[ref].mask
+                              f"does not define (no moment {ref!r}, no moment with ext or "
+                              f"ext_error '_{ref.lstrip('_')}') ({where})",
+                              f"name a moment ({', '.join(sorted(defs))}) or one of its maps "
+                              "as PHANGS does, its ext without the leading '_' "
+                              "(e.g. 'strict_mom1')")
+        return found, (defs[found].algorithm, defs[found].mask)
 
     roles: dict[str, str] = {}
     for role, (want, _) in MOM1WPRIOR_ROLES.items():
         if role in m.kwargs:
-            ref = str(m.kwargs[role])
-            if known(ref, role) != want:
+            where = _moment_line(project, name, "kwargs", role)
+            ref, sig = known(str(m.kwargs[role]), role, where)
+            if sig != want:
                 raise ConfigError(f"moment {name}: {role} {ref} is not a {want[0]} with mask "
                                   f"{want[1]} ({where})", f"name a {want[0]} moment with mask "
                                                           f"{want[1]} as {role}")
             roles[role] = ref
-    for ref in m.maps_to_pass:
-        sig = known(str(ref), "maps_to_pass")
+    for entry in m.maps_to_pass:
+        where = _moment_line(project, name, "maps_to_pass")
+        ref, sig = known(str(entry), "maps_to_pass", where)
         role = next((r for r, (want, _) in MOM1WPRIOR_ROLES.items() if sig == want), None)
         if role is None:
-            raise ConfigError(f"moment {name}: maps_to_pass names {ref} ({sig[0]} with mask "
-                              f"{sig[1]}), which is none of the maps mom1wprior combines "
-                              f"({where})", "pass a mom1 with strictmask, a mom1 with "
-                                            "broadmask and a mom0 with broadmask")
-        roles.setdefault(role, str(ref))
+            raise ConfigError(f"moment {name}: maps_to_pass names {entry} (moment {ref}, "
+                              f"{sig[0]} with mask {sig[1]}), which is none of the maps "
+                              f"mom1wprior combines ({where})",
+                              "pass a mom1 with strictmask, a mom1 with broadmask and a mom0 "
+                              "with broadmask (and their error maps)")
+        roles.setdefault(role, ref)
     pool = [*listed, *sorted(set(defs) - set(listed))]
     for role, (want, _) in MOM1WPRIOR_ROLES.items():
         if role not in roles:
@@ -853,7 +899,7 @@ def _mom1wprior_kwargs(project: Project, name: str, m: Any) -> tuple[dict[str, f
         except (ConfigError, TypeError, ValueError):
             raise ConfigError(f"moment {name}: kwargs {key} {value!r} is not a "
                               f"{'velocity' if 'thresh' in key and 'mom0' not in key else 'number'}"
-                              f" ({_key_files(project, 'moment_key')})",
+                              f" ({_moment_line(project, name, 'kwargs', key)})",
                               "write e.g. {'vfield_reject_thresh':'30km/s',"
                               "'mom0_thresh_for_mom1':2.0}") from None
     return out, ignored
@@ -863,32 +909,40 @@ def _prior(project: Project, whole: str, product: str, config: str, name: str, m
            levels: list[dict[str, Any]]) -> dict[str, Any]:
     """Where mom1wprior's prior velocity field comes from.
 
-    ``other_exts {'prior': ext}`` names the file ``<target><ext>`` in the target's derived
-    directory (PHANGS: ``<target>_7m+tp_co21_15as_strict_mom1.fits``, a robust low-resolution
-    field); PHANGS' kwargs ``vfield_prior`` (a moment) and ``vfield_prior_res`` (a level tag)
-    name one of this config's own maps. With neither, the source is the fallback: the broad
-    mom1 of the coarsest level made (see run.py), which is also used when the named file is
-    missing when the map is made.
+    ``other_exts {'vfield_prior': ext}`` (PHANGS' key; ``'prior'`` is accepted too) names the
+    file ``<target><ext>`` in the target's derived directory (PHANGS:
+    ``<target>_7m+tp_co21_15as_strict_mom1.fits``, a robust low-resolution field), as PHANGS
+    passes every other_exts entry; PHANGS' kwargs ``vfield_prior`` (a moment) and
+    ``vfield_prior_res`` (a level tag) name one of this config's own maps, and an other_exts
+    file wins over them as it does in PHANGS (it overwrites that kwarg). With neither, the
+    source is the fallback: the broad mom1 of the coarsest level made (see run.py), which is
+    also used when the named file is missing when the map is made.
     """
-    where = _key_files(project, "moment_key")
-    extra = sorted(set(m.other_exts) - {"prior"})
+    extra = sorted(set(m.other_exts) - set(PRIOR_EXT_KEYS))
     if extra:
         raise ConfigError(f"moment {name}: other_exts {extra[0]!r} is not used by "
-                          f"{m.algorithm} ({where})",
-                          "mom1wprior takes other_exts {'prior':'_<config>_<product>_<res>"
-                          "_strict_mom1.fits'}")
-    if "prior" in m.other_exts:
-        ext = str(m.other_exts["prior"])
-        ext = ext if ext.endswith(".fits") else f"{ext}.fits"
-        return {"path": str(project.derived_dir(whole) / f"{whole}{ext}"), "source": "file"}
+                          f"{m.algorithm} ({_moment_line(project, name, 'other_exts', extra[0])})",
+                          "mom1wprior takes other_exts {'vfield_prior':'_<config>_<product>_"
+                          "<res>_strict_mom1.fits'} (or 'prior' for 'vfield_prior')")
+    exts = {str(m.other_exts[k]).removesuffix(".fits") for k in PRIOR_EXT_KEYS
+            if k in m.other_exts}
+    if len(exts) > 1:
+        raise ConfigError(f"moment {name}: other_exts 'prior' and 'vfield_prior' name different "
+                          f"files ({_moment_line(project, name, 'other_exts')})",
+                          "give the prior once, as 'vfield_prior'")
+    if exts:
+        return {"path": str(project.derived_dir(whole) / f"{whole}{exts.pop()}.fits"),
+                "source": "file"}
     if "vfield_prior" in m.kwargs:
         ref = str(m.kwargs["vfield_prior"])
         tag = str(m.kwargs.get("vfield_prior_res") or "")
         if ref not in project.moments or not project.moments[ref].ext:
             raise ConfigError(f"moment {name}: vfield_prior {ref!r} is not a moment with an "
-                              f"ext ({where})", "name the moment whose map is the prior")
+                              f"ext ({_moment_line(project, name, 'kwargs', 'vfield_prior')})",
+                              "name the moment whose map is the prior")
         tags = [lvl["tag"] for lvl in levels]
         if tag not in tags:
+            where = _moment_line(project, name, "kwargs", "vfield_prior_res")
             raise ConfigError(f"moment {name}: vfield_prior_res {tag!r} is not a resolution "
                               f"of config {config} ({where})",
                               f"use one of {', '.join(repr(t) for t in tags)}")

@@ -439,8 +439,10 @@ def test_without_a_prior_the_fallback_is_planned(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("line", "message"), [
     ("mom1wprior maps_to_pass ['strictmom0']", "none of the maps mom1wprior combines"),
+    ("mom1wprior maps_to_pass ['strict_mom0']", "none of the maps mom1wprior combines"),
     ("mom1wprior maps_to_pass ['nosuch']", "'nosuch', which the moment key does not define"),
     ("mom1wprior other_exts {'extra':'_x.fits'}", "other_exts 'extra' is not used"),
+    ("mom1wprior other_exts {'vfield_prior':'_x.fits'}", "'vfield_prior' name different"),
     ("mom1wprior kwargs {'vfield_reject_thresh':'20 K'}", "is not a velocity"),
     ("strictmom0 kwargs {'include_limit':False}", "'include_limit' is not a parameter of mom0"),
 ])
@@ -448,6 +450,8 @@ def test_bad_round_definitions_are_key_errors(tmp_path: Path, line: str, message
     with pytest.raises(ConfigError, match=message) as err:
         _plan(tmp_path, moment_key=MOMENT_KEY + line + "\n")
     assert "moment_key.txt" in str(err.value)
+    if line.startswith("mom1wprior"):            # round-2 errors name the appended line
+        assert f"moment_key.txt:{MOMENT_KEY.count(chr(10)) + 1})" in str(err.value)
 
 
 def test_missing_prior_falls_back_to_the_coarsest_broad_mom1_with_a_note(tmp_path: Path) -> None:
@@ -462,3 +466,84 @@ def test_missing_prior_falls_back_to_the_coarsest_broad_mom1_with_a_note(tmp_pat
     ctx = RunContext(tmp_path, P.Task("derived", ("t", "p", "c")))
     assert _prior_map(ctx, spec) == str(fallback[1])
     assert any("gone.fits is missing" in n and "broad_mom1.fits" in n for n in ctx.notes)
+
+
+# PHANGS' published moment key (akleroy/phangs_imaging_scripts, phangs-alma_keys/moment_key.txt):
+# the strict and broad moments mom1wprior reads and its own block, verbatim (tabs, the stray
+# spaces after the name). maps_to_pass names map extensions, other_exts uses 'vfield_prior'.
+PHANGS_MOMENT_KEY = (
+    "strictmom1\talgorithm\tmom1\nstrictmom1\tmask\t\tstrictmask\n"
+    "strictmom1\text\t\t_strict_mom1\nstrictmom1\text_error\t_strict_emom1\n"
+    "strictmom1\tround\t\t1\nstrictmom1\tkwargs\t\t{}\n\n"
+    "broadmom0\talgorithm\tmom0\nbroadmom0\tmask\t\tbroadmask\n"
+    "broadmom0\text\t\t_broad_mom0\nbroadmom0\text_error\t_broad_emom0\n"
+    "broadmom0\tround\t\t1\nbroadmom0\tkwargs\t\t{}\n\n"
+    "broadmom1\talgorithm\tmom1\nbroadmom1\tmask\t\tbroadmask\n"
+    "broadmom1\text\t\t_broad_mom1\nbroadmom1\text_error\t_broad_emom1\n"
+    "broadmom1\tround\t\t1\nbroadmom1\tkwargs\t\t{}\n\n"
+    "mom1wprior\talgorithm\tmom1wprior\n"
+    "mom1wprior \tmask \t\tNone\n"
+    "mom1wprior \tround \t\t2\n"
+    "mom1wprior \text \t\t_mom1wprior\n"
+    "mom1wprior \text_error \t_emom1wprior\n"
+    "mom1wprior\tmaps_to_pass\t['strict_mom1','strict_emom1','broad_mom1','broad_emom1',"
+    "'broad_mom0','broad_emom0']\n"
+    "mom1wprior \tother_exts \t{'vfield_prior':'_7m+tp_co21_15as_strict_mom1.fits'}\n"
+    "mom1wprior\tkwargs \t\t{'vfield_reject_thresh':'20km/s','mom0_thresh':2.0}\n")
+# 7m lists the maps mom1wprior reads; 12m only mom1wprior, so the extensions resolve to
+# moments found elsewhere in the key (and those are made for it)
+PHANGS_DERIVED_KEY = DERIVED_KEY.replace(
+    "['strictmom0','strictmom1','broadmom0','broadmom1','mom1wprior','flatstrictmom0',"
+    "'flatbroadmom0']", "['strictmom1','broadmom0','broadmom1','mom1wprior']").replace(
+    "['strictmom0','mom1wprior','flatbroadmom0']", "['mom1wprior']")
+
+
+def test_phangs_published_mom1wprior_lines_plan_unchanged(tmp_path: Path) -> None:
+    tasks = _plan(tmp_path, moment_key=PHANGS_MOMENT_KEY, derived_key=PHANGS_DERIVED_KEY)
+    derived = tmp_path / "derived" / TARGET
+    for config, task in tasks.items():
+        specs = task.params["moments"]
+        wps = [s for s in specs if s["algorithm"] == "mom1wprior"]
+        assert sorted(s["tag"] for s in wps) == ["", "200pc", "6as"]   # native + every res
+        for wp in wps:
+            stem = f"{TARGET}_{config}_co21" + (f"_{wp['tag']}" if wp["tag"] else "")
+            assert {k: Path(v).name for k, v in wp["maps"].items()} == {
+                "strict_mom1": f"{stem}_strict_mom1.fits", "strict_emom1": f"{stem}_strict_emom1.fits",
+                "broad_mom1": f"{stem}_broad_mom1.fits", "broad_emom1": f"{stem}_broad_emom1.fits",
+                "broad_mom0": f"{stem}_broad_mom0.fits", "broad_emom0": f"{stem}_broad_emom0.fits"}
+            assert wp["prior"]["path"] == str(derived / f"{TARGET}_7m+tp_co21_15as_strict_mom1.fits")
+            assert wp["prior"]["source"] == "file"
+            # PHANGS' 'mom0_thresh' is the mom0 S/N threshold, not an ignored keyword
+            assert wp["kwargs"] == {"vwindow_kms": 20.0, "snr_thresh": 2.0}
+            assert "ignored_kwargs" not in wp and wp["round"] == 2
+        made = {s["moment"]: s.get("implied_by") for s in specs if s["algorithm"] != "mom1wprior"}
+        assert made == ({"strictmom1": None, "broadmom0": None, "broadmom1": None}
+                        if config == "7m" else
+                        dict.fromkeys(("strictmom1", "broadmom0", "broadmom1"), "mom1wprior"))
+
+
+def test_prior_key_and_moment_names_still_plan_the_same(tmp_path: Path) -> None:
+    """hpcddf's own spellings ('prior', moment names) give the same plan as PHANGS'."""
+    ours = (PHANGS_MOMENT_KEY.replace("'vfield_prior':", "'prior':")
+            .replace("['strict_mom1','strict_emom1','broad_mom1','broad_emom1','broad_mom0',"
+                     "'broad_emom0']", "['strictmom1','broadmom1','broadmom0']"))
+    assert ours != PHANGS_MOMENT_KEY and "strict_emom1'" not in ours.split("maps_to_pass")[1]
+    a = _plan(tmp_path / "a", moment_key=PHANGS_MOMENT_KEY, derived_key=PHANGS_DERIVED_KEY)
+    b = _plan(tmp_path / "b", moment_key=ours, derived_key=PHANGS_DERIVED_KEY)
+    for config in ("7m", "12m"):
+        wa, wb = ([s for s in t[config].params["moments"] if s["algorithm"] == "mom1wprior"]
+                  for t in (a, b))
+        assert [Path(s["prior"]["path"]).name for s in wa] == \
+               [Path(s["prior"]["path"]).name for s in wb]
+        assert [{k: Path(v).name for k, v in s["maps"].items()} for s in wa] == \
+               [{k: Path(v).name for k, v in s["maps"].items()} for s in wb]
+
+
+def test_an_unknown_map_extension_is_an_error_naming_the_line(tmp_path: Path) -> None:
+    key = PHANGS_MOMENT_KEY + "mom1wprior maps_to_pass ['strict_mom1','strict_mom9']\n"
+    with pytest.raises(ConfigError, match="'strict_mom9', which the moment key does not "
+                                          "define") as err:
+        _plan(tmp_path, moment_key=key, derived_key=PHANGS_DERIVED_KEY)
+    line = key.count("\n")                        # the appended line, the one in force
+    assert f"moment_key.txt:{line})" in str(err.value)
+    assert "_strict_mom9" in str(err.value) and "strict_mom1" in err.value.hint
