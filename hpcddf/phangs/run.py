@@ -322,34 +322,37 @@ def _postprocess_continuum(ctx: RunContext) -> list[str]:
     """A continuum image through the same casa_tasks postprocess as a cube: pbcor, round
     beam, Jy/beam -> K (PHANGS's cleanup converts every product, continuum included, and the
     products are named ``_k``), trim, and a 2-D FITS image whose FREQ card keeps the
-    frequency the K scale refers to. One image per target and config: mosaics of continuum
-    parts are not made yet."""
+    frequency the K scale refers to. A mosaic's parts are postprocessed one by one and then
+    combined by :func:`linear_mosaic` into a 2-D mosaic, as for line cubes. Feathering a
+    continuum image with single-dish data is not implemented: that task stops with one line."""
     p = ctx.task.params
-    if p["mosaic"] or p["feather"]:
-        what = (f"the linear mosaic of the continuum images of {', '.join(p['parts'])}"
-                if p["mosaic"] else "feathering a continuum image with single-dish data")
-        raise _not_implemented(f"task {ctx.task.id}: {what}",
-                               "image continuum products of single targets, or combine the "
-                               "parts' images outside hpcddf for now")
-    ctx.casa("postprocess", imagename=p["imagenames"][0], outdir=p["outdir"], stem=p["stem"])
-    return list(ctx.task.outputs)
+    if p["feather"]:
+        raise _not_implemented(f"task {ctx.task.id}: feathering a continuum image with "
+                               f"single-dish data",
+                               "leave continuum products out of feather configs, or feather "
+                               "the continuum image outside hpcddf for now")
+    return _postprocess_and_mosaic(ctx, "postprocess")
 
 
 def run_postprocess(ctx: RunContext) -> list[str]:
     if ctx.task.params.get("kind") == "cont":
         return _postprocess_continuum(ctx)
-    # Line cubes: one CASA run per imaged target (the plan's ``units``), then for a linear
-    # mosaic the combination of the parts' products here (:func:`linear_mosaic`).
     p = _line_only(ctx)
+    # pbcor, round beam (feathered with the single dish for a feather config), K, trim
+    return _postprocess_and_mosaic(ctx, "feather" if p["feather"] else "postprocess")
+
+
+def _postprocess_and_mosaic(ctx: RunContext, stage: str) -> list[str]:
+    """One CASA ``stage`` run per imaged target (the plan's ``units``), then for a linear
+    mosaic the combination of the parts' products here (:func:`linear_mosaic`). A single
+    target's products are the task's own, a mosaic part's go to the part's own directory."""
+    p = ctx.task.params
     units = p.get("units")
     if not units:
         raise PhangsRunError(f"task {ctx.task.id} was planned without its postprocess units",
                              "plan the project again with this version (hpcddf phangs submit)")
-    # pbcor, round beam (feathered with the single dish for a feather config), K, trim; a
-    # single target's products are the task's own, a mosaic part's go to its own directory
-    stage = "feather" if p["feather"] else "postprocess"
     for unit in units:
-        extra = {"singledish": unit["singledish"]} if p["feather"] else {}
+        extra = {"singledish": unit["singledish"]} if stage == "feather" else {}
         summary = ctx.casa(stage, imagename=unit["imagename"], outdir=unit["outdir"],
                            stem=unit["stem"], **extra)
         if p["mosaic"]:
@@ -386,12 +389,14 @@ def cube_noise(flat: Any) -> float:
     """σ of a flat-noise cube as PHANGS weights mosaic parts: 'chauvmad' (the std of what
     Chauvenet's criterion keeps around a MAD start) per channel, the median over channels.
     Faint emission wings survive the clipping and raise it by a few per cent in line
-    channels; the weights only need the parts' noise relative to each other."""
+    channels; the weights only need the parts' noise relative to each other. A 2-D image
+    (a continuum part) is one plane: its σ is its chauvmad noise."""
     import numpy as np
 
     from hpcddf.phangs.casa_tasks import chauvenet_mad_noise
 
-    values = [chauvenet_mad_noise(ch) for ch in np.asarray(flat, dtype=float)
+    flat = np.asarray(flat, dtype=float)
+    values = [chauvenet_mad_noise(ch) for ch in flat.reshape((-1, *flat.shape[-2:]))
               if np.isfinite(ch).sum() >= 10]
     values = [v for v in values if v > 0]
     if not values:
@@ -486,23 +491,45 @@ def _common_beam(headers: list[Any]) -> Any:
     return beams.common_beam()
 
 
+def _read_part(path: str) -> Any:
+    """A part's product as a ``SpectralCube``, or for a 2-D continuum image a spectral-cube
+    ``Projection``: both carry the beam and convolve to another one the same way."""
+    from astropy.io import fits
+    from spectral_cube import Projection
+
+    from hpcddf.phangs.convolution import read_cube
+    if int(fits.getheader(path)["NAXIS"]) != 2:
+        return read_cube(path)
+    with fits.open(path, memmap=False) as hdul:
+        return Projection.from_hdu(hdul[0])
+
+
+def _planes(image: Any) -> Any:
+    """The values of a cube or an image as planes [chan, y, x] (an image is one plane)."""
+    import numpy as np
+
+    values = image.unmasked_data[:] if hasattr(image, "unmasked_data") else image
+    data = np.asarray(values.value, dtype=float)
+    return data.reshape((-1, *data.shape[-2:]))
+
+
 def _part_on_beam(path: str, beam: Any) -> Any:
-    """A part's cube (K) at ``beam``, convolved only when its own beam is finer (a K cube is
-    a surface brightness, so the kernel is normalised, no beam-area factor)."""
+    """A part's planes [chan, y, x] (K) at ``beam`` (a 2-D image is one plane), convolved
+    only when its own beam is finer (a K map is a surface brightness, so the kernel is
+    normalised, no beam-area factor)."""
     import warnings
 
     import numpy as np
 
-    from hpcddf.phangs.convolution import read_cube
-    cube = read_cube(path)
-    data = np.asarray(cube.unmasked_data[:].value, dtype=float)
-    own = cube.beam
+    image = _read_part(path)
+    data = _planes(image)
+    own = image.beam
     if float(own.major.to("arcsec").value) < float(beam.major.to("arcsec").value) * (1 - 1e-4):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            conv = cube.convolve_to(beam, nan_treatment="interpolate")
+            conv = image.convolve_to(beam, nan_treatment="interpolate")
         blank = ~np.isfinite(data)
-        data = np.asarray(conv.unmasked_data[:].value, dtype=float)
+        data = _planes(conv)
         data[blank] = np.nan
     return data
 
@@ -510,7 +537,9 @@ def _part_on_beam(path: str, beam: Any) -> Any:
 def linear_mosaic(parts: list[dict[str, str]], out: dict[str, str], name: str | None = None
                   ) -> dict[str, Any]:
     """Mosaic of parts (each a dict of its MOSAIC_PRODUCTS paths) into ``out`` (same keys);
-    ``name`` becomes the headers' OBJECT.
+    ``name`` becomes the headers' OBJECT. The parts are all cubes [chan, y, x] or all 2-D
+    images (continuum: one plane, no spectral axis; the mosaic is 2-D with the first part's
+    cards, its FREQ among them).
 
     1. Common resolution: the largest part beam; finer parts are convolved to it.
     2. Common grid: :func:`common_grid`; the spectral axis is the first part's (others are
@@ -530,22 +559,25 @@ def linear_mosaic(parts: list[dict[str, str]], out: dict[str, str], name: str | 
     from reproject import reproject_interp
 
     headers = [fits.getheader(p["pbcorr_trimmed_k"]) for p in parts]
+    images = _parts_are_images(headers)
     beam = _common_beam(headers)
     grid, shape2d = common_grid(headers)
-    v_out = channel_axis(headers[0])
-    num = np.zeros((v_out.size, *shape2d))
+    v_out = None if images else channel_axis(headers[0])
+    nplanes = 1 if v_out is None else v_out.size
+    num = np.zeros((nplanes, *shape2d))
     wsum = np.zeros_like(num)
     sigmas = []
     for part, header in zip(parts, headers, strict=True):
         cube = _part_on_beam(part["pbcorr_trimmed_k"], beam)
         flat = _part_on_beam(part["flat_trimmed_k"], beam)
         pb = fits.getdata(part["pb_trimmed"]).astype(float).reshape(cube.shape)
-        v_in = channel_axis(header)
-        cube, flat, pb = (on_channels(a, v_in, v_out) for a in (cube, flat, pb))
+        if v_out is not None:
+            v_in = channel_axis(header)
+            cube, flat, pb = (on_channels(a, v_in, v_out) for a in (cube, flat, pb))
         sigmas.append(cube_noise(flat))
         w = np.where(np.isfinite(cube), mosaic_weights(pb, sigmas[-1]), 0.0)
         celestial = WCS(header).celestial
-        shape = (v_out.size, *shape2d)
+        shape = (nplanes, *shape2d)
         # a whole-pixel shift is copied (bilinear weights of ~0 would still spread blanks)
         order = "nearest-neighbor" if _whole_pixel_shift(celestial, grid, header) else "bilinear"
         cube_r, _ = reproject_interp((cube, celestial), grid, shape_out=shape, order=order)
@@ -568,9 +600,22 @@ def linear_mosaic(parts: list[dict[str, str]], out: dict[str, str], name: str | 
     products = {"pbcorr_trimmed_k": mosaic, "flat_trimmed_k": mosaic * coverage,
                 "pb_trimmed": coverage}
     for key, data in products.items():
-        _write_mosaic_product(out[key], data[:, y0:y1, x0:x1], header, key)
+        box = data[:, y0:y1, x0:x1]
+        _write_mosaic_product(out[key], box[0] if images else box, header, key)
+    shape_out = [int(y1 - y0), int(x1 - x0)] if images else [nplanes, int(y1 - y0), int(x1 - x0)]
     return {"fits": dict(out), "beam_arcsec": float(beam.major.to("arcsec").value),
-            "noise_k": sigmas, "shape": [int(v_out.size), int(y1 - y0), int(x1 - x0)]}
+            "noise_k": sigmas, "shape": shape_out}
+
+
+def _parts_are_images(headers: list[Any]) -> bool:
+    """Whether the mosaic parts are 2-D images (continuum) rather than cubes; a mix of the
+    two, or another dimensionality, has no one mosaic."""
+    dims = sorted({int(h["NAXIS"]) for h in headers})
+    if len(dims) != 1 or dims[0] not in (2, 3):
+        raise PhangsRunError(f"mosaic parts have {' and '.join(map(str, dims))} axes: they "
+                             f"must all be 2-D images or all cubes",
+                             "postprocess every part of the mosaic as the same product")
+    return dims == [2]
 
 
 def _mosaic_header(first: Any, grid: Any, x0: int, y0: int, beam: Any, nparts: int,

@@ -346,3 +346,164 @@ def test_a_task_planned_without_units_says_to_plan_again(tmp_path: Path) -> None
                         "outputs": [str(tmp_path / "x.fits")]})
     with pytest.raises(PhangsRunError, match="planned without its postprocess units"):
         run_task(task, tmp_path)
+
+
+# ------------------------------------------------------------------ continuum (2-D) parts
+#
+# A continuum part is what the CASA postprocess writes for an mfs image: 2-D (no spectral axis),
+# K at a round beam, its frequency in the FREQ card.
+
+FREQ_HZ = 242.5e9
+SOURCES = ((-8.0, 2.0, 5.0), (0.0, 0.0, 3.0), (7.0, -3.0, 8.0), (3.0, 5.0, 2.0))  # x, y, K
+
+
+def point_sources_at_beam(x: np.ndarray, y: np.ndarray, beam: float) -> np.ndarray:
+    """Point sources seen at a round beam of FWHM ``beam``: each a Gaussian of the beam, its
+    peak (K) as listed at 2" and scaling as 1/beam² (a surface brightness of a fixed flux)."""
+    s = beam / FWHM
+    return sum(peak * (2.0 / beam) ** 2 * np.exp(-((x - sx) ** 2 + (y - sy) ** 2) / (2 * s * s))
+               for sx, sy, peak in SOURCES)
+
+
+def image_header(x0: int, y0: int, n: int, beam: float) -> fits.Header:
+    """A 2-D continuum product's header: the cube header without its spectral axis, FREQ set."""
+    h = header(x0, y0, n, n, beam)
+    for card in ("NAXIS3", "CTYPE3", "CRVAL3", "CDELT3", "CRPIX3", "CUNIT3", "SPECSYS",
+                 "RESTFRQ"):
+        del h[card]
+    h["NAXIS"] = 2
+    h["FREQ"] = FREQ_HZ
+    return h
+
+
+def write_image_part(d: Path, name: str, pointing_x: float, *, sigma: float,
+                     beam: float = 2.0, seed: int = 0) -> dict[str, str]:
+    half = math.ceil(PB_FWHM / 2 * math.sqrt(math.log(1 / CUTOFF) / math.log(2)) / CELL) + 2
+    x0, y0, n = round(pointing_x / CELL) - half, -half, 2 * half + 1
+    x, y = pixel_offsets(x0, y0, n, n)
+    pb = pb_at(x, y, pointing_x)
+    noise = np.random.default_rng(seed).normal(0.0, sigma, (n, n))
+    pbcorr = np.where(pb >= CUTOFF, point_sources_at_beam(x, y, beam) + noise / pb, np.nan)
+    h = image_header(x0, y0, n, beam)
+    paths = {}
+    for key, data in zip(MOSAIC_PRODUCTS, (pbcorr, pbcorr * pb, pb)):
+        paths[key] = str(d / f"{name}_{key}.fits")
+        fits.PrimaryHDU(data.astype(np.float32), h).writeto(paths[key])
+    return paths
+
+
+def test_two_continuum_images_give_the_sky_within_the_predicted_noise(tmp_path: Path) -> None:
+    s1, s2 = 0.05, 0.15
+    parts = [write_image_part(tmp_path, "a", -SPACING / 2, sigma=s1, seed=11),
+             write_image_part(tmp_path, "b", SPACING / 2, sigma=s2, seed=12)]
+    summary = linear_mosaic(parts, out_paths(tmp_path), name="m")
+    # chauvmad clips the sources' peaks, not their faint wings: a few per cent high, alike
+    # for both parts (the weights only need the ratio)
+    assert summary["noise_k"] == pytest.approx([s1, s2], rel=0.1)
+    assert summary["noise_k"][1] / summary["noise_k"][0] == pytest.approx(s2 / s1, rel=0.05)
+    hdu = fits.open(out_paths(tmp_path)["pbcorr_trimmed_k"])[0]
+    h, mosaic = hdu.header, hdu.data.astype(float)
+    assert mosaic.ndim == 2 and h["NAXIS"] == 2 and "NAXIS3" not in h
+    assert list(summary["shape"]) == list(mosaic.shape)
+    assert (h["BUNIT"], h["FREQ"], h["OBJECT"]) == ("K", FREQ_HZ, "m")
+    assert h["BMAJ"] == pytest.approx(h["BMIN"]) == pytest.approx(2 / 3600)
+    x, y = on_mosaic_grid(h)
+    truth = point_sources_at_beam(x, y, 2.0)
+    wsum = sum(np.where(pb_at(x, y, px) >= CUTOFF, pb_at(x, y, px) ** 2 / s ** 2, 0.0)
+               for px, s in ((-SPACING / 2, s1), (SPACING / 2, s2)))
+    finite = np.isfinite(mosaic)
+    assert (finite == (wsum > 0)).all()                # the union of the parts
+    z = ((mosaic - truth) * np.sqrt(wsum))[finite]     # residual in units of the predicted noise
+    assert abs(z.mean()) < 0.05 and z.std() == pytest.approx(1.0, abs=0.05)
+    assert np.abs(z).max() < 6.0                       # every source where it belongs
+    for sx, sy, peak in SOURCES:                       # all inside, each seen
+        i, j = round(sy / CELL + h["CRPIX2"] - 1), round(sx / CELL + h["CRPIX1"] - 1)
+        assert mosaic[i, j] == pytest.approx(peak, abs=6 / math.sqrt(wsum[i, j]))
+    cov = fits.getdata(out_paths(tmp_path)["pb_trimmed"]).astype(float)
+    flat_hdu = fits.open(out_paths(tmp_path)["flat_trimmed_k"])[0]
+    assert cov.ndim == 2 and np.nanmax(cov) == pytest.approx(1.0)
+    assert flat_hdu.header["FREQ"] == FREQ_HZ and flat_hdu.header["BUNIT"] == "K"
+    np.testing.assert_allclose(flat_hdu.data, mosaic * cov, rtol=1e-4, atol=1e-6,
+                               equal_nan=True)
+
+
+def test_a_finer_continuum_image_is_convolved_to_the_common_beam(tmp_path: Path) -> None:
+    parts = [write_image_part(tmp_path, "a", -SPACING / 2, sigma=0.0, beam=2.5),
+             write_image_part(tmp_path, "b", SPACING / 2, sigma=0.0, beam=1.5)]
+    # noise-free flat images have no noise to weigh by: give them the same small one
+    for seed, part in enumerate(parts):
+        with fits.open(part["flat_trimmed_k"], mode="update") as flat:
+            flat[0].data = np.random.default_rng(seed).normal(
+                0, 0.1, flat[0].data.shape).astype(np.float32)
+    summary = linear_mosaic(parts, out_paths(tmp_path))
+    assert summary["beam_arcsec"] == pytest.approx(2.5)
+    hdu = fits.open(out_paths(tmp_path)["pbcorr_trimmed_k"])[0]
+    assert hdu.data.ndim == 2 and hdu.header["BMAJ"] * 3600 == pytest.approx(2.5)
+    x, y = on_mosaic_grid(hdu.header)
+    truth = point_sources_at_beam(x, y, 2.5)
+    # b (convolved) away from its blank edge (pb cutoff at 15"), three sources inside
+    inner = np.hypot(x - SPACING / 2, y) < 11.0
+    np.testing.assert_allclose(hdu.data[inner], truth[inner], atol=0.02)
+    assert np.abs(point_sources_at_beam(x, y, 1.5) - truth)[inner].max() > 1.0
+
+
+def test_mixing_images_and_cubes_is_an_error(tmp_path: Path) -> None:
+    parts = [write_image_part(tmp_path, "a", 0.0, sigma=0.1),
+             write_part(tmp_path, "b", SPACING, sigma=0.1)]
+    with pytest.raises(PhangsRunError, match="2 and 3 axes"):
+        linear_mosaic(parts, out_paths(tmp_path))
+
+
+def continuum_mosaic_task(d: Path, feather: bool = False) -> Task:
+    """A continuum mosaic postprocess task as the plan writes it (two parts, their units)."""
+    units = []
+    for part in ("m_1", "m_2"):
+        outdir = d / "postprocess" / part
+        stem = f"{part}_12m_cont"
+        units.append({"target": part, "imagename": str(d / "imaging" / part / stem),
+                      "outdir": str(outdir), "stem": stem,
+                      "fits": {k: str(outdir / f"{stem}_{k}.fits") for k in MOSAIC_PRODUCTS}})
+    outdir = d / "postprocess" / "m"
+    return Task("postprocess", ("m", "cont", "12m"),
+                params={"kind": "cont", "target": "m", "mosaic": True, "feather": feather,
+                        "parts": ["m_1", "m_2"], "outdir": str(outdir), "stem": "m_12m_cont",
+                        "units": units,
+                        "outputs": [str(outdir / f"m_12m_cont_{k}.fits")
+                                    for k in MOSAIC_PRODUCTS]})
+
+
+def test_continuum_mosaic_task_postprocesses_its_parts_then_combines_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CASA postprocess of each part replaced by a synthetic 2-D part: the task makes the
+    2-D mosaic from them and records the per-part CASA calls."""
+    task = continuum_mosaic_task(tmp_path)
+    calls: list[tuple[str, dict[str, object]]] = []
+
+    def fake_casa(self: RunContext, stage: str, **params: object) -> dict[str, object]:
+        unit = next(u for u in task.params["units"] if u["stem"] == params["stem"])
+        assert not Path(task.outputs[0]).exists()        # parts first, the mosaic after
+        Path(unit["outdir"]).mkdir(parents=True, exist_ok=True)
+        i = len(calls)
+        made = write_image_part(Path(unit["outdir"]), f"p{i}", (i - 0.5) * SPACING,
+                                sigma=0.1, seed=i)
+        for key, path in made.items():
+            Path(path).rename(unit["fits"][key])
+        calls.append((stage, params))
+        return {"fits": unit["fits"]}
+
+    monkeypatch.setattr(RunContext, "casa", fake_casa)
+    out = run_task(task, tmp_path / "work")
+    assert [(stage, p["imagename"], p["outdir"]) for stage, p in calls] == [
+        ("postprocess", u["imagename"], u["outdir"]) for u in task.params["units"]]
+    assert out["products"] == task.outputs and all(Path(p).is_file() for p in task.outputs)
+    h = fits.getheader(task.outputs[0])
+    assert (h["NAXIS"], h["BUNIT"], h["FREQ"], h["OBJECT"]) == (2, "K", FREQ_HZ, "m")
+    state = read_task_state(tmp_path / "work", task.id)
+    assert state["state"] == "done" and "linear_mosaic" in state["steps"]
+    assert "linear mosaic of m_1, m_2" in state["note"]
+
+
+def test_feathering_a_continuum_image_stays_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(PhangsRunError, match="feathering a continuum image") as exc:
+        run_task(continuum_mosaic_task(tmp_path, feather=True), tmp_path / "work")
+    assert "\n" not in str(exc.value) and exc.value.hint

@@ -628,7 +628,28 @@ def test_continuum_runners_call_stages_casa_tasks_accepts(cont_project: Project,
     assert extract.vis == ids["stage_line/ngc0628/cont/7m"].inputs
     assert dirty.restfreq_ghz is None and json.loads(dirty.tclean)["specmode"] == "mfs"
     assert calls[4][1].scales_pix == "0,20,40"  # the 7m config's 0, 5, 10 arcsec
-    # continuum mosaics are not made yet: one line naming the parts
-    with pytest.raises(PhangsRunError, match="linear mosaic of the continuum images of "
-                                             "ngc3627_1, ngc3627_2"):
-        run_task(ids["postprocess/ngc3627/cont/12m"], tmp_path)
+    # a continuum mosaic: each part's postprocess, then the linear mosaic of their products
+    from hpcddf.phangs import run as R
+    mosaics: list[tuple[object, ...]] = []
+
+    def fake_mosaic(parts: object, out: object, name: object = None) -> dict[str, object]:
+        mosaics.append((parts, out, name))
+        return {"beam_arcsec": 1.2}
+
+    monkeypatch.setattr(R, "linear_mosaic", fake_mosaic)
+    calls.clear()
+    mosaic = ids["postprocess/ngc3627/cont/12m"]
+    run_task(mosaic, tmp_path)
+    units = mosaic.params["units"]
+    assert [u["target"] for u in units] == ["ngc3627_1", "ngc3627_2"]
+    assert [(stage, args.stem) for stage, args in calls] == [("postprocess", u["stem"])
+                                                             for u in units]
+    [(parts, out, name)] = mosaics
+    assert parts == [u["fits"] for u in units] and name == "ngc3627"
+    assert sorted(out.values()) == sorted(mosaic.outputs)  # type: ignore[attr-defined]
+    # feathering a continuum image stays a one-line error, before any CASA run
+    calls.clear()
+    feather = P.Task(mosaic.stage, mosaic.key, mosaic.depends, {**mosaic.params, "feather": True})
+    with pytest.raises(PhangsRunError, match="feathering a continuum image"):
+        run_task(feather, tmp_path / "feather")
+    assert calls == []
