@@ -9,7 +9,10 @@ This is the only module that imports submitit's executors.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +20,11 @@ from typing import Any, Callable, Sequence
 
 import submitit
 
-from hpcddf.errors import SubmissionError
+from hpcddf.errors import RunInterrupted, SubmissionError
 from hpcddf.nodejob import StageJob
 from hpcddf.plan import Resources, Stage
+from hpcddf.preflight import pid_alive
+from hpcddf.runner import TERM_GRACE_S
 from hpcddf.sites import Site
 
 log = logging.getLogger(__name__)
@@ -94,30 +99,137 @@ def run_local_chain(site: Site, stages: Sequence[Stage], member: ChainMember, fo
     """Run one field's stages one after another with submitit's local executor.
 
     ``watch`` is polled while a stage runs and returns progress lines (steps started/done).
+    Ctrl-C, SIGTERM or SIGHUP stop the running stage job and its science commands before this
+    returns (raising :class:`RunInterrupted`): a foreground run never leaves an orphan.
     """
     ids: dict[str, str] = {}
-    for k, stage in enumerate(stages):
-        ex = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=site.slurm.max_requeues)
-        ex.update_parameters(timeout_min=stage.resources.walltime_min,
-                             signal_delay_s=site.slurm.signal_delay_s)
-        job = ex.submit(member.jobs[k])
-        ids[stage.name] = str(job.job_id)
-        progress(f"{member.field_id}: stage {stage.name} running (local job {job.job_id}, "
-                 f"{len(stage.steps)} steps)")
-        while not job.done():
-            for line in watch():
-                progress(f"{member.field_id}: {line}")
-            time.sleep(1.0)
+    with _foreground_signals():
+        for k, stage in enumerate(stages):
+            ex = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=site.slurm.max_requeues)
+            ex.update_parameters(timeout_min=stage.resources.walltime_min,
+                                 signal_delay_s=site.slurm.signal_delay_s)
+            with _children_ignore_terminal_signals():
+                job = ex.submit(member.jobs[k])
+            ids[stage.name] = str(job.job_id)
+            progress(f"{member.field_id}: stage {stage.name} running (local job {job.job_id}, "
+                     f"{len(stage.steps)} steps)")
+            try:
+                _follow(job, member, watch, progress)
+                _check_result(job, member.field_id, stage.name, progress)
+            except _ForegroundSignal as sig:
+                progress(f"{member.field_id}: {sig.name}: stopping stage {stage.name} (local job {job.job_id})")
+                stop_local_job(int(job.job_id))
+                raise RunInterrupted(f"field {member.field_id}: stage {stage.name} interrupted by {sig.name}; "
+                                     "its job and science commands were stopped",
+                                     f"rerun the same command or `hpcddf resubmit {member.field_id}` "
+                                     "to resume after the last finished step") from None
+    return ids
+
+
+def _follow(job: Any, member: ChainMember, watch: Callable[[], list[str]],
+            progress: Callable[[str], None]) -> None:
+    while not job.done():
         for line in watch():
             progress(f"{member.field_id}: {line}")
+        time.sleep(1.0)
+    for line in watch():
+        progress(f"{member.field_id}: {line}")
+
+
+def _check_result(job: Any, field_id: str, stage: str, progress: Callable[[str], None]) -> None:
+    try:
+        job.result()
+    except Exception as exc:
+        progress(f"{field_id}: stage {stage} FAILED: {_first_line(exc)}")
+        raise SubmissionError(f"field {field_id}: stage {stage} failed",
+                              f"see `hpcddf status {field_id}` and `hpcddf logs {field_id}`") from None
+    progress(f"{field_id}: stage {stage} done")
+
+
+class _ForegroundSignal(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.name = signal.Signals(signum).name
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_signal(signum: int, frame: Any) -> None:
+    raise _ForegroundSignal(signum)
+
+
+@contextlib.contextmanager
+def _foreground_signals() -> Any:
+    """Ctrl-C, SIGTERM and SIGHUP become one exception here, for the main thread to handle."""
+    old = {s: signal.signal(s, _raise_signal) for s in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def _children_ignore_terminal_signals() -> Any:
+    """Processes started inside inherit SIG_IGN for SIGINT and SIGHUP: the terminal's Ctrl-C or
+    hang-up reaches only this foreground process, which stops the job in order (submitit's local
+    controller would otherwise SIGKILL the job 1 s later and orphan its science command)."""
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def stop_local_job(controller_pid: int, grace_s: float = TERM_GRACE_S + 20.0) -> None:
+    """SIGTERM the local job (its controller forwards it; the job stops its command's process
+    group), wait for it, then SIGKILL whatever of its process tree is left."""
+    try:
+        os.kill(controller_pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    end = time.time() + grace_s
+    while time.time() < end and pid_alive(controller_pid):
+        _reap(controller_pid)
+        time.sleep(0.2)
+    if pid_alive(controller_pid):
+        log.warning("local job %d did not stop in %.0f s: killing its processes", controller_pid, grace_s)
+        kill_tree(controller_pid)
+    _reap(controller_pid)
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``, its descendants and the process groups they lead (science commands run
+    in their own session, with workers in their group)."""
+    tree = [pid, *_descendants(pid)]
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(p) == p and p != os.getpgrp():
+                os.killpg(p, signal.SIGKILL)
+            os.kill(p, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            job.result()
-        except Exception as exc:
-            progress(f"{member.field_id}: stage {stage.name} FAILED: {_first_line(exc)}")
-            raise SubmissionError(f"field {member.field_id}: stage {stage.name} failed",
-                                  f"see `hpcddf status {member.field_id}` and `hpcddf logs {member.field_id}`") from None
-        progress(f"{member.field_id}: stage {stage.name} done")
-    return ids
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
 
 
 def _first_line(exc: BaseException) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from hpcddf.atomic import write_text_atomic
 from hpcddf.backend import ChainMember, run_local_chain, submit_slurm_chain
-from hpcddf.errors import FieldError, PlanError, SubmissionError
+from hpcddf.errors import FieldError, PlanError, RunInterrupted, SubmissionError
 from hpcddf.fields import Field
 from hpcddf.nodejob import FROZEN_CONFIG, StageJob
 from hpcddf.plan import Plan, Stage
@@ -86,7 +86,8 @@ def _stage_jobs(site: Site, fj: FieldJob, stages: Sequence[Stage], recipe: dict[
     jobs = tuple(StageJob(site=site, field_id=fj.field.id, workdir=str(fj.field.workdir),
                           work_root=str(fj.field.workdir.parent), stage=s.name, steps=s.steps,
                           recipe=recipe, walltime_min=s.resources.walltime_min,
-                          last_stage=(s.name == fj.plan.stages[-1].name))
+                          last_stage=(s.name == fj.plan.stages[-1].name),
+                          foreground_pid=os.getpid() if site.scheduler == "local" else None)
                  for s in stages)
     return ChainMember(fj.field.id, fj.field.workdir, jobs)
 
@@ -232,7 +233,20 @@ def _run_local(site: Site, to_run: Sequence[tuple[FieldJob, list[Stage]]], recip
         except SubmissionError:
             update_state(fj.field.workdir, fj.field.id, _cancel_queued)  # as kill_on_invalid_dep does
             raise
+        except RunInterrupted:
+            update_state(fj.field.workdir, fj.field.id, _mark_interrupted)
+            raise
         result["fields"][fj.field.id] = {"status": "done", "jobs": ids}
+
+
+def _mark_interrupted(state: dict[str, Any]) -> None:
+    """The stage that ran is "interrupted" (its job says so itself unless it was killed), the
+    ones after it were never started."""
+    for s in state.get("stages", {}).values():
+        if s.get("state") in ("running", "requeued"):
+            s.update(state="interrupted", ended=now_iso(), note=s.get("note") or "interrupted")
+        elif s.get("state") == "queued":
+            s.update(state="cancelled", note="the run was interrupted before this stage")
 
 
 def _cancel_queued(state: dict[str, Any]) -> None:

@@ -62,6 +62,12 @@ class SubmissionError(HpcddfError):
     exit_code = ExitCode.SUBMIT
 
 
+class RunInterrupted(HpcddfError):
+    """A foreground local run was interrupted (Ctrl-C, SIGTERM, SIGHUP); its jobs were stopped."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
 class PreflightError(HpcddfError):
     """A node is unfit to run DDFacet: the report names every failed check."""
 

@@ -13,6 +13,7 @@ import pwd
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from hpcddf.durations import load_estimates, record_duration
 from hpcddf.errors import HpcddfError, PreflightError, StepFailed
 from hpcddf.preflight import clean_stale_shm, pid_alive, run_preflight
 from hpcddf.recipes import NodeInfo, build_steps
-from hpcddf.runner import RunContext, StopRequested, run_steps
+from hpcddf.runner import Interrupted, RunContext, StopRequested, run_steps
 from hpcddf.sites import Site
 from hpcddf.staging import clean_scratch, prepare_scratch
 from hpcddf.state import now_iso, update_state
@@ -56,6 +57,8 @@ class StageJob(submitit.helpers.Checkpointable):
     recipe: dict[str, Any]
     walltime_min: int
     last_stage: bool = False
+    # a local run: the pid of the foreground ``hpcddf`` this job must not outlive
+    foreground_pid: int | None = None
     _stop: bool = field(default=False, repr=False)
 
     # ---------------------------------------------------------------- entry point
@@ -64,6 +67,9 @@ class StageJob(submitit.helpers.Checkpointable):
         _log_to(wd / "logs" / f"hpcddf-{self.stage}.log")
         attempt = self._start()
         signal.signal(signal.SIGUSR1, self._on_usr1)
+        self._abort = threading.Event()
+        if self.foreground_pid:
+            self._guard_foreground(self.foreground_pid)
         try:
             scratch = prepare_scratch(self.site, self.field_id,
                                       tag=(job_id_from_env(os.environ) or str(os.getpid())).replace("_", "-"))
@@ -76,6 +82,9 @@ class StageJob(submitit.helpers.Checkpointable):
         except StopRequested as stop:
             self._early_requeue(stop.reason, attempt)
             raise AssertionError("unreachable: requeue exits")  # pragma: no cover
+        except Interrupted as exc:
+            self._record_interrupted(exc.reason)
+            raise
         except StepFailed as exc:
             self._record_failure(str(exc), {"step": exc.step, "argv": exc.argv,
                                             "returncode": exc.returncode, "log": exc.log_path,
@@ -106,11 +115,12 @@ class StageJob(submitit.helpers.Checkpointable):
                          safety_s=min(60.0, usable_s * 0.02),
                          estimates=load_estimates(Path(self.work_root)),
                          env=science_env(),
-                         on_step=self._on_step)
+                         on_step=self._on_step, abort_event=self._abort)
         if contained:
             ctx.launcher = self._launcher(wd, cache_dir.parent)
         if self._stop:
             ctx.stop_event.set()
+        ctx.abort_reason = getattr(self, "_abort_reason", ctx.abort_reason)
         self._ctx = ctx
         return run_steps(ctx, steps, walltime_s=usable_s)
 
@@ -164,6 +174,38 @@ class StageJob(submitit.helpers.Checkpointable):
         self._update(lambda s: s.update(state="requeued", note=reason, requeued_at=now_iso()))
         os.kill(os.getpid(), signal.SIGUSR2)  # submitit: checkpoint + requeue + exit
         time.sleep(60)
+
+    # ---------------------------------------------------------------- local runs
+    def _guard_foreground(self, pid: int) -> None:
+        """A local run must not outlive the ``hpcddf`` that started it.
+
+        SIGTERM (the foreground forwards Ctrl-C, SIGTERM and SIGHUP through submitit's local
+        controller) or the foreground's death (even by SIGKILL, which it cannot forward) stops
+        the running science command's process group at once and ends the stage "interrupted";
+        the done-markers let a rerun resume from the last finished step.
+        """
+        signal.signal(signal.SIGTERM, lambda signum, frame: self._abort_now(
+            f"interrupted by {signal.Signals(signum).name}"))
+
+        def watch() -> None:
+            while not self._abort.wait(0.5):
+                if not pid_alive(pid):
+                    self._abort_now(f"interrupted: hpcddf (pid {pid}) that started this local run is gone")
+        threading.Thread(target=watch, name="hpcddf-foreground-guard", daemon=True).start()
+
+    def _abort_now(self, reason: str) -> None:
+        ctx = getattr(self, "_ctx", None)
+        if ctx is not None:
+            ctx.abort_reason = reason
+        self._abort_reason = reason
+        self._abort.set()
+
+    def _record_interrupted(self, reason: str) -> None:
+        def change(s: dict[str, Any]) -> None:
+            self._elapsed(s)
+            s.update(state="interrupted", ended=now_iso(), note=reason, error=None)
+        self._update(change, timeout=10.0)
+        log.warning("stage %s: %s", self.stage, reason)
 
     def _on_usr1(self, signum: int, frame: Any) -> None:
         """ddf-pipeline's SIGUSR1: stop at the next step boundary."""

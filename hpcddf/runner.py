@@ -63,6 +63,15 @@ class Step:
     estimate_s: float | None = None
 
 
+class Interrupted(Exception):
+    """The run was interrupted from outside (the foreground ``hpcddf`` of a local run got a
+    signal or died): the running command was stopped, its step stays not-done."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class StopRequested(Exception):
     """The stage must stop at this step boundary (walltime, SIGUSR1); nothing failed."""
 
@@ -91,7 +100,9 @@ class RunContext:
     launcher: Launcher = no_container
     env: Mapping[str, str] = field(default_factory=dict)
     estimates: Mapping[str, float] = field(default_factory=dict)
-    stop_event: threading.Event = field(default_factory=threading.Event)
+    stop_event: threading.Event = field(default_factory=threading.Event)  # at the next step
+    abort_event: threading.Event = field(default_factory=threading.Event)  # now, mid-command
+    abort_reason: str = "interrupted"
     versions: Mapping[str, str] = field(default_factory=dict)
     on_step: Callable[[str, str, dict[str, Any]], None] | None = None
 
@@ -144,6 +155,8 @@ def run_steps(ctx: RunContext, steps: Sequence[Step], walltime_s: float | None =
         if read_marker(ctx, step) is not None:
             log.info("step %s: already done", step.name)
             continue
+        if ctx.abort_event.is_set():
+            raise Interrupted(f"{ctx.abort_reason}: stopped before step {step.name}")
         if ctx.stop_event.is_set():
             raise StopRequested("stop requested (signal): stopping before step " + step.name)
         check_fits(ctx, step, walltime_s)
@@ -198,10 +211,12 @@ def run_command(ctx: RunContext, step: str, cmd: Command) -> float:
         proc = subprocess.Popen(argv, cwd=ctx.workdir, stdout=fh, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         try:
-            rc = _wait(proc, cmd.timeout_s)
+            rc = _wait(proc, cmd.timeout_s, ctx.abort_event)
         except BaseException:
             terminate(proc)
             raise
+    if ctx.abort_event.is_set():
+        raise Interrupted(f"{ctx.abort_reason}: {Path(argv[0]).name} of step {step} stopped")
     if rc is None:
         raise StepFailed(step, argv, None, tail(log_path), str(log_path),
                          reason=f"timed out after {cmd.timeout_s:.0f} s")
@@ -210,15 +225,16 @@ def run_command(ctx: RunContext, step: str, cmd: Command) -> float:
     return time.time() - t0
 
 
-def _wait(proc: subprocess.Popen[bytes], timeout_s: float | None) -> int | None:
-    """Wait for the process; None on timeout (after terminating it)."""
+def _wait(proc: subprocess.Popen[bytes], timeout_s: float | None,
+          abort: threading.Event | None = None) -> int | None:
+    """Wait for the process; None on timeout or abort (after terminating it)."""
     end = None if timeout_s is None else time.time() + timeout_s
     while True:
         try:
             return proc.wait(timeout=0.5)
         except subprocess.TimeoutExpired:
             pass
-        if end is not None and time.time() > end:
+        if (end is not None and time.time() > end) or (abort is not None and abort.is_set()):
             terminate(proc)
             return None
 

@@ -12,7 +12,7 @@ from hpcddf.sites import Site
 from hpcddf.state import empty_state, find_fields, read_state
 
 log = logging.getLogger(__name__)
-FINAL = ("done", "failed", "cancelled")
+FINAL = ("done", "failed", "cancelled", "interrupted")
 
 
 def collect_status(site: Site, field_ids: Sequence[str] = (),
