@@ -17,8 +17,18 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$HASH" ]]; then
     exit 0
 fi
 command -v debootstrap >/dev/null || { echo "error: debootstrap is not installed (apt-get install debootstrap)" >&2; exit 1; }
-MIRROR=${HPCDDF_DEBIAN_MIRROR:-$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)}
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
+# The Debian mirror is the machine's own (its apt sources), never a host written here.
+apt_mirror() {
+    local f
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [[ -f "$f" ]] && awk '/^URIs:/{for (i = 2; i <= NF; i++) if ($i !~ /security/) {print $i; exit}}' "$f"
+    done
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [[ -f "$f" ]] && awk '$1 == "deb" {for (i = 2; i <= NF; i++) if ($i ~ /^(https?|file):/ && $i !~ /security/) {print $i; exit}}' "$f"
+    done
+}
+MIRROR=${HPCDDF_DEBIAN_MIRROR:-$(apt_mirror | head -n 1)}
+[[ -n "$MIRROR" ]] || { echo "error: no Debian mirror in the apt sources (set HPCDDF_DEBIAN_MIRROR=URL)" >&2; exit 1; }
 mkdir -p "$(dirname "$DEST")"
 TMP=$(mktemp -d "$DEST.building.XXXXXX")
 trap 'rm -rf "$TMP"' EXIT

@@ -174,3 +174,43 @@ def plain_user() -> bool:
     except (OSError, subprocess.SubprocessError) as exc:
         pytest.skip(f"running as root and cannot drop CAP_DAC_OVERRIDE here: {exc}")
     return True
+
+
+# ------------------------------------------------------------------ work units for pytest-xdist
+# `.ci/run` runs the suite on two workers (`-n 2 --dist loadgroup`). A work unit goes to one
+# worker whole: every module is a unit (its module fixtures are computed once), modules that
+# must not run beside each other share one (SHARED_UNITS), and units start heaviest first, so the
+# two workers finish together (longest-processing-time-first). Seconds of setup + calls measured
+# in `.ci/run` on 2 cores (`--durations`); a unit not listed is light and runs after these.
+UNIT_SECONDS = {
+    "local-reduction": 660,                       # the demo reduction, then the restart tests
+    "tests/science/test_bootstrap_reduction.py": 560,
+    "tests/science/test_offsets_reduction.py": 300,
+    "tests/science/test_phangs_postprocess.py": 260,
+    "tests/integration/test_phangs_slurm_chain.py": 170,
+    "tests/science/test_phangs_engine.py": 140,
+    "tests/integration/test_slurm_engine.py": 120,
+    "tests/science/test_phangs_casa.py": 70,
+    "tests/science/test_phangs_continuum.py": 60,
+}
+# The restart tests SIGKILL DDFacet and leave /dev/shm entries of dead processes until their
+# resubmit cleans them; the demo test asserts that none are left: never at the same time.
+SHARED_UNITS = {
+    "tests/science/test_demo_reduction.py": "local-reduction",
+    "tests/science/test_restart.py": "local-reduction",
+}
+
+
+def _unit(item: pytest.Item) -> str:
+    path = item.nodeid.split("::", 1)[0]
+    return SHARED_UNITS.get(path, path)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its work unit and put the heaviest units first (stable otherwise)."""
+    for item in items:
+        if not any(item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(_unit(item)))
+    order = {id(item): k for k, item in enumerate(items)}
+    items.sort(key=lambda it: (-UNIT_SECONDS.get(_unit(it), 0), order[id(it)]))

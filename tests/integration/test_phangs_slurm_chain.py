@@ -34,7 +34,7 @@ from hpcddf.phangs.casaenv import find_casa_env
 
 from .conftest import SITE_TEMPLATE, hpcddf, queue_empty_of, sacct_states, wait_for
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(1900)]
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(3600)]
 
 CASA_ENV = Path(os.environ.get("HPCDDF_CASA_ENV", "/work/casa-env"))
 STAGE_ORDER = ["stage_ms", "stage_line", "imaging", "postprocess", "derived"]

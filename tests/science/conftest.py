@@ -39,7 +39,7 @@ def science_stack() -> None:
         pytest.skip(f"science stack not installed ({why}); pip install -e '.[science]'")
 
 
-def hpcddf(*args: str, home: Path, timeout: float = 3600) -> subprocess.CompletedProcess[str]:
+def hpcddf(*args: str, home: Path, timeout: float = 3400) -> subprocess.CompletedProcess[str]:
     """The real command line, with a plain PATH: the science programs must be found by hpcddf."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
            "TMPDIR": str(home / "tmp")}

@@ -16,7 +16,7 @@ import pytest
 
 from tests.science.conftest import hpcddf
 
-pytestmark = pytest.mark.timeout(1800)
+pytestmark = pytest.mark.timeout(3600)
 
 FLUX_SCALE = (0.85, 1.0, 1.12, 0.93)  # injected per subband: the sky in MS k is multiplied by it
 
@@ -48,7 +48,7 @@ def field(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "names = ['VLSS', 'WENSS']\nradii = [40, 40]\nfrequencies = [74e6, 327e6]\n")
     (wd / "hpcddf.cfg").write_text(cfg)
     out = hpcddf("submit", "SIMB", "--site", "local", "--work-root", str(work),
-                 "--control-exitafter=bootstrap", home=home, timeout=1700)
+                 "--control-exitafter=bootstrap", home=home, timeout=3400)
     return {"wd": wd, "sim": sim, "out": out}
 
 

@@ -11,6 +11,8 @@ import pytest
 
 from tests.science.conftest import hpcddf
 
+pytestmark = pytest.mark.timeout(3600)  # the demo fixture: ~9 min here, 24 min seen on a slower machine
+
 FIELD = "SIM1"
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from tests.science.conftest import BIN
 
-pytestmark = pytest.mark.timeout(1500)
+pytestmark = pytest.mark.timeout(3600)
 
 SHIFT = (30.0, -20.0)  # arcsec east, north (a quarter beam): reference = truth + SHIFT
 BEAM_ARCSEC = 120.0
@@ -57,7 +57,7 @@ def _run(cmd, wd: Path) -> None:
     c = cmd.resolved(wd)
     with open(wd / c.log_name, "w") as log:
         env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
-        proc = subprocess.run(c.argv, cwd=wd, stdout=log, stderr=subprocess.STDOUT, timeout=1200, env=env)
+        proc = subprocess.run(c.argv, cwd=wd, stdout=log, stderr=subprocess.STDOUT, timeout=2400, env=env)
     assert proc.returncode == 0, (c.argv[:3], (wd / c.log_name).read_text()[-3000:])
 
 

@@ -40,7 +40,7 @@ from hpcddf.phangs.galaxy import GalaxySpec, channel_velocities, simulate_galaxy
 from hpcddf.phangs.keys import load_project
 from hpcddf.phangs.run import read_task_state, run_task
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = pytest.mark.timeout(1800)
 
 CASA_ENV = Path(os.environ.get("HPCDDF_CASA_ENV", "/work/casa-env"))
 SPEC = GalaxySpec(noise_jy=0.05, integration="60s")

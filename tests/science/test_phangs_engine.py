@@ -29,14 +29,14 @@ from hpcddf.errors import ConfigError
 from hpcddf.phangs.casaenv import find_casa_env
 from hpcddf.phangs.run import read_task_state
 
-pytestmark = pytest.mark.timeout(1500)
+pytestmark = pytest.mark.timeout(3600)
 
 CASA_ENV = Path(os.environ.get("HPCDDF_CASA_ENV", "/work/casa-env"))
 STEM = "simgal_12m_co21"
 CO21_HZ = 230.538e9
 
 
-def hpcddf(*args: str, timeout: float = 1400) -> subprocess.CompletedProcess[str]:
+def hpcddf(*args: str, timeout: float = 3400) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HPCDDF_CASA_ENV": str(CASA_ENV)}
     return subprocess.run([sys.executable, "-m", "hpcddf", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)

@@ -42,7 +42,7 @@ from hpcddf.phangs.run import read_task_state, run_task
 from hpcddf.phangs.submit import submit_phangs
 from hpcddf.sites import load_site
 
-pytestmark = pytest.mark.timeout(1800)
+pytestmark = pytest.mark.timeout(3600)
 
 CASA_ENV = Path(os.environ.get("HPCDDF_CASA_ENV", "/work/casa-env"))
 TRUTH_JYKMS = 150.0

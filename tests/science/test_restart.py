@@ -15,7 +15,9 @@ import pytest
 
 from tests.science.conftest import HPCDDF, hpcddf
 
-psutil = pytest.importorskip("psutil")
+import psutil
+
+pytestmark = pytest.mark.timeout(3600)
 
 
 def markers(wd: Path) -> dict[str, str]:
@@ -62,7 +64,7 @@ def test_killed_mid_stage_resumes_without_redoing_done_steps(field):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
-        wait_for(lambda: (wd / ".hpcddf" / "done" / "mask_diffuse.done.json").exists(), 600,
+        wait_for(lambda: (wd / ".hpcddf" / "done" / "mask_diffuse.done.json").exists(), 1800,
                  "the first steps of stage initial")
         ddf = wait_for(lambda: [p for p in processes_in(wd) if "image_dirin_SSD_m" in " ".join(p.cmdline())],
                        300, "DDF.py of image_dirin_SSD_m")
