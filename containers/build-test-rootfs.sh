@@ -26,8 +26,9 @@ apt_mirror() {
     for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
         [[ -f "$f" ]] && awk '$1 == "deb" {for (i = 2; i <= NF; i++) if ($i ~ /^(https?|file):/ && $i !~ /security/) {print $i; exit}}' "$f"
     done
+    return 0
 }
-MIRROR=${HPCDDF_DEBIAN_MIRROR:-$(apt_mirror | head -n 1)}
+MIRROR=${HPCDDF_DEBIAN_MIRROR:-$(apt_mirror | head -n 1 || true)}
 [[ -n "$MIRROR" ]] || { echo "error: no Debian mirror in the apt sources (set HPCDDF_DEBIAN_MIRROR=URL)" >&2; exit 1; }
 mkdir -p "$(dirname "$DEST")"
 TMP=$(mktemp -d "$DEST.building.XXXXXX")
