@@ -32,7 +32,13 @@ MIRROR=${HPCDDF_DEBIAN_MIRROR:-$(apt_mirror | head -n 1 || true)}
 [[ -n "$MIRROR" ]] || { echo "error: no Debian mirror in the apt sources (set HPCDDF_DEBIAN_MIRROR=URL)" >&2; exit 1; }
 mkdir -p "$(dirname "$DEST")"
 TMP=$(mktemp -d "$DEST.building.XXXXXX")
-trap 'rm -rf "$TMP"' EXIT
+# debootstrap mounts /proc inside the tree while it works: an interrupted build unmounts what is
+# mounted under the tree before removing it, and never crosses into another file system
+cleanup() {
+    awk -v t="$TMP/" 'index($2, t) == 1 {print $2}' /proc/mounts | sort -r | xargs -r -n 1 umount -l || true
+    rm -rf --one-file-system "$TMP" "$TMP.log"
+}
+trap cleanup EXIT
 echo "building test image in $TMP from $MIRROR (about 2.5 min)"
 debootstrap --variant=minbase --include=python3 bookworm "$TMP" "$MIRROR" >"$TMP.log" 2>&1 \
     || { tail -20 "$TMP.log" >&2; rm -f "$TMP.log"; exit 1; }
