@@ -177,11 +177,12 @@ def plain_user() -> bool:
 
 
 # ------------------------------------------------------------------ work units for pytest-xdist
-# `.ci/run` runs the suite on two workers (`-n 2 --dist loadgroup`). A work unit goes to one
-# worker whole: every module is a unit (its module fixtures are computed once), modules that
-# must not run beside each other share one (SHARED_UNITS), and units start heaviest first, so the
-# two workers finish together (longest-processing-time-first). Seconds of setup + calls measured
-# in `.ci/run` on 2 cores (`--durations`); a unit not listed is light and runs after these.
+# `.ci/run` runs the suite on two workers (`-n 2 --dist loadscope --no-loadscope-reorder`). A
+# work unit goes to one worker whole: every module is a unit (its module fixtures are computed
+# once), modules that must not run beside each other share one (SHARED_UNITS), and units start
+# heaviest first, so that the two workers finish together (longest-processing-time-first).
+# Seconds of setup + calls measured in `.ci/run` on 2 cores (`--durations`); a unit not listed is
+# light and runs after these, in collection order.
 UNIT_SECONDS = {
     "local-reduction": 660,                       # the demo reduction, then the restart tests
     "tests/science/test_bootstrap_reduction.py": 560,
@@ -201,16 +202,25 @@ SHARED_UNITS = {
 }
 
 
-def _unit(item: pytest.Item) -> str:
-    path = item.nodeid.split("::", 1)[0]
+def work_unit(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
     return SHARED_UNITS.get(path, path)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark each test with its work unit and put the heaviest units first (stable otherwise)."""
-    for item in items:
-        if not any(item.iter_markers("xdist_group")):
-            item.add_marker(pytest.mark.xdist_group(_unit(item)))
+    """The heaviest work units first; the order is stable otherwise (modules stay together)."""
     order = {id(item): k for k, item in enumerate(items)}
-    items.sort(key=lambda it: (-UNIT_SECONDS.get(_unit(it), 0), order[id(it)]))
+    items.sort(key=lambda it: (-UNIT_SECONDS.get(work_unit(it.nodeid), 0), order[id(it)]))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """xdist's scope scheduling with our work units as the scopes (its `xdist_group` marks do
+    not group under pytest 9, which no longer lets a plugin rename a test's node id)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+    return WorkUnitScheduling(config, log)
