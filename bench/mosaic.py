@@ -29,9 +29,9 @@ from astropy.wcs import WCS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hpcddf.mosaic import MosaicInput, MosaicOptions, make_mosaic, output_header  # noqa: E402
-from hpcddf.pointings import neighbourhood  # noqa: E402
-from hpcddf.survey_sim import FieldSpec, hex_grid, random_sources, write_field  # noqa: E402
+from hpcddf.mosaic.combine import MosaicInput, MosaicOptions, make_mosaic, output_header  # noqa: E402
+from hpcddf.mosaic.pointings import neighbourhood  # noqa: E402
+from hpcddf.mosaic.survey_sim import FieldSpec, hex_grid, random_sources, write_field  # noqa: E402
 
 SPACING = 2.58
 PB_FWHM = 3.8
@@ -62,7 +62,7 @@ def baseline(inputs: list[MosaicInput], header: fits.Header, out: Path) -> None:
     from reproject import reproject_interp
     from scipy.signal import medfilt2d
 
-    from hpcddf.mosaic import clipped_rms
+    from hpcddf.mosaic.combine import clipped_rms
     shape = (header["NAXIS2"], header["NAXIS1"])
     isum = np.zeros(shape, dtype=np.float32)
     wsum = np.zeros(shape, dtype=np.float32)

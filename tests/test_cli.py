@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcddf.config import load_config
+from hpcddf.lofar.config import load_config
 
 ALL_STAGES = ["initial", "dirin", "dirin_di", "bootstrap", "phase", "ampphase", "ampphase_di",
               "fullampphase", "fulllow", "final"]
@@ -455,7 +455,7 @@ def test_no_field(run_cli, cli_error, site_file):
 
 def test_demo_without_the_science_stack_says_how_to_install_it(tmp_path, monkeypatch):
     """With no DDF.py beside the interpreter or on PATH, the demo stops before simulating."""
-    from hpcddf.demo import run_demo
+    from hpcddf.lofar.demo import run_demo
     from hpcddf.errors import PlanError
     bindir = tmp_path / "bin"
     bindir.mkdir()

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from hpcddf.atomic import atomic_path
+from hpcddf.engine.atomic import atomic_path
 from hpcddf.errors import ConfigError
 
 PathLike = str | Path

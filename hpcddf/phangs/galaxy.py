@@ -46,7 +46,7 @@ import numpy as np
 from astropy.io import fits
 from scipy.special import erf
 
-from hpcddf.atomic import atomic_path, write_json_atomic, write_text_atomic
+from hpcddf.engine.atomic import atomic_path, write_json_atomic, write_text_atomic
 from hpcddf.errors import HpcddfError
 from hpcddf.phangs.casaenv import CasaEnv, find_casa_env, run_casa
 

@@ -42,9 +42,9 @@ from hpcddf.phangs.run import (
     read_task_state,
     update_task_state,
 )
-from hpcddf.plan import Resources
-from hpcddf.sites import Site
-from hpcddf.state import now_iso
+from hpcddf.engine.plan import Resources
+from hpcddf.engine.sites import Site
+from hpcddf.engine.state import now_iso
 
 JOBS_DIR = Path(".hpcddf") / "phangs-jobs"
 MAX_ARRAY_SIZE = 1000  # below Slurm's default MaxArraySize (1001): bigger stages are split
@@ -88,7 +88,7 @@ def _live_jobs(site: Site, states: dict[str, dict[str, Any]]) -> dict[str, str]:
                   and st.get("scheduler") == "slurm"}
     if not candidates:
         return {}
-    from hpcddf.slurm_query import query_jobs
+    from hpcddf.engine.slurm_query import query_jobs
     info = query_jobs(candidates.values())
     return {tid: job for tid, job in candidates.items() if job in info and info[job].active}
 
@@ -128,7 +128,7 @@ def _chunks(tasks: list[Task], size: int) -> list[list[Task]]:
 def _submit_array(site: Site, stage: str, tasks: list[Task], work: Path,
                   casa_env: str | None) -> list[str]:
     """One held array (a plain job for one task); the job id of each task."""
-    from hpcddf.backend import slurm_parameters
+    from hpcddf.engine.backend import slurm_parameters
     ex = submitit.SlurmExecutor(folder=work / JOBS_DIR / "%j",
                                 max_num_timeout=site.slurm.max_requeues)
     ex._throttling = 0.0  # one sbatch per stage: no need for submitit's pause between calls
@@ -186,7 +186,7 @@ def submit_slurm(site: Site, todo: list[tuple[str, list[Task]]], live: dict[str,
 def run_local(site: Site, todo: list[tuple[str, list[Task]]], work: Path,
               casa_env: str | None, progress: Callable[[str], None]) -> dict[str, str]:
     """Every task here, one after another, with submitit's local executor."""
-    from hpcddf.backend import _first_line
+    from hpcddf.engine.backend import _first_line
     ids: dict[str, str] = {}
     failed: list[str] = []
     for stage, tasks in todo:
@@ -299,7 +299,7 @@ def _work_dir_of(path: str | Path) -> Path:
 
 def _refresh_from_slurm(rows: list[dict[str, Any]]) -> None:
     """Live Slurm states of the tasks not finished (one squeue/sacct call)."""
-    from hpcddf.slurm_query import query_jobs
+    from hpcddf.engine.slurm_query import query_jobs
     pending = [r for r in rows if r.get("scheduler") == "slurm" and r.get("job_id")
                and r.get("state") not in FINAL_STATES]
     if not pending or shutil.which("squeue") is None:

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 import hpcddf
-from hpcddf.containers import make_launcher, spec_for
+from hpcddf.engine.containers import make_launcher, spec_for
 from hpcddf.errors import StepFailed
-from hpcddf.runner import Command, RunContext, run_command
+from hpcddf.engine.runner import Command, RunContext, run_command
 
 from .conftest import hpcddf as run_hpcddf, read_state, wait_for
 

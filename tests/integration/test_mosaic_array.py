@@ -1,7 +1,7 @@
 """Mosaics as ONE Slurm array on the real local cluster, each task waiting only for the
 neighbours still being reduced; and the same mosaic on the local default.
 
-The reduced fields are synthetic final images (hpcddf.survey_sim) written where a reduction
+The reduced fields are synthetic final images (hpcddf.mosaic.survey_sim) written where a reduction
 leaves them; the fields "being reduced" are real scaled-pipeline chains on the same cluster.
 """
 
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from hpcddf.mosaic import PRODUCTS
-from hpcddf.pointings import neighbourhood
-from hpcddf.state import read_state as read_dir_state
-from hpcddf.survey_sim import FieldSpec, SkySource, hex_grid, write_field
+from hpcddf.mosaic.combine import PRODUCTS
+from hpcddf.mosaic.pointings import neighbourhood
+from hpcddf.engine.state import read_state as read_dir_state
+from hpcddf.mosaic.survey_sim import FieldSpec, SkySource, hex_grid, write_field
 
 from .conftest import hpcddf, read_state, wait_for
 

@@ -23,7 +23,7 @@ FLUX_SCALE = (0.85, 1.0, 1.12, 0.93)  # injected per subband: the sky in MS k is
 
 @pytest.fixture(scope="module")
 def field(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from hpcddf.simulate import (DEFAULT_SOURCES, SimSpec, simulate_field, write_catalogue,
+    from hpcddf.lofar.simulate import (DEFAULT_SOURCES, SimSpec, simulate_field, write_catalogue,
                                  write_tgss_catalogue)
     home = tmp_path_factory.mktemp("bootstrap")
     work = home / "work"
@@ -82,7 +82,7 @@ def test_scaled_data_carries_the_true_flux_scale(field):
 def test_scaled_data_is_the_fitted_factor_times_the_source_column(field):
     from casacore.tables import table
 
-    from hpcddf.bootstrap import load_result
+    from hpcddf.lofar.bootstrap import load_result
     wd, sim = field["wd"], field["sim"]
     fit, _ = load_result(str(wd / "SIM-bootstrap-factors.json"))
     assert fit.n_sources >= 4 and np.all((fit.factors > 0.5) & (fit.factors < 2.0))
@@ -101,7 +101,7 @@ def test_scaled_data_is_the_fitted_factor_times_the_source_column(field):
 def test_a_rerun_of_the_apply_never_scales_twice(field):
     from casacore.tables import table
 
-    from hpcddf.bootstrap import apply_factors
+    from hpcddf.lofar.bootstrap import apply_factors
     wd, sim = field["wd"], field["sim"]
     ms = str(sim.ms[0])
     with table(ms, ack=False) as t:

@@ -21,7 +21,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     home = tmp_path_factory.mktemp("demo")
     proc = hpcddf("demo", "--work-root", str(home / "work"), "--field", FIELD, home=home)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    from hpcddf.demo import evaluate
+    from hpcddf.lofar.demo import evaluate
     wd = home / "work" / FIELD
     return {"proc": proc, "home": home, "workdir": wd, "result": evaluate(wd)}
 
@@ -77,7 +77,7 @@ def test_quality_of_the_final_image_against_catalogues_of_the_true_sky(demo, tmp
     """`hpcddf quality` on the reduced field: one catalogue is the true sky, the other the true
     sky 30" further north and in mJy; the offsets, flux ratios and units must come out."""
     from astropy.table import Table
-    from hpcddf.simulate import read_skymodel
+    from hpcddf.lofar.simulate import read_skymodel
     sky = read_skymodel(demo["workdir"] / "skymodel.txt")
     ra = [s.ra_deg for s in sky]
     dec = [s.dec_deg for s in sky]

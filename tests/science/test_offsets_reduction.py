@@ -28,7 +28,7 @@ BEAM_ARCSEC = 120.0
 
 
 def _sources(n: int, seed: int):
-    from hpcddf.simulate import Source
+    from hpcddf.lofar.simulate import Source
     rng = np.random.default_rng(seed)
     out: list[Source] = []
     while len(out) < n:
@@ -63,10 +63,10 @@ def _run(cmd, wd: Path) -> None:
 
 @pytest.fixture(scope="module")
 def field(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from hpcddf.config import load_config
-    from hpcddf.ddfcommands import Image, Machine, ddf_image
-    from hpcddf.reduction import FINAL_NS, Reduction, build
-    from hpcddf.simulate import SimSpec, simulate_field
+    from hpcddf.lofar.config import load_config
+    from hpcddf.lofar.ddfcommands import Image, Machine, ddf_image
+    from hpcddf.lofar.reduction import FINAL_NS, Reduction, build
+    from hpcddf.lofar.simulate import SimSpec, simulate_field
     wd = tmp_path_factory.mktemp("offsets") / "SIMO"
     sources = _sources(30, seed=3)
     # 30 bright sources need a better PSF than the demo's 16 stations x 8 min to be cleaned
@@ -124,7 +124,7 @@ def test_astromap_holds_the_direction_errors(field):
     from astropy.table import Table
     t = Table.read(field["wd"] / "pslocal-facet_offsets.fits")
     amap = fits.getdata(field["wd"] / "astromap.fits")
-    from hpcddf.reduction import FINAL_NS
+    from hpcddf.lofar.reduction import FINAL_NS
     n = fits.getheader(field["wd"] / f"{FINAL_NS}.app.restored.fits")["NAXIS1"] // 20
     assert amap.shape == (n, n)
     errs = np.hypot(t["RA_error"], t["DEC_error"])
@@ -137,7 +137,7 @@ def test_restore_and_shift_moves_sources_onto_the_reference(field):
     sense that brings them onto the reference catalogue (east = lower pixel x)."""
     from astropy.io import fits
     from astropy.table import Table
-    from hpcddf.reduction import FINAL_NS
+    from hpcddf.lofar.reduction import FINAL_NS
     wd = field["wd"]
     before = fits.getdata(wd / f"{FINAL_NS}.app.restored.fits").squeeze()
     after = fits.getdata(wd / f"{FINAL_NS}_shift.app.facetRestored.fits").squeeze()

@@ -40,7 +40,7 @@ from hpcddf.phangs.galaxy import GalaxySpec, simulate_galaxy
 from hpcddf.phangs.keys import Project, load_project
 from hpcddf.phangs.run import read_task_state, run_task
 from hpcddf.phangs.submit import submit_phangs
-from hpcddf.sites import load_site
+from hpcddf.engine.sites import load_site
 
 pytestmark = pytest.mark.timeout(3600)
 

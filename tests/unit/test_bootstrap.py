@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from hpcddf.bootstrap import (Catalogue, Matched, crossmatch, factor_at, log_prob, outliers,
+from hpcddf.lofar.bootstrap import (Catalogue, Matched, crossmatch, factor_at, log_prob, outliers,
                               profile_chi2, run_fit, unique_matches)
 
 CHAN = np.linspace(120e6, 168e6, 6)
@@ -107,8 +107,8 @@ def test_crossmatch_needs_a_unique_match_in_every_group_and_isolation(tmp_path):
 def test_scaled_data_is_the_factor_times_the_column_and_never_applied_twice(tmp_path):
     from casacore.tables import table
 
-    from hpcddf.bootstrap import apply_scaling
-    from hpcddf.simulate import SimSpec, simulate_field
+    from hpcddf.lofar.bootstrap import apply_scaling
+    from hpcddf.lofar.simulate import SimSpec, simulate_field
     ms = str(simulate_field(tmp_path / "sim", SimSpec(n_ms=1, nant=6, ntime=5)).ms[0])
     with table(ms, ack=False) as t:
         data = t.getcol("DATA")
@@ -122,7 +122,7 @@ def test_scaled_data_is_the_factor_times_the_column_and_never_applied_twice(tmp_
 
 
 def test_channel_fluxes_come_from_pybdsf_per_channel_columns():
-    from hpcddf.bootstrap import BootstrapError, channel_fluxes
+    from hpcddf.lofar.bootstrap import BootstrapError, channel_fluxes
     t = Table({"RA": [1.0, 2.0], "Total_flux": [1.0, 2.0],
                "Total_flux_ch1": [0.9, 1.8], "E_Total_flux_ch1": [0.1, 0.2], "Freq_ch1": [120e6, 120e6],
                "Total_flux_ch2": [1.1, np.nan], "E_Total_flux_ch2": [0.1, np.nan], "Freq_ch2": [150e6, 150e6]})

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from hpcddf.config import (Override, format_value, is_override, load_config, parse_override,
+from hpcddf.lofar.config import (Override, format_value, is_override, load_config, parse_override,
                            split_cli_args, uses_catalog_token)
 from hpcddf.errors import ConfigError, ExitCode
-from hpcddf.options import OPTIONS, SECTIONS, lookup
+from hpcddf.lofar.options import OPTIONS, SECTIONS, lookup
 
 pytestmark = pytest.mark.usefixtures("isolated_env")
 

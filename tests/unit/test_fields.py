@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-import hpcddf.atomic
-from hpcddf import fields
+import hpcddf.engine.atomic
+from hpcddf.engine import fields
 from hpcddf.errors import ExitCode, FieldError
-from hpcddf.fields import (Field, check_work_root, field_for, find_measurement_sets, make_mslists,
+from hpcddf.engine.fields import (Field, check_work_root, field_for, find_measurement_sets, make_mslists,
                            small_subset, validate_field_id)
-from hpcddf.sites import load_site, load_site_file
+from hpcddf.engine.sites import load_site, load_site_file
 
 pytestmark = pytest.mark.usefixtures("isolated_env")
 LOFAR = r"L[0-9]{5,7}"
@@ -254,7 +254,7 @@ def test_make_mslists_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         assert not Path(dst).exists()
         seen.append((Path(dst).name, Path(src).read_text()))
         return real_replace(src, dst)
-    monkeypatch.setattr(hpcddf.atomic.os, "replace", replace)
+    monkeypatch.setattr(hpcddf.engine.atomic.os, "replace", replace)
     make_mslists(fld, ms)
     assert seen == [("mslist.txt", f"{ms[2].name}\n{ms[6].name}\n"),
                     ("big-mslist.txt", "".join(f"{p.name}\n" for p in ms))]
@@ -267,7 +267,7 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     def boom(src, dst):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(hpcddf.atomic.os, "replace", boom)
+    monkeypatch.setattr(hpcddf.engine.atomic.os, "replace", boom)
     with pytest.raises(OSError):
         make_mslists(fld, ms)
     assert sorted(p.name for p in fld.workdir.iterdir() if p.is_file()) == []

@@ -11,10 +11,10 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from hpcddf.mosaic import (MosaicError, MosaicInput, MosaicOptions, beam_and_weight, clipped_rms,
+from hpcddf.mosaic.combine import (MosaicError, MosaicInput, MosaicOptions, beam_and_weight, clipped_rms,
                            make_mosaic, output_header, remove_islands)
-from hpcddf.pointings import neighbourhood
-from hpcddf.survey_sim import FieldSpec, SkySource, hex_grid, random_sources, write_field
+from hpcddf.mosaic.pointings import neighbourhood
+from hpcddf.mosaic.survey_sim import FieldSpec, SkySource, hex_grid, random_sources, write_field
 
 SPEC = FieldSpec(cell_arcsec=10.0, resolution_arcsec=40.0, npix=324, pb_fwhm_deg=0.6, noise=5e-4)
 SPACING = 0.4
@@ -61,7 +61,7 @@ def aperture_flux(image: np.ndarray, wcs: WCS, s: SkySource) -> float | None:
 
 def in_overlap(s: SkySource, pts) -> bool:
     """Whether at least two fields see the source above the beam cut."""
-    from hpcddf.pointings import separations, Pointing
+    from hpcddf.mosaic.pointings import separations, Pointing
     seps = separations(Pointing("s", s.ra, s.dec), pts)
     return sum(d < BEAMCUT_RADIUS * 0.95 for d in seps) >= 2
 
@@ -99,7 +99,7 @@ def test_noise_in_the_overlap_drops_as_the_weights_predict(tmp_path):
     measured = float(np.nanstd(image[box]))
     predicted = float(np.median(1 / np.sqrt(wsum[box])))
     # by hand: every field whose beam B = exp(-d^2 / 2 s^2) is above the cut adds (B / noise)^2
-    from hpcddf.pointings import Pointing, separations
+    from hpcddf.mosaic.pointings import Pointing, separations
     sig = SPEC.pb_fwhm_deg / (2 * math.sqrt(2 * math.log(2)))
     mid = Pointing("mid", mid_ra, (pts[0].dec + pts[1].dec) / 2)
     beams = [math.exp(-d ** 2 / (2 * sig ** 2)) for d in separations(mid, pts)]

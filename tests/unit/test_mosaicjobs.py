@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from hpcddf.mosaic import PRODUCTS
-from hpcddf.mosaicjobs import MosaicPlanError, parse_assignments, plan_mosaics
-from hpcddf.sites import load_site
-from hpcddf.survey_sim import hex_grid
+from hpcddf.mosaic.combine import PRODUCTS
+from hpcddf.mosaic.jobs import MosaicPlanError, parse_assignments, plan_mosaics
+from hpcddf.engine.sites import load_site
+from hpcddf.mosaic.survey_sim import hex_grid
 
 FULL = PRODUCTS["full"]
 
@@ -86,7 +86,7 @@ def test_scales_noises_and_products_are_checked(survey):
 
 def test_unsafe_ids_are_refused(survey):
     pts, work, site = survey
-    from hpcddf.pointings import Pointing
+    from hpcddf.mosaic.pointings import Pointing
     bad = [*pts, Pointing("../etc", 100.5, 40.5)]
     with pytest.raises(MosaicPlanError, match="cannot name a directory"):
         plan_mosaics(site, bad, pts[:1], ["full"], work)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hpcddf.offsets import (R_ARCSEC, applied_offsets, fit_facets, pair_separations)
+from hpcddf.lofar.offsets import (R_ARCSEC, applied_offsets, fit_facets, pair_separations)
 
 SHIFTS = {0: (1.2, -0.8), 1: (-0.5, 0.4), 2: (0.0, 1.5), 3: (2.0, 0.3)}  # LOFAR minus truth, arcsec
 
@@ -64,7 +64,7 @@ DDF = __import__("pathlib").Path(__file__).parent.parent / "data" / "ddf"
 
 
 def test_ddfacet_facets_are_read_and_every_facet_centre_lies_in_its_own_facet():
-    from hpcddf.offsets import facet_of, read_facet_coords, read_tessel
+    from hpcddf.lofar.offsets import facet_of, read_facet_coords, read_tessel
     facets = read_tessel(str(DDF / "image_full_ampphase_di_m.NS.tessel.reg"))
     assert [f.index for f in facets] == list(range(16))
     assert {f.direction for f in facets} == {0, 1, 2} and all(len(f.polygon) >= 3 for f in facets)
@@ -75,7 +75,7 @@ def test_ddfacet_facets_are_read_and_every_facet_centre_lies_in_its_own_facet():
 
 
 def test_the_shift_file_gives_each_facet_its_directions_offset_in_pixels():
-    from hpcddf.offsets import facet_offset_text, read_facet_coords, read_tessel
+    from hpcddf.lofar.offsets import facet_offset_text, read_facet_coords, read_tessel
     facets = read_tessel(str(DDF / "image_full_ampphase_di_m.NS.tessel.reg"))
     coords = read_facet_coords(str(DDF / "image_full_ampphase_di_m.NS.facetCoord.txt"))
     text = facet_offset_text(coords, facets, {0: (3.0, -1.5), 1: (0.0, 0.0), 2: (-6.0, 6.0)}, 1.5)
@@ -88,7 +88,7 @@ def test_the_shift_file_gives_each_facet_its_directions_offset_in_pixels():
 
 
 def _cfg(tmp_path, *overrides):
-    from hpcddf.config import load_config
+    from hpcddf.lofar.config import load_config
     return load_config([], ["--offsets-method=pslocal", *overrides])
 
 
@@ -96,7 +96,7 @@ def test_the_reference_catalogue_is_checked_before_anything_is_queued(tmp_path):
     from astropy.table import Table
 
     from hpcddf.errors import ConfigError
-    from hpcddf.offsets import read_reference, reference_catalogue
+    from hpcddf.lofar.offsets import read_reference, reference_catalogue
     with pytest.raises(ConfigError, match="needs a local reference catalogue"):
         reference_catalogue(_cfg(tmp_path))
     with pytest.raises(ConfigError, match="does not exist"):
@@ -115,7 +115,7 @@ def test_offsets_table_and_astromap_hold_each_directions_result(tmp_path):
     from astropy.table import Table
     from astropy.wcs import WCS
 
-    from hpcddf.offsets import EMPTY, AxisFit, FacetOffset, astromap, offsets_table, read_tessel
+    from hpcddf.lofar.offsets import EMPTY, AxisFit, FacetOffset, astromap, offsets_table, read_tessel
     facets = read_tessel(str(DDF / "image_full_ampphase_di_m.NS.tessel.reg"))
     dirs = sorted({f.direction for f in facets})
     fits_ = [FacetOffset(d, 30, AxisFit(0.5 * d, 0.1 * (d + 1), 1.0, 10.0, 1.0, 1.0, 20.0, 4.0),
@@ -140,7 +140,7 @@ def test_offsets_table_and_astromap_hold_each_directions_result(tmp_path):
 def test_the_histogram_geometry_scales_with_the_beam_so_coarse_images_work():
     """A 120" image: positions scatter by arcsec and the shift is tens of arcsec, beyond the
     6"-beam geometry's 5" prior; the beam-scaled geometry recovers it."""
-    from hpcddf.offsets import LOFAR, Geometry
+    from hpcddf.lofar.offsets import LOFAR, Geometry
     geo = Geometry.for_beam(120.0)
     assert geo.scale == 20.0 and geo.radius == 1200.0 and geo.max_offset == 100.0
     assert Geometry.for_beam(6.0) == LOFAR and Geometry.for_beam(4.0) == LOFAR
@@ -190,13 +190,13 @@ def source_catalogue(seed: int = 0, n_point: int = 2600, n_resolved: int = 150, 
 
 @pytest.fixture(scope="module")
 def envelope_field():
-    from hpcddf.offsets import compact_selection
+    from hpcddf.lofar.offsets import compact_selection
     table, kind = source_catalogue(seed=1)
     return table, kind, compact_selection(table, BMAJ)
 
 
 def test_the_envelope_rejects_resolved_sources_and_keeps_point_sources(envelope_field):
-    from hpcddf.offsets import snr_and_log_ratio
+    from hpcddf.lofar.offsets import snr_and_log_ratio
     table, kind, sel = envelope_field
     assert sel.method == "envelope" and sel.reason == ""
     assert len(sel.envelope.snr) == 16  # 4000 sources: N/250 bins, every one with a point
@@ -226,7 +226,7 @@ def test_the_envelope_narrows_with_snr_and_is_flat_beyond_its_bins(envelope_fiel
 
 
 def test_compact_says_how_it_chose_and_returns_the_selection(envelope_field, capsys):
-    from hpcddf.offsets import compact
+    from hpcddf.lofar.offsets import compact
     table, _, sel = envelope_field
     assert (compact(table, BMAJ) == sel.keep).all()
     out = capsys.readouterr().out
@@ -236,7 +236,7 @@ def test_compact_says_how_it_chose_and_returns_the_selection(envelope_field, cap
 
 def test_a_small_field_falls_back_to_the_cuts(capsys):
     """~30 sources, as the simulated field of the science test: no envelope, the cuts alone."""
-    from hpcddf.offsets import compact, compact_selection, isolated_small_sources
+    from hpcddf.lofar.offsets import compact, compact_selection, isolated_small_sources
     table, kind = source_catalogue(seed=2, n_point=26, n_resolved=2, n_extended=4)
     sel = compact_selection(table, BMAJ)
     assert sel.method == "cuts only" and sel.envelope is None
@@ -249,7 +249,7 @@ def test_a_small_field_falls_back_to_the_cuts(capsys):
 
 def test_too_few_compact_sources_per_bin_fall_back_to_the_cuts():
     """Enough sources for bins (2000: 8 of them), but mostly extended: 20 compact ones a bin."""
-    from hpcddf.offsets import compact_selection
+    from hpcddf.lofar.offsets import compact_selection
     table, _ = source_catalogue(seed=3, n_point=150, n_resolved=10, n_extended=1840)
     sel = compact_selection(table, BMAJ)
     assert sel.envelope is None and "compact sources in an S/N bin (need 30)" in sel.reason
@@ -259,14 +259,14 @@ def test_too_few_compact_sources_per_bin_fall_back_to_the_cuts():
 @pytest.mark.parametrize("n, bins", [(25000, 25), (9999, 19), (4999, 19), (2600, 10), (1249, 4), (200, 0)])
 def test_snr_bins_follow_ddf_pipelines_rule(n, bins):
     """N/1000 bins, else N/500, else N/250 when the first gives fewer than 10."""
-    from hpcddf.offsets import snr_bin_edges
+    from hpcddf.lofar.offsets import snr_bin_edges
     edges = snr_bin_edges(n, np.arange(1.0, 301.0))
     assert max(len(edges) - 1, 0) == bins
 
 
 def test_bins_hold_their_faintest_and_brightest_source():
     """ddf-pipeline's open bins (edge < S/N < edge) dropped the extremes; each source is in one bin."""
-    from hpcddf.offsets import _bin_index, snr_bin_edges
+    from hpcddf.lofar.offsets import _bin_index, snr_bin_edges
     snr = np.random.default_rng(4).uniform(3, 300, 500)
     idx = _bin_index(snr, snr_bin_edges(2500, snr))
     assert idx.min() == 0 and idx.max() == 9 and np.bincount(idx).tolist() == [50] * 10
@@ -274,7 +274,7 @@ def test_bins_hold_their_faintest_and_brightest_source():
 
 
 def test_the_envelope_fit_recovers_a_known_curve():
-    from hpcddf.offsets import envelope_model, fit_envelope
+    from hpcddf.lofar.offsets import envelope_model, fit_envelope
     snr = np.geomspace(3, 300, 12)
     truth = (0.2, 1.5, 10.0, 0.15)
     coeffs = fit_envelope(snr, envelope_model(snr, truth))
@@ -287,7 +287,7 @@ def test_the_envelope_point_is_where_the_full_tail_is_five_times_the_compact_one
     """Compact: N(0, 0.1); full: 70 % of those plus 30 % spread over ln(S_I/S_P) 0.3-2. The
     compact survival function at 0.2 (2 sigma) is 0.023, the full one > 0.3: the point lies
     between 1 and 2 sigma, on the 0.01 grid."""
-    from hpcddf.offsets import envelope_point
+    from hpcddf.lofar.offsets import envelope_point
     rng = np.random.default_rng(6)
     comp = rng.normal(0.0, 0.1, 700)
     full = np.concatenate([rng.normal(0.0, 0.1, 700), rng.uniform(0.3, 2.0, 300)])

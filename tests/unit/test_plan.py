@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from hpcddf.config import load_config
+from hpcddf.lofar.config import load_config
 from hpcddf.errors import ConfigError, FieldError, PlanError
-from hpcddf.plan import chains, plan_reduction
-from hpcddf.sites import load_site, load_site_file
-from hpcddf.steps import STAGES, STEP_NAMES, STEPS
-from hpcddf.submit import DEFAULT_LISTS, dry_run_document, field_config, prepare
+from hpcddf.engine.plan import chains, plan_reduction
+from hpcddf.engine.sites import load_site, load_site_file
+from hpcddf.lofar.steps import STAGES, STEP_NAMES, STEPS
+from hpcddf.lofar.prepare import DEFAULT_LISTS, dry_run_document, field_config, prepare
 
 pytestmark = pytest.mark.usefixtures("isolated_env")
 
@@ -306,7 +306,7 @@ def test_field_config_layering(site, tmp_path: Path, data_dir: Path):
     (wd / "hpcddf.cfg").write_text("[data]\nmslist = own.txt\n[solutions]\nndir = 12\n")
     given = tmp_path / "given.cfg"
     given.write_text("[data]\nmslist = given.txt\nfull_mslist = big.txt\n[solutions]\nndir = 30\n")
-    from hpcddf.config import parse_override
+    from hpcddf.lofar.config import parse_override
     cfg = field_config(site, wd, [str(given)], [parse_override("--solutions-ndir=99")])
     assert cfg.get("data", "mslist") == "own.txt"          # field config beats -c files
     assert cfg.get("data", "full_mslist") == "big.txt"

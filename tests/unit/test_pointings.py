@@ -7,9 +7,9 @@ import math
 import pytest
 from astropy.table import Table
 
-from hpcddf.pointings import (Pointing, PointingsError, neighbourhood, parse_region, read_pointings,
+from hpcddf.mosaic.pointings import (Pointing, PointingsError, neighbourhood, parse_region, read_pointings,
                               select_centres)
-from hpcddf.survey_sim import hex_grid
+from hpcddf.mosaic.survey_sim import hex_grid
 
 
 def on_equator(seps: dict[str, float]) -> list[Pointing]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hpcddf.errors import PreflightError
-from hpcddf.preflight import (
+from hpcddf.engine.preflight import (
     Check,
     NodePaths,
     PreflightReport,
@@ -21,7 +21,7 @@ from hpcddf.preflight import (
     pid_alive,
     run_preflight,
 )
-from hpcddf.sites import ContainerSection, NodeSection, PreflightSection, Site
+from hpcddf.engine.sites import ContainerSection, NodeSection, PreflightSection, Site
 
 THP_MADVISE = "always defer defer+madvise [madvise] never\n"
 
@@ -348,7 +348,7 @@ def test_a_zombie_is_not_alive() -> None:
     import subprocess
     import time
 
-    from hpcddf.preflight import pid_alive
+    from hpcddf.engine.preflight import pid_alive
     child = subprocess.Popen(["true"])
     try:
         for _ in range(100):  # until it has exited (and, unreaped, become a zombie)

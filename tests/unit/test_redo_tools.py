@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpcddf.config import load_config
-from hpcddf.redo import apply_redofrom, apply_restart_policy
-from hpcddf.tools import CLUSTER_DTYPE, cluster_catalogue, merge_masks, write_summary
+from hpcddf.lofar.config import load_config
+from hpcddf.lofar.redo import apply_redofrom, apply_restart_policy
+from hpcddf.lofar.tools import CLUSTER_DTYPE, cluster_catalogue, merge_masks, write_summary
 
 fits = pytest.importorskip("astropy.io.fits", reason="the node tools need astropy (science extra)")
 
@@ -63,8 +63,8 @@ def test_redofrom_drops_the_bootstrap_columns_so_it_is_redone(tmp_path):
     twice); a redone field must therefore lose them, or it would keep the old factors."""
     from casacore.tables import table
 
-    from hpcddf.bootstrap import apply_scaling
-    from hpcddf.simulate import SimSpec, simulate_field
+    from hpcddf.lofar.bootstrap import apply_scaling
+    from hpcddf.lofar.simulate import SimSpec, simulate_field
     sim = simulate_field(tmp_path / "L1", SimSpec(n_ms=1, nant=6, ntime=5))
     ms = str(sim.ms[0])
     assert apply_scaling(ms, 1.2, "DATA") and apply_scaling(ms, 1.2, "DATA", "DATA_DI_CORRECTED_SCALED")
@@ -109,7 +109,7 @@ def test_merge_masks_is_the_union_and_skips_missing_optional_masks(tmp_path):
 
 def test_external_mask_is_not_written_when_empty(tmp_path):
     tpl = _fits(tmp_path / "t.fits", np.ones((1, 1, 16, 16)))
-    proc = subprocess.run([sys.executable, "-m", "hpcddf.tools", "external-mask", "--template", tpl,
+    proc = subprocess.run([sys.executable, "-m", "hpcddf.lofar.tools", "external-mask", "--template", tpl,
                            "--out", "ext.fits", "--record", "ext.json"], cwd=tmp_path,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from hpcddf.config import load_config
-from hpcddf.ddfcommands import Machine
+from hpcddf.lofar.config import load_config
+from hpcddf.lofar.ddfcommands import Machine
 from hpcddf.errors import PlanError
-from hpcddf.plan import plan_reduction
-from hpcddf.recipes import NodeInfo, build_steps, machine
-from hpcddf.reduction import BUILDERS, Reduction, build, unsupported
-from hpcddf.runner import Command
-from hpcddf.sites import load_site
+from hpcddf.engine.plan import plan_reduction
+from hpcddf.lofar.recipes import NodeInfo, build_steps, machine
+from hpcddf.lofar.reduction import BUILDERS, Reduction, build, unsupported
+from hpcddf.engine.runner import Command
+from hpcddf.engine.sites import load_site
 
 DATA = Path(__file__).parent.parent / "data"
 TIER1 = str(DATA / "tier1-sep2024.cfg")
@@ -183,7 +183,7 @@ def test_bootstrap_images_a_cube_per_observation_and_scales_both_lists():
                 "--Weight-Robust=-0.25", "--DDESolutions-DDSols=DDS0_smoothed", "--Deconv-MaxMajorIter=5",
                 "--Mask-SigTh=15", "--Selection-UVRangeKm=[0.1,25.75]", "--Deconv-Mode=SSD"):
         assert opt in argv, opt
-    tools = {c.argv[3]: c.argv[4:] for c in step.commands if c.argv[1:3] == ("-m", "hpcddf.tools")}
+    tools = {c.argv[3]: c.argv[4:] for c in step.commands if c.argv[1:3] == ("-m", "hpcddf.lofar.tools")}
     assert tools["write-list"] == ("--out", "bootstrap_L1_mslist.txt", *MS)
     assert tools["bootstrap-fit"][:2] == ("--cube", "image_bootstrap_L1.cube.int.restored.fits")
     # every MS of the observation in either list gets SCALED_DATA, and the DI column is scaled too
@@ -197,7 +197,7 @@ def test_bootstrap_mask_is_tgss_on_the_dirty_grid_or_makemask():
     (and are the whole mask without a TGSS file)."""
     def tools(red: Reduction) -> dict:
         [step] = build(red, "bootstrap", ["bootstrap"])
-        return {c.argv[3]: c.argv[4:] for c in step.commands if c.argv[1:3] == ("-m", "hpcddf.tools")}
+        return {c.argv[3]: c.argv[4:] for c in step.commands if c.argv[1:3] == ("-m", "hpcddf.lofar.tools")}
     with_tgss = tools(boot("--masking-tgss=/cats/tgss.fits", "--masking-tgss_radius=5"))
     ext = with_tgss["external-mask"]
     assert ext[:2] == ("--template", "image_bootstrap_L1.dirty.fits")
@@ -264,8 +264,8 @@ def test_quality_runs_as_the_last_step_when_configured_and_its_catalogues_are_ch
     from astropy.table import Table
 
     from hpcddf.errors import ConfigError
-    from hpcddf.reduction import check_inputs
-    from hpcddf.plan import group_steps
+    from hpcddf.lofar.reduction import check_inputs
+    from hpcddf.engine.plan import group_steps
     cat = tmp_path / "first.fits"
     Table({"RA": [1.0], "DEC": [2.0], "Total_flux": [1.0], "E_Total_flux": [0.1]}).write(cat)
     r = tier1(f"--control-quality=['FIRST={cat}:10']")

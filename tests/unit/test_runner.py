@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hpcddf.errors import StepFailed
-from hpcddf.runner import (Command, RunContext, Step, StopRequested, marker_path, read_marker,
+from hpcddf.engine.runner import (Command, RunContext, Step, StopRequested, marker_path, read_marker,
                            run_steps)
 
 

@@ -12,9 +12,9 @@ import pytest
 np = pytest.importorskip("numpy")
 ct = pytest.importorskip("casacore.tables")
 
-from hpcddf.config import load_config
+from hpcddf.lofar.config import load_config
 from hpcddf.errors import HpcddfError
-from hpcddf.simulate import (
+from hpcddf.lofar.simulate import (
     ARRAY_RADIUS_M,
     CS002_ITRF,
     DEFAULT_SOURCES,
@@ -385,7 +385,7 @@ def test_config_loads(field: SimResult) -> None:
 
 def test_program(tmp_path: Path, isolated_env: dict[str, str]) -> None:
     out = tmp_path / "cli"
-    argv = [sys.executable, "-m", "hpcddf.simulate", str(out), "--n-ms", "1", "--ntime", "5"]
+    argv = [sys.executable, "-m", "hpcddf.lofar.simulate", str(out), "--n-ms", "1", "--ntime", "5"]
     proc = subprocess.run(argv, env=isolated_env, capture_output=True, text=True, timeout=120,
                           check=False)
     assert proc.returncode == 0, proc.stderr
@@ -401,7 +401,7 @@ def test_program(tmp_path: Path, isolated_env: dict[str, str]) -> None:
 
 def test_dde_phase_screens_have_no_gradient_across_the_array() -> None:
     """A linear phase gradient only shifts a source, which self-calibration cannot correct."""
-    from hpcddf.simulate import dde_phases, integration_times, station_en, station_layout
+    from hpcddf.lofar.simulate import dde_phases, integration_times, station_en, station_layout
     spec = SimSpec(nant=12, ntime=8, dde_rms_deg=20.0)
     _, itrf = station_layout(spec)
     en = station_en(itrf)
@@ -427,7 +427,7 @@ def test_a_flux_scale_error_per_ms_scales_the_sky_only(tmp_path):
 def test_the_true_sky_as_a_pybdsm_catalogue(tmp_path):
     from astropy.table import Table
 
-    from hpcddf.simulate import DEFAULT_SOURCES, write_catalogue
+    from hpcddf.lofar.simulate import DEFAULT_SOURCES, write_catalogue
     t = Table.read(write_catalogue(tmp_path / "vlss.fits", DEFAULT_SOURCES))
     assert t.colnames == ["RA", "DEC", "Total_flux", "E_Total_flux"] and len(t) == len(DEFAULT_SOURCES)
     assert t["Total_flux"][0] == DEFAULT_SOURCES[0].flux_jy

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hpcddf.errors import ExitCode, SiteError
-from hpcddf.sites import (MANAGED_SBATCH, available_sites, load_site, load_site_file, site_dirs,
+from hpcddf.engine.sites import (MANAGED_SBATCH, available_sites, load_site, load_site_file, site_dirs,
                           walltime_minutes)
 
 pytestmark = pytest.mark.usefixtures("isolated_env")

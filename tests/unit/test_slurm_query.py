@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hpcddf.slurm_query import parse_elapsed, parse_jobs, sacct_argv, squeue_argv
+from hpcddf.engine.slurm_query import parse_elapsed, parse_jobs, sacct_argv, squeue_argv
 
 SACCT = """30354973_0|COMPLETED|5|1|vm|None
 30354974_1|CANCELLED by 0|0|1|None assigned|Dependency

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-import hpcddf.staging as staging
+import hpcddf.engine.staging as staging
 from hpcddf.errors import StagingError
-from hpcddf.sites import NodeSection, Site
-from hpcddf.staging import (
+from hpcddf.engine.sites import NodeSection, Site
+from hpcddf.engine.staging import (
     PART_SUFFIX,
     Scratch,
     clean_scratch,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hpcddf.errors import FieldError
-from hpcddf.state import (STATE_VERSION, empty_state, find_fields, locked, read_state, state_path,
+from hpcddf.engine.state import (STATE_VERSION, empty_state, find_fields, locked, read_state, state_path,
                           update_state)
 
 WRITERS = 20

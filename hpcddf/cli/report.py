@@ -1,0 +1,125 @@
+"""Human-readable views (rich tables) of plans, sites, configs and field states.
+
+Only presentation lives here: every function takes plain data and returns something printable.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from rich.table import Table
+
+from hpcddf.lofar.config import PipelineConfig, format_value
+from hpcddf.lofar.options import SECTIONS
+from hpcddf.engine.sites import Site
+
+
+def plan_table(doc: dict[str, Any]) -> Table:
+    t = Table(title=f"plan on site {doc['site']} ({doc['scheduler']}): "
+                    f"{len(doc['fields'])} field(s), {doc['chains']} chain(s)")
+    for col in ("chain", "stage", "fields", "steps", "node", "walltime", "after"):
+        t.add_column(col, overflow="fold")
+    for s in doc["stages"]:
+        r = s["resources"]
+        fields = ", ".join(s["fields"]) if len(s["fields"]) <= 3 else f"{len(s['fields'])} fields (array)"
+        t.add_row(str(s["chain"]), s["name"], fields, "\n".join(s["steps"]),
+                  f"{r['cpus']} cpu, {r['mem_gb']} GB" + (", exclusive" if r["exclusive"] else ""),
+                  minutes(r["walltime_min"]), ", ".join(s["depends_on"]) or "-")
+    return t
+
+
+def minutes(m: float | int | None) -> str:
+    if m is None:
+        return "-"
+    m = int(m)
+    d, rem = divmod(m, 1440)
+    return (f"{d}-" if d else "") + f"{rem // 60:02d}:{rem % 60:02d}"
+
+
+def seconds(s: float | int | None) -> str:
+    if s is None:
+        return "-"
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def config_table(cfg: PipelineConfig) -> Table:
+    t = Table(title="effective configuration" + (f" ({', '.join(cfg.files)})" if cfg.files else " (defaults)"))
+    for col in ("section", "option", "value", "from"):
+        t.add_column(col, overflow="fold")
+    for section in SECTIONS:
+        for opt, value in cfg.items():
+            if opt.section == section:
+                t.add_row(section, opt.name, format_value(value),
+                          cfg.origins.get((section, opt.name), "default"))
+    return t
+
+
+def sites_table(sites: dict[str, Site | Exception]) -> Table:
+    t = Table(title="sites")
+    for col in ("name", "scheduler", "node", "walltime", "container", "file"):
+        t.add_column(col, overflow="fold")
+    for name, site in sites.items():
+        if isinstance(site, Exception):
+            t.add_row(name, "[red]invalid[/red]", str(site), "", "", "")
+            continue
+        t.add_row(name, site.scheduler, f"{site.node.cpus} cpu, {site.node.mem_gb} GB",
+                  site.slurm.max_walltime, site.container.runtime, site.path)
+    return t
+
+
+def site_text(site: Site) -> str:
+    lines = [f"# site {site.name}: {site.path}"]
+    for key, value in site.to_dict().items():
+        if isinstance(value, dict):
+            lines.append(f"\n[{key}]")
+            lines.extend(f"{k} = {_toml(v)}" for k, v in value.items())
+        elif key not in ("name", "path"):
+            lines.append(f"{key} = {_toml(value)}")
+    return "\n".join(ln for ln in lines if ln != "") + "\n"
+
+
+def _toml(v: Any) -> str:
+    if v is None or v == "":
+        return '""  # not set'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return str(v)
+
+
+def status_table(states: Sequence[dict[str, Any]], title: str = "fields") -> Table:
+    stale = next((st["stale"] for st in states if st.get("stale")), None)
+    t = Table(title=title + (f" — {stale}" if stale else ""))
+    first_col, second_col = ("field", "stage") if title == "fields" else ("centre", "product")
+    for col in (first_col, second_col, "job", "state", "attempts", "elapsed", "node-hours", "note"):
+        t.add_column(col, overflow="fold")
+    for st in states:
+        stages = st.get("stages") or {}
+        if not stages:
+            t.add_row(st["field"], "-", "-", "not submitted", "-", "-", "-", "")
+            continue
+        first = True
+        order = [p["name"] for p in (st.get("plan") or {}).get("stages", [])]
+        for name, s in sorted(stages.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
+            live = f" ({s['slurm_state']})" if s.get("slurm_state") else ""
+            t.add_row(st["field"] if first else "", name, str(s.get("job_id") or "-"),
+                      s.get("state", "?") + live, str(s.get("attempts", 0)), seconds(s.get("elapsed_s")),
+                      f"{s['node_hours']:.2f}" if s.get("node_hours") is not None else "-",
+                      _note(s))
+            first = False
+        if st.get("quality"):
+            t.add_row("", "quality", "-", "done", "-", "-", "-", st["quality"]["summary"])
+    return t
+
+
+def _note(stage: dict[str, Any]) -> str:
+    err = stage.get("error")
+    if isinstance(err, dict):
+        return str(err.get("message", ""))
+    return str(err or stage.get("note") or "")

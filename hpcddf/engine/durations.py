@@ -1,0 +1,40 @@
+"""Measured step durations, shared across attempts and fields of a site's work root.
+
+The runner uses them to decide whether a step still fits in the walltime left; a survey's
+later fields thus plan with the durations its earlier fields measured.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from hpcddf.engine.atomic import write_json_atomic
+from hpcddf.engine.state import locked
+
+KEEP = 20  # most recent measurements kept per step
+
+
+def durations_file(work_root: Path) -> Path:
+    return work_root / ".hpcddf" / "durations.json"
+
+
+def load_estimates(work_root: Path) -> dict[str, float]:
+    """Median of the recent measured durations of each step."""
+    try:
+        data = json.loads(durations_file(work_root).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return {step: float(statistics.median(v)) for step, v in data.items() if v}
+
+
+def record_duration(work_root: Path, step: str, seconds: float) -> None:
+    path = durations_file(work_root)
+    with locked(work_root):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            data = {}
+        data[step] = (data.get(step, []) + [round(seconds, 3)])[-KEEP:]
+        write_json_atomic(path, data)

@@ -1,0 +1,289 @@
+"""What runs on the compute node for one stage of one field (a submitit Checkpointable).
+
+preflight -> scratch -> run the stage's steps not yet done -> record the outcome. On the
+walltime signal submitit calls :meth:`StageJob.checkpoint` and requeues the job; the next
+attempt starts over here and the done-markers make it resume after the last finished step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import submitit
+
+from hpcddf.lofar.config import load_config
+from hpcddf.engine.durations import load_estimates, record_duration
+from hpcddf.errors import HpcddfError, PreflightError, StepFailed
+from hpcddf.engine.preflight import clean_stale_shm, pid_alive, run_preflight
+from hpcddf.lofar.recipes import NodeInfo, build_steps
+from hpcddf.engine.runner import Interrupted, RunContext, StopRequested, run_steps
+from hpcddf.engine.sites import Site
+from hpcddf.engine.staging import clean_scratch, prepare_scratch
+from hpcddf.engine.state import now_iso, update_state
+
+log = logging.getLogger("hpcddf.job")
+
+FROZEN_CONFIG = "pipeline.cfg"  # the effective config written at submit, in .hpcddf/
+SLURM_SIGNAL_SLACK_S = 30  # slurmctld checks time limits every 30 s
+
+
+def job_id_from_env(env: Mapping[str, str]) -> str | None:
+    """``<array>_<task>`` for array tasks (how sacct names them), else the job id."""
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID")
+
+
+@dataclass
+class StageJob(submitit.helpers.Checkpointable):
+    """One stage of one field. Pickled by submitit; holds only plain data."""
+
+    site: Site
+    field_id: str
+    workdir: str
+    work_root: str
+    stage: str
+    steps: tuple[str, ...]
+    recipe: dict[str, Any]
+    walltime_min: int
+    last_stage: bool = False
+    # a local run: the pid of the foreground ``hpcddf`` this job must not outlive
+    foreground_pid: int | None = None
+    _stop: bool = field(default=False, repr=False)
+
+    # ---------------------------------------------------------------- entry point
+    def __call__(self) -> dict[str, Any]:
+        wd = Path(self.workdir)
+        _log_to(wd / "logs" / f"hpcddf-{self.stage}.log")
+        attempt = self._start()
+        signal.signal(signal.SIGUSR1, self._on_usr1)
+        self._abort = threading.Event()
+        if self.foreground_pid:
+            self._guard_foreground(self.foreground_pid)
+        try:
+            scratch = prepare_scratch(self.site, self.field_id,
+                                      tag=(job_id_from_env(os.environ) or str(os.getpid())).replace("_", "-"))
+            report = run_preflight(self.site, scratch=scratch.root)
+            if not report.ok:
+                raise PreflightError(f"node {socket.gethostname()} failed preflight: "
+                                     + "; ".join(c.name for c in report.failed()),
+                                     report.text())
+            ran = self._run(report.cpus, scratch.cache_dir)
+        except StopRequested as stop:
+            self._early_requeue(stop.reason, attempt)
+            raise AssertionError("unreachable: requeue exits")  # pragma: no cover
+        except Interrupted as exc:
+            self._record_interrupted(exc.reason)
+            raise
+        except StepFailed as exc:
+            self._record_failure(str(exc), {"step": exc.step, "argv": exc.argv,
+                                            "returncode": exc.returncode, "log": exc.log_path,
+                                            "log_tail": exc.log_tail})
+            raise
+        except HpcddfError as exc:
+            self._record_failure(str(exc), {"message": exc.message, "detail": exc.hint})
+            raise
+        except Exception as exc:  # a bug or an unexpected node problem: still say what happened
+            self._record_failure(f"{type(exc).__name__}: {exc}", {"message": f"{type(exc).__name__}: {exc}"})
+            raise
+        finally:
+            clean_stale_shm(Path("/dev/shm"), os.getuid(), pid_alive)
+        clean_scratch(scratch)
+        self._finish(ran)
+        return {"field": self.field_id, "stage": self.stage, "ran": ran}
+
+    def _run(self, cpus: tuple[int, ...], cache_dir: Path) -> list[str]:
+        wd = Path(self.workdir)
+        cfg = load_config([str(wd / ".hpcddf" / FROZEN_CONFIG)])
+        contained = self.site.container.runtime != "none"
+        node = NodeInfo(cpus=cpus, cache_dir=cache_dir, field_id=self.field_id, workdir=wd,
+                        python="python3" if contained else sys.executable)
+        steps = build_steps(self.recipe, cfg, self.stage, self.steps, node)
+        deadline, usable_s = self._deadline()
+        ctx = RunContext(workdir=wd, log_dir=wd / (cfg.get("control", "logging") or "logs"),
+                         marker_dir=wd / ".hpcddf" / "done", deadline=deadline,
+                         safety_s=min(60.0, usable_s * 0.02),
+                         estimates=load_estimates(Path(self.work_root)),
+                         env=science_env(),
+                         on_step=self._on_step, abort_event=self._abort)
+        if contained:
+            ctx.launcher = self._launcher(wd, cache_dir.parent)
+        if self._stop:
+            ctx.stop_event.set()
+        ctx.abort_reason = getattr(self, "_abort_reason", ctx.abort_reason)
+        self._ctx = ctx
+        return run_steps(ctx, steps, walltime_s=usable_s)
+
+    def _launcher(self, workdir: Path, scratch: Path) -> Any:
+        """Every command of the stage through the site's container runtime."""
+        from hpcddf.engine.containers import make_launcher, spec_for
+        c = self.site.container
+        tmp = scratch / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        catalog = str(self.site.catalog_dir) if self.site.catalog_dir else None
+        return make_launcher(spec_for(c.runtime, c.image, c.executable, c.binds, workdir, scratch,
+                                      catalog, tmp, c.env))
+
+    def _deadline(self) -> tuple[float, float]:
+        """When the stage must be between steps, and how long a whole attempt has.
+
+        The walltime signal, not the limit, ends useful work: Slurm sends it ``signal_delay_s``
+        before the limit, checking only every ~30 s, so it may come up to 30 s earlier still.
+        """
+        end = self._started + self.walltime_min * 60
+        job = os.environ.get("SLURM_JOB_ID")
+        if job and self.site.scheduler == "slurm":
+            from hpcddf.engine.slurm_query import job_end_time
+            end = job_end_time(job) or end
+        lead = self.site.slurm.signal_delay_s + (SLURM_SIGNAL_SLACK_S if self.site.scheduler == "slurm" else 0)
+        usable = max(1.0, self.walltime_min * 60 - lead)
+        return end - lead, usable
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Only the plain fields travel (to the node, and back into the queue on requeue)."""
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        state["_stop"] = False
+        return state
+
+    # ---------------------------------------------------------------- requeue
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on the walltime/preemption signal, before it requeues the job."""
+        # in a signal handler: never wait for the state lock (the main thread may hold it)
+        self._update(lambda s: s.update(state="requeued", note="walltime or preemption signal: requeued",
+                                        requeued_at=now_iso()), timeout=5.0)
+        log.warning("stage %s: walltime/preemption signal, requeueing", self.stage)
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+    def _early_requeue(self, reason: str, attempt: int) -> None:
+        """Requeue now (a step would not fit): through submitit's own handler, capped by the site."""
+        if attempt > self.site.slurm.max_requeues:
+            msg = f"not requeued: {reason}; already {attempt - 1} requeues (max_requeues)"
+            self._record_failure(msg, {"message": msg})
+            raise HpcddfError(msg, "raise [slurm] max_requeues or max_walltime in the site config")
+        log.warning("stage %s: %s", self.stage, reason)
+        self._update(lambda s: s.update(state="requeued", note=reason, requeued_at=now_iso()))
+        os.kill(os.getpid(), signal.SIGUSR2)  # submitit: checkpoint + requeue + exit
+        time.sleep(60)
+
+    # ---------------------------------------------------------------- local runs
+    def _guard_foreground(self, pid: int) -> None:
+        """A local run must not outlive the ``hpcddf`` that started it.
+
+        SIGTERM (the foreground forwards Ctrl-C, SIGTERM and SIGHUP through submitit's local
+        controller) or the foreground's death (even by SIGKILL, which it cannot forward) stops
+        the running science command's process group at once and ends the stage "interrupted";
+        the done-markers let a rerun resume from the last finished step.
+        """
+        signal.signal(signal.SIGTERM, lambda signum, frame: self._abort_now(
+            f"interrupted by {signal.Signals(signum).name}"))
+
+        def watch() -> None:
+            while not self._abort.wait(0.5):
+                if not pid_alive(pid):
+                    self._abort_now(f"interrupted: hpcddf (pid {pid}) that started this local run is gone")
+        threading.Thread(target=watch, name="hpcddf-foreground-guard", daemon=True).start()
+
+    def _abort_now(self, reason: str) -> None:
+        ctx = getattr(self, "_ctx", None)
+        if ctx is not None:
+            ctx.abort_reason = reason
+        self._abort_reason = reason
+        self._abort.set()
+
+    def _record_interrupted(self, reason: str) -> None:
+        def change(s: dict[str, Any]) -> None:
+            self._elapsed(s)
+            s.update(state="interrupted", ended=now_iso(), note=reason, error=None)
+        self._update(change, timeout=10.0)
+        log.warning("stage %s: %s", self.stage, reason)
+
+    def _on_usr1(self, signum: int, frame: Any) -> None:
+        """ddf-pipeline's SIGUSR1: stop at the next step boundary."""
+        log.warning("stage %s: SIGUSR1, stopping at the next step boundary", self.stage)
+        self._stop = True
+        ctx = getattr(self, "_ctx", None)
+        if ctx is not None:
+            ctx.stop_event.set()
+
+    # ---------------------------------------------------------------- field state
+    def _update(self, change: Any, timeout: float | None = None) -> None:
+        def apply(state: dict[str, Any]) -> None:
+            change(state["stages"].setdefault(self.stage, {}))
+        try:
+            update_state(Path(self.workdir), self.field_id, apply, timeout=timeout)
+        except TimeoutError:
+            log.warning("field state busy: stage %s state not updated", self.stage)
+
+    def _start(self) -> int:
+        self._started = time.time()
+        env = os.environ
+        restarts = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+        result: dict[str, int] = {}
+
+        def change(s: dict[str, Any]) -> None:
+            s["attempts"] = max(int(s.get("attempts", 0)) + 1, restarts + 1)
+            s.update(state="running", node=socket.gethostname(), started=now_iso(),
+                     job_id=job_id_from_env(env) or s.get("job_id"), error=None)
+            result["attempt"] = s["attempts"]
+        self._update(change)
+        log.info("stage %s of %s: attempt %d on %s", self.stage, self.field_id,
+                 result["attempt"], socket.gethostname())
+        return result["attempt"]
+
+    def _elapsed(self, s: dict[str, Any]) -> None:
+        dt = time.time() - self._started
+        s["elapsed_s"] = float(s.get("elapsed_s") or 0.0) + dt
+        s["node_hours"] = float(s.get("node_hours") or 0.0) + dt / 3600
+
+    def _finish(self, ran: list[str]) -> None:
+        def change(s: dict[str, Any]) -> None:
+            self._elapsed(s)
+            s.update(state="done", ended=now_iso(), note=f"ran {len(ran)} step(s)", error=None)
+        self._update(change)
+
+    def _record_failure(self, message: str, error: dict[str, Any]) -> None:
+        def change(s: dict[str, Any]) -> None:
+            self._elapsed(s)
+            cancelled = s.get("state") == "cancelled"  # `hpcddf cancel` killed us: not a failure
+            s.update(state="cancelled" if cancelled else "failed", ended=now_iso(),
+                     error={"message": message, **error})
+        self._update(change)
+
+    def _on_step(self, step: str, what: str, info: dict[str, Any]) -> None:
+        if what == "done":
+            record_duration(Path(self.work_root), step, float(info["duration_s"]))
+
+        def change(state: dict[str, Any]) -> None:
+            state.setdefault("steps", {})[step] = {"state": what, "at": now_iso(),
+                                                   "duration_s": info.get("duration_s")}
+            state["stages"].setdefault(self.stage, {})["current_step"] = step if what == "running" else None
+        update_state(Path(self.workdir), self.field_id, change)
+
+
+def science_env() -> dict[str, str]:
+    """Thread counts pinned to 1 (DDFacet/killMS parallelise with processes) and the science
+    programs of hpcddf's own environment first on PATH (without a container they live there)."""
+    bindir = str(Path(sys.executable).parent)
+    return {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "PATH": os.pathsep.join([bindir, os.environ.get("PATH", "/usr/bin:/bin")]),
+            # ch-run refuses to start without USER, which batch jobs do not always carry.
+            "USER": os.environ.get("USER") or pwd.getpwuid(os.getuid()).pw_name}
+
+
+def _log_to(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)

@@ -1,0 +1,265 @@
+"""Run the steps of one stage: skip done steps, run the rest's commands, write done-markers.
+
+A step is done only when all its commands succeeded and its outputs exist; its marker (the
+step's parameters, versions and durations) is written last, atomically. A restart therefore
+never skips a sub-command (ddf-pipeline's ClipCal-after-kMS gap cannot happen here).
+
+Before each step the runner compares the step's expected duration with the walltime left;
+if it cannot finish, the stage asks to be requeued at once instead of starting work that the
+walltime would kill.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from hpcddf import __version__
+from hpcddf.engine.atomic import write_json_atomic
+from hpcddf.errors import StepFailed
+
+log = logging.getLogger(__name__)
+
+TERM_GRACE_S = 20.0  # a science command gets this long after SIGTERM before SIGKILL
+
+
+@dataclass(frozen=True)
+class Command:
+    """One external program run: argv (never a shell string), its log name and time limit."""
+
+    argv: tuple[str, ...]
+    log_name: str
+    timeout_s: float | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    # (path, args): args are appended when path exists as the command starts, e.g. DDFacet's
+    # "--Cache-PSF=force" only if an earlier command of the stage left a PSF in the cache
+    when_exists: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def resolved(self, workdir: Path) -> "Command":
+        """The command with its conditional arguments decided now."""
+        extra = [a for path, args in self.when_exists if (workdir / path).exists() for a in args]
+        if not extra:
+            return self
+        return Command(self.argv + tuple(extra), self.log_name, self.timeout_s, self.env)
+
+
+@dataclass(frozen=True)
+class Step:
+    """A declared step: commands run in order, outputs that must exist, what its marker records."""
+
+    name: str
+    stage: str
+    commands: tuple[Command, ...]
+    outputs: tuple[str, ...] = ()
+    params: Mapping[str, Any] = field(default_factory=dict)
+    estimate_s: float | None = None
+
+
+class Interrupted(Exception):
+    """The run was interrupted from outside (the foreground ``hpcddf`` of a local run got a
+    signal or died): the running command was stopped, its step stays not-done."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StopRequested(Exception):
+    """The stage must stop at this step boundary (walltime, SIGUSR1); nothing failed."""
+
+    def __init__(self, reason: str, requeue: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.requeue = requeue
+
+
+Launcher = Callable[[Command, Path], list[str]]  # wraps argv for a container runtime
+
+
+def no_container(cmd: Command, workdir: Path) -> list[str]:
+    return list(cmd.argv)
+
+
+@dataclass
+class RunContext:
+    """Where and how a stage's steps run on this node."""
+
+    workdir: Path
+    log_dir: Path
+    marker_dir: Path
+    deadline: float | None = None           # epoch seconds when the walltime ends
+    safety_s: float = 30.0                  # keep this much spare before the deadline
+    launcher: Launcher = no_container
+    env: Mapping[str, str] = field(default_factory=dict)
+    estimates: Mapping[str, float] = field(default_factory=dict)
+    stop_event: threading.Event = field(default_factory=threading.Event)  # at the next step
+    abort_event: threading.Event = field(default_factory=threading.Event)  # now, mid-command
+    abort_reason: str = "interrupted"
+    versions: Mapping[str, str] = field(default_factory=dict)
+    on_step: Callable[[str, str, dict[str, Any]], None] | None = None
+
+
+def marker_path(ctx: RunContext, step: str) -> Path:
+    return ctx.marker_dir / f"{step}.done.json"
+
+
+def read_marker(ctx: RunContext, step: Step) -> dict[str, Any] | None:
+    """The step's marker if the step is done: marker parses and every output exists."""
+    try:
+        data = json.loads(marker_path(ctx, step.name).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if any(not (ctx.workdir / o).exists() for o in step.outputs):
+        return None
+    return data
+
+
+def expected_duration(ctx: RunContext, step: Step) -> float | None:
+    """Measured durations of this step (earlier attempts and fields) beat the static estimate."""
+    return ctx.estimates.get(step.name, step.estimate_s)
+
+
+def time_left(ctx: RunContext) -> float | None:
+    return None if ctx.deadline is None else ctx.deadline - time.time()
+
+
+def check_fits(ctx: RunContext, step: Step, walltime_s: float | None) -> None:
+    """Requeue now if the step cannot finish in the walltime left (but could in a fresh one)."""
+    left = time_left(ctx)
+    need = expected_duration(ctx, step)
+    if left is None or need is None:
+        return
+    if need + ctx.safety_s > left:
+        if walltime_s is not None and need + ctx.safety_s > walltime_s:
+            log.warning("step %s is expected to take %.0f s, longer than a whole walltime "
+                        "(%.0f s): running it anyway", step.name, need, walltime_s)
+            return
+        raise StopRequested(f"step {step.name} needs ~{need:.0f} s but only {left:.0f} s of "
+                            "walltime are left: requeueing before starting it")
+
+
+def run_steps(ctx: RunContext, steps: Sequence[Step], walltime_s: float | None = None) -> list[str]:
+    """Run every step not yet done, in order; returns the names of the steps run now."""
+    ctx.log_dir.mkdir(parents=True, exist_ok=True)
+    ctx.marker_dir.mkdir(parents=True, exist_ok=True)
+    ran = []
+    for step in steps:
+        if read_marker(ctx, step) is not None:
+            log.info("step %s: already done", step.name)
+            continue
+        if ctx.abort_event.is_set():
+            raise Interrupted(f"{ctx.abort_reason}: stopped before step {step.name}")
+        if ctx.stop_event.is_set():
+            raise StopRequested("stop requested (signal): stopping before step " + step.name)
+        check_fits(ctx, step, walltime_s)
+        run_step(ctx, step)
+        ran.append(step.name)
+    return ran
+
+
+def run_step(ctx: RunContext, step: Step) -> dict[str, Any]:
+    """All commands of the step, then a check of its outputs, then the marker (last)."""
+    log.info("step %s: starting (%d command(s))", step.name, len(step.commands))
+    _notify(ctx, step.name, "running", {})
+    t0 = time.time()
+    durations, ran = [], []
+    for cmd in step.commands:
+        cmd = cmd.resolved(ctx.workdir)  # conditional arguments decided as the command starts
+        durations.append(run_command(ctx, step.name, cmd))
+        ran.append(list(cmd.argv))
+    missing = [o for o in step.outputs if not (ctx.workdir / o).exists()]
+    if missing:
+        raise StepFailed(step.name, list(step.commands[-1].argv) if step.commands else [], 0,
+                         "", None, reason=f"commands succeeded but outputs are missing: {', '.join(missing)}")
+    marker = {"step": step.name, "stage": step.stage, "finished": time.time(), "started": t0,
+              "duration_s": time.time() - t0, "command_durations_s": durations,
+              "commands": ran, "outputs": list(step.outputs),
+              "params": dict(step.params), "versions": {"hpcddf": __version__, **ctx.versions}}
+    write_json_atomic(marker_path(ctx, step.name), marker)
+    _notify(ctx, step.name, "done", marker)
+    log.info("step %s: done in %.1f s", step.name, marker["duration_s"])
+    return marker
+
+
+def _notify(ctx: RunContext, step: str, what: str, info: dict[str, Any]) -> None:
+    if ctx.on_step is not None:
+        ctx.on_step(step, what, info)
+
+
+def run_command(ctx: RunContext, step: str, cmd: Command) -> float:
+    """Run one command with its output in its log; raise StepFailed on failure or timeout.
+
+    The command runs in its own process group so that a stop (walltime, SIGUSR1, SystemExit
+    from the requeue handler) terminates it and its workers cleanly: SIGTERM, then SIGKILL.
+    """
+    cmd = cmd.resolved(ctx.workdir)
+    argv = ctx.launcher(cmd, ctx.workdir)
+    log_path = ctx.log_dir / cmd.log_name
+    env = {**os.environ, **ctx.env, **cmd.env}
+    t0 = time.time()
+    with open(log_path, "ab") as fh:
+        fh.write(f"# hpcddf {time.strftime('%Y-%m-%d %H:%M:%S')}: {json.dumps(argv)}\n".encode())
+        fh.flush()
+        proc = subprocess.Popen(argv, cwd=ctx.workdir, stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        try:
+            rc = _wait(proc, cmd.timeout_s, ctx.abort_event)
+        except BaseException:
+            terminate(proc)
+            raise
+    if ctx.abort_event.is_set():
+        raise Interrupted(f"{ctx.abort_reason}: {Path(argv[0]).name} of step {step} stopped")
+    if rc is None:
+        raise StepFailed(step, argv, None, tail(log_path), str(log_path),
+                         reason=f"timed out after {cmd.timeout_s:.0f} s")
+    if rc != 0:
+        raise StepFailed(step, argv, rc, tail(log_path), str(log_path))
+    return time.time() - t0
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout_s: float | None,
+          abort: threading.Event | None = None) -> int | None:
+    """Wait for the process; None on timeout or abort (after terminating it)."""
+    end = None if timeout_s is None else time.time() + timeout_s
+    while True:
+        try:
+            return proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+        if (end is not None and time.time() > end) or (abort is not None and abort.is_set()):
+            terminate(proc)
+            return None
+
+
+def terminate(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the command's process group, SIGKILL it after a grace period."""
+    if proc.poll() is not None:
+        return
+    for sig, grace in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 8192))
+            return b"\n".join(fh.read().splitlines()[-lines:]).decode("utf-8", "replace")
+    except OSError:
+        return ""

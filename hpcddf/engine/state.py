@@ -1,0 +1,109 @@
+"""Field state: what was submitted for a field, when, with which job ids, and how it went.
+
+One JSON file per field, ``<field dir>/.hpcddf/state.json``. The login node (submit, cancel)
+and the jobs (stage start/end) both update it, so every change is a read-modify-write under an
+exclusive lock on ``.hpcddf/lock``, and the file itself is replaced atomically: readers that
+take no lock (``hpcddf status``) always see a whole file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from hpcddf.engine.atomic import write_json_atomic
+from hpcddf.errors import FieldError
+
+STATE_VERSION = 1
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def state_path(workdir: Path) -> Path:
+    return workdir / ".hpcddf" / "state.json"
+
+
+def empty_state(field_id: str) -> dict[str, Any]:
+    return {"version": STATE_VERSION, "field": field_id, "created": now_iso(), "updated": now_iso(),
+            "site": None, "submissions": [], "stages": {}, "steps": {}}
+
+
+def read_state(workdir: Path, field_id: str | None = None) -> dict[str, Any] | None:
+    """The field's state, or None if nothing was ever submitted for it."""
+    path = state_path(workdir)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as exc:
+        raise FieldError(f"state file {path} is corrupt: {exc}",
+                         "move it aside; hpcddf rebuilds it from the done-markers on the next submit") from None
+
+
+@contextlib.contextmanager
+def locked(workdir: Path, timeout: float | None = None) -> Iterator[None]:
+    """Exclusive lock on the field (held across processes and nodes sharing the file system).
+
+    With ``timeout`` give up (TimeoutError) instead of waiting for ever: a signal handler must
+    not block on a lock its own main thread may hold.
+    """
+    d = workdir / ".hpcddf"
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / "lock", "a+") as fh:
+        _acquire(fh.fileno(), timeout)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _acquire(fd: int, timeout: float | None) -> None:
+    if timeout is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > end:
+                raise TimeoutError("field state lock busy") from None
+            time.sleep(0.05)
+
+
+def update_state(workdir: Path, field_id: str, change: Callable[[dict[str, Any]], Any],
+                 timeout: float | None = None) -> dict[str, Any]:
+    """Apply ``change`` to the field's state under the lock and write it back atomically."""
+    with locked(workdir, timeout):
+        return update_state_unlocked(workdir, field_id, change)
+
+
+def update_state_unlocked(workdir: Path, field_id: str,
+                          change: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    """As :func:`update_state`, for a caller that already holds :func:`locked`."""
+    state = read_state(workdir) or empty_state(field_id)
+    change(state)
+    state["updated"] = now_iso()
+    write_json_atomic(state_path(workdir), state)
+    return state
+
+
+def find_fields(work_root: Path) -> list[Path]:
+    """Field directories under ``work_root`` that have a state file."""
+    if not work_root.is_dir():
+        return []
+    return sorted(p.parent.parent for p in work_root.glob("*/.hpcddf/state.json"))
+
+
+def user_name() -> str:
+    return os.environ.get("USER") or str(os.getuid())

@@ -1,0 +1,67 @@
+"""``hpcddf status``: the recorded state of fields, refreshed from the scheduler when it answers."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from hpcddf.errors import SubmissionError
+from hpcddf.engine.fields import field_for
+from hpcddf.engine.sites import Site
+from hpcddf.engine.state import empty_state, find_fields, read_state
+
+log = logging.getLogger(__name__)
+FINAL = ("done", "failed", "cancelled", "interrupted")
+
+
+def collect_status(site: Site, field_ids: Sequence[str] = (),
+                   work_root: Path | None = None) -> list[dict[str, Any]]:
+    """States of the given fields (or every field under the work root), with live job states."""
+    root = work_root if work_root is not None else site.work_root
+    dirs = [field_for(site, f, root).workdir for f in field_ids] if field_ids else find_fields(root)
+    states = []
+    for d in dirs:
+        st = read_state(d) or empty_state(d.name)
+        st.setdefault("field", d.name)
+        states.append(st)
+    if site.scheduler == "slurm":
+        _add_scheduler_states(states)
+    return states
+
+
+def collect_mosaic_status(site: Site, work_root: Path | None = None) -> list[dict[str, Any]]:
+    """States of the mosaics under the work root (``<work_root>/mosaics/<centre>``)."""
+    from hpcddf.mosaic.jobs import find_mosaics
+    root = work_root if work_root is not None else site.work_root
+    states = []
+    for d in find_mosaics(root):
+        st = read_state(d) or empty_state(d.name)
+        st["field"] = d.name
+        states.append(st)
+    if site.scheduler == "slurm" and states:
+        _add_scheduler_states(states)
+    return states
+
+
+def _add_scheduler_states(states: list[dict[str, Any]]) -> None:
+    """One squeue (+ sacct) call for every job of every field shown."""
+    from hpcddf.engine.slurm_query import query_jobs
+    ids = [str(s["job_id"]) for st in states for s in st.get("stages", {}).values()
+           if s.get("job_id") and s.get("state") not in FINAL]
+    try:
+        info = query_jobs(ids)
+    except SubmissionError as exc:
+        for st in states:
+            st["stale"] = f"scheduler not reachable ({exc.message}): states as last recorded"
+        return
+    for st in states:
+        for s in st.get("stages", {}).values():
+            job = info.get(str(s.get("job_id")))
+            if job is None:
+                continue
+            s["slurm_state"] = job.state
+            if s.get("state") == "queued" and job.state == "CANCELLED":
+                s["state"] = "cancelled"
+            if job.reason and job.reason not in ("None", "(null)"):
+                s["note"] = job.reason

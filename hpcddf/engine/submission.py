@@ -1,0 +1,293 @@
+"""Submit, resubmit and cancel fields: plans in, chained stage jobs out, field state recorded.
+
+Everything about a field happens under its lock, so two ``hpcddf submit`` of one field give
+exactly one chain: the second sees the first's live jobs and leaves the field alone. Stages
+whose steps are all done are not submitted again, which is what makes ``resubmit`` resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from hpcddf.engine.atomic import write_text_atomic
+from hpcddf.engine.backend import ChainMember, run_local_chain, submit_slurm_chain
+from hpcddf.errors import FieldError, PlanError, RunInterrupted, SubmissionError
+from hpcddf.engine.fields import Field
+from hpcddf.engine.nodejob import FROZEN_CONFIG, StageJob
+from hpcddf.engine.plan import Plan, Stage
+from hpcddf.engine.preflight import pid_alive
+from hpcddf.lofar.redo import apply_restart_policy
+from hpcddf.engine.sites import Site
+from hpcddf.engine.slurm_query import cancel_jobs, query_jobs
+from hpcddf.engine.state import (
+    locked,
+    now_iso,
+    read_state,
+    update_state,
+    update_state_unlocked,
+)
+from hpcddf.lofar.prepare import FieldJob, check_inputs, materialise
+
+log = logging.getLogger(__name__)
+DEFAULT_RECIPE: dict[str, Any] = {"name": "ddf", "options": {}}
+
+
+def marker_dir(workdir: Path) -> Path:
+    return workdir / ".hpcddf" / "done"
+
+
+def stage_done(workdir: Path, stage: Stage) -> bool:
+    """A stage is done when every one of its steps has a done-marker."""
+    return all((marker_dir(workdir) / f"{s}.done.json").is_file() for s in stage.steps)
+
+
+def remaining_stages(workdir: Path, plan: Plan) -> list[Stage]:
+    """The plan from its first stage that is not done; the first one depends on nothing."""
+    for i, stage in enumerate(plan.stages):
+        if not stage_done(workdir, stage):
+            rest = list(plan.stages[i:])
+            return [_without_deps(rest[0])] + rest[1:]
+    return []
+
+
+def _without_deps(stage: Stage) -> Stage:
+    return Stage(stage.name, stage.steps, stage.resources, ())
+
+
+@contextlib.contextmanager
+def locked_fields(workdirs: Sequence[Path]) -> Iterator[None]:
+    """Lock several fields, always in the same order (no deadlock between two submits)."""
+    with contextlib.ExitStack() as stack:
+        for wd in sorted(set(workdirs)):
+            stack.enter_context(locked(wd))
+        yield
+
+
+def live_jobs(site: Site, state: dict[str, Any] | None) -> list[str]:
+    """Job ids of the field's last submission that the scheduler still runs or queues."""
+    if not state:
+        return []
+    ids = [str(s["job_id"]) for s in state.get("stages", {}).values() if s.get("job_id")]
+    if not ids:
+        return []
+    if site.scheduler == "local":  # local job ids are the job processes' pids
+        return [str(s["job_id"]) for s in state["stages"].values()
+                if s.get("state") in ("queued", "running", "requeued")
+                and str(s.get("job_id", "")).isdigit() and pid_alive(int(s["job_id"]))]
+    return [j for j, info in query_jobs(ids).items() if info.active]
+
+
+def _stage_jobs(site: Site, fj: FieldJob, stages: Sequence[Stage], recipe: dict[str, Any]) -> ChainMember:
+    jobs = tuple(StageJob(site=site, field_id=fj.field.id, workdir=str(fj.field.workdir),
+                          work_root=str(fj.field.workdir.parent), stage=s.name, steps=s.steps,
+                          recipe=recipe, walltime_min=s.resources.walltime_min,
+                          last_stage=(s.name == fj.plan.stages[-1].name),
+                          foreground_pid=os.getpid() if site.scheduler == "local" else None)
+                 for s in stages)
+    return ChainMember(fj.field.id, fj.field.workdir, jobs)
+
+
+def _record_queued(fj: FieldJob, site: Site, stages: Sequence[Stage], ids: dict[str, str],
+                   recipe: dict[str, Any]) -> None:
+    def change(state: dict[str, Any]) -> None:
+        state["site"] = site.name
+        state["plan"] = fj.plan.to_dict()
+        state["recipe"] = recipe
+        state["submissions"].append({"time": now_iso(), "scheduler": site.scheduler,
+                                     "stages": [s.name for s in stages], "jobs": ids})
+        for s in stages:
+            old = state["stages"].get(s.name, {})
+            state["stages"][s.name] = {"state": "queued", "job_id": ids.get(s.name),
+                                       "attempts": 0, "submitted": now_iso(),
+                                       "elapsed_s": old.get("elapsed_s"),
+                                       "node_hours": old.get("node_hours")}
+    update_state_unlocked(fj.field.workdir, fj.field.id, change)
+
+
+def _freeze_config(fj: FieldJob) -> None:
+    """The jobs read exactly the configuration that was planned, whatever changes later."""
+    d = fj.field.workdir / ".hpcddf"
+    d.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(d / FROZEN_CONFIG, fj.config.to_cfg_text())
+
+
+def check_supported(jobs: Sequence[FieldJob]) -> None:
+    """Refuse, before queueing, a config that switches on a step hpcddf cannot run yet."""
+    from hpcddf.lofar.reduction import check_inputs, unsupported
+    for fj in jobs:
+        names = [s for st in fj.plan.stages for s in st.steps]
+        missing = unsupported(names)
+        if missing:
+            raise PlanError(f"field {fj.field.id}: this hpcddf version cannot run {missing[0]} yet",
+                            f"switch it off ({missing[0]}=False/None) in the config or on the command line")
+        check_inputs(fj.config, names)
+
+
+def submit_fields(site: Site, jobs: Sequence[FieldJob], recipe: dict[str, Any] | None = None,
+                  progress: Callable[[str], None] = lambda msg: None,
+                  new_submission: bool = True) -> dict[str, Any]:
+    """Queue every field's remaining stages; returns what was done for each field.
+
+    Only a new submission applies ``redofrom``/``restart=False``; a resubmission (which reads
+    the frozen config, redofrom included) never does.
+    """
+    recipe = recipe or DEFAULT_RECIPE
+    if recipe["name"] == "ddf":
+        check_supported(jobs)
+    ms = check_inputs(site, jobs) if recipe["name"] == "ddf" else {j.field.id: [] for j in jobs}
+    result: dict[str, Any] = {"site": site.name, "fields": {}}
+    to_run: list[tuple[FieldJob, list[Stage]]] = []
+    for fj in jobs:
+        fj.field.workdir.mkdir(parents=True, exist_ok=True)
+    with locked_fields([j.field.workdir for j in jobs]):
+        for fj in jobs:
+            live = live_jobs(site, read_state(fj.field.workdir))
+            if live:
+                result["fields"][fj.field.id] = {"status": "already queued", "jobs": {"live": ",".join(live)}}
+                continue
+            note = apply_restart_policy(fj.field.workdir, fj.config) if new_submission else None
+            if note:
+                progress(f"{fj.field.id}: {note}")
+            stages = remaining_stages(fj.field.workdir, fj.plan)
+            if not stages:
+                result["fields"][fj.field.id] = {"status": "already done", "jobs": {}}
+                continue
+            materialise(site, fj, ms.get(fj.field.id, []))
+            _freeze_config(fj)
+            to_run.append((fj, stages))
+        if site.scheduler == "slurm":
+            _submit_slurm(site, to_run, recipe, result)
+        else:
+            for fj, stages in to_run:
+                _record_queued(fj, site, stages, {}, recipe)
+    if site.scheduler == "local":
+        _run_local(site, to_run, recipe, result, progress)
+    return result
+
+
+def _chains(to_run: Sequence[tuple[FieldJob, list[Stage]]]) -> list[list[tuple[FieldJob, list[Stage]]]]:
+    groups: dict[Any, list[tuple[FieldJob, list[Stage]]]] = {}
+    for fj, stages in to_run:
+        groups.setdefault(tuple((s.name, s.steps) for s in stages), []).append((fj, stages))
+    return list(groups.values())
+
+
+def _submit_slurm(site: Site, to_run: Sequence[tuple[FieldJob, list[Stage]]],
+                  recipe: dict[str, Any], result: dict[str, Any]) -> None:
+    for chain in _chains(to_run):
+        stages = chain[0][1]
+        members = [_stage_jobs(site, fj, st, recipe) for fj, st in chain]
+        folder = (chain[0][0].field.workdir / ".hpcddf" / "jobs" if len(chain) == 1
+                  else chain[0][0].field.workdir.parent / ".hpcddf" / "arrays")
+        ids = submit_slurm_chain(site, stages, members, folder)
+        for fj, st in chain:
+            if len(chain) > 1:
+                _link_array_logs(fj.field.workdir, folder, ids[fj.field.id].values())
+            _record_queued(fj, site, st, ids[fj.field.id], recipe)
+            result["fields"][fj.field.id] = {"status": "submitted", "jobs": ids[fj.field.id]}
+
+
+def _link_array_logs(workdir: Path, folder: Path, job_ids: Any) -> None:
+    """Array tasks log under the work root's array folder; link each field's tasks into its own."""
+    jobs = workdir / ".hpcddf" / "jobs"
+    jobs.mkdir(parents=True, exist_ok=True)
+    for jid in job_ids:
+        link = jobs / jid
+        if not link.is_symlink() and not link.exists():
+            link.symlink_to(folder / jid)
+
+
+def step_watcher(workdir: Path) -> Callable[[], list[str]]:
+    """Lines for steps that started or finished since the last call (from the field state)."""
+    seen: dict[str, str] = {}
+
+    def poll() -> list[str]:
+        lines: list[tuple[str, int, str]] = []
+        for name, info in (read_state(workdir) or {}).get("steps", {}).items():
+            what = info.get("state")
+            if seen.get(name) == what:
+                continue
+            seen[name] = what
+            at = str(info.get("at", ""))
+            if what == "running":
+                lines.append((at, 1, f"step {name} running"))
+            elif what == "done":
+                lines.append((at, 0, f"step {name} done in {float(info.get('duration_s') or 0):.0f} s"))
+        return [text for _, _, text in sorted(lines)]
+    poll()  # steps of earlier submissions are not news
+    return poll
+
+
+def _run_local(site: Site, to_run: Sequence[tuple[FieldJob, list[Stage]]], recipe: dict[str, Any],
+               result: dict[str, Any], progress: Callable[[str], None]) -> None:
+    for fj, stages in to_run:
+        member = _stage_jobs(site, fj, stages, recipe)
+        try:
+            ids = run_local_chain(site, stages, member, fj.field.workdir / ".hpcddf" / "jobs", progress,
+                                  step_watcher(fj.field.workdir))
+        except SubmissionError:
+            update_state(fj.field.workdir, fj.field.id, _cancel_queued)  # as kill_on_invalid_dep does
+            raise
+        except RunInterrupted:
+            update_state(fj.field.workdir, fj.field.id, _mark_interrupted)
+            raise
+        result["fields"][fj.field.id] = {"status": "done", "jobs": ids}
+
+
+def _mark_interrupted(state: dict[str, Any]) -> None:
+    """The stage that ran is "interrupted" (its job says so itself unless it was killed), the
+    ones after it were never started."""
+    for s in state.get("stages", {}).values():
+        if s.get("state") in ("running", "requeued"):
+            s.update(state="interrupted", ended=now_iso(), note=s.get("note") or "interrupted")
+        elif s.get("state") == "queued":
+            s.update(state="cancelled", note="the run was interrupted before this stage")
+
+
+def _cancel_queued(state: dict[str, Any]) -> None:
+    for s in state.get("stages", {}).values():
+        if s.get("state") == "queued":
+            s["state"] = "cancelled"
+            s["note"] = "an earlier stage failed"
+
+
+def resubmit_fields(site: Site, jobs: Sequence[FieldJob], progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Resume failed or cancelled reductions from where they stopped, with their recipe."""
+    recipe = None
+    for fj in jobs:
+        state = read_state(fj.field.workdir)
+        if state is None:
+            raise FieldError(f"field {fj.field.id} was never submitted", f"use hpcddf submit {fj.field.id}")
+        recipe = recipe or state.get("recipe")
+    return submit_fields(site, jobs, recipe, progress, new_submission=False)
+
+
+def cancel_fields(site: Site, fields: Sequence[Field]) -> dict[str, list[str]]:
+    """Cancel every live job of the fields; their stages are marked cancelled first, so a job
+    dying of the cancellation does not record it as a failure."""
+    done: dict[str, list[str]] = {}
+    for f in fields:
+        with locked(f.workdir):
+            state = read_state(f.workdir)
+            ids = live_jobs(site, state)
+            if state:
+                update_state_unlocked(f.workdir, f.id, _mark_cancelled)
+        if site.scheduler == "slurm":
+            cancel_jobs(ids)
+        else:
+            for i in ids:
+                os.kill(int(i), signal.SIGTERM)
+        done[f.id] = ids
+    return done
+
+
+def _mark_cancelled(state: dict[str, Any]) -> None:
+    for s in state.get("stages", {}).values():
+        if s.get("state") in ("queued", "running", "requeued"):
+            s["state"] = "cancelled"
+            s["ended"] = now_iso()

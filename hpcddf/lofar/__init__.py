@@ -1,0 +1,2 @@
+"""The ddf-pipeline reduction (DDFacet + killMS): options, config, the step table, step
+builders, node tools, redo, bootstrap, offsets, quality, simulation and the demo."""

@@ -1,0 +1,81 @@
+"""Which commands a stage's steps run: the real reduction or the scaled test pipeline.
+
+A recipe is plain data stored with the plan: ``{"name": "ddf"}`` for the DDFacet/killMS
+reduction, ``{"name": "scaled", "options": {...}}`` for the seconds-long stand-in that tests and
+site smoke tests use. Both go through the same engine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from hpcddf.lofar.config import PipelineConfig
+from hpcddf.lofar.ddfcommands import Machine
+from hpcddf.errors import PlanError
+from hpcddf.engine.runner import Step
+
+RECIPES = ("ddf", "scaled")
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What the command builders need to know about the node the stage runs on."""
+
+    cpus: tuple[int, ...]
+    cache_dir: Path
+    field_id: str = ""
+    python: str = sys.executable
+    workdir: Path = Path(".")
+
+
+def make_recipe(name: str, options: Sequence[str] = ()) -> dict[str, Any]:
+    """``--pipeline NAME --pipeline-opt key=value...`` as recipe data."""
+    if name not in RECIPES:
+        raise PlanError(f"unknown pipeline {name!r}", f"use one of {', '.join(RECIPES)}")
+    opts: dict[str, Any] = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise PlanError(f"pipeline option {item!r} is not key=value", "write e.g. seconds=2")
+        opts[key] = value
+    return {"name": name, "options": opts}
+
+
+def build_steps(recipe: Mapping[str, Any], cfg: PipelineConfig, stage: str,
+                step_names: Sequence[str], node: NodeInfo) -> list[Step]:
+    """The executable steps of one stage."""
+    if recipe["name"] == "scaled":
+        from hpcddf.lofar.scaled import build_scaled_steps
+        return build_scaled_steps(stage, step_names, recipe.get("options", {}), node.python,
+                                  node.field_id)
+    return _ddf_steps(recipe, cfg, stage, step_names, node)
+
+
+DEFAULT_COMMAND_TIMEOUT_S = 48 * 3600.0  # a hung kMS master must not sit out a whole walltime
+
+
+def machine(cfg: PipelineConfig, node: NodeInfo, options: Mapping[str, Any]) -> Machine:
+    """CPUs from the job's allocation unless [machine] says otherwise; the cache dir exists."""
+    ncpu = max(1, len(node.cpus))
+    cache = cfg.get("control", "cache_dir")
+    cache_dir = Path(os.path.expandvars(os.path.expanduser(cache))) if cache else node.cache_dir
+    cache_dir.mkdir(parents=True, exist_ok=True)  # DDF 0.9.1 does not create --Cache-Dir
+    timeout = float(options.get("timeout", DEFAULT_COMMAND_TIMEOUT_S))
+    return Machine(ncpu_ddf=cfg.get("machine", "NCPU_DDF") or ncpu,
+                   ncpu_kms=cfg.get("machine", "NCPU_killms") or ncpu,
+                   cache_dir=str(cache_dir.resolve()), cpus=tuple(node.cpus), timeout_s=timeout,
+                   python=node.python)
+
+
+def _ddf_steps(recipe: Mapping[str, Any], cfg: PipelineConfig, stage: str,
+               step_names: Sequence[str], node: NodeInfo) -> list[Step]:
+    from hpcddf.lofar.reduction import Reduction, build, read_list
+    wd = node.workdir
+    r = Reduction(cfg=cfg, m=machine(cfg, node, recipe.get("options", {})),
+                  mss=read_list(wd, cfg.get("data", "mslist")),
+                  full_mss=read_list(wd, cfg.get("data", "full_mslist") or cfg.get("data", "mslist")))
+    return build(r, stage, list(step_names))

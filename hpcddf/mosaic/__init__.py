@@ -1,0 +1,1 @@
+"""Mosaics of neighbouring reduced fields: pointings, the mosaic maths and its jobs."""

@@ -1,0 +1,422 @@
+"""Mosaics on the cluster: which centres can be made, what they wait for, and ONE Slurm array.
+
+``hpcddf mosaic --pointings P [FIELD...|--region|--all]`` plans one mosaic per centre and
+product from the pointings table and hpcddf's own field states, under the site's work root:
+
+* a neighbour whose final images exist is **done**;
+* one still being reduced (live jobs) is **reducing**: the mosaic waits for its last stage job;
+* any other is **missing**: that mosaic is not queued (``--allow-missing`` drops such fields,
+  ``--exclude`` leaves fields out on purpose).
+
+All mosaics to make go into one job array, submitted held; each task then gets its own
+``afterok`` dependency on just its reducing neighbours (``scontrol update`` of that task) and the
+array is released. Tasks are throttled (``%N``), requeued by submitit when the walltime kills
+them, and a failed neighbour cancels only the mosaics that need it. Finished mosaics (their
+done-marker names the same inputs) are skipped. Each mosaic's directory
+``<work_root>/mosaics/<centre>/`` holds its products and a state file ``hpcddf status`` shows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from hpcddf.engine.atomic import write_json_atomic
+from hpcddf.errors import HpcddfError, SubmissionError
+from hpcddf.mosaic.combine import PRODUCTS, MosaicInput, MosaicOptions, make_mosaic, output_header, write_preview
+from hpcddf.engine.plan import Resources
+from hpcddf.mosaic.pointings import Pointing, neighbourhood
+from hpcddf.engine.sites import Site
+from hpcddf.engine.state import now_iso, read_state, update_state
+
+log = logging.getLogger(__name__)
+MOSAICS = "mosaics"
+SAFE_ID = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]*$")
+
+
+class MosaicPlanError(HpcddfError):
+    """The mosaics asked for cannot be planned."""
+
+
+@dataclass(frozen=True)
+class MosaicTask:
+    """One mosaic: its centre, product, inputs and what it must wait for."""
+
+    centre: Pointing
+    product: str
+    outdir: str
+    max_sep: float
+    inputs: tuple[MosaicInput, ...]
+    options: MosaicOptions = MosaicOptions()
+    depends: tuple[str, ...] = ()      # Slurm job ids of neighbours' last stages
+    waiting_on: tuple[str, ...] = ()   # their field ids
+    dropped: tuple[str, ...] = ()      # neighbours left out (missing, --allow-missing)
+    preview: bool = True
+    catalogue: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.centre.id}-{self.product}"
+
+    def path(self, kind: str) -> Path:
+        """``mosaic``/``weights`` FITS, ``preview`` PNG, ``catalogue`` FITS."""
+        suffix = {"mosaic": "mosaic.fits", "weights": "mosaic-weights.fits",
+                  "preview": "mosaic.png", "catalogue": "mosaic.srl.fits"}[kind]
+        return Path(self.outdir) / f"{self.name}-{suffix}"
+
+    def marker(self) -> Path:
+        return Path(self.outdir) / ".hpcddf" / "done" / f"{self.product}.done.json"
+
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.inputs]
+
+
+@dataclass
+class MosaicPlan:
+    tasks: list[MosaicTask] = field(default_factory=list)      # to queue
+    done: list[str] = field(default_factory=list)               # already made
+    queued: list[str] = field(default_factory=list)             # already in the queue
+    blocked: dict[str, list[str]] = field(default_factory=dict)  # name -> missing neighbours
+
+
+# ---------------------------------------------------------------- planning (login node)
+
+def mosaic_dir(work_root: Path, centre: str) -> Path:
+    return work_root / MOSAICS / centre
+
+
+def neighbour_status(site: Site, work_root: Path, fid: str, product: str) -> tuple[str, str | None]:
+    """('done'|'reducing'|'missing', the job id to wait for) of one neighbouring field."""
+    from hpcddf.engine.submission import live_jobs
+    wd = work_root / fid
+    p = PRODUCTS[product]
+    if (wd / p.int_image).is_file() and (wd / p.app_image).is_file():
+        return "done", None
+    state = read_state(wd)
+    if state and site.scheduler == "slurm" and live_jobs(site, state):
+        stages = [s["name"] for s in (state.get("plan") or {}).get("stages", [])]
+        last = state["stages"].get(stages[-1], {}) if stages else {}
+        if last.get("job_id"):
+            return "reducing", str(last["job_id"])
+    return "missing", None
+
+
+def _marker_inputs(task: MosaicTask) -> list[str] | None:
+    import json
+    try:
+        return json.loads(task.marker().read_text())["inputs"]
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+
+
+def _mosaic_live(site: Site, task: MosaicTask) -> bool:
+    """A job of this mosaic is still queued or running."""
+    from hpcddf.engine.slurm_query import query_jobs
+    state = read_state(Path(task.outdir))
+    info = (state or {}).get("stages", {}).get(task.product, {})
+    if site.scheduler != "slurm" or info.get("state") not in ("queued", "running", "requeued"):
+        return False
+    job = info.get("job_id")
+    return bool(job) and any(j.active for j in query_jobs([str(job)]).values())
+
+
+def plan_mosaics(site: Site, pointings: Sequence[Pointing], centres: Sequence[Pointing],
+                 products: Sequence[str], work_root: Path, exclude: Sequence[str] = (),
+                 allow_missing: bool = False, scales: dict[str, float] | None = None,
+                 noises: dict[str, float] | None = None, options: MosaicOptions = MosaicOptions(),
+                 force: bool = False, preview: bool = True, catalogue: bool = False) -> MosaicPlan:
+    """What to do for every centre x product; nothing is written or queued."""
+    for p in products:
+        if p not in PRODUCTS:
+            raise MosaicPlanError(f"mosaic product {p!r} is unknown", f"use one of {', '.join(PRODUCTS)}")
+    for pid in [c.id for c in centres] + [p.id for p in pointings]:
+        if not SAFE_ID.match(pid):
+            raise MosaicPlanError(f"pointing id {pid!r} cannot name a directory",
+                                  "use letters, digits, _ + - . in the pointings table")
+    scales, noises = scales or {}, noises or {}
+    for name, table in (("--scale", scales), ("--noise", noises)):
+        unknown = sorted(set(table) - {p.id for p in pointings})
+        if unknown:
+            raise MosaicPlanError(f"{name} names {unknown[0]}, which is not in the pointings table",
+                                  "check the field id")
+    plan = MosaicPlan()
+    status_cache: dict[tuple[str, str], tuple[str, str | None]] = {}
+    for centre in centres:
+        if centre.id in exclude:
+            continue
+        nb = neighbourhood(centre, pointings, exclude)
+        for product in products:
+            inputs, depends, waiting, missing = [], [], [], []
+            for member in nb.members:
+                key = (member.id, product)
+                if key not in status_cache:
+                    status_cache[key] = neighbour_status(site, work_root, member.id, product)
+                state, job = status_cache[key]
+                if state == "missing":
+                    missing.append(member.id)
+                    continue
+                if state == "reducing":
+                    depends.append(str(job))
+                    waiting.append(member.id)
+                wd = work_root / member.id
+                inputs.append(MosaicInput(member.id, str(wd / PRODUCTS[product].int_image),
+                                          str(wd / PRODUCTS[product].app_image),
+                                          noise=noises.get(member.id), scale=scales.get(member.id, 1.0)))
+            name = f"{centre.id}-{product}"
+            if centre.id in missing or (missing and not allow_missing) or len(inputs) < 2:
+                plan.blocked[name] = missing or ["(fewer than 2 fields to combine)"]
+                continue
+            task = MosaicTask(centre, product, str(mosaic_dir(work_root, centre.id)), nb.max_separation,
+                              tuple(inputs), options, tuple(depends), tuple(waiting), tuple(missing),
+                              preview, catalogue)
+            if not force and task.path("mosaic").is_file() and _marker_inputs(task) == task.input_names():
+                plan.done.append(name)
+            elif _mosaic_live(site, task):
+                plan.queued.append(name)
+            else:
+                plan.tasks.append(task)
+    return plan
+
+
+def plan_document(plan: MosaicPlan) -> dict[str, Any]:
+    """The plan as data, for --dry-run and --json."""
+    return {"to_submit": [{"mosaic": t.name, "inputs": t.input_names(), "waits_for": dict(zip(t.waiting_on, t.depends)),
+                           "dropped": list(t.dropped), "outdir": t.outdir, "max_sep_deg": round(t.max_sep, 4)}
+                          for t in plan.tasks],
+            "done": plan.done, "already_queued": plan.queued, "blocked": plan.blocked}
+
+
+# ---------------------------------------------------------------- the node job
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _set_state(task: MosaicTask, **values: Any) -> None:
+    def change(state: dict[str, Any]) -> None:
+        state["plan"] = {"stages": [{"name": p} for p in PRODUCTS]}
+        state["stages"].setdefault(task.product, {}).update(values)
+    update_state(Path(task.outdir), task.centre.id, change)
+
+
+class MosaicJob(submitit.helpers.Checkpointable):
+    """One mosaic task on a compute node; requeued as a whole when the walltime kills it."""
+
+    def __init__(self, task: MosaicTask) -> None:
+        self.task = task
+
+    def __call__(self) -> dict[str, Any]:
+        t = self.task
+        t0 = time.time()
+        job = os.environ.get("SLURM_ARRAY_JOB_ID")
+        job_id = f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if job else os.environ.get("SLURM_JOB_ID")
+        prev = ((read_state(Path(t.outdir)) or {}).get("stages", {}).get(t.product, {}))
+        _set_state(t, state="running", started=now_iso(), attempts=int(prev.get("attempts", 0)) + 1,
+                   **({"job_id": job_id} if job_id else {}))
+        try:
+            result = self._run()
+        except Exception as exc:
+            msg = exc.message if isinstance(exc, HpcddfError) else f"{type(exc).__name__}: {exc}"
+            _set_state(t, state="failed", ended=now_iso(), error={"message": msg})
+            raise
+        _set_state(t, state="done", ended=now_iso(), elapsed_s=round(time.time() - t0, 1), error=None,
+                   note=f"{len(t.inputs)} fields" + (f"; {result['warnings'][0]}" if result["warnings"] else ""))
+        return result
+
+    def _run(self) -> dict[str, Any]:
+        t = self.task
+        missing = [i.name for i in t.inputs if not (Path(i.int_path).is_file() and Path(i.app_path).is_file())]
+        if missing:
+            raise MosaicPlanError(f"mosaic {t.name}: {', '.join(missing)} has no final images",
+                                  "its reduction stopped before them; see `hpcddf status " + missing[0] + "`")
+        p = PRODUCTS[t.product]
+        header = output_header(t.name, t.centre.ra, t.centre.dec, t.max_sep, p.cell_arcsec, p.resolution_arcsec)
+        opts = replace(t.options, workers=t.options.workers or _cpus(), noise_box=p.noise_box)
+        Path(t.outdir).mkdir(parents=True, exist_ok=True)
+        res = make_mosaic(t.inputs, header, t.path("mosaic"), t.path("weights"), opts)
+        if t.preview:
+            write_preview(t.path("mosaic"), t.path("preview"))
+        if t.catalogue:
+            write_catalogue(t.path("mosaic"), t.path("catalogue"))
+        t.marker().parent.mkdir(parents=True, exist_ok=True)
+        doc = {"mosaic": t.name, "inputs": t.input_names(), "noise": res.noise, "warnings": res.warnings,
+               "dropped": list(t.dropped), "products": [str(t.path(k)) for k in ("mosaic", "weights")],
+               "finished": now_iso()}
+        write_json_atomic(t.marker(), doc)
+        return doc
+
+
+def write_catalogue(mosaic: Path, out: Path) -> None:
+    """A PyBDSF source list of the mosaic (FITS), written atomically."""
+    import bdsf
+    from astropy.io import fits
+
+    from hpcddf.engine.atomic import atomic_path
+    from hpcddf.lofar.quality import pybdsf_to_log
+    freq = float(fits.getheader(mosaic).get("RESTFRQ", 144e6))  # bdsf wants one; the mosaic has no FREQ axis
+    with pybdsf_to_log(out.with_suffix(".pybdsf.log")):
+        img = bdsf.process_image(str(mosaic), thresh_isl=3.0, thresh_pix=5.0, adaptive_rms_box=True,
+                                 frequency=freq, quiet=True, output_opts=False)
+        with atomic_path(out) as tmp:
+            img.write_catalog(outfile=str(tmp), format="fits", catalog_type="srl", clobber=True)
+
+
+# ---------------------------------------------------------------- submission
+
+@dataclass(frozen=True)
+class MosaicResources:
+    cpus: int = 4
+    mem_gb: int = 16
+    walltime_min: int = 120
+    max_running: int | None = None
+
+
+def _resources(site: Site, r: MosaicResources) -> Resources:
+    s = site.slurm
+    return Resources(cpus=min(r.cpus, site.cpus), mem_gb=min(r.mem_gb, site.mem_gb),
+                     walltime_min=min(r.walltime_min, site.max_walltime_min), exclusive=False,
+                     partition=s.partition or None, account=s.account or None, qos=s.qos or None,
+                     extra=dict(s.extra_sbatch))
+
+
+def _scontrol(*args: str) -> None:
+    out = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise SubmissionError(f"scontrol {' '.join(args)} failed: {out.stderr.strip()[:300]}",
+                              "check the cluster with `hpcddf status`")
+
+
+def submit_mosaic_array(site: Site, tasks: Sequence[MosaicTask], work_root: Path,
+                        res: MosaicResources = MosaicResources()) -> dict[str, str]:
+    """ONE held array over the tasks; per-task neighbour dependencies; then released."""
+    from hpcddf.engine.backend import slurm_parameters
+    folder = work_root / MOSAICS / ".jobs"
+    folder.mkdir(parents=True, exist_ok=True)
+    ex = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=site.slurm.max_requeues)
+    ex._throttling = 0.0
+    params = slurm_parameters(site, _resources(site, res), f"hpcddf-mosaic-{len(tasks)}", None, True, len(tasks))
+    params["additional_parameters"].update(hold=True, kill_on_invalid_dep="yes")
+    params["array_parallelism"] = max(1, min(res.max_running or site.fields.max_running, len(tasks)))
+    ex.update_parameters(**params)
+    try:
+        with ex.batch():
+            jobs = [ex.submit(MosaicJob(t)) for t in tasks]
+    except Exception as exc:
+        raise SubmissionError(f"sbatch refused the mosaic array: {str(exc).strip()[:400]}",
+                              "check the site's partition/account/qos with `hpcddf sites show`") from None
+    ids = {t.name: j.job_id for t, j in zip(tasks, jobs)}
+    array = jobs[0].job_id.split("_")[0]
+    try:
+        for t, j in zip(tasks, jobs):
+            if t.depends:
+                _scontrol("update", f"JobId={j.job_id}", f"Dependency=afterok:{':'.join(t.depends)}")
+        _scontrol("release", array)
+    except BaseException:
+        subprocess.run(["scancel", array], check=False)
+        raise
+    for t in tasks:
+        _set_state(t, state="queued", job_id=ids[t.name], submitted=now_iso(), attempts=0,
+                   inputs=t.input_names(), waits_for=list(t.waiting_on), error=None,
+                   note=f"waits for {', '.join(t.waiting_on)}" if t.waiting_on else "")
+    return ids
+
+
+def run_mosaics_locally(site: Site, tasks: Sequence[MosaicTask], work_root: Path,
+                        progress: Callable[[str], None]) -> dict[str, str]:
+    """The same tasks with submitit's local executor, one after another."""
+    waiting = [t for t in tasks if t.depends]
+    if waiting:
+        raise MosaicPlanError(f"mosaic {waiting[0].name} waits for {', '.join(waiting[0].waiting_on)}, "
+                              "still being reduced", "run it when they are done, or on a Slurm site")
+    folder = work_root / MOSAICS / ".jobs"
+    ids: dict[str, str] = {}
+    for t in tasks:
+        _set_state(t, state="queued", submitted=now_iso(), inputs=t.input_names(), error=None)
+        ex = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=site.slurm.max_requeues)
+        ex.update_parameters(timeout_min=24 * 60)
+        job = ex.submit(MosaicJob(t))
+        ids[t.name] = str(job.job_id)
+        _set_state(t, job_id=str(job.job_id))
+        progress(f"mosaic {t.name}: running (local job {job.job_id}, {len(t.inputs)} fields)")
+        try:
+            job.result()
+        except Exception as exc:
+            from hpcddf.engine.backend import _first_line
+            progress(f"mosaic {t.name}: FAILED: {_first_line(exc)}")
+            raise SubmissionError(f"mosaic {t.name} failed", f"see {t.outdir} and `hpcddf status`") from None
+        progress(f"mosaic {t.name}: done -> {t.path('mosaic')}")
+    return ids
+
+
+def parse_assignments(values: Sequence[str], what: str) -> dict[str, float]:
+    """``FIELD=NUMBER`` pairs (``--scale``, ``--noise``)."""
+    out: dict[str, float] = {}
+    for v in values:
+        key, sep, num = v.partition("=")
+        try:
+            value = float(num)
+        except ValueError:
+            value = float("nan")
+        if not sep or not key or not value > 0:
+            raise MosaicPlanError(f"{what} {v!r} is not FIELD=POSITIVE_NUMBER", f"e.g. {what} P023=1.05")
+        out[key] = value
+    return out
+
+
+def check_mosaic_stack() -> None:
+    """The mosaic needs astropy, scipy and reproject in hpcddf's own environment."""
+    missing = []
+    for mod in ("numpy", "astropy", "scipy", "reproject"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        raise MosaicPlanError(f"mosaics need {', '.join(missing)}, not installed here",
+                              "pip install 'hpcddf[mosaic]'")
+
+
+def submit_mosaics(site: Site, pointings_path: str, fields: Sequence[str], region: str | None,
+                   all_: bool, products: Sequence[str], work_root: Path, exclude: Sequence[str] = (),
+                   allow_missing: bool = False, scales: Sequence[str] = (), noises: Sequence[str] = (),
+                   options: MosaicOptions = MosaicOptions(workers=0), force: bool = False,
+                   preview: bool = True, catalogue: bool = False,
+                   resources: MosaicResources = MosaicResources(), dry_run: bool = False,
+                   progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Plan the mosaics asked for and queue them (Slurm: one array; local: one by one)."""
+    from hpcddf.mosaic.pointings import parse_region, read_pointings, select_centres
+    check_mosaic_stack()
+    pointings = read_pointings(pointings_path)
+    centres = select_centres(pointings, list(fields), parse_region(region) if region else None, all_)
+    plan = plan_mosaics(site, pointings, centres, products, work_root, exclude, allow_missing,
+                        parse_assignments(scales, "--scale"), parse_assignments(noises, "--noise"),
+                        options, force, preview, catalogue)
+    doc = {"site": site.name, "work_root": str(work_root), **plan_document(plan)}
+    for name, missing in plan.blocked.items():
+        progress(f"mosaic {name}: not queued, needs {', '.join(missing)} (reduce them first, "
+                 "or --exclude / --allow-missing)")
+    if dry_run or not plan.tasks:
+        doc["jobs"] = {}
+        return doc
+    if site.scheduler == "slurm":
+        doc["jobs"] = submit_mosaic_array(site, plan.tasks, work_root, resources)
+    else:
+        doc["jobs"] = run_mosaics_locally(site, plan.tasks, work_root, progress)
+    return doc
+
+
+def find_mosaics(work_root: Path) -> list[Path]:
+    root = work_root / MOSAICS
+    return sorted(p.parent.parent for p in root.glob("*/.hpcddf/state.json")) if root.is_dir() else []
