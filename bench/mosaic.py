@@ -62,7 +62,7 @@ def baseline(inputs: list[MosaicInput], header: fits.Header, out: Path) -> None:
     from reproject import reproject_interp
     from scipy.signal import medfilt2d
 
-    from hpcddf.mosaic.combine import clipped_rms
+    from hpcddf.sky import clipped_rms
     shape = (header["NAXIS2"], header["NAXIS1"])
     isum = np.zeros(shape, dtype=np.float32)
     wsum = np.zeros(shape, dtype=np.float32)

@@ -455,8 +455,8 @@ def test_no_field(run_cli, cli_error, site_file):
 
 def test_demo_without_the_science_stack_says_how_to_install_it(tmp_path, monkeypatch):
     """With no DDF.py beside the interpreter or on PATH, the demo stops before simulating."""
-    from hpcddf.lofar.demo import run_demo
     from hpcddf.errors import PlanError
+    from hpcddf.lofar.demo import run_demo
     bindir = tmp_path / "bin"
     bindir.mkdir()
     monkeypatch.setattr(sys, "executable", str(bindir / "python"))

@@ -165,8 +165,8 @@ def cancel(fields: tuple[str, ...], site: str | None, site_file: str | None, wor
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def preflight(site: str | None, site_file: str | None, scratch: Path | None, no_clean: bool, as_json: bool) -> None:
     """Check this node for DDFacet: /dev/shm, hugepages, map count, memlock, CPUs, scratch, image."""
-    from hpcddf.errors import PreflightError
     from hpcddf.engine.preflight import run_preflight
+    from hpcddf.errors import PreflightError
     s = _site(site or "local", site_file)
     report = run_preflight(s, scratch=scratch, clean_shm=not no_clean)
     if as_json:
@@ -204,7 +204,8 @@ def status(fields: tuple[str, ...], site: str | None, site_file: str | None,
     """Show the stages, job ids, states and attempts of FIELD(s) (default: all fields, then
     the mosaics), or of a PHANGS project's tasks."""
     from hpcddf.cli.report import status_table
-    from hpcddf.engine.status import collect_mosaic_status, collect_status
+    from hpcddf.engine.status import collect_status
+    from hpcddf.mosaic.jobs import collect_mosaic_status
     if phangs_dir is not None:
         from hpcddf.phangs.submit import phangs_status
         from hpcddf.phangs.submit import status_table as phangs_table
@@ -241,7 +242,13 @@ def quality(field: str, site: str | None, site_file: str | None, catalogues: tup
             quality_cfg: str | None, min_matches: int, work_root: Path | None, as_json: bool) -> None:
     """Measure the final image of FIELD: noise, dynamic range, positions and fluxes against
     comparison catalogues. Writes FIELD/quality/ and shows the summary in `hpcddf status`."""
-    from hpcddf.lofar.quality import check_comparisons, comparisons_from_parset, parse_comparison, report_text, run_quality
+    from hpcddf.lofar.quality import (
+        check_comparisons,
+        comparisons_from_parset,
+        parse_comparison,
+        report_text,
+        run_quality,
+    )
     the_site = _site(None, site_file) if site_file else _site(site or "local", None)
     comps = [parse_comparison(c) for c in catalogues]
     if quality_cfg:
@@ -388,8 +395,8 @@ def config() -> None:
 def config_show(args: tuple[str, ...], site: str | None, site_file: str | None,
                 as_cfg: bool, as_json: bool) -> None:
     """Print the effective configuration: defaults < CFG files in order < overrides in order."""
-    from hpcddf.lofar.config import load_config
     from hpcddf.cli.report import config_table
+    from hpcddf.lofar.config import load_config
     files, overrides = _split(args)
     catalog = None
     if site or site_file:

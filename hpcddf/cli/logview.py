@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hpcddf.engine.fields import Field
 from hpcddf.cli.report import seconds
+from hpcddf.engine.fields import Field
 from hpcddf.engine.runner import tail
 
 

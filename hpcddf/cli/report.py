@@ -9,9 +9,9 @@ from typing import Any, Sequence
 
 from rich.table import Table
 
+from hpcddf.engine.sites import Site
 from hpcddf.lofar.config import PipelineConfig, format_value
 from hpcddf.lofar.options import SECTIONS
-from hpcddf.engine.sites import Site
 
 
 def plan_table(doc: dict[str, Any]) -> Table:

@@ -20,12 +20,12 @@ from typing import Any, Callable, Sequence
 
 import submitit
 
-from hpcddf.errors import RunInterrupted, SubmissionError
 from hpcddf.engine.nodejob import StageJob
 from hpcddf.engine.plan import Resources, Stage
 from hpcddf.engine.preflight import pid_alive
 from hpcddf.engine.runner import TERM_GRACE_S
 from hpcddf.engine.sites import Site
+from hpcddf.errors import RunInterrupted, SubmissionError
 
 log = logging.getLogger(__name__)
 

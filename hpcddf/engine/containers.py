@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from hpcddf.errors import SiteError
 from hpcddf.engine.runner import Command
+from hpcddf.errors import SiteError
 
 Launcher = Callable[[Command, Path], list[str]]
 

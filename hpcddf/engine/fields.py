@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpcddf.engine.atomic import write_text_atomic
-from hpcddf.errors import FieldError
 from hpcddf.engine.sites import Site
+from hpcddf.errors import FieldError
 
 log = logging.getLogger(__name__)
 

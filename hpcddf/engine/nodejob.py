@@ -21,15 +21,15 @@ from typing import Any, Mapping
 
 import submitit
 
-from hpcddf.lofar.config import load_config
 from hpcddf.engine.durations import load_estimates, record_duration
-from hpcddf.errors import HpcddfError, PreflightError, StepFailed
 from hpcddf.engine.preflight import clean_stale_shm, pid_alive, run_preflight
-from hpcddf.lofar.recipes import NodeInfo, build_steps
 from hpcddf.engine.runner import Interrupted, RunContext, StopRequested, run_steps
 from hpcddf.engine.sites import Site
 from hpcddf.engine.staging import clean_scratch, prepare_scratch
 from hpcddf.engine.state import now_iso, update_state
+from hpcddf.errors import HpcddfError, PreflightError, StepFailed
+from hpcddf.lofar.config import load_config
+from hpcddf.lofar.recipes import NodeInfo, build_steps
 
 log = logging.getLogger("hpcddf.job")
 

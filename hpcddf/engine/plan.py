@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from hpcddf.lofar.config import PipelineConfig
-from hpcddf.errors import PlanError
 from hpcddf.engine.sites import Site
+from hpcddf.errors import PlanError
+from hpcddf.lofar.config import PipelineConfig
 from hpcddf.lofar.steps import STAGE_ENABLED, STAGES, STEPS
 
 

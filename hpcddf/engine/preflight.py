@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from hpcddf.errors import PreflightError
 from hpcddf.engine.sites import Site, expand_login_path
+from hpcddf.errors import PreflightError
 
 log = logging.getLogger(__name__)
 

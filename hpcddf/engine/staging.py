@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from hpcddf.errors import StagingError
 from hpcddf.engine.sites import Site
+from hpcddf.errors import StagingError
 
 log = logging.getLogger(__name__)
 

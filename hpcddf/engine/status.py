@@ -6,10 +6,10 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from hpcddf.errors import SubmissionError
 from hpcddf.engine.fields import field_for
 from hpcddf.engine.sites import Site
 from hpcddf.engine.state import empty_state, find_fields, read_state
+from hpcddf.errors import SubmissionError
 
 log = logging.getLogger(__name__)
 FINAL = ("done", "failed", "cancelled", "interrupted")
@@ -30,12 +30,11 @@ def collect_status(site: Site, field_ids: Sequence[str] = (),
     return states
 
 
-def collect_mosaic_status(site: Site, work_root: Path | None = None) -> list[dict[str, Any]]:
-    """States of the mosaics under the work root (``<work_root>/mosaics/<centre>``)."""
-    from hpcddf.mosaic.jobs import find_mosaics
-    root = work_root if work_root is not None else site.work_root
+def collect_unit_status(site: Site, dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """States of other units of work kept like fields (a mosaic's directory), named by their
+    directory, with live job states."""
     states = []
-    for d in find_mosaics(root):
+    for d in dirs:
         st = read_state(d) or empty_state(d.name)
         st["field"] = d.name
         states.append(st)

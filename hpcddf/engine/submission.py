@@ -16,12 +16,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 from hpcddf.engine.atomic import write_text_atomic
 from hpcddf.engine.backend import ChainMember, run_local_chain, submit_slurm_chain
-from hpcddf.errors import FieldError, PlanError, RunInterrupted, SubmissionError
 from hpcddf.engine.fields import Field
 from hpcddf.engine.nodejob import FROZEN_CONFIG, StageJob
 from hpcddf.engine.plan import Plan, Stage
 from hpcddf.engine.preflight import pid_alive
-from hpcddf.lofar.redo import apply_restart_policy
 from hpcddf.engine.sites import Site
 from hpcddf.engine.slurm_query import cancel_jobs, query_jobs
 from hpcddf.engine.state import (
@@ -31,7 +29,9 @@ from hpcddf.engine.state import (
     update_state,
     update_state_unlocked,
 )
+from hpcddf.errors import FieldError, PlanError, RunInterrupted, SubmissionError
 from hpcddf.lofar.prepare import FieldJob, check_inputs, materialise
+from hpcddf.lofar.redo import apply_restart_policy
 
 log = logging.getLogger(__name__)
 DEFAULT_RECIPE: dict[str, Any] = {"name": "ddf", "options": {}}

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from hpcddf.errors import ConfigError, HpcddfError
+from hpcddf.sky import isolated, sky_coords, unique_matches
 
 REF_FREQ = 140e6
 PRIOR = (0.5, 2.0)
@@ -140,38 +141,6 @@ def check_catalogue(path: str) -> None:
                           "catalogues must have RA, DEC, Total_flux, E_Total_flux (Jy)")
 
 
-def _coords(ra: Any, dec: Any) -> Any:
-    from astropy import units as u
-    from astropy.coordinates import SkyCoord
-    return SkyCoord(np.asarray(ra, dtype=float) * u.deg, np.asarray(dec, dtype=float) * u.deg)
-
-
-def unique_matches(ra: np.ndarray, dec: np.ndarray, cat_ra: np.ndarray, cat_dec: np.ndarray,
-                   radius_arcsec: float) -> np.ndarray:
-    """Index into the catalogue of each source's match if exactly one lies within the radius, else -1."""
-    from astropy import units as u
-    from astropy.coordinates import search_around_sky
-    out = np.full(len(ra), -1, dtype=int)
-    if len(ra) == 0 or len(cat_ra) == 0:
-        return out
-    i, j, _, _ = search_around_sky(_coords(ra, dec), _coords(cat_ra, cat_dec), radius_arcsec * u.arcsec)
-    counts = np.bincount(i, minlength=len(ra))
-    for a, b in zip(i, j):
-        if counts[a] == 1:
-            out[a] = b
-    return out
-
-
-def isolated(ra: np.ndarray, dec: np.ndarray, min_sep_arcsec: float) -> np.ndarray:
-    """Sources whose nearest neighbour is farther than ``min_sep_arcsec``."""
-    from astropy.coordinates import match_coordinates_sky
-    if len(ra) < 2:
-        return np.ones(len(ra), dtype=bool)
-    c = _coords(ra, dec)
-    _, sep, _ = match_coordinates_sky(c, c, nthneighbor=2)
-    return sep.arcsec > min_sep_arcsec
-
-
 def crossmatch(ra: np.ndarray, dec: np.ndarray, total: np.ndarray, chan_flux: np.ndarray,
                chan_err: np.ndarray, chan_freqs: Sequence[float], cats: Sequence[Catalogue],
                centre: tuple[float, float], radius_deg: float = 2.5, min_flux: float = 0.15,
@@ -179,7 +148,7 @@ def crossmatch(ra: np.ndarray, dec: np.ndarray, total: np.ndarray, chan_flux: np
     """Bright isolated LOFAR sources near the centre with a unique match in every catalogue group."""
     from astropy.table import Table
     ra, dec, total = (np.asarray(x, dtype=float) for x in (ra, dec, total))
-    near = _coords([centre[0]], [centre[1]]).separation(_coords(ra, dec)).deg <= radius_deg
+    near = sky_coords([centre[0]], [centre[1]]).separation(sky_coords(ra, dec)).deg <= radius_deg
     keep = near & (total > min_flux) & isolated(ra, dec, isolation_arcsec)
     idx = np.flatnonzero(keep)
     cat_flux = np.full((len(idx), len(cats)), np.nan)
@@ -389,7 +358,7 @@ def cube_catalogue(cube: str, out: str) -> Any:
     from astropy.table import Table
 
     from hpcddf.engine.atomic import atomic_path
-    from hpcddf.lofar.quality import pybdsf_to_log
+    from hpcddf.sky import pybdsf_to_log
     with pybdsf_to_log(Path(out).with_suffix(".pybdsf.log")):
         img = bdsf.process_image(cube, thresh_pix=5.0, rms_box=(80, 20), rms_map=True,
                                  adaptive_rms_box=True, adaptive_thresh=80.0, rms_box_bright=(35, 7),

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from hpcddf.lofar.config import PipelineConfig
 from hpcddf.engine.runner import Command
+from hpcddf.lofar.config import PipelineConfig
 
 CLEAN_DEFAULTS = {"peakfactor": 0.001, "rms_factor": 0.0}
 

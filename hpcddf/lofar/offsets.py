@@ -378,12 +378,13 @@ def read_reference(path: str) -> tuple[np.ndarray, np.ndarray]:
 def lofar_catalogue(root: str, out: str) -> object:
     """PyBDSF on ``<root>.int.restored.fits``, detecting on the apparent image (ddf-pipeline's
     offsets parameters: thresh 4/5, rms box (150,15), adaptive (60,15) above 150, no wavelets)."""
+    from pathlib import Path
+
     import bdsf
     from astropy.table import Table
 
     from hpcddf.engine.atomic import atomic_path
-    from hpcddf.lofar.quality import pybdsf_to_log
-    from pathlib import Path
+    from hpcddf.sky import pybdsf_to_log
     int_ = f"{root}.int.restored.fits"
     if not Path(int_).is_file():
         int_ = f"{root}.app.restored.fits"  # no beam model (beam_model = None): DDF writes app only

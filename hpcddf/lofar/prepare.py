@@ -12,11 +12,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from hpcddf.lofar.config import Override, PipelineConfig, load_config, uses_catalog_token
-from hpcddf.errors import ConfigError, FieldError
-from hpcddf.engine.fields import Field, check_work_root, field_for, find_measurement_sets, make_mslists
+from hpcddf.engine.fields import (
+    Field,
+    check_work_root,
+    field_for,
+    find_measurement_sets,
+    make_mslists,
+)
 from hpcddf.engine.plan import Plan, chains, plan_reduction
 from hpcddf.engine.sites import Site
+from hpcddf.errors import ConfigError, FieldError
+from hpcddf.lofar.config import (
+    Override,
+    PipelineConfig,
+    load_config,
+    uses_catalog_token,
+)
 
 log = logging.getLogger(__name__)
 

@@ -6,15 +6,13 @@ writing the report are the callers'.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from hpcddf.lofar.bootstrap import isolated, unique_matches
+from hpcddf.sky import isolated, pybdsf_to_log, unique_matches
 
 CI = 0.68          # 16-84 % intervals
 RESAMPLES = 10000
@@ -138,6 +136,7 @@ def comparisons_from_parset(path: str) -> list[Comparison]:
     fluxfactor as Python lists), unchanged."""
     import ast
     import configparser
+
     from hpcddf.errors import HpcddfError
     cp = configparser.ConfigParser()
     if not cp.read(path):
@@ -164,35 +163,16 @@ def check_comparisons(comps: list[Comparison]) -> None:
         check_catalogue(c.path)  # same format rule as the bootstrap's catalogues
 
 
-@contextlib.contextmanager
-def pybdsf_to_log(path: Any) -> Iterator[None]:
-    """PyBDSF prints to stdout and logs to the root logger's handlers: both go to ``path``, so
-    a command's output (``--json``) stays clean and the detail is still kept."""
-    import logging
-    lg = logging.getLogger("PyBDSF")
-    with open(path, "a") as fh:
-        handler = logging.StreamHandler(fh)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        old = lg.propagate
-        lg.propagate = False
-        lg.addHandler(handler)
-        try:
-            with contextlib.redirect_stdout(fh):
-                yield
-        finally:
-            lg.removeHandler(handler)
-            lg.propagate = old
-
-
 def source_catalogue(int_image: str, app_image: str, out: str) -> Any:
     """PyBDSF on the beam-corrected image, detecting on the apparent one (quality pipeline's
     thresholds; no wavelet decomposition), written to ``out`` atomically."""
+    from pathlib import Path
+
     import bdsf
     from astropy.io import fits
     from astropy.table import Table
 
     from hpcddf.engine.atomic import atomic_path
-    from pathlib import Path
     freq = fits.getheader(app_image).get("RESTFRQ") or fits.getheader(app_image).get("CRVAL4") or 144e6
     with pybdsf_to_log(Path(out).with_suffix(".pybdsf.log")):
         img = bdsf.process_image(int_image, detection_image=app_image, thresh_isl=4.0, thresh_pix=5.0,
@@ -268,13 +248,12 @@ def run_quality(workdir: Any, comps: list[Comparison], min_matches: int = 10,
     quality.txt and plots, and record the summary in the field state."""
     from pathlib import Path
 
-    from astropy.io import fits
     from astropy.table import Table
     from astropy.wcs import WCS
 
     from hpcddf.engine.atomic import write_json_atomic, write_text_atomic
     from hpcddf.errors import HpcddfError
-    from hpcddf.mosaic.combine import clipped_rms, image_plane
+    from hpcddf.sky import clipped_rms, image_plane
     wd = Path(workdir)
     app = wd / f"{root}.app.restored.fits"
     int_ = wd / f"{root}.int.restored.fits"

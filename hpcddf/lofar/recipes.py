@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from hpcddf.engine.runner import Step
+from hpcddf.errors import PlanError
 from hpcddf.lofar.config import PipelineConfig
 from hpcddf.lofar.ddfcommands import Machine
-from hpcddf.errors import PlanError
-from hpcddf.engine.runner import Step
 
 RECIPES = ("ddf", "scaled")
 

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from hpcddf.lofar.config import PipelineConfig
 from hpcddf.errors import FieldError
+from hpcddf.lofar.config import PipelineConfig
 from hpcddf.lofar.steps import STEP_NAMES
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,9 @@ def drop_scaled_columns(workdir: Path) -> dict[str, list[str]]:
     if not mss:
         return dropped
     try:
-        from hpcddf.lofar.bootstrap import remove_scaled_columns
         import casacore.tables  # noqa: F401  (the science extra)
+
+        from hpcddf.lofar.bootstrap import remove_scaled_columns
     except ImportError:
         log.warning("python-casacore is not installed here: any SCALED_DATA column in the MSs "
                     "stays (the bootstrap would keep its old factors)")

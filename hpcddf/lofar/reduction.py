@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from hpcddf.engine.runner import Command, Step
+from hpcddf.errors import PlanError
 from hpcddf.lofar.config import PipelineConfig
 from hpcddf.lofar.ddfcommands import (
     Image,
@@ -31,8 +33,6 @@ from hpcddf.lofar.ddfcommands import (
     mask_dicomodel,
     sols_file,
 )
-from hpcddf.errors import PlanError
-from hpcddf.engine.runner import Command, Step
 
 # Steps whose builders are not written yet; submit refuses configs that switch them on.
 UNSUPPORTED = {

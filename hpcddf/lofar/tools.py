@@ -283,7 +283,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--catalogue", action="append", default=[])
     a = ap.parse_args(argv)
     if a.cmd == "quality":
-        from hpcddf.lofar.quality import check_comparisons, parse_comparison, run_quality
+        from hpcddf.lofar.quality import (
+            check_comparisons,
+            parse_comparison,
+            run_quality,
+        )
         comps = [parse_comparison(c) for c in a.catalogue]
         check_comparisons(comps)
         doc = run_quality(Path.cwd(), comps)
@@ -318,8 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _bootstrap_tools(a: argparse.Namespace) -> int:
-    from hpcddf.lofar import bootstrap
     from hpcddf.errors import HpcddfError
+    from hpcddf.lofar import bootstrap
     try:
         if a.cmd == "bootstrap-fit":
             bootstrap.fit_cube(a.cube, a.config, a.out)

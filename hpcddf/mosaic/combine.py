@@ -45,6 +45,7 @@ import numpy as np
 from hpcddf import __version__
 from hpcddf.engine.atomic import atomic_path
 from hpcddf.errors import HpcddfError
+from hpcddf.sky import clipped_rms, image_plane
 
 ARCSEC_DEG = 1.0 / 3600.0
 HALF_SIZE_FACTOR = 1.15   # the mosaic reaches 1.15 x half the largest neighbour separation
@@ -148,43 +149,6 @@ def output_header(name: str, ra: float, dec: float, max_sep_deg: float, cell_arc
     h["OBJECT"] = name
     h["ORIGIN"] = f"hpcddf {__version__}"
     return h
-
-
-def image_plane(path: str) -> tuple[Any, Any, Any]:
-    """(2-D memory-mapped data, celestial WCS, header) of a FITS image with any leading axes."""
-    from astropy.io import fits
-    from astropy.wcs import WCS
-    try:
-        hdul = fits.open(path, memmap=True)
-    except (OSError, ValueError) as exc:
-        raise MosaicError(f"cannot read image {path}: {exc}", "check the field's final products") from None
-    hdu = hdul[0]
-    if hdu.data is None or hdu.data.ndim < 2:
-        raise MosaicError(f"image {path} has no 2-D data", "check the field's final products")
-    data = hdu.data[(0,) * (hdu.data.ndim - 2)]
-    return data, WCS(hdu.header).celestial, hdu.header
-
-
-def clipped_rms(data: np.ndarray, box: int = 1000) -> float:
-    """Rms of the central ``box`` pixels, iteratively clipped at 5 sigma about zero until it
-    converges (astropy's sigma_clip, centred on 0 as ddf-pipeline's get_rms is)."""
-    from astropy.stats import sigma_clip
-    ny, nx = data.shape
-    y0, x0 = max(0, ny // 2 - box // 2), max(0, nx // 2 - box // 2)
-    x = np.asarray(data[y0:y0 + box, x0:x0 + box], dtype=np.float32)
-    x = x[np.isfinite(x)]
-    if x.size < 10:
-        raise MosaicError("the central box of the image has no finite pixels",
-                          "give the noise explicitly (--noise FIELD=JY)")
-    def zero(a: np.ndarray, axis: Any = None) -> float:
-        return 0.0
-    def rms(a: np.ndarray, axis: Any = None) -> float:
-        return float(np.sqrt(np.mean(np.square(a, dtype=np.float64))))
-    kept = sigma_clip(x, sigma=5.0, maxiters=None, cenfunc=zero, stdfunc=rms, masked=False)
-    value = rms(kept)
-    if not value > 0:
-        raise MosaicError("the clipped rms of the image is zero", "give the noise explicitly (--noise FIELD=JY)")
-    return value
 
 
 def beam_and_weight(app: np.ndarray, int_: np.ndarray, noise: float,

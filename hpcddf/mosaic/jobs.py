@@ -31,12 +31,19 @@ from typing import Any
 import submitit
 
 from hpcddf.engine.atomic import write_json_atomic
-from hpcddf.errors import HpcddfError, SubmissionError
-from hpcddf.mosaic.combine import PRODUCTS, MosaicInput, MosaicOptions, make_mosaic, output_header, write_preview
 from hpcddf.engine.plan import Resources
-from hpcddf.mosaic.pointings import Pointing, neighbourhood
 from hpcddf.engine.sites import Site
 from hpcddf.engine.state import now_iso, read_state, update_state
+from hpcddf.errors import HpcddfError, SubmissionError
+from hpcddf.mosaic.combine import (
+    PRODUCTS,
+    MosaicInput,
+    MosaicOptions,
+    make_mosaic,
+    output_header,
+    write_preview,
+)
+from hpcddf.mosaic.pointings import Pointing, neighbourhood
 
 log = logging.getLogger(__name__)
 MOSAICS = "mosaics"
@@ -264,7 +271,7 @@ def write_catalogue(mosaic: Path, out: Path) -> None:
     from astropy.io import fits
 
     from hpcddf.engine.atomic import atomic_path
-    from hpcddf.lofar.quality import pybdsf_to_log
+    from hpcddf.sky import pybdsf_to_log
     freq = float(fits.getheader(mosaic).get("RESTFRQ", 144e6))  # bdsf wants one; the mosaic has no FREQ axis
     with pybdsf_to_log(out.with_suffix(".pybdsf.log")):
         img = bdsf.process_image(str(mosaic), thresh_isl=3.0, thresh_pix=5.0, adaptive_rms_box=True,
@@ -415,6 +422,12 @@ def submit_mosaics(site: Site, pointings_path: str, fields: Sequence[str], regio
     else:
         doc["jobs"] = run_mosaics_locally(site, plan.tasks, work_root, progress)
     return doc
+
+
+def collect_mosaic_status(site: Site, work_root: Path | None = None) -> list[dict[str, Any]]:
+    """States of the mosaics under the work root (``<work_root>/mosaics/<centre>``)."""
+    from hpcddf.engine.status import collect_unit_status
+    return collect_unit_status(site, find_mosaics(work_root if work_root is not None else site.work_root))
 
 
 def find_mosaics(work_root: Path) -> list[Path]:

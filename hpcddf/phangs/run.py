@@ -36,9 +36,9 @@ from typing import Any
 import submitit
 
 from hpcddf.engine.atomic import write_json_atomic
+from hpcddf.engine.state import locked, now_iso
 from hpcddf.errors import HpcddfError
 from hpcddf.phangs.plan import Task
-from hpcddf.engine.state import locked, now_iso
 
 STATE_DIR = Path(".hpcddf") / "phangs"
 LOCK_DIR = Path(".hpcddf") / "phangs-locks"

@@ -23,6 +23,9 @@ from typing import Any
 
 import submitit
 
+from hpcddf.engine.plan import Resources
+from hpcddf.engine.sites import Site
+from hpcddf.engine.state import now_iso
 from hpcddf.errors import ConfigError, SubmissionError
 from hpcddf.phangs.keys import Project, load_project
 from hpcddf.phangs.plan import (
@@ -42,9 +45,6 @@ from hpcddf.phangs.run import (
     read_task_state,
     update_task_state,
 )
-from hpcddf.engine.plan import Resources
-from hpcddf.engine.sites import Site
-from hpcddf.engine.state import now_iso
 
 JOBS_DIR = Path(".hpcddf") / "phangs-jobs"
 MAX_ARRAY_SIZE = 1000  # below Slurm's default MaxArraySize (1001): bigger stages are split

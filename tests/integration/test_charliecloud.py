@@ -23,10 +23,11 @@ import pytest
 
 import hpcddf
 from hpcddf.engine.containers import make_launcher, spec_for
-from hpcddf.errors import StepFailed
 from hpcddf.engine.runner import Command, RunContext, run_command
+from hpcddf.errors import StepFailed
 
-from .conftest import hpcddf as run_hpcddf, read_state, wait_for
+from .conftest import hpcddf as run_hpcddf
+from .conftest import read_state, wait_for
 
 IMAGE = Path(os.environ.get("HPCDDF_TEST_ROOTFS", "/var/cache/hpcddf/test-rootfs"))
 IN_IMAGE_ONLY = "/.hpcddf-stamp"  # written by the build script; the host has no such file

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
+from hpcddf.engine.state import read_state as read_dir_state
 from hpcddf.mosaic.combine import PRODUCTS
 from hpcddf.mosaic.pointings import neighbourhood
-from hpcddf.engine.state import read_state as read_dir_state
 from hpcddf.mosaic.survey_sim import FieldSpec, SkySource, hex_grid, write_field
 
 from .conftest import hpcddf, read_state, wait_for

@@ -9,7 +9,6 @@ would be for a real field; they are local files, nothing needs the network.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,8 +22,13 @@ FLUX_SCALE = (0.85, 1.0, 1.12, 0.93)  # injected per subband: the sky in MS k is
 
 @pytest.fixture(scope="module")
 def field(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from hpcddf.lofar.simulate import (DEFAULT_SOURCES, SimSpec, simulate_field, write_catalogue,
-                                 write_tgss_catalogue)
+    from hpcddf.lofar.simulate import (
+        DEFAULT_SOURCES,
+        SimSpec,
+        simulate_field,
+        write_catalogue,
+        write_tgss_catalogue,
+    )
     home = tmp_path_factory.mktemp("bootstrap")
     work = home / "work"
     wd = work / "SIMB"

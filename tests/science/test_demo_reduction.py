@@ -77,6 +77,7 @@ def test_quality_of_the_final_image_against_catalogues_of_the_true_sky(demo, tmp
     """`hpcddf quality` on the reduced field: one catalogue is the true sky, the other the true
     sky 30" further north and in mJy; the offsets, flux ratios and units must come out."""
     from astropy.table import Table
+
     from hpcddf.lofar.simulate import read_skymodel
     sky = read_skymodel(demo["workdir"] / "skymodel.txt")
     ra = [s.ra_deg for s in sky]

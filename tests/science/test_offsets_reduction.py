@@ -137,6 +137,7 @@ def test_restore_and_shift_moves_sources_onto_the_reference(field):
     sense that brings them onto the reference catalogue (east = lower pixel x)."""
     from astropy.io import fits
     from astropy.table import Table
+
     from hpcddf.lofar.reduction import FINAL_NS
     wd = field["wd"]
     before = fits.getdata(wd / f"{FINAL_NS}.app.restored.fits").squeeze()

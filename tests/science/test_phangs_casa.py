@@ -35,7 +35,13 @@ from scipy import ndimage
 
 from hpcddf.errors import ConfigError, StepFailed
 from hpcddf.phangs import casa_tasks, casaenv
-from hpcddf.phangs.casaenv import CasaEnv, casa_argv, casa_environ, find_casa_env, run_casa
+from hpcddf.phangs.casaenv import (
+    CasaEnv,
+    casa_argv,
+    casa_environ,
+    find_casa_env,
+    run_casa,
+)
 from hpcddf.phangs.galaxy import (
     CO21_REST_GHZ,
     GalaxySpec,

@@ -33,6 +33,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from scipy import ndimage
 
+from hpcddf.engine.sites import load_site
 from hpcddf.errors import ConfigError, StepFailed
 from hpcddf.phangs import plan as P
 from hpcddf.phangs.casaenv import CasaEnv, find_casa_env, run_casa
@@ -40,7 +41,6 @@ from hpcddf.phangs.galaxy import GalaxySpec, simulate_galaxy
 from hpcddf.phangs.keys import Project, load_project
 from hpcddf.phangs.run import read_task_state, run_task
 from hpcddf.phangs.submit import submit_phangs
-from hpcddf.engine.sites import load_site
 
 pytestmark = pytest.mark.timeout(3600)
 

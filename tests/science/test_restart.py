@@ -11,11 +11,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.science.conftest import HPCDDF, hpcddf
-
-import psutil
 
 pytestmark = pytest.mark.timeout(3600)
 

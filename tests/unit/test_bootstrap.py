@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from hpcddf.lofar.bootstrap import (Catalogue, Matched, crossmatch, factor_at, log_prob, outliers,
-                              profile_chi2, run_fit, unique_matches)
+from hpcddf.lofar.bootstrap import (
+    Catalogue,
+    Matched,
+    crossmatch,
+    factor_at,
+    log_prob,
+    outliers,
+    profile_chi2,
+    run_fit,
+)
+from hpcddf.sky import unique_matches
 
 CHAN = np.linspace(120e6, 168e6, 6)
 CATS = np.array([74e6, 327e6])

@@ -7,9 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from hpcddf.lofar.config import (Override, format_value, is_override, load_config, parse_override,
-                           split_cli_args, uses_catalog_token)
 from hpcddf.errors import ConfigError, ExitCode
+from hpcddf.lofar.config import (
+    Override,
+    format_value,
+    is_override,
+    load_config,
+    parse_override,
+    split_cli_args,
+    uses_catalog_token,
+)
 from hpcddf.lofar.options import OPTIONS, SECTIONS, lookup
 
 pytestmark = pytest.mark.usefixtures("isolated_env")

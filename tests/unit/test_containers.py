@@ -8,9 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from hpcddf.engine.containers import ContainerSpec, default_executable, make_launcher, spec_for
-from hpcddf.errors import SiteError
+from hpcddf.engine.containers import (
+    ContainerSpec,
+    default_executable,
+    make_launcher,
+    spec_for,
+)
 from hpcddf.engine.runner import Command
+from hpcddf.errors import SiteError
 
 CMD = Command(("DDF.py", "--Data-MS=mslist.txt"), "x.log", env={"DDF_EXTRA": "1"})
 

@@ -9,10 +9,17 @@ import pytest
 
 import hpcddf.engine.atomic
 from hpcddf.engine import fields
-from hpcddf.errors import ExitCode, FieldError
-from hpcddf.engine.fields import (Field, check_work_root, field_for, find_measurement_sets, make_mslists,
-                           small_subset, validate_field_id)
+from hpcddf.engine.fields import (
+    Field,
+    check_work_root,
+    field_for,
+    find_measurement_sets,
+    make_mslists,
+    small_subset,
+    validate_field_id,
+)
 from hpcddf.engine.sites import load_site, load_site_file
+from hpcddf.errors import ExitCode, FieldError
 
 pytestmark = pytest.mark.usefixtures("isolated_env")
 LOFAR = r"L[0-9]{5,7}"

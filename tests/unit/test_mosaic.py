@@ -11,10 +11,24 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from hpcddf.mosaic.combine import (MosaicError, MosaicInput, MosaicOptions, beam_and_weight, clipped_rms,
-                           make_mosaic, output_header, remove_islands)
+from hpcddf.mosaic.combine import (
+    MosaicError,
+    MosaicInput,
+    MosaicOptions,
+    beam_and_weight,
+    make_mosaic,
+    output_header,
+    remove_islands,
+)
 from hpcddf.mosaic.pointings import neighbourhood
-from hpcddf.mosaic.survey_sim import FieldSpec, SkySource, hex_grid, random_sources, write_field
+from hpcddf.mosaic.survey_sim import (
+    FieldSpec,
+    SkySource,
+    hex_grid,
+    random_sources,
+    write_field,
+)
+from hpcddf.sky import SkyError, clipped_rms
 
 SPEC = FieldSpec(cell_arcsec=10.0, resolution_arcsec=40.0, npix=324, pb_fwhm_deg=0.6, noise=5e-4)
 SPACING = 0.4
@@ -61,7 +75,7 @@ def aperture_flux(image: np.ndarray, wcs: WCS, s: SkySource) -> float | None:
 
 def in_overlap(s: SkySource, pts) -> bool:
     """Whether at least two fields see the source above the beam cut."""
-    from hpcddf.mosaic.pointings import separations, Pointing
+    from hpcddf.mosaic.pointings import Pointing, separations
     seps = separations(Pointing("s", s.ra, s.dec), pts)
     return sum(d < BEAMCUT_RADIUS * 0.95 for d in seps) >= 2
 
@@ -181,7 +195,7 @@ def test_clipped_rms_ignores_sources_and_nans():
     data[100:110, 100:110] = 5.0
     data[0:50, :] = np.nan
     assert clipped_rms(data, box=300) == pytest.approx(2e-4, rel=0.03)
-    with pytest.raises(MosaicError, match="no finite pixels"):
+    with pytest.raises(SkyError, match="no finite pixels"):
         clipped_rms(np.full((50, 50), np.nan), box=20)
 
 
@@ -208,7 +222,7 @@ def test_islands_of_at_most_20_pixels_go_and_exact_zeros_stay():
 def test_unreadable_inputs_are_clear_errors(survey, tmp_path):
     root, pts, sources, inputs, header = survey
     bad = [MosaicInput("X", str(tmp_path / "none.int.fits"), str(tmp_path / "none.app.fits"))]
-    with pytest.raises(MosaicError, match="cannot read image"):
+    with pytest.raises(SkyError, match="cannot read image"):
         make_mosaic(bad, header, tmp_path / "m.fits", tmp_path / "w.fits")
     with pytest.raises(MosaicError, match="reprojection"):
         make_mosaic(inputs, header, tmp_path / "m.fits", tmp_path / "w.fits", MosaicOptions(method="nearest"))

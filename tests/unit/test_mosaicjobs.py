@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from hpcddf.engine.sites import load_site
 from hpcddf.mosaic.combine import PRODUCTS
 from hpcddf.mosaic.jobs import MosaicPlanError, parse_assignments, plan_mosaics
-from hpcddf.engine.sites import load_site
 from hpcddf.mosaic.survey_sim import hex_grid
 
 FULL = PRODUCTS["full"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hpcddf.lofar.offsets import (R_ARCSEC, applied_offsets, fit_facets, pair_separations)
+from hpcddf.lofar.offsets import R_ARCSEC, applied_offsets, fit_facets, pair_separations
 
 SHIFTS = {0: (1.2, -0.8), 1: (-0.5, 0.4), 2: (0.0, 1.5), 3: (2.0, 0.3)}  # LOFAR minus truth, arcsec
 
@@ -115,7 +115,14 @@ def test_offsets_table_and_astromap_hold_each_directions_result(tmp_path):
     from astropy.table import Table
     from astropy.wcs import WCS
 
-    from hpcddf.lofar.offsets import EMPTY, AxisFit, FacetOffset, astromap, offsets_table, read_tessel
+    from hpcddf.lofar.offsets import (
+        EMPTY,
+        AxisFit,
+        FacetOffset,
+        astromap,
+        offsets_table,
+        read_tessel,
+    )
     facets = read_tessel(str(DDF / "image_full_ampphase_di_m.NS.tessel.reg"))
     dirs = sorted({f.direction for f in facets})
     fits_ = [FacetOffset(d, 30, AxisFit(0.5 * d, 0.1 * (d + 1), 1.0, 10.0, 1.0, 1.0, 20.0, 4.0),

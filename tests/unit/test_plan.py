@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from hpcddf.lofar.config import load_config
-from hpcddf.errors import ConfigError, FieldError, PlanError
 from hpcddf.engine.plan import chains, plan_reduction
 from hpcddf.engine.sites import load_site, load_site_file
-from hpcddf.lofar.steps import STAGES, STEP_NAMES, STEPS
+from hpcddf.errors import ConfigError, FieldError, PlanError
+from hpcddf.lofar.config import load_config
 from hpcddf.lofar.prepare import DEFAULT_LISTS, dry_run_document, field_config, prepare
+from hpcddf.lofar.steps import STAGES, STEP_NAMES, STEPS
 
 pytestmark = pytest.mark.usefixtures("isolated_env")
 

@@ -7,8 +7,14 @@ import math
 import pytest
 from astropy.table import Table
 
-from hpcddf.mosaic.pointings import (Pointing, PointingsError, neighbourhood, parse_region, read_pointings,
-                              select_centres)
+from hpcddf.mosaic.pointings import (
+    Pointing,
+    PointingsError,
+    neighbourhood,
+    parse_region,
+    read_pointings,
+    select_centres,
+)
 from hpcddf.mosaic.survey_sim import hex_grid
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from hpcddf.errors import PreflightError
 from hpcddf.engine.preflight import (
     Check,
     NodePaths,
@@ -22,6 +21,7 @@ from hpcddf.engine.preflight import (
     run_preflight,
 )
 from hpcddf.engine.sites import ContainerSection, NodeSection, PreflightSection, Site
+from hpcddf.errors import PreflightError
 
 THP_MADVISE = "always defer defer+madvise [madvise] never\n"
 

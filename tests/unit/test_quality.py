@@ -68,7 +68,11 @@ def test_dynamic_range_is_peak_over_the_worst_nearby_artefact():
 
 def test_comparison_catalogues_from_the_command_line_and_a_quality_parset(tmp_path):
     from hpcddf.errors import HpcddfError
-    from hpcddf.lofar.quality import Comparison, comparisons_from_parset, parse_comparison
+    from hpcddf.lofar.quality import (
+        Comparison,
+        comparisons_from_parset,
+        parse_comparison,
+    )
     assert parse_comparison("FIRST=/c/first.fits") == Comparison("FIRST", "/c/first.fits", 10.0, 1.0)
     assert parse_comparison("TGSS=/c/tgss.fits:8:1000") == Comparison("TGSS", "/c/tgss.fits", 8.0, 1000.0)
     for bad in ("FIRST", "=x", "A=/p:-1", "A=/p:1:2:3", "A=/p:x"):
@@ -91,7 +95,12 @@ def _power_law_sources(n_expected_per_deg2: float, area: float, alpha: float, sm
 
 
 def test_source_counts_recover_a_flux_scale_error():
-    from hpcddf.lofar.quality import COUNT_INDEX_PRIOR, SQ_DEG_PER_SR, euclidean_counts_intema, source_counts
+    from hpcddf.lofar.quality import (
+        COUNT_INDEX_PRIOR,
+        SQ_DEG_PER_SR,
+        euclidean_counts_intema,
+        source_counts,
+    )
     rng = np.random.default_rng(2)
     alpha, area, smin = COUNT_INDEX_PRIOR[0], 30.0, 0.01
     # normalise so that S^2.5 dN/dS at 0.1 Jy equals Intema et al.'s: dN/dS = A S^-alpha per sr

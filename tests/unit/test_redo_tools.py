@@ -12,7 +12,12 @@ import pytest
 
 from hpcddf.lofar.config import load_config
 from hpcddf.lofar.redo import apply_redofrom, apply_restart_policy
-from hpcddf.lofar.tools import CLUSTER_DTYPE, cluster_catalogue, merge_masks, write_summary
+from hpcddf.lofar.tools import (
+    CLUSTER_DTYPE,
+    cluster_catalogue,
+    merge_masks,
+    write_summary,
+)
 
 fits = pytest.importorskip("astropy.io.fits", reason="the node tools need astropy (science extra)")
 

@@ -10,9 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from hpcddf.engine.runner import (
+    Command,
+    RunContext,
+    Step,
+    StopRequested,
+    marker_path,
+    read_marker,
+    run_steps,
+)
 from hpcddf.errors import StepFailed
-from hpcddf.engine.runner import (Command, RunContext, Step, StopRequested, marker_path, read_marker,
-                           run_steps)
 
 
 def py(code: str, log: str, timeout: float | None = 30) -> Command:

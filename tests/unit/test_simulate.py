@@ -12,8 +12,8 @@ import pytest
 np = pytest.importorskip("numpy")
 ct = pytest.importorskip("casacore.tables")
 
-from hpcddf.lofar.config import load_config
 from hpcddf.errors import HpcddfError
+from hpcddf.lofar.config import load_config
 from hpcddf.lofar.simulate import (
     ARRAY_RADIUS_M,
     CS002_ITRF,
@@ -401,7 +401,12 @@ def test_program(tmp_path: Path, isolated_env: dict[str, str]) -> None:
 
 def test_dde_phase_screens_have_no_gradient_across_the_array() -> None:
     """A linear phase gradient only shifts a source, which self-calibration cannot correct."""
-    from hpcddf.lofar.simulate import dde_phases, integration_times, station_en, station_layout
+    from hpcddf.lofar.simulate import (
+        dde_phases,
+        integration_times,
+        station_en,
+        station_layout,
+    )
     spec = SimSpec(nant=12, ntime=8, dde_rms_deg=20.0)
     _, itrf = station_layout(spec)
     en = station_en(itrf)

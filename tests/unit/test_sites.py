@@ -7,9 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from hpcddf.engine.sites import (
+    MANAGED_SBATCH,
+    available_sites,
+    load_site,
+    load_site_file,
+    site_dirs,
+    walltime_minutes,
+)
 from hpcddf.errors import ExitCode, SiteError
-from hpcddf.engine.sites import (MANAGED_SBATCH, available_sites, load_site, load_site_file, site_dirs,
-                          walltime_minutes)
 
 pytestmark = pytest.mark.usefixtures("isolated_env")
 

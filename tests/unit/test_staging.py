@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 import hpcddf.engine.staging as staging
-from hpcddf.errors import StagingError
 from hpcddf.engine.sites import NodeSection, Site
 from hpcddf.engine.staging import (
     PART_SUFFIX,
@@ -20,6 +19,7 @@ from hpcddf.engine.staging import (
     stage_in,
     stage_out,
 )
+from hpcddf.errors import StagingError
 
 
 def make_site(scratch_dir: str) -> Site:

@@ -10,9 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from hpcddf.engine.state import (
+    STATE_VERSION,
+    empty_state,
+    find_fields,
+    locked,
+    read_state,
+    state_path,
+    update_state,
+)
 from hpcddf.errors import FieldError
-from hpcddf.engine.state import (STATE_VERSION, empty_state, find_fields, locked, read_state, state_path,
-                          update_state)
 
 WRITERS = 20
 
