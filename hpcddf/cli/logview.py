@@ -11,12 +11,13 @@ from pathlib import Path
 
 from hpcddf.cli.report import seconds
 from hpcddf.engine.fields import Field
+from hpcddf.engine.paths import markers_in, unit_paths
 from hpcddf.engine.runner import tail
 
 
 def step_markers(workdir: Path) -> list[dict]:
     markers = []
-    for p in (workdir / ".hpcddf" / "done").glob("*.done.json"):
+    for p in markers_in(workdir):
         try:
             markers.append(json.loads(p.read_text(encoding="utf-8")))
         except (OSError, json.JSONDecodeError):
@@ -56,6 +57,6 @@ def field_logs(field: Field, step: str | None = None, tail_lines: int = 0) -> st
     lines = [f"field {field.id}: {wd}",
              f"  command logs: {log_dir}/",
              f"  stage logs:   {log_dir}/hpcddf-<stage>.log",
-             f"  job logs:     {wd / '.hpcddf' / 'jobs'}/",
+             f"  job logs:     {unit_paths(wd).jobs}/",
              ""]
     return "\n".join(lines) + profile_text(wd)

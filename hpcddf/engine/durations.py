@@ -11,13 +11,10 @@ import statistics
 from pathlib import Path
 
 from hpcddf.engine.atomic import write_json_atomic
+from hpcddf.engine.paths import durations_file
 from hpcddf.engine.state import locked
 
 KEEP = 20  # most recent measurements kept per step
-
-
-def durations_file(work_root: Path) -> Path:
-    return work_root / ".hpcddf" / "durations.json"
 
 
 def load_estimates(work_root: Path) -> dict[str, float]:

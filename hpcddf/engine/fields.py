@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpcddf.engine.atomic import write_text_atomic
+from hpcddf.engine.paths import unit_paths
 from hpcddf.engine.sites import Site
 from hpcddf.errors import FieldError
 
@@ -60,7 +61,7 @@ class Field:
 
     @property
     def state_dir(self) -> Path:
-        return self.workdir / ".hpcddf"
+        return unit_paths(self.workdir).hidden
 
     @property
     def log_dir(self) -> Path:

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import submitit
 
 from hpcddf.engine.durations import load_estimates, record_duration
+from hpcddf.engine.paths import unit_paths
 from hpcddf.engine.preflight import clean_stale_shm, pid_alive, run_preflight
 from hpcddf.engine.runner import Interrupted, RunContext, StopRequested, run_steps
 from hpcddf.engine.sites import Site
@@ -33,7 +34,6 @@ from hpcddf.lofar.recipes import NodeInfo, build_steps
 
 log = logging.getLogger("hpcddf.job")
 
-FROZEN_CONFIG = "pipeline.cfg"  # the effective config written at submit, in .hpcddf/
 SLURM_SIGNAL_SLACK_S = 30  # slurmctld checks time limits every 30 s
 
 
@@ -104,14 +104,15 @@ class StageJob(submitit.helpers.Checkpointable):
 
     def _run(self, cpus: tuple[int, ...], cache_dir: Path) -> list[str]:
         wd = Path(self.workdir)
-        cfg = load_config([str(wd / ".hpcddf" / FROZEN_CONFIG)])
+        paths = unit_paths(wd)
+        cfg = load_config([str(paths.frozen_config)])
         contained = self.site.container.runtime != "none"
         node = NodeInfo(cpus=cpus, cache_dir=cache_dir, field_id=self.field_id, workdir=wd,
                         python="python3" if contained else sys.executable)
         steps = build_steps(self.recipe, cfg, self.stage, self.steps, node)
         deadline, usable_s = self._deadline()
         ctx = RunContext(workdir=wd, log_dir=wd / (cfg.get("control", "logging") or "logs"),
-                         marker_dir=wd / ".hpcddf" / "done", deadline=deadline,
+                         marker_dir=paths.done_dir, deadline=deadline,
                          safety_s=min(60.0, usable_s * 0.02),
                          estimates=load_estimates(Path(self.work_root)),
                          env=science_env(),

@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from hpcddf import __version__
 from hpcddf.engine.atomic import write_json_atomic
+from hpcddf.engine.paths import MARKER_SUFFIX
 from hpcddf.errors import StepFailed
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class RunContext:
 
 
 def marker_path(ctx: RunContext, step: str) -> Path:
-    return ctx.marker_dir / f"{step}.done.json"
+    return ctx.marker_dir / f"{step}{MARKER_SUFFIX}"
 
 
 def read_marker(ctx: RunContext, step: Step) -> dict[str, Any] | None:

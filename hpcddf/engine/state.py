@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from hpcddf.engine.atomic import write_json_atomic
+from hpcddf.engine.paths import unit_paths, units_under
 from hpcddf.errors import FieldError
 
 STATE_VERSION = 1
@@ -28,7 +29,7 @@ def now_iso() -> str:
 
 
 def state_path(workdir: Path) -> Path:
-    return workdir / ".hpcddf" / "state.json"
+    return unit_paths(workdir).state
 
 
 def empty_state(field_id: str) -> dict[str, Any]:
@@ -56,9 +57,9 @@ def locked(workdir: Path, timeout: float | None = None) -> Iterator[None]:
     With ``timeout`` give up (TimeoutError) instead of waiting for ever: a signal handler must
     not block on a lock its own main thread may hold.
     """
-    d = workdir / ".hpcddf"
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / "lock", "a+") as fh:
+    paths = unit_paths(workdir)
+    paths.hidden.mkdir(parents=True, exist_ok=True)
+    with open(paths.lock, "a+") as fh:
         _acquire(fh.fileno(), timeout)
         try:
             yield
@@ -102,7 +103,7 @@ def find_fields(work_root: Path) -> list[Path]:
     """Field directories under ``work_root`` that have a state file."""
     if not work_root.is_dir():
         return []
-    return sorted(p.parent.parent for p in work_root.glob("*/.hpcddf/state.json"))
+    return units_under(work_root)
 
 
 def user_name() -> str:

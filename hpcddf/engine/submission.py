@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterator, Sequence
 from hpcddf.engine.atomic import write_text_atomic
 from hpcddf.engine.backend import ChainMember, run_local_chain, submit_slurm_chain
 from hpcddf.engine.fields import Field
-from hpcddf.engine.nodejob import FROZEN_CONFIG, StageJob
+from hpcddf.engine.nodejob import StageJob
+from hpcddf.engine.paths import arrays_dir, unit_paths
 from hpcddf.engine.plan import Plan, Stage
 from hpcddf.engine.preflight import pid_alive
 from hpcddf.engine.sites import Site
@@ -37,13 +38,10 @@ log = logging.getLogger(__name__)
 DEFAULT_RECIPE: dict[str, Any] = {"name": "ddf", "options": {}}
 
 
-def marker_dir(workdir: Path) -> Path:
-    return workdir / ".hpcddf" / "done"
-
-
 def stage_done(workdir: Path, stage: Stage) -> bool:
     """A stage is done when every one of its steps has a done-marker."""
-    return all((marker_dir(workdir) / f"{s}.done.json").is_file() for s in stage.steps)
+    paths = unit_paths(workdir)
+    return all(paths.marker(s).is_file() for s in stage.steps)
 
 
 def remaining_stages(workdir: Path, plan: Plan) -> list[Stage]:
@@ -111,9 +109,9 @@ def _record_queued(fj: FieldJob, site: Site, stages: Sequence[Stage], ids: dict[
 
 def _freeze_config(fj: FieldJob) -> None:
     """The jobs read exactly the configuration that was planned, whatever changes later."""
-    d = fj.field.workdir / ".hpcddf"
-    d.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(d / FROZEN_CONFIG, fj.config.to_cfg_text())
+    paths = unit_paths(fj.field.workdir)
+    paths.hidden.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(paths.frozen_config, fj.config.to_cfg_text())
 
 
 def check_supported(jobs: Sequence[FieldJob]) -> None:
@@ -182,8 +180,8 @@ def _submit_slurm(site: Site, to_run: Sequence[tuple[FieldJob, list[Stage]]],
     for chain in _chains(to_run):
         stages = chain[0][1]
         members = [_stage_jobs(site, fj, st, recipe) for fj, st in chain]
-        folder = (chain[0][0].field.workdir / ".hpcddf" / "jobs" if len(chain) == 1
-                  else chain[0][0].field.workdir.parent / ".hpcddf" / "arrays")
+        folder = (unit_paths(chain[0][0].field.workdir).jobs if len(chain) == 1
+                  else arrays_dir(chain[0][0].field.workdir.parent))
         ids = submit_slurm_chain(site, stages, members, folder)
         for fj, st in chain:
             if len(chain) > 1:
@@ -194,7 +192,7 @@ def _submit_slurm(site: Site, to_run: Sequence[tuple[FieldJob, list[Stage]]],
 
 def _link_array_logs(workdir: Path, folder: Path, job_ids: Any) -> None:
     """Array tasks log under the work root's array folder; link each field's tasks into its own."""
-    jobs = workdir / ".hpcddf" / "jobs"
+    jobs = unit_paths(workdir).jobs
     jobs.mkdir(parents=True, exist_ok=True)
     for jid in job_ids:
         link = jobs / jid
@@ -228,7 +226,7 @@ def _run_local(site: Site, to_run: Sequence[tuple[FieldJob, list[Stage]]], recip
     for fj, stages in to_run:
         member = _stage_jobs(site, fj, stages, recipe)
         try:
-            ids = run_local_chain(site, stages, member, fj.field.workdir / ".hpcddf" / "jobs", progress,
+            ids = run_local_chain(site, stages, member, unit_paths(fj.field.workdir).jobs, progress,
                                   step_watcher(fj.field.workdir))
         except SubmissionError:
             update_state(fj.field.workdir, fj.field.id, _cancel_queued)  # as kill_on_invalid_dep does

@@ -19,6 +19,7 @@ from hpcddf.engine.fields import (
     find_measurement_sets,
     make_mslists,
 )
+from hpcddf.engine.paths import unit_paths
 from hpcddf.engine.plan import Plan, chains, plan_reduction
 from hpcddf.engine.sites import Site
 from hpcddf.errors import ConfigError, FieldError
@@ -152,7 +153,7 @@ def prepare_resubmit(site: Site, field_ids: Sequence[str], work_root: Path | Non
     jobs = []
     for fid in field_ids:
         fld = field_for(site, fid, root)
-        frozen = fld.workdir / ".hpcddf" / "pipeline.cfg"
+        frozen = unit_paths(fld.workdir).frozen_config
         if not frozen.is_file():
             raise FieldError(f"field {fid} was never submitted from {root}", f"use hpcddf submit {fid}")
         cfg = load_config([str(frozen)])

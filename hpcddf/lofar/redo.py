@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from hpcddf.engine.paths import HIDDEN, unit_paths
 from hpcddf.errors import FieldError
 from hpcddf.lofar.config import PipelineConfig
 from hpcddf.lofar.steps import STEP_NAMES
@@ -28,7 +29,7 @@ DIRIN_KEEP = ("image_dirin_SSD_init.*", "image_dirin_SSD.*", "image_dirin_SSD_m.
               "MaskDiffuse*", "Noise*.fits", "external_mask.*")
 DIRIN_STEPS = ("image_dirin_SSD_init", "external_mask", "image_dirin_SSD", "mask_diffuse",
                "image_dirin_SSD_m")
-ALWAYS_KEEP = ("*.ms", "*.MS", "*.cfg", ".hpcddf", "hpcddf.cfg")
+ALWAYS_KEEP = ("*.ms", "*.MS", "*.cfg", HIDDEN, "hpcddf.cfg")
 
 
 def _keep_patterns(cfg: PipelineConfig, point: str) -> list[str]:
@@ -100,14 +101,14 @@ def drop_scaled_columns(workdir: Path) -> dict[str, list[str]]:
 def forget_steps(workdir: Path, steps: Iterable[str]) -> None:
     """Remove done-markers so these steps run again."""
     for name in steps:
-        (workdir / ".hpcddf" / "done" / f"{name}.done.json").unlink(missing_ok=True)
+        unit_paths(workdir).marker(name).unlink(missing_ok=True)
 
 
 def _record(workdir: Path, point: str, target: Path, moved: list[str],
             dropped: dict[str, list[str]]) -> None:
-    d = workdir / ".hpcddf"
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / "redo.log", "a", encoding="utf-8") as fh:
+    paths = unit_paths(workdir)
+    paths.hidden.mkdir(parents=True, exist_ok=True)
+    with open(paths.redo_log, "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "redofrom": point,
                              "archive": str(target), "moved": moved,
                              "dropped_columns": dropped}) + "\n")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from hpcddf.engine.paths import FROZEN_CONFIG_REL
 from hpcddf.engine.runner import Command, Step
 from hpcddf.errors import PlanError
 from hpcddf.lofar.config import PipelineConfig
@@ -420,7 +421,7 @@ def bootstrap(r: Reduction) -> Step:
                  *_bootstrap_mask(r, name, mask), ddf_image(r.cfg, r.m, img)]
         factors = f"{obsid}-bootstrap-factors.json"
         cmds.append(hpcddf_tool(r.m, ["bootstrap-fit", "--cube", f"{name}.cube.int.restored.fits",
-                                      "--config", ".hpcddf/pipeline.cfg", "--out", factors],
+                                      "--config", FROZEN_CONFIG_REL, "--out", factors],
                                 f"{name}.fit.log"))
         targets = sorted(set(mss) | set(full.get(obsid, [])))
         di = ["--di-col", DI_COL] if r.di else []
@@ -608,7 +609,7 @@ def offsets(r: Reduction) -> Step:
     RestoreAndShift reads the final image's PSF and last-residual cache, which lives in this
     job's cache directory: the step runs in the same stage as the image."""
     method = r.get("offsets", "method")
-    cmds = [hpcddf_tool(r.m, ["offsets", "--root", FINAL_NS, "--config", ".hpcddf/pipeline.cfg"], "offsets.log"),
+    cmds = [hpcddf_tool(r.m, ["offsets", "--root", FINAL_NS, "--config", FROZEN_CONFIG_REL], "offsets.log"),
             ddf_shift(r.m, FINAL_NS, "facet-offset.txt")]
     outs = [f"{method}-facet_offsets.fits", "facet-offset.txt", "astromap.fits", f"{method}-offsets.png",
             f"{FINAL_NS}_shift.app.facetRestored.fits"]
@@ -625,7 +626,7 @@ def quality(r: Reduction) -> Step:
 
 
 def summary(r: Reduction) -> Step:
-    cmds = [hpcddf_tool(r.m, ["summary", "--config", ".hpcddf/pipeline.cfg", "--out", "summary.txt"],
+    cmds = [hpcddf_tool(r.m, ["summary", "--config", FROZEN_CONFIG_REL, "--out", "summary.txt"],
                         "summary.log")]
     if r.get("control", "clearcache_end"):
         cmds.append(hpcddf_tool(r.m, ["clear-cache", "--cache-dir", r.m.cache_dir, r.mslist,

@@ -31,6 +31,7 @@ from typing import Any
 import submitit
 
 from hpcddf.engine.atomic import write_json_atomic
+from hpcddf.engine.paths import unit_paths, units_under
 from hpcddf.engine.plan import Resources
 from hpcddf.engine.sites import Site
 from hpcddf.engine.state import now_iso, read_state, update_state
@@ -81,7 +82,7 @@ class MosaicTask:
         return Path(self.outdir) / f"{self.name}-{suffix}"
 
     def marker(self) -> Path:
-        return Path(self.outdir) / ".hpcddf" / "done" / f"{self.product}.done.json"
+        return unit_paths(self.outdir).marker(self.product)
 
     def input_names(self) -> list[str]:
         return [i.name for i in self.inputs]
@@ -432,4 +433,4 @@ def collect_mosaic_status(site: Site, work_root: Path | None = None) -> list[dic
 
 def find_mosaics(work_root: Path) -> list[Path]:
     root = work_root / MOSAICS
-    return sorted(p.parent.parent for p in root.glob("*/.hpcddf/state.json")) if root.is_dir() else []
+    return units_under(root) if root.is_dir() else []

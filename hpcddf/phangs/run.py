@@ -36,12 +36,13 @@ from typing import Any
 import submitit
 
 from hpcddf.engine.atomic import write_json_atomic
+from hpcddf.engine.paths import HIDDEN, unit_paths
 from hpcddf.engine.state import locked, now_iso
 from hpcddf.errors import HpcddfError
 from hpcddf.phangs.plan import Task
 
-STATE_DIR = Path(".hpcddf") / "phangs"
-LOCK_DIR = Path(".hpcddf") / "phangs-locks"
+STATE_DIR = Path(HIDDEN) / "phangs"
+LOCK_DIR = Path(HIDDEN) / "phangs-locks"
 FINAL_STATES = ("done", "failed", "cancelled")
 
 
@@ -108,7 +109,7 @@ class RunContext:
 
     @property
     def logdir(self) -> Path:
-        return self.workdir / ".hpcddf" / "logs" / self.task.id
+        return unit_paths(self.workdir).logs / self.task.id
 
     def casa(self, stage: str, **params: Any) -> dict[str, Any]:
         """One casa_tasks stage in the CASA environment; its JSON summary is recorded."""

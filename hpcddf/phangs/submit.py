@@ -23,6 +23,7 @@ from typing import Any
 
 import submitit
 
+from hpcddf.engine.paths import HIDDEN
 from hpcddf.engine.plan import Resources
 from hpcddf.engine.sites import Site
 from hpcddf.engine.state import now_iso
@@ -46,7 +47,7 @@ from hpcddf.phangs.run import (
     update_task_state,
 )
 
-JOBS_DIR = Path(".hpcddf") / "phangs-jobs"
+JOBS_DIR = Path(HIDDEN) / "phangs-jobs"
 MAX_ARRAY_SIZE = 1000  # below Slurm's default MaxArraySize (1001): bigger stages are split
 LIVE = ("queued", "running", "requeued")
 # (cpus, mem_gb, walltime_min) wanted per task, capped by the site; None: a whole node
