@@ -114,6 +114,24 @@ def test_site_from_environment_and_site_file(run_cli, site_file, write_site, tmp
     path = write_site("adhoc", cpus=3, directory=tmp_path)
     doc = ok_json(run_cli("submit", "L123456", "--site-file", path, "--dry-run", "--json"))
     assert doc["site"] == "adhoc" and doc["stages"][0]["resources"]["cpus"] == 3
+    # one rule everywhere: a site file beats $HPCDDF_SITE, a --site beside it is refused
+    doc = ok_json(run_cli("submit", "L123456", "--site-file", path, "--dry-run", "--json",
+                          env={"HPCDDF_SITE": "testsite"}))
+    assert doc["site"] == "adhoc"
+
+
+def test_one_rule_for_the_site(run_cli, cli_error, site_file, tmp_path, tree):
+    before = tree(tmp_path)
+    for cmd in (("submit", "L123456", "--dry-run"), ("status",), ("logs", "L123456"),
+                ("quality", "L123456", "--catalogue", "X=/nonexistent.fits")):
+        cli_error(run_cli(*cmd, "--site", "testsite", "--site-file", site_file),
+                  "--site and --site-file given together", "only one of them")
+    cli_error(run_cli("mosaic", "F1", "--local", "--site", "spider", "--pointings", "p.fits"),
+              "--site and --local given together")
+    # commands that only look default to this machine; those that start jobs never do
+    assert run_cli("status").returncode == 0
+    cli_error(run_cli("resubmit", "L123456"), "no site given")
+    assert tree(tmp_path) == before
 
 
 @pytest.mark.parametrize("text,needles", [

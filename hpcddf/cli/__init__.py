@@ -23,9 +23,25 @@ def _split(args: Sequence[str]) -> tuple[list[str], list[Any]]:
     return split_cli_args(args)
 
 
-def _site(site: str | None, site_file: str | None) -> Any:
+def _site(site: str | None, site_file: str | None, *, starts_jobs: bool = True,
+          local: bool = False) -> Any:
+    """The one rule for every command: ``--site-file``, else ``--site`` (``--local`` is
+    ``--site local``), else ``$HPCDDF_SITE``; with none of them, commands that only look at
+    fields use the embedded ``local`` site, and commands that start jobs refuse (a reduction
+    must never start on a login node because a flag was forgotten)."""
     from hpcddf.engine.sites import load_site
-    return load_site(site, site_file)
+    from hpcddf.errors import SiteError
+    ctx = click.get_current_context(silent=True)
+    from_env = ctx is not None and ctx.get_parameter_source("site") == click.core.ParameterSource.ENVIRONMENT
+    given = [flag for flag, value in (("--site", site and not from_env), ("--site-file", site_file),
+                                      ("--local", local)) if value]
+    if len(given) > 1:
+        raise SiteError(f"{' and '.join(given)} given together", "choose the site with only one of them")
+    if site_file or local:
+        return load_site("local" if local else None, site_file)
+    if site or starts_jobs:
+        return load_site(site)
+    return load_site("local")
 
 
 def _print_json(obj: Any) -> None:
@@ -167,7 +183,7 @@ def preflight(site: str | None, site_file: str | None, scratch: Path | None, no_
     """Check this node for DDFacet: /dev/shm, hugepages, map count, memlock, CPUs, scratch, image."""
     from hpcddf.engine.preflight import run_preflight
     from hpcddf.errors import PreflightError
-    s = _site(site or "local", site_file)
+    s = _site(site, site_file, starts_jobs=False)
     report = run_preflight(s, scratch=scratch, clean_shm=not no_clean)
     if as_json:
         _print_json(report.to_dict())
@@ -187,7 +203,7 @@ def logs(field: str, site: str | None, site_file: str | None, work_root: Path | 
          step: str | None, tail_lines: int) -> None:
     """Where FIELD's logs are, and the time per step and stage (like analyse_logs.py)."""
     from hpcddf.cli.logview import field_logs
-    s = _site(site or "local", site_file)
+    s = _site(site, site_file, starts_jobs=False)
     click.echo(field_logs(_fields_of(s, [field], work_root)[0], step, tail_lines), nl=False)
 
 
@@ -215,7 +231,7 @@ def status(fields: tuple[str, ...], site: str | None, site_file: str | None,
         else:
             out.print(phangs_table(rows))
         return
-    the_site = _site(None, site_file) if site_file else _site(site or "local", None)
+    the_site = _site(site, site_file, starts_jobs=False)
     states = [] if only_mosaics else collect_status(the_site, fields, work_root)
     mosaics = collect_mosaic_status(the_site, work_root) if only_mosaics or not fields else []
     if as_json:
@@ -249,7 +265,7 @@ def quality(field: str, site: str | None, site_file: str | None, catalogues: tup
         report_text,
         run_quality,
     )
-    the_site = _site(None, site_file) if site_file else _site(site or "local", None)
+    the_site = _site(site, site_file, starts_jobs=False)
     comps = [parse_comparison(c) for c in catalogues]
     if quality_cfg:
         comps += comparisons_from_parset(quality_cfg)
@@ -272,7 +288,7 @@ def plot_factors(field: str, site: str | None, site_file: str | None, work_root:
     """Plot FIELD's flux-scale bootstrap: source spectra with the fitted factors applied, and
     the factors against frequency (one PNG per observation)."""
     from hpcddf.lofar.bootstrap import plot_field
-    the_site = _site(None, site_file) if site_file else _site(site or "local", None)
+    the_site = _site(site, site_file, starts_jobs=False)
     wd = _fields_of(the_site, [field], work_root)[0].workdir
     for path in plot_field(wd, out):
         click.echo(str(path))
@@ -318,7 +334,7 @@ def mosaic(fields: tuple[str, ...], site: str | None, site_file: str | None, poi
     """
     from hpcddf.mosaic.combine import MosaicOptions
     from hpcddf.mosaic.jobs import MosaicResources, submit_mosaics
-    s = _site("local", None) if local else _site(site, site_file)
+    s = _site(site, site_file, local=local)
     doc = submit_mosaics(s, pointings, fields, region, all_, products, work_root or s.work_root,
                          exclude, allow_missing, scales, noises,
                          MosaicOptions(beamcut=beamcut, method="exact" if exact else "bilinear", workers=0),
@@ -400,7 +416,7 @@ def config_show(args: tuple[str, ...], site: str | None, site_file: str | None,
     files, overrides = _split(args)
     catalog = None
     if site or site_file:
-        s = _site(site, site_file)
+        s = _site(site, site_file, starts_jobs=False)
         catalog = str(s.catalog_dir) if s.catalog_dir else None
     cfg = load_config(files, overrides, catalog_dir=catalog)
     if as_json:
@@ -434,7 +450,8 @@ def sites(ctx: click.Context) -> None:
 def sites_show(name: str | None, site_file: str | None, as_json: bool) -> None:
     """Print one site's effective settings."""
     from hpcddf.cli.report import site_text
-    s = _site(name, site_file)
+    from hpcddf.engine.sites import load_site
+    s = load_site(name, site_file)
     _print_json(s.to_dict()) if as_json else click.echo(site_text(s), nl=False)
 
 
