@@ -27,7 +27,7 @@ from hpcddf.engine.preflight import clean_stale_shm, pid_alive, run_preflight
 from hpcddf.engine.runner import Interrupted, RunContext, StopRequested, run_steps
 from hpcddf.engine.sites import Site
 from hpcddf.engine.staging import clean_scratch, prepare_scratch
-from hpcddf.engine.state import now_iso, update_state
+from hpcddf.engine.state import State, now_iso, update_state
 from hpcddf.errors import HpcddfError, PreflightError, StepFailed
 from hpcddf.lofar.config import load_config
 from hpcddf.lofar.recipes import NodeInfo, build_steps
@@ -160,7 +160,7 @@ class StageJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on the walltime/preemption signal, before it requeues the job."""
         # in a signal handler: never wait for the state lock (the main thread may hold it)
-        self._update(lambda s: s.update(state="requeued", note="walltime or preemption signal: requeued",
+        self._update(lambda s: s.update(state=State.REQUEUED, note="walltime or preemption signal: requeued",
                                         requeued_at=now_iso()), timeout=5.0)
         log.warning("stage %s: walltime/preemption signal, requeueing", self.stage)
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
@@ -172,7 +172,7 @@ class StageJob(submitit.helpers.Checkpointable):
             self._record_failure(msg, {"message": msg})
             raise HpcddfError(msg, "raise [slurm] max_requeues or max_walltime in the site config")
         log.warning("stage %s: %s", self.stage, reason)
-        self._update(lambda s: s.update(state="requeued", note=reason, requeued_at=now_iso()))
+        self._update(lambda s: s.update(state=State.REQUEUED, note=reason, requeued_at=now_iso()))
         os.kill(os.getpid(), signal.SIGUSR2)  # submitit: checkpoint + requeue + exit
         time.sleep(60)
 
@@ -204,7 +204,7 @@ class StageJob(submitit.helpers.Checkpointable):
     def _record_interrupted(self, reason: str) -> None:
         def change(s: dict[str, Any]) -> None:
             self._elapsed(s)
-            s.update(state="interrupted", ended=now_iso(), note=reason, error=None)
+            s.update(state=State.INTERRUPTED, ended=now_iso(), note=reason, error=None)
         self._update(change, timeout=10.0)
         log.warning("stage %s: %s", self.stage, reason)
 
@@ -233,7 +233,7 @@ class StageJob(submitit.helpers.Checkpointable):
 
         def change(s: dict[str, Any]) -> None:
             s["attempts"] = max(int(s.get("attempts", 0)) + 1, restarts + 1)
-            s.update(state="running", node=socket.gethostname(), started=now_iso(),
+            s.update(state=State.RUNNING, node=socket.gethostname(), started=now_iso(),
                      job_id=job_id_from_env(env) or s.get("job_id"), error=None)
             result["attempt"] = s["attempts"]
         self._update(change)
@@ -249,25 +249,25 @@ class StageJob(submitit.helpers.Checkpointable):
     def _finish(self, ran: list[str]) -> None:
         def change(s: dict[str, Any]) -> None:
             self._elapsed(s)
-            s.update(state="done", ended=now_iso(), note=f"ran {len(ran)} step(s)", error=None)
+            s.update(state=State.DONE, ended=now_iso(), note=f"ran {len(ran)} step(s)", error=None)
         self._update(change)
 
     def _record_failure(self, message: str, error: dict[str, Any]) -> None:
         def change(s: dict[str, Any]) -> None:
             self._elapsed(s)
-            cancelled = s.get("state") == "cancelled"  # `hpcddf cancel` killed us: not a failure
-            s.update(state="cancelled" if cancelled else "failed", ended=now_iso(),
+            cancelled = s.get("state") == State.CANCELLED  # `hpcddf cancel` killed us: not a failure
+            s.update(state=State.CANCELLED if cancelled else State.FAILED, ended=now_iso(),
                      error={"message": message, **error})
         self._update(change)
 
     def _on_step(self, step: str, what: str, info: dict[str, Any]) -> None:
-        if what == "done":
+        if what == State.DONE:
             record_duration(Path(self.work_root), step, float(info["duration_s"]))
 
         def change(state: dict[str, Any]) -> None:
             state.setdefault("steps", {})[step] = {"state": what, "at": now_iso(),
                                                    "duration_s": info.get("duration_s")}
-            state["stages"].setdefault(self.stage, {})["current_step"] = step if what == "running" else None
+            state["stages"].setdefault(self.stage, {})["current_step"] = step if what == State.RUNNING else None
         update_state(Path(self.workdir), self.field_id, change)
 
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 from hpcddf import __version__
 from hpcddf.engine.atomic import write_json_atomic
 from hpcddf.engine.paths import MARKER_SUFFIX
+from hpcddf.engine.state import State
 from hpcddf.errors import StepFailed
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ def run_steps(ctx: RunContext, steps: Sequence[Step], walltime_s: float | None =
 def run_step(ctx: RunContext, step: Step) -> dict[str, Any]:
     """All commands of the step, then a check of its outputs, then the marker (last)."""
     log.info("step %s: starting (%d command(s))", step.name, len(step.commands))
-    _notify(ctx, step.name, "running", {})
+    _notify(ctx, step.name, State.RUNNING, {})
     t0 = time.time()
     durations, ran = [], []
     for cmd in step.commands:
@@ -185,7 +186,7 @@ def run_step(ctx: RunContext, step: Step) -> dict[str, Any]:
               "commands": ran, "outputs": list(step.outputs),
               "params": dict(step.params), "versions": {"hpcddf": __version__, **ctx.versions}}
     write_json_atomic(marker_path(ctx, step.name), marker)
-    _notify(ctx, step.name, "done", marker)
+    _notify(ctx, step.name, State.DONE, marker)
     log.info("step %s: done in %.1f s", step.name, marker["duration_s"])
     return marker
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import enum
 import fcntl
 import json
 import os
@@ -22,6 +23,23 @@ from hpcddf.engine.paths import unit_paths, units_under
 from hpcddf.errors import FieldError
 
 STATE_VERSION = 1
+
+
+class State(enum.StrEnum):
+    """The one set of words for the state of a unit of work (a stage, a mosaic, a PHANGS task)
+    and of a step. A StrEnum: it is stored in JSON as the plain word and compares equal to it."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    REQUEUED = "requeued"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+
+LIVE = (State.QUEUED, State.RUNNING, State.REQUEUED)  # the scheduler may still run it
+FINAL = (State.DONE, State.FAILED, State.CANCELLED, State.INTERRUPTED)  # nothing will change it
 
 
 def now_iso() -> str:

@@ -8,11 +8,10 @@ from typing import Any, Sequence
 
 from hpcddf.engine.fields import field_for
 from hpcddf.engine.sites import Site
-from hpcddf.engine.state import empty_state, find_fields, read_state
+from hpcddf.engine.state import FINAL, State, empty_state, find_fields, read_state
 from hpcddf.errors import SubmissionError
 
 log = logging.getLogger(__name__)
-FINAL = ("done", "failed", "cancelled", "interrupted")
 
 
 def collect_status(site: Site, field_ids: Sequence[str] = (),
@@ -60,7 +59,7 @@ def _add_scheduler_states(states: list[dict[str, Any]]) -> None:
             if job is None:
                 continue
             s["slurm_state"] = job.state
-            if s.get("state") == "queued" and job.state == "CANCELLED":
-                s["state"] = "cancelled"
+            if s.get("state") == State.QUEUED and job.state == "CANCELLED":
+                s["state"] = State.CANCELLED
             if job.reason and job.reason not in ("None", "(null)"):
                 s["note"] = job.reason

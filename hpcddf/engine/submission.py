@@ -24,6 +24,8 @@ from hpcddf.engine.preflight import pid_alive
 from hpcddf.engine.sites import Site
 from hpcddf.engine.slurm_query import cancel_jobs, query_jobs
 from hpcddf.engine.state import (
+    LIVE,
+    State,
     locked,
     now_iso,
     read_state,
@@ -75,7 +77,7 @@ def live_jobs(site: Site, state: dict[str, Any] | None) -> list[str]:
         return []
     if site.scheduler == "local":  # local job ids are the job processes' pids
         return [str(s["job_id"]) for s in state["stages"].values()
-                if s.get("state") in ("queued", "running", "requeued")
+                if s.get("state") in LIVE
                 and str(s.get("job_id", "")).isdigit() and pid_alive(int(s["job_id"]))]
     return [j for j, info in query_jobs(ids).items() if info.active]
 
@@ -100,7 +102,7 @@ def _record_queued(fj: FieldJob, site: Site, stages: Sequence[Stage], ids: dict[
                                      "stages": [s.name for s in stages], "jobs": ids})
         for s in stages:
             old = state["stages"].get(s.name, {})
-            state["stages"][s.name] = {"state": "queued", "job_id": ids.get(s.name),
+            state["stages"][s.name] = {"state": State.QUEUED, "job_id": ids.get(s.name),
                                        "attempts": 0, "submitted": now_iso(),
                                        "elapsed_s": old.get("elapsed_s"),
                                        "node_hours": old.get("node_hours")}
@@ -212,9 +214,9 @@ def step_watcher(workdir: Path) -> Callable[[], list[str]]:
                 continue
             seen[name] = what
             at = str(info.get("at", ""))
-            if what == "running":
+            if what == State.RUNNING:
                 lines.append((at, 1, f"step {name} running"))
-            elif what == "done":
+            elif what == State.DONE:
                 lines.append((at, 0, f"step {name} done in {float(info.get('duration_s') or 0):.0f} s"))
         return [text for _, _, text in sorted(lines)]
     poll()  # steps of earlier submissions are not news
@@ -241,16 +243,16 @@ def _mark_interrupted(state: dict[str, Any]) -> None:
     """The stage that ran is "interrupted" (its job says so itself unless it was killed), the
     ones after it were never started."""
     for s in state.get("stages", {}).values():
-        if s.get("state") in ("running", "requeued"):
-            s.update(state="interrupted", ended=now_iso(), note=s.get("note") or "interrupted")
-        elif s.get("state") == "queued":
-            s.update(state="cancelled", note="the run was interrupted before this stage")
+        if s.get("state") in (State.RUNNING, State.REQUEUED):
+            s.update(state=State.INTERRUPTED, ended=now_iso(), note=s.get("note") or "interrupted")
+        elif s.get("state") == State.QUEUED:
+            s.update(state=State.CANCELLED, note="the run was interrupted before this stage")
 
 
 def _cancel_queued(state: dict[str, Any]) -> None:
     for s in state.get("stages", {}).values():
-        if s.get("state") == "queued":
-            s["state"] = "cancelled"
+        if s.get("state") == State.QUEUED:
+            s["state"] = State.CANCELLED
             s["note"] = "an earlier stage failed"
 
 
@@ -286,6 +288,6 @@ def cancel_fields(site: Site, fields: Sequence[Field]) -> dict[str, list[str]]:
 
 def _mark_cancelled(state: dict[str, Any]) -> None:
     for s in state.get("stages", {}).values():
-        if s.get("state") in ("queued", "running", "requeued"):
-            s["state"] = "cancelled"
+        if s.get("state") in LIVE:
+            s["state"] = State.CANCELLED
             s["ended"] = now_iso()

@@ -34,7 +34,7 @@ from hpcddf.engine.atomic import write_json_atomic
 from hpcddf.engine.paths import unit_paths, units_under
 from hpcddf.engine.plan import Resources
 from hpcddf.engine.sites import Site
-from hpcddf.engine.state import now_iso, read_state, update_state
+from hpcddf.engine.state import LIVE, State, now_iso, read_state, update_state
 from hpcddf.errors import HpcddfError, SubmissionError
 from hpcddf.mosaic.combine import (
     PRODUCTS,
@@ -131,7 +131,7 @@ def _mosaic_live(site: Site, task: MosaicTask) -> bool:
     from hpcddf.engine.slurm_query import query_jobs
     state = read_state(Path(task.outdir))
     info = (state or {}).get("stages", {}).get(task.product, {})
-    if site.scheduler != "slurm" or info.get("state") not in ("queued", "running", "requeued"):
+    if site.scheduler != "slurm" or info.get("state") not in LIVE:
         return False
     job = info.get("job_id")
     return bool(job) and any(j.active for j in query_jobs([str(job)]).values())
@@ -231,15 +231,15 @@ class MosaicJob(submitit.helpers.Checkpointable):
         job = os.environ.get("SLURM_ARRAY_JOB_ID")
         job_id = f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if job else os.environ.get("SLURM_JOB_ID")
         prev = ((read_state(Path(t.outdir)) or {}).get("stages", {}).get(t.product, {}))
-        _set_state(t, state="running", started=now_iso(), attempts=int(prev.get("attempts", 0)) + 1,
+        _set_state(t, state=State.RUNNING, started=now_iso(), attempts=int(prev.get("attempts", 0)) + 1,
                    **({"job_id": job_id} if job_id else {}))
         try:
             result = self._run()
         except Exception as exc:
             msg = exc.message if isinstance(exc, HpcddfError) else f"{type(exc).__name__}: {exc}"
-            _set_state(t, state="failed", ended=now_iso(), error={"message": msg})
+            _set_state(t, state=State.FAILED, ended=now_iso(), error={"message": msg})
             raise
-        _set_state(t, state="done", ended=now_iso(), elapsed_s=round(time.time() - t0, 1), error=None,
+        _set_state(t, state=State.DONE, ended=now_iso(), elapsed_s=round(time.time() - t0, 1), error=None,
                    note=f"{len(t.inputs)} fields" + (f"; {result['warnings'][0]}" if result["warnings"] else ""))
         return result
 
@@ -335,7 +335,7 @@ def submit_mosaic_array(site: Site, tasks: Sequence[MosaicTask], work_root: Path
         subprocess.run(["scancel", array], check=False)
         raise
     for t in tasks:
-        _set_state(t, state="queued", job_id=ids[t.name], submitted=now_iso(), attempts=0,
+        _set_state(t, state=State.QUEUED, job_id=ids[t.name], submitted=now_iso(), attempts=0,
                    inputs=t.input_names(), waits_for=list(t.waiting_on), error=None,
                    note=f"waits for {', '.join(t.waiting_on)}" if t.waiting_on else "")
     return ids
@@ -351,7 +351,7 @@ def run_mosaics_locally(site: Site, tasks: Sequence[MosaicTask], work_root: Path
     folder = work_root / MOSAICS / ".jobs"
     ids: dict[str, str] = {}
     for t in tasks:
-        _set_state(t, state="queued", submitted=now_iso(), inputs=t.input_names(), error=None)
+        _set_state(t, state=State.QUEUED, submitted=now_iso(), inputs=t.input_names(), error=None)
         ex = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=site.slurm.max_requeues)
         ex.update_parameters(timeout_min=24 * 60)
         job = ex.submit(MosaicJob(t))

@@ -37,13 +37,13 @@ import submitit
 
 from hpcddf.engine.atomic import write_json_atomic
 from hpcddf.engine.paths import HIDDEN, unit_paths
-from hpcddf.engine.state import locked, now_iso
+from hpcddf.engine.state import FINAL, State, locked, now_iso
 from hpcddf.errors import HpcddfError
 from hpcddf.phangs.plan import Task
 
 STATE_DIR = Path(HIDDEN) / "phangs"
 LOCK_DIR = Path(HIDDEN) / "phangs-locks"
-FINAL_STATES = ("done", "failed", "cancelled")
+FINAL_STATES = FINAL
 
 
 class PhangsRunError(HpcddfError):
@@ -85,7 +85,7 @@ def update_task_state(workdir: Path, task: Task, timeout: float | None = None,
 
 def products_present(state: dict[str, Any] | None) -> bool:
     """The task finished and every product it recorded is still there."""
-    if not state or state.get("state") != "done":
+    if not state or state.get("state") != State.DONE:
         return False
     return all(Path(p).exists() for p in state.get("products") or [])
 
@@ -171,11 +171,11 @@ def run_task(task: Task, workdir: str | Path, casa_env: str | None = None) -> di
         return {"task": task.id, "skipped": True, "products": prev.get("products", [])}
     if task.outputs and all(Path(p).exists() for p in task.outputs):
         # made by an earlier run (or outside hpcddf): nothing to do, but say so
-        update_task_state(workdir, task, state="done", ended=now_iso(), error=None,
+        update_task_state(workdir, task, state=State.DONE, ended=now_iso(), error=None,
                           products=task.outputs, note="products already present: skipped")
         return {"task": task.id, "skipped": True, "products": task.outputs}
     job = _job_id()
-    update_task_state(workdir, task, state="running", started=now_iso(), ended=None,
+    update_task_state(workdir, task, state=State.RUNNING, started=now_iso(), ended=None,
                       error=None, attempts=int(prev.get("attempts", 0)) + 1,
                       host=socket.gethostname(), **({"job_id": job} if job else {}))
     ctx = RunContext(workdir, task, casa_env, previous_steps=dict(prev.get("steps") or {}))
@@ -183,11 +183,11 @@ def run_task(task: Task, workdir: str | Path, casa_env: str | None = None) -> di
     try:
         products = RUNNERS[task.stage](ctx)
     except Exception as exc:
-        update_task_state(workdir, task, state="failed", ended=now_iso(),
+        update_task_state(workdir, task, state=State.FAILED, ended=now_iso(),
                           elapsed_s=round(time.time() - t0, 1), error=_error_doc(exc),
                           steps={**ctx.previous_steps, **ctx.steps}, notes=ctx.notes)
         raise
-    update_task_state(workdir, task, state="done", ended=now_iso(),
+    update_task_state(workdir, task, state=State.DONE, ended=now_iso(),
                       elapsed_s=round(time.time() - t0, 1), error=None, products=products,
                       steps={**ctx.previous_steps, **ctx.steps}, notes=ctx.notes,
                       note="; ".join(ctx.notes[:2]))
@@ -209,7 +209,7 @@ class PhangsTask(submitit.helpers.Checkpointable):
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         # Called from submitit's signal handler: never wait long for the lock there.
         with contextlib.suppress(Exception):
-            update_task_state(Path(self.workdir), self.task, timeout=5.0, state="requeued",
+            update_task_state(Path(self.workdir), self.task, timeout=5.0, state=State.REQUEUED,
                               note="walltime reached: requeued, resumes after the last product")
         return super().checkpoint(*args, **kwargs)
 

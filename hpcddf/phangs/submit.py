@@ -26,7 +26,7 @@ import submitit
 from hpcddf.engine.paths import HIDDEN
 from hpcddf.engine.plan import Resources
 from hpcddf.engine.sites import Site
-from hpcddf.engine.state import now_iso
+from hpcddf.engine.state import LIVE, State, now_iso
 from hpcddf.errors import ConfigError, SubmissionError
 from hpcddf.phangs.keys import Project, load_project
 from hpcddf.phangs.plan import (
@@ -49,7 +49,6 @@ from hpcddf.phangs.run import (
 
 JOBS_DIR = Path(HIDDEN) / "phangs-jobs"
 MAX_ARRAY_SIZE = 1000  # below Slurm's default MaxArraySize (1001): bigger stages are split
-LIVE = ("queued", "running", "requeued")
 # (cpus, mem_gb, walltime_min) wanted per task, capped by the site; None: a whole node
 STAGE_RESOURCES: dict[str, tuple[int | None, int | None, int | None]] = {
     "stage_ms": (4, 16, 240), "stage_line": (4, 32, 480), "imaging": (None, None, None),
@@ -165,7 +164,7 @@ def submit_slurm(site: Site, todo: list[tuple[str, list[Task]]], live: dict[str,
             if waits:
                 _scontrol("update", f"JobId={ids[t.id]}", f"Dependency=afterok:{':'.join(waits)}")
         for t in new:
-            update_task_state(work, t, state="queued", job_id=ids[t.id], scheduler="slurm",
+            update_task_state(work, t, state=State.QUEUED, job_id=ids[t.id], scheduler="slurm",
                               submitted=now_iso(), error=None,
                               waits_for=[d for d in t.depends if d in ids], note="")
         for array in arrays:
@@ -175,7 +174,7 @@ def submit_slurm(site: Site, todo: list[tuple[str, list[Task]]], live: dict[str,
             subprocess.run(["scancel", *arrays], check=False)
         for t in new:
             if t.id in ids and read_task_state(work, t.id):
-                update_task_state(work, t, state="cancelled", note="submission failed")
+                update_task_state(work, t, state=State.CANCELLED, note="submission failed")
         raise
     return {t.id: ids[t.id] for t in new}
 
@@ -195,7 +194,7 @@ def run_local(site: Site, todo: list[tuple[str, list[Task]]], work: Path,
         for t in tasks:
             blocked = [d for d in t.depends if d in failed]
             if blocked:
-                update_task_state(work, t, state="cancelled", scheduler="local",
+                update_task_state(work, t, state=State.CANCELLED, scheduler="local",
                                   note=f"not run: {blocked[0]} failed")
                 failed.append(t.id)
                 progress(f"{t.id}: not run, {blocked[0]} failed")
@@ -203,7 +202,7 @@ def run_local(site: Site, todo: list[tuple[str, list[Task]]], work: Path,
             ex = submitit.LocalExecutor(folder=work / JOBS_DIR / "%j",
                                         max_num_timeout=site.slurm.max_requeues)
             ex.update_parameters(timeout_min=res.walltime_min)
-            update_task_state(work, t, state="queued", scheduler="local", submitted=now_iso(),
+            update_task_state(work, t, state=State.QUEUED, scheduler="local", submitted=now_iso(),
                               error=None, note="")
             job = ex.submit(PhangsTask(t, str(work), casa_env))
             ids[t.id] = str(job.job_id)
@@ -316,10 +315,10 @@ def _refresh_from_slurm(rows: list[dict[str, Any]]) -> None:
         if job is None:
             continue
         r["slurm_state"] = job.state
-        if r.get("state") in ("queued", "requeued") and job.state == "CANCELLED":
-            r["state"] = "cancelled"
+        if r.get("state") in (State.QUEUED, State.REQUEUED) and job.state == "CANCELLED":
+            r["state"] = State.CANCELLED
         if not job.active and job.state in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"):
-            r["state"] = "failed"
+            r["state"] = State.FAILED
         if job.reason and job.reason not in ("None", "(null)"):
             r["note"] = job.reason
 
