@@ -41,7 +41,7 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, s
     env = {k: v for k, v in os.environ.items() if k not in _LEAKY}
     env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"),
                HPCDDF_SITES_DIR=str(sites_dir), PYTHONDONTWRITEBYTECODE="1",
-               COLUMNS="200")
+               COLUMNS="400")  # long tmp paths (xdist) must not wrap in tables
     return env
 
 
@@ -183,16 +183,16 @@ def plain_user() -> bool:
 # heaviest first, so that the two workers finish together (longest-processing-time-first).
 # Seconds of setup + calls measured in `.ci/run` on 2 cores (`--durations`); a unit not listed is
 # light and runs after these, in collection order.
-UNIT_SECONDS = {
-    "local-reduction": 660,                       # the demo reduction, then the restart tests
-    "tests/science/test_bootstrap_reduction.py": 560,
-    "tests/science/test_offsets_reduction.py": 300,
-    "tests/science/test_phangs_postprocess.py": 260,
-    "tests/integration/test_phangs_slurm_chain.py": 170,
-    "tests/science/test_phangs_engine.py": 140,
-    "tests/integration/test_slurm_engine.py": 120,
-    "tests/science/test_phangs_casa.py": 70,
-    "tests/science/test_phangs_continuum.py": 60,
+UNIT_SECONDS = {  # measured 2026-12-02 with both workers busy (about 2x their time alone)
+    "local-reduction": 1700,                      # the demo reduction, then the restart tests
+    "tests/science/test_bootstrap_reduction.py": 1130,
+    "tests/science/test_phangs_postprocess.py": 500,
+    "tests/science/test_offsets_reduction.py": 420,
+    "tests/integration/test_phangs_slurm_chain.py": 260,
+    "tests/science/test_phangs_engine.py": 190,
+    "tests/integration/test_slurm_engine.py": 170,
+    "tests/science/test_phangs_casa.py": 60,
+    "tests/science/test_phangs_continuum.py": 35,
 }
 # The restart tests SIGKILL DDFacet and leave /dev/shm entries of dead processes until their
 # resubmit cleans them; the demo test asserts that none are left: never at the same time.
