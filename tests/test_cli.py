@@ -144,6 +144,14 @@ def test_one_rule_for_the_site(run_cli, cli_error, site_file, tmp_path, tree):
     ("[slurm]\nmax_walltime = '3 days'\n", ("max_walltime", "'3 days' is not a walltime")),
     ("[slurm]\nextra_sbatch = { job-name = 'x' }\n", ("extra_sbatch may not set 'job-name'",)),
     ("[slurm]\nextra_sbatch = { job_name = 'x' }\n", ("extra_sbatch may not set 'job_name'",)),
+    ("[slurm]\nmax_walltime = '10:99:00'\n", ("max_walltime", "field out of range")),
+    ("[slurm]\nmax_walltime = '1-25:00:00'\n", ("max_walltime", "field out of range")),
+    ("[slurm]\nmax_walltime = '00:05:00'\nsignal_delay_s = 300\n", ("signal_delay_s = 300 is not below",)),
+    ("[node]\nscratch_dir = 'scratch/x'\n", ("scratch_dir = 'scratch/x' is a relative path", "absolute")),
+    ("[node]\nscratch_min_free_gb = nan\n", ("scratch_min_free_gb = nan has the wrong type",)),
+    ("[preflight]\nshm_min_fraction = inf\n", ("shm_min_fraction = inf has the wrong type",)),
+    ("[slurm]\nextra_sbatch = { constraint = \"a\\nb\" }\n", ("extra_sbatch constraint contains '\\n'",)),
+    ("[slurm]\nextra_sbatch = { comment = 'x; rm -rf $HOME' }\n", ("extra_sbatch comment contains", "';'")),
 ])
 def test_malformed_site_file(run_cli, cli_error, tmp_path: Path, tree, text, needles):
     path = tmp_path / "bad.toml"
@@ -233,6 +241,13 @@ def cfg(tmp_path: Path):
     ("[image]\nrobust = low\n", ("robust = 'low'", "a number")),
     ("[masking]\nthresholds = [5, 5\n", ("thresholds", "not a list literal")),
     ("[control]\nexitafter = phaze\n", ("exitafter", "not a valid choice")),
+    ("[image]\nimsize = 0\n", ("[image] imsize = 0 is not positive",)),
+    ("[image]\ncellsize = -1.5\n", ("[image] cellsize = -1.5 is not positive",)),
+    ("[solutions]\nndir = 0\n", ("[solutions] ndir = 0 is not positive",)),
+    ("[masking]\nthresholds = []\n", ("thresholds = [] is not a list of positive numbers",)),
+    ("[image]\nrobust = nan\n", ("robust = 'nan'", "not a finite number")),
+    ("[image]\nimsize = 100\nimsize = 200\n", ("option 'imsize' in section 'image' already exists",
+                                                 "give each section and option once")),
 ])
 def test_bad_config(run_cli, cli_error, cfg, site_file, tmp_path, work_root, tree, text, needles):
     path = cfg(text)
@@ -502,3 +517,74 @@ def test_an_offsets_method_without_a_local_catalogue_is_refused(run_cli, data_di
     proc = run_cli("submit", "L123456", "--site", "plain", "--offsets-method=pslocal")
     assert proc.returncode == 2, proc.stderr
     assert "needs a local reference catalogue" in proc.stderr and "[offsets] catalogue" in proc.stderr
+
+
+# ------------------------------------------------------------------ bad input found by trying
+
+@pytest.mark.parametrize("text,needle", [
+    (b"[]", "a JSON list, not an object"),
+    (b"\x00\xff\xfe", "is corrupt"),
+    (b'{"stages": 5}', '"stages" is a int, not a JSON object'),
+    (b'{"stages": {"initial": 3}}', 'stage "initial" is a int'),
+    (b'{"submissions": {}}', '"submissions" is a dict, not a JSON array'),
+])
+def test_a_state_file_of_the_wrong_shape_is_one_line(run_cli, cli_error, work_root, text, needle):
+    (work_root / "L123456" / ".hpcddf").mkdir(parents=True)
+    (work_root / "L123456" / ".hpcddf" / "state.json").write_bytes(text)
+    cli_error(run_cli("status", "L123456", "--work-root", work_root), needle, "move it aside", code=2)
+
+
+def test_a_fields_file_that_is_not_text(run_cli, cli_error, site_file, tmp_path):
+    (tmp_path / "fields.txt").write_bytes(b"L123456\nL12345\xff\n")
+    cli_error(run_cli("submit", "--fields-file", tmp_path / "fields.txt", "--site", "testsite", "--dry-run"),
+              "is not UTF-8 text")
+
+
+@pytest.mark.parametrize("opts,needles", [
+    (("--pipeline", "scaled", "--pipeline-opt", "nosuch=1"), ("nosuch is not an option of the scaled pipeline",)),
+    (("--pipeline", "scaled", "--pipeline-opt", "seconds=abc"), ("seconds=abc is not a non-negative number",)),
+    (("--pipeline", "scaled", "--pipeline-opt", "seconds.nostep=1"), ("'nostep' is not a step",)),
+    (("--pipeline", "scaled", "--pipeline-opt", "fail=xx"), ("fail=xx: not a step",)),
+    (("--pipeline", "scaled", "--pipeline-opt", "seconds=1", "--pipeline-opt", "seconds=2"), ("given twice",)),
+    (("--pipeline-opt", "timeout=0"), ("timeout=0 is not a positive number",)),
+    (("--pipeline-opt", "seconds=1"), ("seconds is not an option of the ddf pipeline",)),
+])
+def test_bad_pipeline_options(run_cli, cli_error, site_file, tmp_path, tree, opts, needles):
+    before = tree(tmp_path)
+    cli_error(run_cli("submit", "L123456", "--site", "testsite", "--dry-run", *opts), *needles)
+    assert tree(tmp_path) == before
+
+
+def _field_with_list(work_root: Path, listing: str) -> Path:
+    wd = work_root / "L123456"
+    (wd / "notms").mkdir(parents=True)  # a directory, but no Measurement Set
+    (wd / "mslist.txt").write_text(listing)
+    return wd
+
+
+@pytest.mark.parametrize("listing,needles", [
+    ("", ("MS list", "mslist.txt is empty")),
+    ("notms\n", ("names 'notms', which is not a Measurement Set (no table.dat)",)),
+    ("gone.ms\n", ("names 'gone.ms', which does not exist",)),
+])
+def test_a_bad_ms_list_is_refused_before_queueing(run_cli, cli_error, site_file, work_root, tree,
+                                                  listing, needles):
+    _field_with_list(work_root, listing)
+    before = tree(work_root)
+    cli_error(run_cli("submit", "L123456", "--site", "testsite"), *needles)
+    assert tree(work_root) == before
+
+
+def test_a_directory_named_like_an_ms_that_is_none_is_refused(run_cli, cli_error, site_file, work_root):
+    (work_root / "L123456" / "fake.ms").mkdir(parents=True)
+    cli_error(run_cli("submit", "L123456", "--site", "testsite"), "fake.ms is not a Measurement Set")
+
+
+def test_a_field_symlinked_out_of_the_work_root_is_refused(run_cli, cli_error, site_file, work_root, tmp_path):
+    (tmp_path / "elsewhere" / "L123456").mkdir(parents=True)
+    (work_root / "L123456").symlink_to(tmp_path / "elsewhere" / "L123456")
+    for cmd in (("submit", "L123456", "--site", "testsite", "--dry-run"), ("status", "L123456", "--site", "testsite")):
+        cli_error(run_cli(*cmd), "is a symlink to", "outside the work root")
+    (work_root / "inside").mkdir()
+    (work_root / "L654321").symlink_to(work_root / "inside")
+    ok(run_cli("submit", "L654321", "--site", "testsite", "--dry-run"))

@@ -72,7 +72,13 @@ def field_for(site: Site, field_id: str, work_root: Path | None = None) -> Field
     """The field ``field_id`` at ``site``: validated id, directory under the work root."""
     validate_field_id(field_id, site.fields.pattern)
     root = work_root if work_root is not None else site.work_root
-    return Field(id=field_id, workdir=root / field_id)
+    workdir = root / field_id
+    if workdir.is_symlink():
+        target = workdir.resolve()
+        if not target.is_relative_to(root.resolve()):
+            raise FieldError(f"field directory {workdir} is a symlink to {target}, outside the work root {root}",
+                             "move the field under the work root, or set the work root (--work-root) to where it is")
+    return Field(id=field_id, workdir=workdir)
 
 
 def check_work_root(root: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import sys
@@ -142,6 +143,10 @@ def expand_login_path(p: str) -> Path:
     return Path(os.path.expandvars(os.path.expanduser(p)))
 
 
+# characters that would break out of an "#SBATCH --key=value" line or into a shell
+_SBATCH_FORBIDDEN = set("\n\r\0`$;\\\"'<>")
+
+
 def walltime_minutes(text: str) -> int:
     """Slurm's time formats (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``,
     ``D-HH:MM:SS``) as whole minutes, seconds rounded up."""
@@ -154,6 +159,9 @@ def walltime_minutes(text: str) -> int:
         h, mi, s = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
     else:
         h, mi, s = (parts + [0, 0])[:3]
+    # Slurm refuses a field out of its range (only the leading one may be larger)
+    if s >= 60 or (mi >= 60 and (days is not None or len(parts) == 3)) or (days is not None and h >= 24):
+        raise ValueError(f"{text!r} has a field out of range (seconds and minutes < 60, hours < 24 after days)")
     total = int(days or 0) * 1440 + h * 60 + mi + (1 if s else 0)
     if total <= 0:
         raise ValueError(f"{text!r} is zero")
@@ -166,8 +174,8 @@ def _type_ok(value: Any, hint: Any) -> bool:
     origin = get_origin(hint)
     args = get_args(hint)
     if origin is None:
-        if hint is float:
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if hint is float:  # NaN and infinity are no settings
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if hint is int:
             return isinstance(value, int) and not isinstance(value, bool)
         if hint is bool:
@@ -247,6 +255,14 @@ def _check_values(site: Site) -> None:
         raise bad(f"max_walltime: {exc}", "use Slurm's format, e.g. \"72:00:00\" or \"2-00:00:00\"")
     if site.slurm.max_requeues < 0 or site.slurm.signal_delay_s < 0:
         raise bad("max_requeues and signal_delay_s must be 0 or more", "fix [slurm]")
+    if site.slurm.signal_delay_s >= walltime_minutes(site.slurm.max_walltime) * 60:
+        raise bad(f"signal_delay_s = {site.slurm.signal_delay_s} is not below max_walltime "
+                  f"{site.slurm.max_walltime}: the walltime signal would come before the job starts",
+                  "make signal_delay_s a few minutes, well below max_walltime")
+    scratch = site.node.scratch_dir.strip()
+    if not scratch.startswith(("/", "$", "~")):
+        raise bad(f"[node] scratch_dir = {scratch!r} is a relative path",
+                  'give an absolute path on the node, e.g. "$TMPDIR/hpcddf-$SLURM_JOB_ID"')
     if site.fields.max_running < 1:
         raise bad("[fields] max_running must be at least 1", "set how many fields may run at once")
     try:
@@ -259,6 +275,10 @@ def _check_values(site: Site) -> None:
         if flag and any(m.startswith(flag) for m in MANAGED_SBATCH):
             raise bad(f"extra_sbatch may not set {key!r}: hpcddf manages it",
                       "remove it; set partition/account/qos/max_walltime in [slurm]")
+        bad_chars = sorted({ch for ch in f"{key}{site.slurm.extra_sbatch[key]}" if ch in _SBATCH_FORBIDDEN})
+        if bad_chars:
+            raise bad(f"extra_sbatch {key} contains {''.join(map(repr, bad_chars))}: it would reach the batch "
+                      "script as it is", "use a plain sbatch value (constraints may use & and |)")
 
 
 def load_site_file(path: str | os.PathLike[str], name: str | None = None) -> Site:

@@ -60,12 +60,32 @@ def read_state(workdir: Path, field_id: str | None = None) -> dict[str, Any] | N
     path = state_path(workdir)
     try:
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+            data = json.load(fh)
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError as exc:
-        raise FieldError(f"state file {path} is corrupt: {exc}",
-                         "move it aside; hpcddf rebuilds it from the done-markers on the next submit") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FieldError(f"state file {path} is corrupt: {exc}", _REBUILD) from None
+    problem = _shape_problem(data)
+    if problem:
+        raise FieldError(f"state file {path} is not an hpcddf state: {problem}", _REBUILD)
+    return data
+
+
+_REBUILD = "move it aside; hpcddf rebuilds it from the done-markers on the next submit"
+_SHAPE = {"stages": dict, "steps": dict, "submissions": list}
+
+
+def _shape_problem(data: Any) -> str | None:
+    """What is wrong with the shape of a parsed state (valid JSON written by something else)."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    for key, kind in _SHAPE.items():
+        if key in data and not isinstance(data[key], kind):
+            return f'"{key}" is a {type(data[key]).__name__}, not a JSON {"object" if kind is dict else "array"}'
+    for name, unit in data.get("stages", {}).items():
+        if not isinstance(unit, dict):
+            return f'stage "{name}" is a {type(unit).__name__}, not a JSON object'
+    return None
 
 
 @contextlib.contextmanager

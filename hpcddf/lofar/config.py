@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import configparser
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -128,15 +129,18 @@ def _read_cfg(path: str) -> configparser.RawConfigParser:
         raise ConfigError(f"config file {path} does not exist", "check the path")
     if not os.access(path, os.R_OK):
         raise ConfigError(f"config file {path} is not readable", f"chmod u+r {path}")
-    parser = configparser.RawConfigParser(strict=False)
+    # strict: an option or section given twice in one file is an error, as in ddf-pipeline
+    parser = configparser.RawConfigParser(strict=True)
     try:
         with open(path, encoding="utf-8") as fh:
             parser.read_file(fh, source=path)
     except configparser.Error as exc:
         # configparser spreads one error over several lines (which line, its text): join them
         first = " ".join(ln.strip() for ln in str(exc).strip().splitlines() if ln.strip())
+        twice = isinstance(exc, (configparser.DuplicateOptionError, configparser.DuplicateSectionError))
         raise ConfigError(f"config file {path} has a syntax error: {first}",
-                          "use [section] headers and name = value lines") from None
+                          "give each section and option once in a file" if twice
+                          else "use [section] headers and name = value lines") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not text", "pass a ddf-pipeline .cfg file") from None
     return parser
@@ -148,21 +152,53 @@ def convert(opt: Option, raw: str, where: str) -> Any:
     if text == "None":
         return None
     try:
-        if opt.type == "int":
-            return int(text)
-        if opt.type == "float":
-            return float(text)
         if opt.type == "bool":
             return _to_bool(text)
-        if opt.type == "list":
-            return _to_list(opt, text)
+        typed = convert_typed(opt, text)
     except ValueError as exc:
         raise ConfigError(f"{where}: [{opt.section}] {opt.name} = {text!r}: {exc}",
                           f"{opt.name} must be {_describe(opt)}") from None
+    if opt.type in ("int", "float", "list"):
+        return _in_range(opt, typed, text, where)
     if opt.choices and text not in opt.choices:
         raise ConfigError(f"{where}: [{opt.section}] {opt.name} = {text!r} is not a valid choice",
                           f"use one of {', '.join(opt.choices)}")
     return raw.strip()
+
+
+def convert_typed(opt: Option, text: str) -> Any:
+    """An int, float or list option's value (ValueError when it is not one)."""
+    if opt.type == "int":
+        return int(text)
+    if opt.type == "float":
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError("not a finite number")
+        return value
+    if opt.type == "list":
+        return _to_list(opt, text)
+    return text
+
+
+# Values DDFacet, killMS or the plan cannot work with, refused before anything is queued
+# (ddf-pipeline would fail hours later, or divide by zero): sizes, cells, beams and counts must
+# be positive, the mask thresholds a non-empty list of positive numbers.
+POSITIVE = {("solutions", "ndir"), ("machine", "NCPU_DDF"), ("machine", "NCPU_killms"),
+            *(("image", n) for n in ("wide_imsize", "wide_cell", "wide_psf_arcsec", "imsize", "cellsize",
+                                     "psf_arcsec", "final_psf_arcsec", "final_psf_minor_arcsec",
+                                     "low_psf_arcsec", "low_cell", "low_imsize", "vlow_psf_arcsec",
+                                     "vlow_cell", "vlow_imsize", "HMPsize"))}
+NONEMPTY_POSITIVE_LISTS = {("masking", "thresholds")}
+
+
+def _in_range(opt: Option, value: Any, text: str, where: str) -> Any:
+    if opt.key in POSITIVE and value <= 0:
+        raise ConfigError(f"{where}: [{opt.section}] {opt.name} = {text} is not positive",
+                          f"{opt.name} must be above 0 (or None where that is allowed)")
+    if opt.key in NONEMPTY_POSITIVE_LISTS and (not value or any(v is None or v <= 0 for v in value)):
+        raise ConfigError(f"{where}: [{opt.section}] {opt.name} = {text} is not a list of positive numbers",
+                          f"give at least one, e.g. {format_value(opt.default)}")
+    return value
 
 
 def _describe(opt: Option) -> str:

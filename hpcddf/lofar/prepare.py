@@ -53,6 +53,9 @@ def read_fields_file(path: str) -> list[str]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise FieldError(f"cannot read fields file {path}: {exc.strerror}", "check the path") from None
+    except UnicodeDecodeError as exc:
+        raise FieldError(f"fields file {path} is not UTF-8 text (byte {exc.start})",
+                         "write one field id per line as plain text") from None
     return [ln.split("#", 1)[0].strip() for ln in text.splitlines() if ln.split("#", 1)[0].strip()]
 
 
@@ -113,8 +116,40 @@ def check_inputs(site: Site, jobs: Sequence[FieldJob]) -> dict[str, list[Path]]:
             where = f"{job.field.workdir}" + (f" or {site.data_root / job.field.id}" if site.data_root else "")
             raise FieldError(f"no measurement sets for field {job.field.id} in {where}",
                              "put the field's *.ms there (or its mslist.txt) before submitting")
+        for p in ms:
+            _check_found_ms(p)
+        for name in {listed, job.config.get("data", "full_mslist")} - {None}:
+            if (job.field.workdir / name).is_file():
+                check_ms_list(job.field.workdir, name)
         found[job.field.id] = ms
     return found
+
+
+def _check_found_ms(path: Path) -> None:
+    if any(ch in path.name for ch in "\n\r\t"):
+        raise FieldError(f"measurement set name {path.name!r} holds a line break or tab",
+                         "rename it: MS lists keep one name per line")
+    if not (path / "table.dat").is_file():
+        raise FieldError(f"{path} is not a Measurement Set (no table.dat)",
+                         "remove or rename it: every *.ms in the field directory goes into the MS lists")
+
+
+def check_ms_list(workdir: Path, name: str) -> None:
+    """An existing MS list is the user's: it must name at least one MS, each a Measurement Set
+    (a directory with a table.dat) relative to the field directory."""
+    path = workdir / name
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FieldError(f"cannot read MS list {path}: {exc}", "write one MS name per line as plain text") from None
+    if not lines:
+        raise FieldError(f"MS list {path} is empty", "list the field's measurement sets, one per line, or remove it")
+    for entry in lines:
+        ms = workdir / entry
+        if not (ms / "table.dat").is_file():
+            what = "is not a Measurement Set (no table.dat)" if ms.is_dir() else "does not exist"
+            raise FieldError(f"MS list {path} names {entry!r}, which {what}",
+                             "fix the list (names relative to the field directory) or remove it")
 
 
 def materialise(site: Site, job: FieldJob, ms: list[Path]) -> None:

@@ -41,8 +41,48 @@ def make_recipe(name: str, options: Sequence[str] = ()) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise PlanError(f"pipeline option {item!r} is not key=value", "write e.g. seconds=2")
+        if key in opts:
+            raise PlanError(f"pipeline option {key!r} is given twice", "give each --pipeline-opt once")
+        _check_option(name, key, value)
         opts[key] = value
     return {"name": name, "options": opts}
+
+
+# --pipeline-opt keys each pipeline reads, and what their values must be
+_NUMBER_KEYS = {"ddf": ("timeout",), "scaled": ("seconds", "estimate")}
+_OTHER_KEYS = {"ddf": (), "scaled": ("fail", "fail_times", "fail_fields")}
+
+
+def _check_option(pipeline: str, key: str, value: str) -> None:
+    """Refuse, before anything is queued, a key the pipeline would never read or a value it
+    could not use on the node."""
+    from hpcddf.lofar.steps import STEP_NAMES
+    base, _, step = key.partition(".")
+    known = _NUMBER_KEYS[pipeline] + _OTHER_KEYS[pipeline]
+    per_step = pipeline == "scaled" and base in _NUMBER_KEYS["scaled"]  # seconds.STEP, estimate.STEP
+    if base not in known or (step and not per_step):
+        accepted = ", ".join(known) + (" (seconds.STEP, estimate.STEP per step)" if pipeline == "scaled" else "")
+        raise PlanError(f"--pipeline-opt {key} is not an option of the {pipeline} pipeline",
+                        f"use one of: {accepted}")
+    if step and step not in STEP_NAMES:
+        raise PlanError(f"--pipeline-opt {key}: {step!r} is not a step", "`hpcddf submit FIELD --dry-run` lists the steps")
+    if base in _NUMBER_KEYS[pipeline]:
+        _check_number(key, value, positive=(base == "timeout"))
+    elif base == "fail" and value not in STEP_NAMES:
+        raise PlanError(f"--pipeline-opt fail={value}: not a step", "name a step of the plan")
+    elif base == "fail_times" and not value.isdigit():
+        raise PlanError(f"--pipeline-opt fail_times={value} is not a whole number >= 0", "e.g. fail_times=1")
+
+
+def _check_number(key: str, value: str, positive: bool) -> None:
+    import math
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        raise PlanError(f"--pipeline-opt {key}={value} is not a {'positive' if positive else 'non-negative'} "
+                        "number of seconds", f"e.g. {key}=2")
 
 
 def build_steps(recipe: Mapping[str, Any], cfg: PipelineConfig, stage: str,

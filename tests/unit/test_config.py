@@ -305,9 +305,13 @@ def test_option_names_are_case_insensitive(cfg_file):
     assert over["machine"]["NCPU_DDF"] == 48
 
 
-def test_duplicate_option_in_one_file_last_wins(cfg_file):
-    # ddf-pipeline's ConfigParser reads such files; the later line wins
-    assert load_config([cfg_file("[image]\nimsize=1\nimsize=2\n")]).get("image", "imsize") == 2
+def test_an_option_given_twice_in_one_file_is_refused(cfg_file):
+    # Python 3's ConfigParser (ddf-pipeline's) is strict: it refuses the file rather than
+    # silently taking one of the two values
+    with pytest.raises(ConfigError, match="option 'imsize' in section 'image' already exists"):
+        load_config([cfg_file("[image]\nimsize=1\nimsize=2\n")])
+    # across files, later files still win
+    assert load_config([cfg_file("[image]\nimsize=1\n"), cfg_file("[image]\nimsize=2\n")]).get("image", "imsize") == 2
 
 
 # ------------------------------------------------------------------------------ every type
