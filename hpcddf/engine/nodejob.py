@@ -17,11 +17,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import submitit
 
 from hpcddf.engine.durations import load_estimates, record_duration
+from hpcddf.engine.jobenv import job_id_from_env
 from hpcddf.engine.paths import unit_paths
 from hpcddf.engine.preflight import clean_stale_shm, pid_alive, run_preflight
 from hpcddf.engine.runner import Interrupted, RunContext, StopRequested, run_steps
@@ -35,13 +36,6 @@ from hpcddf.lofar.recipes import NodeInfo, build_steps
 log = logging.getLogger("hpcddf.job")
 
 SLURM_SIGNAL_SLACK_S = 30  # slurmctld checks time limits every 30 s
-
-
-def job_id_from_env(env: Mapping[str, str]) -> str | None:
-    """``<array>_<task>`` for array tasks (how sacct names them), else the job id."""
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    return env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID")
 
 
 @dataclass

@@ -31,6 +31,7 @@ from typing import Any
 import submitit
 
 from hpcddf.engine.atomic import write_json_atomic
+from hpcddf.engine.jobenv import job_id_from_env
 from hpcddf.engine.paths import unit_paths, units_under
 from hpcddf.engine.plan import Resources
 from hpcddf.engine.sites import Site
@@ -228,8 +229,7 @@ class MosaicJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         t = self.task
         t0 = time.time()
-        job = os.environ.get("SLURM_ARRAY_JOB_ID")
-        job_id = f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if job else os.environ.get("SLURM_JOB_ID")
+        job_id = job_id_from_env()
         prev = ((read_state(Path(t.outdir)) or {}).get("stages", {}).get(t.product, {}))
         _set_state(t, state=State.RUNNING, started=now_iso(), attempts=int(prev.get("attempts", 0)) + 1,
                    **({"job_id": job_id} if job_id else {}))

@@ -24,7 +24,6 @@ import contextlib
 import fcntl
 import json
 import math
-import os
 import re
 import socket
 import time
@@ -36,6 +35,7 @@ from typing import Any
 import submitit
 
 from hpcddf.engine.atomic import write_json_atomic
+from hpcddf.engine.jobenv import job_id_from_env
 from hpcddf.engine.paths import HIDDEN, unit_paths
 from hpcddf.engine.state import FINAL, State, locked, now_iso
 from hpcddf.errors import HpcddfError
@@ -146,13 +146,6 @@ class RunContext:
         return True
 
 
-def _job_id() -> str | None:
-    array = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if array:
-        return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
-    return os.environ.get("SLURM_JOB_ID")
-
-
 def _error_doc(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, HpcddfError):
         doc: dict[str, Any] = {"message": exc.message, "hint": exc.hint}
@@ -174,7 +167,7 @@ def run_task(task: Task, workdir: str | Path, casa_env: str | None = None) -> di
         update_task_state(workdir, task, state=State.DONE, ended=now_iso(), error=None,
                           products=task.outputs, note="products already present: skipped")
         return {"task": task.id, "skipped": True, "products": task.outputs}
-    job = _job_id()
+    job = job_id_from_env()
     update_task_state(workdir, task, state=State.RUNNING, started=now_iso(), ended=None,
                       error=None, attempts=int(prev.get("attempts", 0)) + 1,
                       host=socket.gethostname(), **({"job_id": job} if job else {}))
