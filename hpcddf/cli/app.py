@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,7 +17,9 @@ from rich.console import Console
 from hpcddf import __version__
 from hpcddf.errors import ExitCode, HpcddfError
 
-out = Console(soft_wrap=False, width=160)
+# tables are as wide as $COLUMNS says (a wide terminal shows whole paths), else 160 columns,
+# also when the output is a pipe (rich would squeeze them into 80)
+out = Console(soft_wrap=False, width=int(os.environ["COLUMNS"]) if os.environ.get("COLUMNS", "").isdigit() else 160)
 PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 
 
