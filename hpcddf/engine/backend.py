@@ -160,27 +160,26 @@ def _raise_signal(signum: int, frame: Any) -> None:
 
 
 @contextlib.contextmanager
-def _foreground_signals() -> Any:
-    """Ctrl-C, SIGTERM and SIGHUP become one exception here, for the main thread to handle."""
-    old = {s: signal.signal(s, _raise_signal) for s in _STOP_SIGNALS}
+def _handling(signals: Sequence[signal.Signals], handler: Any) -> Any:
+    """``handler`` for ``signals`` inside the block, the previous handlers after it."""
+    old = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
+        for s, previous in old.items():
+            signal.signal(s, previous)
 
 
-@contextlib.contextmanager
+def _foreground_signals() -> Any:
+    """Ctrl-C, SIGTERM and SIGHUP become one exception here, for the main thread to handle."""
+    return _handling(_STOP_SIGNALS, _raise_signal)
+
+
 def _children_ignore_terminal_signals() -> Any:
     """Processes started inside inherit SIG_IGN for SIGINT and SIGHUP: the terminal's Ctrl-C or
     hang-up reaches only this foreground process, which stops the job in order (submitit's local
     controller would otherwise SIGKILL the job 1 s later and orphan its science command)."""
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
+    return _handling((signal.SIGINT, signal.SIGHUP), signal.SIG_IGN)
 
 
 def stop_local_job(controller_pid: int, grace_s: float = TERM_GRACE_S + 20.0) -> None:

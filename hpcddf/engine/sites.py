@@ -250,12 +250,12 @@ def _check_values(site: Site) -> None:
     if site.node.scratch_min_free_gb < 0:
         raise bad("scratch_min_free_gb is negative", "use 0 or more")
     try:
-        walltime_minutes(site.slurm.max_walltime)
+        walltime_min = walltime_minutes(site.slurm.max_walltime)
     except ValueError as exc:
         raise bad(f"max_walltime: {exc}", "use Slurm's format, e.g. \"72:00:00\" or \"2-00:00:00\"")
     if site.slurm.max_requeues < 0 or site.slurm.signal_delay_s < 0:
         raise bad("max_requeues and signal_delay_s must be 0 or more", "fix [slurm]")
-    if site.slurm.signal_delay_s >= walltime_minutes(site.slurm.max_walltime) * 60:
+    if site.slurm.signal_delay_s >= walltime_min * 60:
         raise bad(f"signal_delay_s = {site.slurm.signal_delay_s} is not below max_walltime "
                   f"{site.slurm.max_walltime}: the walltime signal would come before the job starts",
                   "make signal_delay_s a few minutes, well below max_walltime")
