@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -31,6 +32,7 @@ from hpcddf.errors import StepFailed
 log = logging.getLogger(__name__)
 
 TERM_GRACE_S = 20.0  # a science command gets this long after SIGTERM before SIGKILL
+START_RETRIES = 3  # reruns of a command whose failure matched its ``retry_if``
 
 
 @dataclass(frozen=True)
@@ -44,13 +46,16 @@ class Command:
     # (path, args): args are appended when path exists as the command starts, e.g. DDFacet's
     # "--Cache-PSF=force" only if an earlier command of the stage left a PSF in the cache
     when_exists: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # regular expressions that mark a failure as a transient start-up race, not an error: when
+    # the end of the log matches one, the command is run again (at most START_RETRIES times)
+    retry_if: tuple[str, ...] = ()
 
     def resolved(self, workdir: Path) -> "Command":
         """The command with its conditional arguments decided now."""
         extra = [a for path, args in self.when_exists if (workdir / path).exists() for a in args]
         if not extra:
             return self
-        return Command(self.argv + tuple(extra), self.log_name, self.timeout_s, self.env)
+        return replace(self, argv=self.argv + tuple(extra), when_exists=())
 
 
 @dataclass(frozen=True)
@@ -201,30 +206,48 @@ def run_command(ctx: RunContext, step: str, cmd: Command) -> float:
 
     The command runs in its own process group so that a stop (walltime, SIGUSR1, SystemExit
     from the requeue handler) terminates it and its workers cleanly: SIGTERM, then SIGKILL.
+    A failure whose log ends in one of the command's ``retry_if`` patterns is a race at start-up
+    (another process changed a shared resource under it), so the command is simply run again.
     """
     cmd = cmd.resolved(ctx.workdir)
     argv = ctx.launcher(cmd, ctx.workdir)
     log_path = ctx.log_dir / cmd.log_name
-    env = {**os.environ, **ctx.env, **cmd.env}
     t0 = time.time()
-    with open(log_path, "ab") as fh:
-        fh.write(f"# hpcddf {time.strftime('%Y-%m-%d %H:%M:%S')}: {json.dumps(argv)}\n".encode())
-        fh.flush()
-        proc = subprocess.Popen(argv, cwd=ctx.workdir, stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        try:
-            rc = _wait(proc, cmd.timeout_s, ctx.abort_event)
-        except BaseException:
-            terminate(proc)
-            raise
-    if ctx.abort_event.is_set():
-        raise Interrupted(f"{ctx.abort_reason}: {Path(argv[0]).name} of step {step} stopped")
+    for attempt in range(START_RETRIES + 1):
+        rc = _run_once(ctx, cmd, argv, log_path)
+        if ctx.abort_event.is_set():
+            raise Interrupted(f"{ctx.abort_reason}: {Path(argv[0]).name} of step {step} stopped")
+        if rc in (0, None) or attempt == START_RETRIES or not _transient(cmd, log_path):
+            break
+        log.warning("step %s: %s failed at start-up in a known race (see %s): running it again",
+                    step, Path(argv[0]).name, log_path)
     if rc is None:
         raise StepFailed(step, argv, None, tail(log_path), str(log_path),
                          reason=f"timed out after {cmd.timeout_s:.0f} s")
     if rc != 0:
         raise StepFailed(step, argv, rc, tail(log_path), str(log_path))
     return time.time() - t0
+
+
+def _run_once(ctx: RunContext, cmd: Command, argv: list[str], log_path: Path) -> int | None:
+    """One run of the command, appending to its log; its exit code, None on timeout/abort."""
+    env = {**os.environ, **ctx.env, **cmd.env}
+    with open(log_path, "ab") as fh:
+        fh.write(f"# hpcddf {time.strftime('%Y-%m-%d %H:%M:%S')}: {json.dumps(argv)}\n".encode())
+        fh.flush()
+        proc = subprocess.Popen(argv, cwd=ctx.workdir, stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        try:
+            return _wait(proc, cmd.timeout_s, ctx.abort_event)
+        except BaseException:
+            terminate(proc)
+            raise
+
+
+def _transient(cmd: Command, log_path: Path) -> bool:
+    """Whether the end of the log shows one of the command's known start-up races."""
+    end = tail(log_path, 60)
+    return any(re.search(pattern, end) for pattern in cmd.retry_if)
 
 
 def _wait(proc: subprocess.Popen[bytes], timeout_s: float | None,

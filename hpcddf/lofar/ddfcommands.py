@@ -22,6 +22,11 @@ from typing import Any, Sequence
 from hpcddf.engine.runner import Command
 from hpcddf.lofar.config import PipelineConfig
 
+# DDF.py starts by listing /dev/shm and stat-ing each entry (its stale-memory cleanup): a
+# semaphore another process removes in between (Python's multiprocessing makes and unlinks
+# them all the time) kills it 0.1 s in with nothing done. Seen when two DDFacet runs start
+# together on one node; the runner runs it again when its log ends like this.
+DDF_START_RACE = (r"cleanupStaleShm[\s\S]*FileNotFoundError: .*/dev/shm/",)
 CLEAN_DEFAULTS = {"peakfactor": 0.001, "rms_factor": 0.0}
 
 
@@ -159,7 +164,7 @@ def ddf_image(cfg: PipelineConfig, m: Machine, img: Image) -> Command:
         what = "LastResidual" if img.reuse_dirty == "forceresidual" else "Dirty"
         optional.append((cache_path(m, img.mslist, what), (f"--Cache-Dirty={img.reuse_dirty}",)))
     return Command(tuple(argv), f"{img.name}.log", timeout_s=m.timeout_s,
-                   when_exists=tuple(optional))
+                   when_exists=tuple(optional), retry_if=DDF_START_RACE)
 
 
 def ddf_shift(m: Machine, name: str, shift_file: str) -> Command:
@@ -170,7 +175,8 @@ def ddf_shift(m: Machine, name: str, shift_file: str) -> Command:
         Output_Name=f"{name}_shift", Output_Mode="RestoreAndShift", Output_ShiftFacetsFile=shift_file,
         Predict_InitDicoModel=f"{name}.DicoModel", Cache_Dir=m.cache_dir, Cache_DirWisdomFFTW=m.cache_dir,
         Parallel_NCPU=m.ncpu_ddf, Parallel_Affinity=affinity(m), Debug_Pdb="never", Log_Boring=1)]
-    return Command(tuple(argv), f"{name}_shift.log", timeout_s=m.timeout_s)
+    return Command(tuple(argv), f"{name}_shift.log", timeout_s=m.timeout_s,
+                   retry_if=DDF_START_RACE)
 
 
 def _deconv(cfg: PipelineConfig, img: Image) -> list[str]:

@@ -12,8 +12,8 @@ with the same DDF.py command builder the final step uses.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -54,11 +54,11 @@ def _reference(path: Path, sources, seed: int, shift: tuple[float, float] = SHIF
 
 
 def _run(cmd, wd: Path) -> None:
-    c = cmd.resolved(wd)
-    with open(wd / c.log_name, "w") as log:
-        env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
-        proc = subprocess.run(c.argv, cwd=wd, stdout=log, stderr=subprocess.STDOUT, timeout=2400, env=env)
-    assert proc.returncode == 0, (c.argv[:3], (wd / c.log_name).read_text()[-3000:])
+    """Through the engine's runner, as a stage runs it (log file, timeout, start-up retries)."""
+    from hpcddf.engine.runner import RunContext, run_command
+    ctx = RunContext(workdir=wd, log_dir=wd, marker_dir=wd / ".hpcddf" / "done",
+                     env={"PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"})
+    run_command(ctx, "offsets-test", replace(cmd, timeout_s=2400))
 
 
 @pytest.fixture(scope="module")

@@ -117,3 +117,39 @@ def test_a_stop_request_stops_at_the_next_step_boundary(tmp_path):
     with pytest.raises(StopRequested):
         run_steps(ctx, [write_step("a", "a.out")])
     assert not (tmp_path / "a.out").exists()
+
+
+def _flaky(counter: Path, fail_times: int, message: str) -> str:
+    """Code that fails (printing ``message``) the first ``fail_times`` runs, then succeeds."""
+    return ("import pathlib, sys; c = pathlib.Path(%r); n = int(c.read_text()) if c.exists() else 0; "
+            "c.write_text(str(n + 1)); n < %d and (print(%r), sys.exit(1)); "
+            "pathlib.Path('ok.out').write_text('x')") % (str(counter), fail_times, message)
+
+
+RACE = "in cleanupStaleShm\nFileNotFoundError: [Errno 2] No such file or directory: '/dev/shm/sem.x'"
+
+
+def test_a_known_start_up_race_reruns_the_command(tmp_path):
+    from hpcddf.lofar.ddfcommands import DDF_START_RACE
+    cmd = Command((sys.executable, "-c", _flaky(tmp_path / "n", 2, RACE)), "race.log", 30,
+                  retry_if=DDF_START_RACE)
+    run_steps(ctx_for(tmp_path), [Step("s", "initial", (cmd,), outputs=("ok.out",))])
+    assert (tmp_path / "n").read_text() == "3"  # failed twice, then ran to the end
+    lines = (tmp_path / "logs" / "race.log").read_text().splitlines()
+    assert lines.count("in cleanupStaleShm") == 2 and sum(x.startswith("# hpcddf ") for x in lines) == 3
+
+
+def test_other_failures_and_endless_races_are_not_rerun_forever(tmp_path):
+    from hpcddf.engine.runner import START_RETRIES
+    from hpcddf.lofar.ddfcommands import DDF_START_RACE
+    other = Command((sys.executable, "-c", _flaky(tmp_path / "a", 5, "MemoryError")), "a.log", 30,
+                    retry_if=DDF_START_RACE)
+    with pytest.raises(StepFailed):
+        run_steps(ctx_for(tmp_path), [Step("a", "initial", (other,), outputs=("ok.out",))])
+    assert (tmp_path / "a").read_text() == "1"
+    endless = Command((sys.executable, "-c", _flaky(tmp_path / "b", 99, RACE)), "b.log", 30,
+                      retry_if=DDF_START_RACE)
+    with pytest.raises(StepFailed):
+        run_steps(ctx_for(tmp_path), [Step("b", "initial", (endless,), outputs=("ok.out",))])
+    assert (tmp_path / "b").read_text() == str(START_RETRIES + 1)
+    assert not (tmp_path / "done" / "b.done.json").exists()
