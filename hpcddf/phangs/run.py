@@ -387,7 +387,7 @@ def cube_noise(flat: Any) -> float:
     (a continuum part) is one plane: its σ is its chauvmad noise."""
     import numpy as np
 
-    from hpcddf.phangs.casa_tasks import chauvenet_mad_noise
+    from hpcddf.phangs.casa_common import chauvenet_mad_noise
 
     flat = np.asarray(flat, dtype=float)
     values = [chauvenet_mad_noise(ch) for ch in flat.reshape((-1, *flat.shape[-2:]))

@@ -34,7 +34,14 @@ from reproject import reproject_interp
 from scipy import ndimage
 
 from hpcddf.errors import ConfigError, StepFailed
-from hpcddf.phangs import casa_tasks, casaenv
+from hpcddf.phangs import (
+    casa_common,
+    casa_imaging,
+    casa_postprocess,
+    casa_tasks,
+    casa_visibilities,
+    casaenv,
+)
 from hpcddf.phangs.casaenv import (
     CasaEnv,
     casa_argv,
@@ -112,15 +119,15 @@ def test_installed_hpcddf_does_not_leak_its_site_packages(tmp_path: Path,
 
 
 def test_casa_tasks_pure_helpers() -> None:
-    assert casa_tasks.ranges_text([5, 0, 1, 2, 7, 6, 9]) == "0~2;5~7;9~9"
+    assert casa_common.ranges_text([5, 0, 1, 2, 7, 6, 9]) == "0~2;5~7;9~9"
     # 415..585 plus 20 km/s edges, cut to the 402.5..597.5 covered: 19 channels from 410
-    start, nchan = casa_tasks.velocity_grid([(402.5, 597.5)], 500.0, 170.0, 20.0, 10.0)
+    start, nchan = casa_visibilities.velocity_grid([(402.5, 597.5)], 500.0, 170.0, 20.0, 10.0)
     assert nchan == 19 and start == pytest.approx(410.0)
-    assert casa_tasks.good_imsize(181) == 192 and casa_tasks.good_imsize(180) == 180
+    assert casa_imaging.good_imsize(181) == 192 and casa_imaging.good_imsize(180) == 180
     beam = {"bmaj": 1.6, "bmin": 1.4, "bpa": 0.0}
-    assert casa_tasks.round_beam_arcsec(beam, None) == pytest.approx(1.64)
-    with pytest.raises(casa_tasks.StageError):
-        casa_tasks.round_beam_arcsec(beam, 1.5)
+    assert casa_postprocess.round_beam_arcsec(beam, None) == pytest.approx(1.64)
+    with pytest.raises(casa_common.StageError):
+        casa_postprocess.round_beam_arcsec(beam, 1.5)
 
 
 def test_model_galaxy_is_the_specified_disk() -> None:

@@ -33,7 +33,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from hpcddf.errors import ConfigError
-from hpcddf.phangs import casa_tasks
+from hpcddf.phangs import casa_common, casa_tasks, casa_visibilities
 from hpcddf.phangs import plan as P
 from hpcddf.phangs.casaenv import find_casa_env
 from hpcddf.phangs.galaxy import GalaxySpec, channel_velocities, simulate_galaxy
@@ -54,14 +54,14 @@ CHANNEL_GHZ = 0.02  # 5.2 native channels of 3.845 MHz: bins of 5
 def test_continuum_channel_helpers() -> None:
     freqs = [100e9 + i * 1e6 for i in range(10)]  # 1 MHz channels from 100 GHz
     # a channel overlapping a range at all is in it; touching its edge is not
-    assert casa_tasks.channels_in_ranges(freqs, 1e6, [(100.0021, 100.0040)]) == [2, 3, 4]
-    assert casa_tasks.channels_in_ranges(freqs, 1e6, [(100.0025, 100.0035)]) == [3]
-    assert casa_tasks.channels_in_ranges(freqs, 1e6, [(99.0, 99.9995)]) == []
-    assert casa_tasks.channels_in_ranges(freqs, 1e6, [(99.0, 100.0001), (100.0085, 101)]) == [
+    assert casa_visibilities.channels_in_ranges(freqs, 1e6, [(100.0021, 100.0040)]) == [2, 3, 4]
+    assert casa_visibilities.channels_in_ranges(freqs, 1e6, [(100.0025, 100.0035)]) == [3]
+    assert casa_visibilities.channels_in_ranges(freqs, 1e6, [(99.0, 99.9995)]) == []
+    assert casa_visibilities.channels_in_ranges(freqs, 1e6, [(99.0, 100.0001), (100.0085, 101)]) == [
         0, 9]
-    assert casa_tasks.channel_bins([40, 128], [3.845e6, 15.625e6], 0.02) == [5, 1]
-    assert casa_tasks.channel_bins([40, 128], [3.845e6, 15.625e6], 0.0) == [40, 128]
-    assert casa_tasks.channel_bins([4], [1e6], 1.0) == [4]  # never more than the spw
+    assert casa_visibilities.channel_bins([40, 128], [3.845e6, 15.625e6], 0.02) == [5, 1]
+    assert casa_visibilities.channel_bins([40, 128], [3.845e6, 15.625e6], 0.0) == [40, 128]
+    assert casa_visibilities.channel_bins([4], [1e6], 1.0) == [4]  # never more than the spw
 
 
 def test_stage_options_for_continuum() -> None:
@@ -74,8 +74,8 @@ def test_stage_options_for_continuum() -> None:
     assert a.channel_ghz == 0.0 and a.flag_ghz == [(230.1, 230.2)] and len(a.vis) == 2
     # a line split without its window is refused before CASA is loaded
     a = parser.parse_args(["split", "--vis", "a.ms", "--outputvis", "b.ms"])
-    with pytest.raises(casa_tasks.StageError, match="--restfreq-ghz, --vsys-kms, --vwidth-kms"):
-        casa_tasks.line_split_selection(Path("a.ms"), a)
+    with pytest.raises(casa_common.StageError, match="--restfreq-ghz, --vsys-kms, --vwidth-kms"):
+        casa_visibilities.line_split_selection(Path("a.ms"), a)
 
 
 # ------------------------------------------------------------------ the chain
@@ -150,7 +150,7 @@ def test_the_line_channels_are_flagged_and_the_rest_averaged(chain: Chain) -> No
             if v + half > SPEC.vsys_kms - SPEC.vwidth_kms / 2
             and v - half < SPEC.vsys_kms + SPEC.vwidth_kms / 2]
     assert len(line) == SPEC.nchan - 6
-    assert steps["flagged"] == [f"0:{casa_tasks.ranges_text(line)}"]
+    assert steps["flagged"] == [f"0:{casa_common.ranges_text(line)}"]
     assert steps["chanbin"] == [[5]]
     split = _state(chain, "stage_ms")["steps"]["split"]
     assert split["spw"] == ""  # no freq_ranges_ghz: the whole band is staged
