@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcddf.errors import ConfigError
-from hpcddf.phangs.keys import Project, cube_filename
+from hpcddf.phangs.project import Project, cube_filename
 
 STAGES = ("stage_ms", "stage_line", "imaging", "postprocess", "derived")
 CASA_STAGES = ("stage_ms", "stage_line", "imaging", "postprocess")
@@ -796,7 +796,7 @@ def _moment_line(project: Project, name: str, param: str, mentions: str | None =
     the one in force; with ``mentions``, the last whose value contains it), else the moment
     key files. The moment model keeps no line numbers, so errors found at planning look the
     line up again here: the user should not have to search the key for it."""
-    from hpcddf.phangs.keys import _lines
+    from hpcddf.phangs.keyfile import _lines
 
     found = None
     for path in project.key_files.get("moment_key", []):

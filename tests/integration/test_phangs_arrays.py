@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from hpcddf.phangs.keys import cube_filename
+from hpcddf.phangs.project import cube_filename
 
 from .conftest import hpcddf, wait_for
 

@@ -38,7 +38,8 @@ from hpcddf.errors import ConfigError, StepFailed
 from hpcddf.phangs import plan as P
 from hpcddf.phangs.casaenv import CasaEnv, find_casa_env, run_casa
 from hpcddf.phangs.galaxy import GalaxySpec, simulate_galaxy
-from hpcddf.phangs.keys import Project, load_project
+from hpcddf.phangs.keys import load_project
+from hpcddf.phangs.project import Project
 from hpcddf.phangs.run import read_task_state, run_task
 from hpcddf.phangs.submit import submit_phangs
 

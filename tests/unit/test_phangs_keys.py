@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from hpcddf.errors import ConfigError
-from hpcddf.phangs.keys import Project, Window, cube_filename, load_project
+from hpcddf.phangs.keys import load_project
+from hpcddf.phangs.project import Project, Window, cube_filename
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "phangs_keys"
 CONFIGS_ALL = ["12m+7m", "12m", "7m", "12m+7m+tp", "7m+tp"]

@@ -19,7 +19,8 @@ import pytest
 
 from hpcddf.errors import ConfigError
 from hpcddf.phangs import plan as P
-from hpcddf.phangs.keys import Project, load_project
+from hpcddf.phangs.keys import load_project
+from hpcddf.phangs.project import Project
 from hpcddf.phangs.run import (
     PhangsRunError,
     read_task_state,

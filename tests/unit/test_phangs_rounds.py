@@ -29,7 +29,8 @@ from scipy import ndimage
 from hpcddf.errors import ConfigError
 from hpcddf.phangs import moments
 from hpcddf.phangs import plan as P
-from hpcddf.phangs.keys import Project, load_project
+from hpcddf.phangs.keys import load_project
+from hpcddf.phangs.project import Project
 from hpcddf.phangs.run import read_task_state, run_task
 
 NZ, NY, NX = 48, 40, 40
