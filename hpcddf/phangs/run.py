@@ -39,7 +39,7 @@ from hpcddf.engine.jobenv import job_id_from_env
 from hpcddf.engine.paths import HIDDEN, unit_paths
 from hpcddf.engine.state import FINAL, State, locked, now_iso
 from hpcddf.errors import HpcddfError
-from hpcddf.phangs.plan import Task
+from hpcddf.phangs.plan_common import Task
 
 STATE_DIR = Path(HIDDEN) / "phangs"
 LOCK_DIR = Path(HIDDEN) / "phangs-locks"
@@ -764,7 +764,7 @@ def _make_moment(ctx: RunContext, m: dict[str, Any], p: dict[str, Any],
                  distance: float | None) -> list[str]:
     """One moment map (and its error map) of any round."""
     from hpcddf.phangs.moments import write_moment
-    from hpcddf.phangs.plan import FLAT_MASKS
+    from hpcddf.phangs.plan_common import FLAT_MASKS
 
     outs = _moment_outputs(m)
     if m["algorithm"] == "mom1wprior":

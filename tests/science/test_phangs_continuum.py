@@ -33,7 +33,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from hpcddf.errors import ConfigError
-from hpcddf.phangs import casa_common, casa_tasks, casa_visibilities
+from hpcddf.phangs import casa_common, casa_tasks, casa_visibilities, plan_common
 from hpcddf.phangs import plan as P
 from hpcddf.phangs.casaenv import find_casa_env
 from hpcddf.phangs.galaxy import GalaxySpec, channel_velocities, simulate_galaxy
@@ -85,7 +85,7 @@ def test_stage_options_for_continuum() -> None:
 class Chain:
     root: Path
     work: Path
-    tasks: list[P.Task]
+    tasks: list[plan_common.Task]
     truth: dict[str, Any]
 
 

@@ -18,9 +18,10 @@ from astropy.io import fits
 
 from hpcddf.errors import ConfigError
 from hpcddf.phangs import plan as P
+from hpcddf.phangs import plan_casa
 from hpcddf.phangs.galaxy import GalaxySpec, mosaic_parts_of, write_keys
 from hpcddf.phangs.keys import load_project
-from hpcddf.phangs.plan import Task
+from hpcddf.phangs.plan_common import Task
 from hpcddf.phangs.run import (
     MOSAIC_PRODUCTS,
     PhangsRunError,
@@ -305,7 +306,7 @@ def test_a_missing_single_dish_cube_stops_the_plan(sim_keys: Path) -> None:
     project = load_project(sim_keys)
     assert P.plan_project(project, stages=["stage_ms"])
     for target in ("simgal", "simgal_mosaic"):
-        for path in P._postprocess_products(project, target, "co21", "12m+tp"):
+        for path in plan_casa._postprocess_products(project, target, "co21", "12m+tp"):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).touch()
     tasks = {t.id: t for t in P.plan_tasks(P.plan_project(project))}

@@ -19,6 +19,7 @@ import pytest
 
 from hpcddf.errors import ConfigError
 from hpcddf.phangs import plan as P
+from hpcddf.phangs import plan_casa, plan_common, plan_derived, plan_moments
 from hpcddf.phangs.keys import load_project
 from hpcddf.phangs.project import Project
 from hpcddf.phangs.run import (
@@ -62,7 +63,7 @@ def project(keys: Path) -> Project:
     return load_project(keys / "master_key.txt")
 
 
-def by_id(plan: list[P.StageArray]) -> dict[str, P.Task]:
+def by_id(plan: list[plan_common.StageArray]) -> dict[str, plan_common.Task]:
     return {t.id: t for t in P.plan_tasks(plan)}
 
 
@@ -238,9 +239,12 @@ def test_kw_names_are_parameters_of_the_functions_they_feed() -> None:
     from hpcddf.phangs.masks import broad_mask, flat_mask, strict_mask
     from hpcddf.phangs.moments import mom1wprior
     from hpcddf.phangs.noise import phangs_noise
-    for table, func in ((P.NOISE_KW, phangs_noise), (P.STRICTMASK_KW, strict_mask),
-                        (P.BROADMASK_KW, broad_mask), (P.CONVOLVE_KW, smooth_cube),
-                        (P.FLATMASK_KW, flat_mask), (P.MOM1WPRIOR_KW, mom1wprior)):
+    for table, func in ((plan_common.NOISE_KW, phangs_noise),
+                        (plan_common.STRICTMASK_KW, strict_mask),
+                        (plan_common.BROADMASK_KW, broad_mask),
+                        (plan_common.CONVOLVE_KW, smooth_cube),
+                        (plan_derived.FLATMASK_KW, flat_mask),
+                        (plan_moments.MOM1WPRIOR_KW, mom1wprior)):
         assert set(table.values()) <= set(inspect.signature(func).parameters), func.__name__
 
 
@@ -252,11 +256,11 @@ FLAT_LINES = ["flatmom0  algorithm  mom0", "flatmom0  mask  flatstrictmask",
               "flatmom0  ext  _flatstrict_mom0", "flatmom0  round  3"]
 
 
-def derived_plan(keys: Path) -> dict[str, P.Task]:
+def derived_plan(keys: Path) -> dict[str, plan_common.Task]:
     """The derived stage alone, on empty postprocessed cubes."""
     project = load_project(keys / "master_key.txt")
-    touch_all([P.postprocess_cube(project, t, p, c) for t in project.whole_targets
-               for p in ("co21", "cont") for c in P.whole_target_configs(project, t, p)])
+    touch_all([plan_casa.postprocess_cube(project, t, p, c) for t in project.whole_targets
+               for p in ("co21", "cont") for c in plan_common.whole_target_configs(project, t, p)])
     return by_id(P.plan_project(project, stages=["derived"]))
 
 
@@ -305,8 +309,8 @@ def test_round_two_and_flat_moments_once_their_maps_are_defined(keys: Path) -> N
 def test_unknown_derived_keyword_names_the_derived_key(keys: Path) -> None:
     append(keys / "derived_key.txt", "all  all  noise_kw  {'spectral_box':5}")
     project = load_project(keys / "master_key.txt")
-    touch_all([P.postprocess_cube(project, t, p, c) for t in project.whole_targets
-               for p in ("co21", "cont") for c in P.whole_target_configs(project, t, p)])
+    touch_all([plan_casa.postprocess_cube(project, t, p, c) for t in project.whole_targets
+               for p in ("co21", "cont") for c in plan_common.whole_target_configs(project, t, p)])
     with pytest.raises(ConfigError, match=r"unknown keyword 'spectral_box'.*derived_key\.txt"):
         P.plan_project(project, stages=["derived"])
 
@@ -322,8 +326,8 @@ def test_stage_filter_checks_the_products_of_stages_not_run(keys: Path) -> None:
     assert "ngc0628_12m+7m_co21_pbcorr_trimmed_k.fits does not exist" in err.value.message
     assert "derived/ngc0628/co21/12m+7m" in err.value.message
     assert "run stage postprocess first" in (err.value.hint or "")
-    cubes = [P.postprocess_cube(project, t, p, c) for t in project.whole_targets
-             for p in ("co21", "cont") for c in P.whole_target_configs(project, t, p)]
+    cubes = [plan_casa.postprocess_cube(project, t, p, c) for t in project.whole_targets
+             for p in ("co21", "cont") for c in plan_common.whole_target_configs(project, t, p)]
     touch_all(cubes)
     plan = P.plan_project(project, stages=["derived"])
     assert [(a.name, a.size) for a in plan] == [("derived", 11)]  # co21 only: no cont derived
@@ -338,7 +342,7 @@ def test_kept_stages_keep_dependencies_and_come_in_pipeline_order(keys: Path) ->
     assert "run stage imaging first" in (err.value.hint or "")
     touch_all([f for t in project.targets if t not in project.linmos
                for p in ("co21", "cont") for c in project.interf_configs_for(t)
-               for f in P._imaging_products(P.imaging_base(project, t, p, c))])
+               for f in plan_casa._imaging_products(plan_casa.imaging_base(project, t, p, c))])
     plan = P.plan_project(project, stages=["derived", "postprocess"])
     assert [a.name for a in plan] == ["postprocess", "derived"]
     ids = by_id(plan)
@@ -349,8 +353,8 @@ def test_kept_stages_keep_dependencies_and_come_in_pipeline_order(keys: Path) ->
 def test_a_task_whose_products_exist_needs_no_inputs(keys: Path) -> None:
     project = load_project(keys / "master_key.txt")
     post = [f for t in project.whole_targets for p in ("co21", "cont")
-            for c in P.whole_target_configs(project, t, p)
-            for f in P._postprocess_products(project, t, p, c)]
+            for c in plan_common.whole_target_configs(project, t, p)
+            for f in plan_casa._postprocess_products(project, t, p, c)]
     touch_all(post)
     plan = P.plan_project(project, stages=["postprocess"])  # no imaging products: fine
     assert plan[0].size == 18
@@ -367,8 +371,8 @@ def test_ms_on_disk_and_rest_frequencies_are_checked_only_for_stages_that_run(ke
     project = load_project(keys / "master_key.txt")
     with pytest.raises(ConfigError, match="line_tag 'co76' has no known rest frequency"):
         P.plan_project(project, stages=["stage_ms"])
-    touch_all([P.postprocess_cube(project, t, p, c) for t in project.whole_targets
-               for p in ("co21", "cont") for c in P.whole_target_configs(project, t, p)])
+    touch_all([plan_casa.postprocess_cube(project, t, p, c) for t in project.whole_targets
+               for p in ("co21", "cont") for c in plan_common.whole_target_configs(project, t, p)])
     assert P.plan_project(project, stages=["derived"])[0].size == 11  # no cont derived
 
 
@@ -401,7 +405,7 @@ def test_phys_res_without_distance_is_an_error_when_derived_runs(keys: Path) -> 
     text = (keys / "distance_key.txt").read_text().replace("ngc1087,15.85\n", "")
     (keys / "distance_key.txt").write_text(text)
     project = load_project(keys / "master_key.txt")
-    touch_all([P.postprocess_cube(project, "ngc1087", p, "7m") for p in ("co21", "cont")])
+    touch_all([plan_casa.postprocess_cube(project, "ngc1087", p, "7m") for p in ("co21", "cont")])
     with pytest.raises(ConfigError, match="ngc1087: config 7m product co21 has physical") as err:
         P.plan_project(project, targets=["ngc1087"], stages=["derived"])
     assert "distance_key.txt" in (err.value.hint or "")
@@ -535,7 +539,7 @@ def test_continuum_tasks_carry_ranges_line_flags_and_mfs_recipes(cont_project: P
     line = ids["stage_line/ngc0628/cont/12m"].params
     assert (line["kind"], line["channel_ghz"], line["vsys_kms"]) == ("cont", 0.5, 657.0)
     # families: co -> co10 co21 co32 co43, 13co and c18o -> their 1-0, 2-1, 3-2 (not 13co in co)
-    assert P.lines_to_flag(project, "cont") == ["co10", "co21", "co32", "co43", "13co10",
+    assert plan_casa.lines_to_flag(project, "cont") == ["co10", "co21", "co32", "co43", "13co10",
                                                 "13co21", "13co32", "c18o10", "c18o21",
                                                 "c18o32"]
     flags = line["flag_ghz"]
@@ -554,10 +558,10 @@ def test_overlapping_line_windows_merge(keys: Path) -> None:
         "'lines_to_flag':['co','13co','c18o']", "'lines_to_flag':['13co21','C18O 2-1']")
     (keys / "config_definitions.txt").write_text(text)
     project = load_project(keys / "master_key.txt")
-    assert P.lines_to_flag(project, "cont") == ["13co21", "c18o21"]
-    narrow = P.line_flag_ranges_ghz(project, "cont", 1000.0, 100.0)
+    assert plan_casa.lines_to_flag(project, "cont") == ["13co21", "c18o21"]
+    narrow = plan_casa.line_flag_ranges_ghz(project, "cont", 1000.0, 100.0)
     assert len(narrow) == 2 and narrow[0][1] < narrow[1][0]
-    wide = P.line_flag_ranges_ghz(project, "cont", 1000.0, 3000.0)  # 2.2 GHz wide windows
+    wide = plan_casa.line_flag_ranges_ghz(project, "cont", 1000.0, 3000.0)  # 2.2 GHz wide windows
     assert wide == [pytest.approx([_radio_ghz(219.560354, 2500.0),
                                    _radio_ghz(220.398684, -500.0)])]
 
@@ -650,7 +654,8 @@ def test_continuum_runners_call_stages_casa_tasks_accepts(cont_project: Project,
     assert sorted(out.values()) == sorted(mosaic.outputs)  # type: ignore[attr-defined]
     # feathering a continuum image stays a one-line error, before any CASA run
     calls.clear()
-    feather = P.Task(mosaic.stage, mosaic.key, mosaic.depends, {**mosaic.params, "feather": True})
+    feather = plan_common.Task(mosaic.stage, mosaic.key, mosaic.depends,
+                               {**mosaic.params, "feather": True})
     with pytest.raises(PhangsRunError, match="feathering a continuum image"):
         run_task(feather, tmp_path / "feather")
     assert calls == []

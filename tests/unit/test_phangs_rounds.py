@@ -27,7 +27,7 @@ from astropy.wcs import WCS
 from scipy import ndimage
 
 from hpcddf.errors import ConfigError
-from hpcddf.phangs import moments
+from hpcddf.phangs import moments, plan_casa, plan_common
 from hpcddf.phangs import plan as P
 from hpcddf.phangs.keys import load_project
 from hpcddf.phangs.project import Project
@@ -171,7 +171,7 @@ def write_keys(root: Path, window_line: str = f"{TARGET},{WINDOW_KMS},{TARGET}_v
 def write_inputs(root: Path, project: Project) -> None:
     """The postprocessed K cubes of both configs and the external velocity field (truth)."""
     for config, seed in (("7m", 1), ("12m", 2)):
-        path = Path(P.postprocess_cube(project, TARGET, "co21", config))
+        path = Path(plan_casa.postprocess_cube(project, TARGET, "co21", config))
         path.parent.mkdir(parents=True, exist_ok=True)
         fits.PrimaryHDU(disk_cube(seed).astype(np.float32), cube_header()).writeto(path)
     vdir = root / "vfields"
@@ -184,7 +184,7 @@ def write_inputs(root: Path, project: Project) -> None:
     fits.PrimaryHDU(coarse.astype(np.float32), h2).writeto(vdir / f"{TARGET}_vfield.fits")
 
 
-def derived_tasks(project: Project) -> dict[str, P.Task]:
+def derived_tasks(project: Project) -> dict[str, plan_common.Task]:
     return {t.key[-1]: t for t in P.plan_tasks(P.plan_project(project, stages=["derived"]))}
 
 
@@ -260,10 +260,10 @@ def test_a_prior_of_another_config_is_made_by_the_task_that_needs_it(run: dict) 
     # its cube comes from the 7m postprocess task: an input and a dependency (dropped by the
     # stage filter of the run, so seen in the unfiltered derived builder)
     full = {t.key[-1]: t for t in P.BUILDERS["derived"](
-        run["project"], P._selection(run["project"], None), True)}
+        run["project"], plan_common._selection(run["project"], None), True)}
     assert full["12m"].depends == ("postprocess/synth/co21/12m", "postprocess/synth/co21/7m")
     assert full["7m"].depends == ("postprocess/synth/co21/7m",)
-    assert P.postprocess_cube(run["project"], TARGET, "co21", "7m") in task.inputs
+    assert plan_casa.postprocess_cube(run["project"], TARGET, "co21", "7m") in task.inputs
     # maps mom1wprior needs that 12m's list lacks are made too, and say why
     implied = {m["moment"] for m in p["moments"] if m.get("implied_by") == "mom1wprior"}
     assert implied == {"strictmom1", "broadmom1", "broadmom0"}
@@ -395,10 +395,10 @@ def test_flat_moments_integrate_the_window(run: dict) -> None:
 # Planning corner cases (no run)
 # ---------------------------------------------------------------------------------------------
 
-def _plan(tmp_path: Path, **keys: str) -> dict[str, P.Task]:
+def _plan(tmp_path: Path, **keys: str) -> dict[str, plan_common.Task]:
     project = load_project(write_keys(tmp_path, **keys))
     for config in ("7m", "12m"):
-        path = Path(P.postprocess_cube(project, TARGET, "co21", config))
+        path = Path(plan_casa.postprocess_cube(project, TARGET, "co21", config))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
     return derived_tasks(project)
@@ -464,7 +464,7 @@ def test_missing_prior_falls_back_to_the_coarsest_broad_mom1_with_a_note(tmp_pat
     spec = {"moment": "mom1wprior", "prior": {"path": str(tmp_path / "gone.fits"),
                                               "source": "file",
                                               "fallback": [str(f) for f in fallback]}}
-    ctx = RunContext(tmp_path, P.Task("derived", ("t", "p", "c")))
+    ctx = RunContext(tmp_path, plan_common.Task("derived", ("t", "p", "c")))
     assert _prior_map(ctx, spec) == str(fallback[1])
     assert any("gone.fits is missing" in n and "broad_mom1.fits" in n for n in ctx.notes)
 

@@ -1,0 +1,110 @@
+"""The derived chain of one config: its resolution levels and their files.
+
+A ``derived`` task convolves the postprocessed cube to every resolution of the derived key
+(angular, then physical) and makes a noise cube and a strict mask at each level; this module
+names those files, orders the levels by resolution and lists the configs whose strict masks a
+broad mask joins. Used by the moment planner (:mod:`hpcddf.phangs.plan_moments`), which makes
+another config's chain for a prior, and by the derived planner (:mod:`hpcddf.phangs.plan_derived`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hpcddf.errors import ConfigError
+from hpcddf.phangs.plan_casa import postprocess_cube
+from hpcddf.phangs.plan_common import (
+    CONVOLVE_KW,
+    NOISE_KW,
+    STRICTMASK_KW,
+    _key_files,
+    _mapped_kw,
+    whole_target_configs,
+)
+from hpcddf.phangs.project import Project, cube_filename
+
+RAD_ARCSEC = 206_264.806
+
+
+def linked_mask_configs(project: Project, whole: str, product: str, config: str) -> list[str]:
+    """The other configs whose strict masks this config's broad mask joins (those that exist
+    for this target and product)."""
+    existing = whole_target_configs(project, whole, product)
+    links = project.derived_params(config, product).mask_configs
+    return [c for c in links if c != config and c in existing]
+
+
+def _derived_name(project: Project, whole: str, config: str, product: str, ext: str | None
+                  ) -> str:
+    return str(project.derived_dir(whole) / cube_filename(whole, config, product, ext))
+
+
+def _resolutions(project: Project, whole: str, config: str, product: str
+                 ) -> list[dict[str, Any]]:
+    """Angular then physical resolutions, each by increasing size (PHANGS' order)."""
+    dp = project.derived_params(config, product)
+    clash = sorted(set(dp.ang_res) & set(dp.phys_res))
+    if clash:
+        raise ConfigError(f"config {config} product {product}: resolution tag {clash[0]!r} is "
+                          f"both an ang_res and a phys_res ({_key_files(project, 'derived_key')})",
+                          "give the two resolutions different tags")
+    out: list[dict[str, Any]] = [{"tag": tag, "ang_arcsec": size}
+                                 for tag, size in sorted(dp.ang_res.items(), key=lambda kv: kv[1])]
+    out += [{"tag": tag, "phys_pc": size}
+            for tag, size in sorted(dp.phys_res.items(), key=lambda kv: kv[1])]
+    return out
+
+
+def _chain(project: Project, whole: str, product: str, config: str, detailed: bool
+           ) -> dict[str, Any]:
+    """Convolution, noise and strict-mask products of one config (native and every res)."""
+    res = _resolutions(project, whole, config, product)
+
+    def name(ext: str | None) -> str:
+        return _derived_name(project, whole, config, product, ext)
+    levels = [{"tag": "", "cube": name(None), "coverage": name("coverage"),
+               "coverage2d": name("coverage2d"), "noise": name("noise"),
+               "strictmask": name("strictmask")}]
+    for r in res:
+        t = r["tag"]
+        levels.append({**r, "cube": name(t), "coverage": name(f"{t}_coverage"),
+                       "coverage2d": name(f"{t}_coverage2d"), "noise": name(f"{t}_noise"),
+                       "strictmask": name(f"{t}_strictmask")})
+    chain: dict[str, Any] = {"config": config, "cube_in": postprocess_cube(project, whole,
+                                                                          product, config),
+                             "levels": levels}
+    if detailed:
+        dp = project.derived_params(config, product)
+        chain["noise_kw"] = _mapped_kw(project, dp.noise_kw, NOISE_KW, "noise_kw", config,
+                                       product)
+        chain["strictmask_kw"] = _mapped_kw(project, dp.strictmask_kw, STRICTMASK_KW,
+                                            "strictmask_kw", config, product)
+        chain["convolve_kw"] = _mapped_kw(project, dp.convolve_kw, CONVOLVE_KW, "convolve_kw",
+                                          config, product)
+        if any("phys_pc" in r for r in res) and not project.distance_mpc(whole):
+            raise ConfigError(f"{whole}: config {config} product {product} has physical "
+                              f"resolutions (phys_res) but no distance",
+                              f"add {whole} to the distance key "
+                              f"({_key_files(project, 'distance_key')})")
+    return chain
+
+
+def _chain_products(chain: dict[str, Any]) -> list[str]:
+    return [lvl[k] for lvl in chain["levels"]
+            for k in ("cube", "coverage", "coverage2d", "noise", "strictmask")]
+
+
+def _level_arcsec(level: dict[str, Any], distance_mpc: float | None) -> float:
+    """A level's resolution, to order levels finest first (native: 0; no distance: last)."""
+    if "ang_arcsec" in level:
+        return float(level["ang_arcsec"])
+    if "phys_pc" in level:
+        if not distance_mpc:
+            return float("inf")
+        return float(level["phys_pc"]) / (float(distance_mpc) * 1e6) * RAD_ARCSEC
+    return 0.0
+
+
+def _finest_first(levels: list[dict[str, Any]], distance_mpc: float | None
+                  ) -> list[dict[str, Any]]:
+    return sorted(levels, key=lambda lvl: _level_arcsec(lvl, distance_mpc))
