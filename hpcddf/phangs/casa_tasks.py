@@ -27,7 +27,7 @@ Stages (one per PHANGS unit of work; loops over targets/products/configs live in
 * ``feather``     the same with the round-beam cube feathered with a single-dish cube (imported,
   made Jy/beam, regridded onto the interferometric grid) before the conversion to K. The
   linear mosaic of parts is not a CASA stage: hpcddf combines the parts' postprocessed FITS
-  cubes itself (:func:`hpcddf.phangs.run.linear_mosaic`)
+  cubes itself (:func:`hpcddf.phangs.linmos.linear_mosaic`)
 
 Every product is written under a temporary name and renamed into place, so a killed stage
 never leaves a product that looks finished; a stage whose product exists is skipped unless

@@ -223,8 +223,8 @@ def _prior(project: Project, whole: str, product: str, config: str, name: str, m
     passes every other_exts entry; PHANGS' kwargs ``vfield_prior`` (a moment) and
     ``vfield_prior_res`` (a level tag) name one of this config's own maps, and an other_exts
     file wins over them as it does in PHANGS (it overwrites that kwarg). With neither, the
-    source is the fallback: the broad mom1 of the coarsest level made (see run.py), which is
-    also used when the named file is missing when the map is made.
+    source is the fallback: the broad mom1 of the coarsest level made (see run_derived.py),
+    which is also used when the named file is missing when the map is made.
     """
     extra = sorted(set(m.other_exts) - set(PRIOR_EXT_KEYS))
     if extra:

@@ -38,7 +38,8 @@ from hpcddf.phangs import plan as P
 from hpcddf.phangs.casaenv import find_casa_env
 from hpcddf.phangs.galaxy import GalaxySpec, channel_velocities, simulate_galaxy
 from hpcddf.phangs.keys import load_project
-from hpcddf.phangs.run import read_task_state, run_task
+from hpcddf.phangs.run import run_task
+from hpcddf.phangs.run_common import read_task_state
 
 pytestmark = pytest.mark.timeout(1800)
 

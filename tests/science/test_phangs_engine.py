@@ -27,7 +27,7 @@ from reproject import reproject_interp
 
 from hpcddf.errors import ConfigError
 from hpcddf.phangs.casaenv import find_casa_env
-from hpcddf.phangs.run import read_task_state
+from hpcddf.phangs.run_common import read_task_state
 
 pytestmark = pytest.mark.timeout(3600)
 

@@ -40,7 +40,8 @@ from hpcddf.phangs.casaenv import CasaEnv, find_casa_env, run_casa
 from hpcddf.phangs.galaxy import GalaxySpec, simulate_galaxy
 from hpcddf.phangs.keys import load_project
 from hpcddf.phangs.project import Project
-from hpcddf.phangs.run import read_task_state, run_task
+from hpcddf.phangs.run import run_task
+from hpcddf.phangs.run_common import read_task_state
 from hpcddf.phangs.submit import submit_phangs
 
 pytestmark = pytest.mark.timeout(3600)

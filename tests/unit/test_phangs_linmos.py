@@ -1,4 +1,4 @@
-"""The linear mosaic of PHANGS mosaic parts (hpcddf.phangs.run.linear_mosaic) on synthetic parts
+"""The linear mosaic of PHANGS mosaic parts (hpcddf.phangs.linmos.linear_mosaic) on synthetic parts
 with a known sky, and how the plan hands parts and single-dish cubes to the postprocess task.
 
 Each synthetic part is what the CASA postprocess writes for one pointing: a pb-corrected cube in
@@ -21,19 +21,17 @@ from hpcddf.phangs import plan as P
 from hpcddf.phangs import plan_casa
 from hpcddf.phangs.galaxy import GalaxySpec, mosaic_parts_of, write_keys
 from hpcddf.phangs.keys import load_project
-from hpcddf.phangs.plan_common import Task
-from hpcddf.phangs.run import (
+from hpcddf.phangs.linmos import (
     MOSAIC_PRODUCTS,
-    PhangsRunError,
-    RunContext,
     common_grid,
     cube_noise,
     linear_mosaic,
     mosaic_weights,
     on_channels,
-    read_task_state,
-    run_task,
 )
+from hpcddf.phangs.plan_common import Task
+from hpcddf.phangs.run import run_task
+from hpcddf.phangs.run_common import PhangsRunError, RunContext, read_task_state
 
 CELL = 0.5          # arcsec
 PB_FWHM = 20.0      # arcsec

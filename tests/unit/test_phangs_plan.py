@@ -22,13 +22,9 @@ from hpcddf.phangs import plan as P
 from hpcddf.phangs import plan_casa, plan_common, plan_derived, plan_moments
 from hpcddf.phangs.keys import load_project
 from hpcddf.phangs.project import Project
-from hpcddf.phangs.run import (
-    PhangsRunError,
-    read_task_state,
-    run_task,
-    scales_in_pixels,
-    task_state_path,
-)
+from hpcddf.phangs.run import run_task
+from hpcddf.phangs.run_casa_stages import scales_in_pixels
+from hpcddf.phangs.run_common import PhangsRunError, read_task_state, task_state_path
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "phangs_keys"
 C_KMS = 299_792.458
@@ -608,7 +604,7 @@ def test_continuum_runners_call_stages_casa_tasks_accepts(cont_project: Project,
     parser: the options the runners pass are the ones the stages take."""
     from hpcddf.phangs import casa_tasks
     from hpcddf.phangs.casaenv import CasaEnv, casa_argv
-    from hpcddf.phangs.run import RunContext
+    from hpcddf.phangs.run_common import RunContext
 
     env = CasaEnv(python=Path("/e/bin/python"), siteconfig=Path("/e/casasiteconfig.py"))
     calls: list[tuple[str, object]] = []
@@ -634,14 +630,14 @@ def test_continuum_runners_call_stages_casa_tasks_accepts(cont_project: Project,
     assert dirty.restfreq_ghz is None and json.loads(dirty.tclean)["specmode"] == "mfs"
     assert calls[4][1].scales_pix == "0,20,40"  # the 7m config's 0, 5, 10 arcsec
     # a continuum mosaic: each part's postprocess, then the linear mosaic of their products
-    from hpcddf.phangs import run as R
+    from hpcddf.phangs import run_casa_stages
     mosaics: list[tuple[object, ...]] = []
 
     def fake_mosaic(parts: object, out: object, name: object = None) -> dict[str, object]:
         mosaics.append((parts, out, name))
         return {"beam_arcsec": 1.2}
 
-    monkeypatch.setattr(R, "linear_mosaic", fake_mosaic)
+    monkeypatch.setattr(run_casa_stages, "linear_mosaic", fake_mosaic)
     calls.clear()
     mosaic = ids["postprocess/ngc3627/cont/12m"]
     run_task(mosaic, tmp_path)

@@ -31,7 +31,8 @@ from hpcddf.phangs import moments, plan_casa, plan_common
 from hpcddf.phangs import plan as P
 from hpcddf.phangs.keys import load_project
 from hpcddf.phangs.project import Project
-from hpcddf.phangs.run import read_task_state, run_task
+from hpcddf.phangs.run import run_task
+from hpcddf.phangs.run_common import read_task_state
 
 NZ, NY, NX = 48, 40, 40
 DV = 2.5
@@ -457,7 +458,8 @@ def test_bad_round_definitions_are_key_errors(tmp_path: Path, line: str, message
 
 def test_missing_prior_falls_back_to_the_coarsest_broad_mom1_with_a_note(tmp_path: Path) -> None:
     """A named prior file that is not there when the map is made: the coarsest broad mom1."""
-    from hpcddf.phangs.run import RunContext, _prior_map
+    from hpcddf.phangs.run_common import RunContext
+    from hpcddf.phangs.run_derived import _prior_map
 
     fallback = [tmp_path / "6as_broad_mom1.fits", tmp_path / "broad_mom1.fits"]
     fallback[1].write_bytes(b"")                      # the 6" level was not made

@@ -1,0 +1,168 @@
+"""The runners of the CASA stages of one PHANGS task: stage_ms, stage_line, imaging, postprocess.
+
+Each maps the task's planned parameters to ``casa_tasks`` options and runs the stages in the
+separate CASA environment through :meth:`hpcddf.phangs.run_common.RunContext.casa`; the
+postprocess of a linear mosaic then combines the parts here (:mod:`hpcddf.phangs.linmos`).
+What this version does not implement (feathering a continuum image) stops with one line.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from hpcddf.phangs.linmos import MOSAIC_PRODUCTS, linear_mosaic
+from hpcddf.phangs.run_common import PhangsRunError, RunContext
+
+# ---------------------------------------------------------------------------------------------
+# CASA stages
+# ---------------------------------------------------------------------------------------------
+
+def _not_implemented(what: str, hint: str) -> PhangsRunError:
+    return PhangsRunError(f"{what} is not implemented in this version's casa_tasks", hint)
+
+
+def _line_only(ctx: RunContext) -> dict[str, Any]:
+    p = ctx.task.params
+    if p.get("kind") != "line":
+        raise _not_implemented(f"task {ctx.task.id}: continuum product {p.get('product')}",
+                               "leave continuum products out of the CASA stages for now "
+                               "(only line cubes are imaged)")
+    return p
+
+
+def _product_params(ctx: RunContext) -> dict[str, Any]:
+    """The task's parameters; staging and imaging take line and continuum products."""
+    p = ctx.task.params
+    if p.get("kind") not in ("line", "cont"):
+        raise PhangsRunError(f"task {ctx.task.id}: product {p.get('product')} has no kind "
+                             f"(line or cont) in its plan",
+                             "plan the project again with this version (hpcddf phangs submit)")
+    return p
+
+
+def _mkparents(*paths: str) -> None:
+    for path in paths:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _window(p: dict[str, Any]) -> dict[str, Any]:
+    return {"restfreq_ghz": p["restfreq_ghz"], "vsys_kms": p["vsys_kms"],
+            "vwidth_kms": p["vwidth_kms"]}
+
+
+def run_stage_ms(ctx: RunContext) -> list[str]:
+    p = _product_params(ctx)
+    if p["kind"] == "cont":
+        # the whole band (or the product's frequency ranges): lines are flagged in stage_line
+        _mkparents(p["split"])
+        ctx.casa("split", vis=p["vis"], outputvis=p["split"], field=p["field"] or None,
+                 continuum=True, freq_range_ghz=p["freq_ranges_ghz"])
+        return [p["split"]]
+    _mkparents(p["split"], p["contsub"])
+    ctx.casa("split", vis=p["vis"], outputvis=p["split"], field=p["field"] or None,
+             margin_kms=p["margin_kms"], **_window(p))
+    ctx.casa("contsub", vis=p["split"], outputvis=p["contsub"], fitorder=p["fitorder"],
+             exclude_kms=[f"{lo},{hi}" for lo, hi in p["exclude_kms"]], **_window(p))
+    return [p["contsub"]]
+
+
+def run_stage_line(ctx: RunContext) -> list[str]:
+    p = _product_params(ctx)
+    _mkparents(p["outputvis"])
+    if p["kind"] == "cont":
+        ctx.casa("extract_continuum", vis=p["vis"], outputvis=p["outputvis"],
+                 channel_ghz=p["channel_ghz"], flag_ghz=p["flag_ghz"])
+        return [p["outputvis"]]
+    ctx.casa("extract_line", vis=p["vis"], outputvis=p["outputvis"],
+             channel_kms=p["channel_kms"], statwt_edge_kms=p["statwt_edge_kms"], **_window(p))
+    return [p["outputvis"]]
+
+
+_ARCSEC = re.compile(r"^\s*([0-9.eE+-]+)\s*arcsec\s*$")
+
+
+def _cell_arcsec(value: Any) -> float | None:
+    """'0.3arcsec' (or a list of two of them) as a number; None when not in arcsec."""
+    if isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    m = _ARCSEC.match(str(value)) if value else None
+    return float(m.group(1)) if m else None
+
+
+def scales_in_pixels(scales_arcsec: list[float], cell_arcsec: float | None) -> str | None:
+    """The interf config's clean_scales_arcsec as casa_tasks' ``--scales-pix`` text."""
+    if not scales_arcsec or not cell_arcsec:
+        return None
+    pix = sorted({round(float(s) / cell_arcsec) for s in scales_arcsec})
+    return ",".join(str(s) for s in pix)
+
+
+def run_imaging(ctx: RunContext) -> list[str]:
+    # a continuum product's recipes say specmode 'mfs' (the plan sees to it) and it has no
+    # rest frequency: the same steps then make one plane
+    p = _product_params(ctx)
+    base, recipes = p["imagename"], p["recipes"]
+    _mkparents(base)
+    img = {"vis": p["vis"], "imagename": base, "restfreq_ghz": p["restfreq_ghz"]}
+    dirty = ctx.casa("dirty", tclean=recipes["dirty"], **img)
+    ctx.casa("clean_mask", imagename=base)
+    scales = None
+    if "scales" not in recipes["multiscale"]:
+        # the dirty stage reports the cell it chose; a rerun that skipped it has it recorded
+        cell = (dirty.get("cell") or ctx.previous_steps.get("dirty", {}).get("cell")
+                or recipes["multiscale"].get("cell"))
+        scales = scales_in_pixels(p["clean_scales_arcsec"], _cell_arcsec(cell))
+    ctx.casa("multiscale", tclean=recipes["multiscale"], scales_pix=scales, **img)
+    ctx.casa("singlescale", tclean=recipes["singlescale"], **img)
+    ctx.casa("export_image", imagename=base)
+    return [f"{base}.image", f"{base}.pb", f"{base}_singlescale.image", f"{base}.fits"]
+
+
+def _postprocess_continuum(ctx: RunContext) -> list[str]:
+    """A continuum image through the same casa_tasks postprocess as a cube: pbcor, round
+    beam, Jy/beam -> K (PHANGS's cleanup converts every product, continuum included, and the
+    products are named ``_k``), trim, and a 2-D FITS image whose FREQ card keeps the
+    frequency the K scale refers to. A mosaic's parts are postprocessed one by one and then
+    combined by :func:`linear_mosaic` into a 2-D mosaic, as for line cubes. Feathering a
+    continuum image with single-dish data is not implemented: that task stops with one line."""
+    p = ctx.task.params
+    if p["feather"]:
+        raise _not_implemented(f"task {ctx.task.id}: feathering a continuum image with "
+                               f"single-dish data",
+                               "leave continuum products out of feather configs, or feather "
+                               "the continuum image outside hpcddf for now")
+    return _postprocess_and_mosaic(ctx, "postprocess")
+
+
+def run_postprocess(ctx: RunContext) -> list[str]:
+    if ctx.task.params.get("kind") == "cont":
+        return _postprocess_continuum(ctx)
+    p = _line_only(ctx)
+    # pbcor, round beam (feathered with the single dish for a feather config), K, trim
+    return _postprocess_and_mosaic(ctx, "feather" if p["feather"] else "postprocess")
+
+
+def _postprocess_and_mosaic(ctx: RunContext, stage: str) -> list[str]:
+    """One CASA ``stage`` run per imaged target (the plan's ``units``), then for a linear
+    mosaic the combination of the parts' products here (:func:`linear_mosaic`). A single
+    target's products are the task's own, a mosaic part's go to the part's own directory."""
+    p = ctx.task.params
+    units = p.get("units")
+    if not units:
+        raise PhangsRunError(f"task {ctx.task.id} was planned without its postprocess units",
+                             "plan the project again with this version (hpcddf phangs submit)")
+    for unit in units:
+        extra = {"singledish": unit["singledish"]} if stage == "feather" else {}
+        summary = ctx.casa(stage, imagename=unit["imagename"], outdir=unit["outdir"],
+                           stem=unit["stem"], **extra)
+        if p["mosaic"]:
+            ctx.steps[f"{stage} {unit['target']}"] = summary
+    if p["mosaic"]:
+        out = {k: str(Path(p["outdir"]) / f"{p['stem']}_{k}.fits") for k in MOSAIC_PRODUCTS}
+        summary = linear_mosaic([u["fits"] for u in units], out, name=p["target"])
+        ctx.steps["linear_mosaic"] = summary
+        ctx.notes.append(f"linear mosaic of {', '.join(p['parts'])} at a round "
+                         f"{summary['beam_arcsec']:.3g}\" beam")
+    return list(ctx.task.outputs)
