@@ -4,8 +4,9 @@ The line rules every key shares (``#`` comments and blank lines skipped, whitesp
 separated columns, the last column optionally taking the rest of the line, literals through
 ``ast.literal_eval``) and the one kind of error they raise: a ``ConfigError`` naming the line
 and the fix (see :mod:`hpcddf.phangs.keys` for why nothing is silently skipped). Used by the
-key parsers (:mod:`hpcddf.phangs.keys`), the project model (:mod:`hpcddf.phangs.project`),
-whose lookups fail the same way, and the plan (the vfield files).
+key parsers (:mod:`hpcddf.phangs.keys`, :mod:`hpcddf.phangs.keyreaders`), the project model
+(:mod:`hpcddf.phangs.project`), whose lookups fail the same way, and the moment planner
+(:mod:`hpcddf.phangs.plan_moments`), which names the moment key line an error comes from.
 """
 
 
