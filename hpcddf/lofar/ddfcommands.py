@@ -27,6 +27,7 @@ from hpcddf.lofar.config import PipelineConfig
 # them all the time) kills it 0.1 s in with nothing done. Seen when two DDFacet runs start
 # together on one node; the runner runs it again when its log ends like this.
 DDF_START_RACE = (r"cleanupStaleShm[\s\S]*FileNotFoundError: .*/dev/shm/",)
+DDF_PIPELINE_WMAX_M = 50000.0  # ddf-pipeline's --CF-wmax for every image
 CLEAN_DEFAULTS = {"peakfactor": 0.001, "rms_factor": 0.0}
 
 
@@ -40,6 +41,9 @@ class Machine:
     cpus: tuple[int, ...] = ()     # the cores this job owns
     timeout_s: float | None = None
     python: str = "python3"
+    # DDFacet's w-kernels reach this |w|; ddf-pipeline fixes 50 km, which no shorter array's
+    # data reach (see recipes.cf_wmax_m)
+    cf_wmax_m: float = DDF_PIPELINE_WMAX_M
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,7 @@ def ddf_image(cfg: PipelineConfig, m: Machine, img: Image) -> Command:
         argv += _opts(Beam_LOFARBeamMode="A", Beam_At=cfg.get("control", "beam_at"))
     argv += _opts(Facets_NFacets=nfacets(imsize), Facets_DiamMax=1.5, Facets_DiamMin=0.1,
                   Facets_CatNodes=img.clusterfile,
-                  CF_wmax=50000, CF_Nw=100,
+                  CF_wmax=m.cf_wmax_m, CF_Nw=100,
                   Cache_Dir=m.cache_dir, Cache_DirWisdomFFTW=m.cache_dir, Cache_Weight="reset",
                   Debug_Pdb="never", Log_Memory=1, Log_Boring=1,
                   DDESolutions_SolsDir=cfg.get("solutions", "SolsDir"),

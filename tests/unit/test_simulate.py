@@ -436,3 +436,20 @@ def test_the_true_sky_as_a_pybdsm_catalogue(tmp_path):
     t = Table.read(write_catalogue(tmp_path / "vlss.fits", DEFAULT_SOURCES))
     assert t.colnames == ["RA", "DEC", "Total_flux", "E_Total_flux"] and len(t) == len(DEFAULT_SOURCES)
     assert t["Total_flux"][0] == DEFAULT_SOURCES[0].flux_jy
+
+
+def test_w_kernels_reach_the_longest_baseline_of_a_short_array(tmp_path, caplog):
+    """The simulated 16-station array is 4.5 km across: DDFacet gets that, not 50 km; the bound
+    holds for every visibility; an unreadable MS keeps ddf-pipeline's value with a warning."""
+    from hpcddf.lofar.ddfcommands import DDF_PIPELINE_WMAX_M, Image, Machine, ddf_image
+    from hpcddf.lofar.recipes import cf_wmax_m
+    sim = simulate_field(tmp_path / "f", SimSpec(n_ms=2, ntime=4))
+    wmax = cf_wmax_m(list(sim.ms))
+    with ct.table(str(sim.ms[0]), ack=False) as t:
+        assert np.abs(t.getcol("UVW")[:, 2]).max() <= wmax
+    assert 1000 < wmax < 10000
+    cfg = load_config([str(sim.config)])
+    m = Machine(ncpu_ddf=1, ncpu_kms=1, cache_dir=str(tmp_path), cf_wmax_m=wmax)
+    assert f"--CF-wmax={wmax:.0f}" in ddf_image(cfg, m, Image("x", "mslist.txt", "DATA")).argv
+    assert cf_wmax_m([tmp_path / "missing.ms"]) == DDF_PIPELINE_WMAX_M
+    assert "w-kernels reach 50000 m" in caplog.text
