@@ -1,10 +1,21 @@
-"""Submitting stage jobs through submitit: Slurm chains and arrays, or the local executor.
+"""The one place that runs jobs: submitit's executors and Slurm's sbatch, scontrol and scancel.
 
-The engine hands over chains: fields whose remaining stages are the same. Each stage of a
-chain is ONE submission: a plain job for one field, a job array across the fields otherwise,
-chained ``afterok`` (plain) or ``aftercorr`` (arrays: task i waits only for task i of the
-previous stage) with ``kill_on_invalid_dep`` so a failed stage cancels its dependents.
-This is the only module that imports submitit's executors.
+Stage chains (the engine's own fields): each stage of a chain is ONE submission, a plain job
+for one field, a job array across the fields otherwise, chained ``afterok`` (plain) or
+``aftercorr`` (arrays: task i waits only for task i of the previous stage) with
+``kill_on_invalid_dep`` so a failed stage cancels its dependents.
+
+Held arrays (any pipeline's tasks, e.g. mosaics, PHANGS): each array is submitted held, every
+task then gets ``afterok`` on exactly the jobs it needs (``scontrol update``), the caller records
+its states and every array is released; on any error everything submitted is cancelled. Held
+first, so no task can start before its dependencies are set.
+
+Local calls: one call as a submitit local job, run in the foreground; Ctrl-C, SIGTERM and
+SIGHUP stop the job and its processes before the caller hears of it, so nothing is orphaned.
+
+Every Slurm command here has a timeout (sbatch runs inside submitit, which has none of its own;
+Slurm's client gives up by itself when the controller does not answer). ``slurm_query`` only asks
+Slurm about jobs.
 """
 
 from __future__ import annotations
@@ -13,22 +24,37 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import submitit
 
-from hpcddf.engine.nodejob import StageJob
 from hpcddf.engine.plan import Resources, Stage
 from hpcddf.engine.preflight import pid_alive
 from hpcddf.engine.runner import TERM_GRACE_S
 from hpcddf.engine.sites import Site
 from hpcddf.errors import RunInterrupted, SubmissionError
 
+if TYPE_CHECKING:  # the node job's modules are not needed to submit it (pipelines import this)
+    from hpcddf.engine.nodejob import StageJob
+
 log = logging.getLogger(__name__)
 
+SCONTROL_TIMEOUT_S = 60.0
+CANCEL_TIMEOUT_S = 30.0
+STOP_GRACE_S = TERM_GRACE_S + 20.0  # a stage job stops its science command within TERM_GRACE_S
+# for calls that do not act on SIGTERM (in a submitit job it is only logged): no use waiting long
+BRIEF_STOP_GRACE_S = 5.0
+
+
+def _nothing(*args: Any) -> None:
+    return None
+
+
+# ------------------------------------------------------------------------------ stage chains
 
 @dataclass(frozen=True)
 class ChainMember:
@@ -75,20 +101,12 @@ def submit_slurm_chain(site: Site, stages: Sequence[Stage], members: Sequence[Ch
     prev: str | None = None
     array = len(members) > 1
     for k, stage in enumerate(stages):
-        ex = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=site.slurm.max_requeues)
-        ex._throttling = 0.0  # one sbatch per stage: no need for submitit's per-call pause
-        ex.update_parameters(**slurm_parameters(site, stage.resources,
-                                                job_name([m.field_id for m in members], stage.name),
-                                                prev, array, len(members)))
-        try:
-            with ex.batch():
-                jobs = [ex.submit(m.jobs[k]) for m in members]
-        except Exception as exc:  # submitit raises plain errors with sbatch's stderr
-            raise SubmissionError(f"sbatch refused stage {stage.name}: {str(exc).strip()[:400]}",
-                                  "check the site's partition/account/qos with `hpcddf sites show`") from None
-        for m, job in zip(members, jobs):
-            ids[m.field_id][stage.name] = job.job_id
-        prev = jobs[0].job_id.split("_")[0]
+        params = slurm_parameters(site, stage.resources, job_name([m.field_id for m in members], stage.name),
+                                  prev, array, len(members))
+        job_ids = _sbatch(site, folder, params, [m.jobs[k] for m in members], f"stage {stage.name}")
+        for m, job_id in zip(members, job_ids):
+            ids[m.field_id][stage.name] = job_id
+        prev = array_id(job_ids[0])
         log.info("stage %s: %s", stage.name, prev)
     return ids
 
@@ -103,47 +121,243 @@ def run_local_chain(site: Site, stages: Sequence[Stage], member: ChainMember, fo
     returns (raising :class:`RunInterrupted`): a foreground run never leaves an orphan.
     """
     ids: dict[str, str] = {}
-    with _foreground_signals():
-        for k, stage in enumerate(stages):
-            ex = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=site.slurm.max_requeues)
-            ex.update_parameters(timeout_min=stage.resources.walltime_min,
-                                 signal_delay_s=site.slurm.signal_delay_s)
-            with _children_ignore_terminal_signals():
-                job = ex.submit(member.jobs[k])
-            ids[stage.name] = str(job.job_id)
-            progress(f"{member.field_id}: stage {stage.name} running (local job {job.job_id}, "
-                     f"{len(stage.steps)} steps)")
-            try:
-                _follow(job, member, watch, progress)
-                _check_result(job, member.field_id, stage.name, progress)
-            except _ForegroundSignal as sig:
-                progress(f"{member.field_id}: {sig.name}: stopping stage {stage.name} (local job {job.job_id})")
-                stop_local_job(int(job.job_id))
-                raise RunInterrupted(f"field {member.field_id}: stage {stage.name} interrupted by {sig.name}; "
-                                     "its job and science commands were stopped",
-                                     f"rerun the same command or `hpcddf resubmit {member.field_id}` "
-                                     "to resume after the last finished step") from None
+    for k, stage in enumerate(stages):
+        ids[stage.name] = _run_local_stage(site, stage, member, member.jobs[k], folder, progress, watch)
     return ids
 
 
-def _follow(job: Any, member: ChainMember, watch: Callable[[], list[str]],
-            progress: Callable[[str], None]) -> None:
-    while not job.done():
+def _run_local_stage(site: Site, stage: Stage, member: ChainMember, job: StageJob, folder: Path,
+                     progress: Callable[[str], None], watch: Callable[[], list[str]]) -> str:
+    """One stage of a local chain; its local job id."""
+    fid = member.field_id
+
+    def started(job_id: str) -> None:
+        progress(f"{fid}: stage {stage.name} running (local job {job_id}, {len(stage.steps)} steps)")
+
+    def poll() -> None:
         for line in watch():
-            progress(f"{member.field_id}: {line}")
-        time.sleep(1.0)
-    for line in watch():
-        progress(f"{member.field_id}: {line}")
+            progress(f"{fid}: {line}")
 
+    def stopping(signal_name: str, job_id: str) -> None:
+        progress(f"{fid}: {signal_name}: stopping stage {stage.name} (local job {job_id})")
 
-def _check_result(job: Any, field_id: str, stage: str, progress: Callable[[str], None]) -> None:
     try:
-        job.result()
+        done = run_local_call(site, folder, job, stage.resources.walltime_min,
+                              signal_delay_s=site.slurm.signal_delay_s, started=started, poll=poll,
+                              stopping=stopping)
+    except LocalCallFailed as exc:
+        progress(f"{fid}: stage {stage.name} FAILED: {exc.reason}")
+        raise SubmissionError(f"field {fid}: stage {stage.name} failed",
+                              f"see `hpcddf status {fid}` and `hpcddf logs {fid}`") from None
+    except LocalCallInterrupted as exc:
+        raise RunInterrupted(f"field {fid}: stage {stage.name} interrupted by {exc.signal_name}; "
+                             "its job and science commands were stopped",
+                             f"rerun the same command or `hpcddf resubmit {fid}` "
+                             "to resume after the last finished step") from None
+    progress(f"{fid}: stage {stage.name} done")
+    return done.job_id
+
+
+# ------------------------------------------------------------------------------ held arrays
+
+@dataclass(frozen=True)
+class HeldArray:
+    """One submission of :func:`submit_arrays_with_dependencies`: ``calls`` as one job array
+    (a plain job for one call) named ``name``, each call asking for ``resources``."""
+
+    name: str
+    resources: Resources
+    calls: Sequence[Callable[[], Any]]
+    what: str = ""                  # what sbatch refused, for its error ("the mosaic array")
+    max_running: int | None = None  # array throttle (%N); None: the site's fields.max_running
+
+
+def array_id(job_id: str) -> str:
+    """The array of an array task's id (``123_4`` -> ``123``); a plain job's own id."""
+    return job_id.split("_")[0]
+
+
+def submit_held_array(site: Site, folder: Path, resources: Resources, name: str,
+                      calls: Sequence[Callable[[], Any]], max_running: int | None = None,
+                      what: str | None = None) -> list[str]:
+    """ONE held submission of ``calls`` (an array, a plain job for one call); their job ids.
+
+    Held, with ``kill_on_invalid_dep``: nothing starts before :func:`release`, and a task whose
+    dependency fails is cancelled rather than left pending forever.
+    """
+    params = slurm_parameters(site, resources, name, None, True, len(calls))
+    params["additional_parameters"].update(hold=True, kill_on_invalid_dep="yes")
+    params["array_parallelism"] = max(1, min(max_running or site.fields.max_running, len(calls)))
+    return _sbatch(site, folder, params, calls, what or name)
+
+
+def add_afterok(job_id: str, wait_ids: Sequence[str], status_command: str = "hpcddf status") -> None:
+    """Job (or array task) ``job_id`` starts only after every job of ``wait_ids`` succeeded."""
+    _scontrol(["update", f"JobId={job_id}", f"Dependency=afterok:{':'.join(wait_ids)}"], status_command)
+
+
+def release(job_id: str, status_command: str = "hpcddf status") -> None:
+    """Let a held job (every task of a held array) start."""
+    _scontrol(["release", job_id], status_command)
+
+
+def cancel(job_ids: Iterable[str], timeout_s: float = CANCEL_TIMEOUT_S) -> bool:
+    """scancel, best-effort: it runs while another error is on its way, so it neither raises
+    nor hangs; False (and a warning in the log) when Slurm did not confirm."""
+    ids = sorted({i for i in job_ids if i})
+    if not ids:
+        return True
+    try:
+        out = subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=timeout_s, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("scancel %s: %s", " ".join(ids), exc)
+        return False
+    if out.returncode != 0:
+        log.warning("scancel %s failed: %s", " ".join(ids), out.stderr.strip()[:300])
+    return out.returncode == 0
+
+
+def submit_arrays_with_dependencies(
+        site: Site, folder: Path, arrays: Sequence[HeldArray],
+        waits_for: Callable[[list[str]], Sequence[Sequence[str]]],
+        record: Callable[[list[str]], None] = _nothing,
+        undo: Callable[[list[str]], None] = _nothing,
+        status_command: str = "hpcddf status") -> list[str]:
+    """Held arrays, per-task ``afterok``, ``record``, release: the job id of every call, in order.
+
+    ``waits_for`` gets those ids and returns, per call, the job ids it must wait for (ids of
+    this submission or of earlier ones). ``record`` writes the callers' states before anything is
+    released, so a starting task never finds its "queued" record written after its own. On any
+    error every array submitted so far is cancelled, ``undo`` gets the ids submitted so far (to
+    correct the records) and the error goes on.
+    """
+    job_ids: list[str] = []
+    arrays_ids: list[str] = []
+    try:
+        for a in arrays:
+            ids = submit_held_array(site, folder, a.resources, a.name, a.calls, a.max_running, a.what)
+            job_ids += ids
+            arrays_ids.append(array_id(ids[0]))
+        for job_id, waits in zip(job_ids, waits_for(list(job_ids)), strict=True):
+            if waits:
+                add_afterok(job_id, waits, status_command)
+        record(list(job_ids))
+        for a_id in arrays_ids:
+            release(a_id, status_command)
+    except BaseException:
+        cancel(arrays_ids)
+        undo(list(job_ids))
+        raise
+    return job_ids
+
+
+def _sbatch(site: Site, folder: Path, params: dict[str, Any], calls: Sequence[Callable[[], Any]],
+            what: str) -> list[str]:
+    """One sbatch through submitit's executor (an array for several calls); the job ids."""
+    ex = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=site.slurm.max_requeues)
+    ex._throttling = 0.0  # one sbatch per submission: no need for submitit's pause between calls
+    ex.update_parameters(**params)
+    try:
+        with ex.batch():
+            jobs = [ex.submit(c) for c in calls]
+    except Exception as exc:  # submitit raises plain errors with sbatch's stderr
+        raise SubmissionError(f"sbatch refused {what}: {str(exc).strip()[:400]}",
+                              "check the site's partition/account/qos with `hpcddf sites show`") from None
+    return [str(j.job_id) for j in jobs]
+
+
+def _scontrol(args: Sequence[str], status_command: str) -> None:
+    what = f"scontrol {' '.join(args)}"
+    hint = f"check the cluster with `{status_command}`"
+    try:
+        out = subprocess.run(["scontrol", *args], capture_output=True, text=True,
+                             timeout=SCONTROL_TIMEOUT_S, check=False)
+    except FileNotFoundError:
+        raise SubmissionError(f"{what} failed: scontrol not found", hint) from None
+    except subprocess.TimeoutExpired:
+        raise SubmissionError(f"{what} failed: no answer in {SCONTROL_TIMEOUT_S:.0f} s", hint) from None
+    if out.returncode != 0:
+        raise SubmissionError(f"{what} failed: {out.stderr.strip()[:300]}", hint)
+
+
+# ------------------------------------------------------------------------------ local calls
+
+class LocalCallFailed(SubmissionError):
+    """The call raised in its local job; ``reason`` is the line of its error worth showing."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(f"local job {job_id} failed: {reason}", "see its log in the job folder")
+        self.job_id = job_id
+        self.reason = reason
+
+
+class LocalCallInterrupted(RunInterrupted):
+    """Ctrl-C, SIGTERM or SIGHUP arrived while the call ran; its job and processes were stopped."""
+
+    def __init__(self, job_id: str, signal_name: str) -> None:
+        super().__init__(f"interrupted by {signal_name}; local job {job_id} and its processes were stopped",
+                         "rerun the same command")
+        self.job_id = job_id
+        self.signal_name = signal_name
+
+
+@dataclass(frozen=True)
+class LocalDone:
+    """A local call that returned: its job id and what it returned."""
+
+    job_id: str
+    result: Any
+
+
+def run_local_call(site: Site, folder: Path, call: Callable[[], Any], timeout_min: int, *,
+                   signal_delay_s: int | None = None, stop_grace_s: float = STOP_GRACE_S,
+                   started: Callable[[str], None] = _nothing, poll: Callable[[], None] = _nothing,
+                   stopping: Callable[[str, str], None] = _nothing) -> LocalDone:
+    """Run ``call`` as one submitit local job in the foreground, until it ends.
+
+    ``started(job_id)`` runs once the job runs, ``poll()`` every second while it runs, and
+    ``stopping(signal name, job_id)`` when Ctrl-C, SIGTERM or SIGHUP arrived: the job is then
+    stopped (SIGTERM, ``stop_grace_s`` to end, then its whole process tree is killed) and
+    :class:`LocalCallInterrupted` raised. A call that raised gives :class:`LocalCallFailed`.
+    The job's processes ignore the terminal's SIGINT and SIGHUP: only this process hears them
+    and stops the job in order (submitit's local controller would SIGKILL it 1 s later and
+    orphan the commands it started).
+    """
+    ex = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=site.slurm.max_requeues)
+    ex.update_parameters(timeout_min=timeout_min,
+                         **({} if signal_delay_s is None else {"signal_delay_s": signal_delay_s}))
+    with _foreground_signals():
+        with _children_ignore_terminal_signals():
+            job = ex.submit(call)
+        job_id = str(job.job_id)
+        try:
+            started(job_id)
+            _follow(job, poll)
+        except _ForegroundSignal as sig:
+            name = sig.name
+            _stop_undisturbed(job_id, stop_grace_s, lambda: stopping(name, job_id))
+            raise LocalCallInterrupted(job_id, name) from None
+        except BaseException:  # a hook failed: the job must not outlive this foreground run
+            _stop_undisturbed(job_id, stop_grace_s)
+            raise
+    try:
+        return LocalDone(job_id, job.result())
     except Exception as exc:
-        progress(f"{field_id}: stage {stage} FAILED: {_first_line(exc)}")
-        raise SubmissionError(f"field {field_id}: stage {stage} failed",
-                              f"see `hpcddf status {field_id}` and `hpcddf logs {field_id}`") from None
-    progress(f"{field_id}: stage {stage} done")
+        raise LocalCallFailed(job_id, first_line(exc)) from None
+
+
+def _follow(job: Any, poll: Callable[[], None]) -> None:
+    while not job.done():
+        poll()
+        time.sleep(1.0)
+    poll()
+
+
+def _stop_undisturbed(job_id: str, grace_s: float, before: Callable[[], None] = _nothing) -> None:
+    """Stop the local job; a second Ctrl-C (or SIGTERM, SIGHUP) meanwhile must not cut it short."""
+    with _handling(_STOP_SIGNALS, signal.SIG_IGN):
+        before()
+        stop_local_job(int(job_id), grace_s)
 
 
 class _ForegroundSignal(Exception):
@@ -182,7 +396,7 @@ def _children_ignore_terminal_signals() -> Any:
     return _handling((signal.SIGINT, signal.SIGHUP), signal.SIG_IGN)
 
 
-def stop_local_job(controller_pid: int, grace_s: float = TERM_GRACE_S + 20.0) -> None:
+def stop_local_job(controller_pid: int, grace_s: float = STOP_GRACE_S) -> None:
     """SIGTERM the local job (its controller forwards it; the job stops its command's process
     group), wait for it, then SIGKILL whatever of its process tree is left."""
     try:
@@ -231,7 +445,8 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The line of a job's error worth one progress line (submitit wraps the job's traceback)."""
     lines = [ln for ln in str(exc).splitlines() if ln.strip()]
     for ln in reversed(lines):
         if "Error:" in ln or "StepFailed:" in ln:
@@ -240,3 +455,6 @@ def _first_line(exc: BaseException) -> str:
         if "Error" in ln:
             return ln.strip()[:300]
     return lines[-1][:300] if lines else type(exc).__name__
+
+
+_first_line = first_line  # the old name, until mosaic and PHANGS use run_local_call
