@@ -9,11 +9,13 @@ product from the pointings table and hpcddf's own field states, under the site's
   ``--exclude`` leaves fields out on purpose).
 
 All mosaics to make go into one job array, submitted held; each task then gets its own
-``afterok`` dependency on just its reducing neighbours (``scontrol update`` of that task) and the
-array is released. Tasks are throttled (``%N``), requeued by submitit when the walltime kills
-them, and a failed neighbour cancels only the mosaics that need it. Finished mosaics (their
-done-marker names the same inputs) are skipped. Each mosaic's directory
-``<work_root>/mosaics/<centre>/`` holds its products and a state file ``hpcddf status`` shows.
+``afterok`` dependency on just its reducing neighbours (``scontrol update`` of that task), the
+states are written and the array is released (the engine's
+:func:`~hpcddf.engine.backend.submit_arrays_with_dependencies`). Tasks are throttled (``%N``),
+requeued by submitit when the walltime kills them, and a failed neighbour cancels only the
+mosaics that need it. Finished mosaics (their done-marker names the same inputs) are skipped.
+Each mosaic's directory ``<work_root>/mosaics/<centre>/`` holds its products and a state file
+``hpcddf status`` shows.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -31,12 +32,20 @@ from typing import Any
 import submitit
 
 from hpcddf.engine.atomic import write_json_atomic
+from hpcddf.engine.backend import (
+    BRIEF_STOP_GRACE_S,
+    HeldArray,
+    LocalCallFailed,
+    LocalCallInterrupted,
+    run_local_call,
+    submit_arrays_with_dependencies,
+)
 from hpcddf.engine.jobenv import job_id_from_env
 from hpcddf.engine.paths import unit_paths, units_under
 from hpcddf.engine.plan import Resources
 from hpcddf.engine.sites import Site
 from hpcddf.engine.state import LIVE, State, now_iso, read_state, update_state
-from hpcddf.errors import HpcddfError, SubmissionError
+from hpcddf.errors import HpcddfError, RunInterrupted, SubmissionError
 from hpcddf.mosaic.combine import (
     PRODUCTS,
     MosaicInput,
@@ -220,6 +229,13 @@ def _set_state(task: MosaicTask, **values: Any) -> None:
     update_state(Path(task.outdir), task.centre.id, change)
 
 
+def _set_state_if_live(task: MosaicTask, **values: Any) -> None:
+    """Change a mosaic's state unless its job already ended it (done or failed)."""
+    info = (read_state(Path(task.outdir)) or {}).get("stages", {}).get(task.product, {})
+    if info.get("state") in LIVE:
+        _set_state(task, **values)
+
+
 class MosaicJob(submitit.helpers.Checkpointable):
     """One mosaic task on a compute node; requeued as a whole when the walltime kills it."""
 
@@ -299,51 +315,37 @@ def _resources(site: Site, r: MosaicResources) -> Resources:
                      extra=dict(s.extra_sbatch))
 
 
-def _scontrol(*args: str) -> None:
-    out = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)
-    if out.returncode != 0:
-        raise SubmissionError(f"scontrol {' '.join(args)} failed: {out.stderr.strip()[:300]}",
-                              "check the cluster with `hpcddf status`")
-
-
 def submit_mosaic_array(site: Site, tasks: Sequence[MosaicTask], work_root: Path,
                         res: MosaicResources = MosaicResources()) -> dict[str, str]:
-    """ONE held array over the tasks; per-task neighbour dependencies; then released."""
-    from hpcddf.engine.backend import slurm_parameters
+    """ONE held array over the tasks; per-task neighbour dependencies; states; then released."""
     folder = work_root / MOSAICS / ".jobs"
     folder.mkdir(parents=True, exist_ok=True)
-    ex = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=site.slurm.max_requeues)
-    ex._throttling = 0.0
-    params = slurm_parameters(site, _resources(site, res), f"hpcddf-mosaic-{len(tasks)}", None, True, len(tasks))
-    params["additional_parameters"].update(hold=True, kill_on_invalid_dep="yes")
-    params["array_parallelism"] = max(1, min(res.max_running or site.fields.max_running, len(tasks)))
-    ex.update_parameters(**params)
-    try:
-        with ex.batch():
-            jobs = [ex.submit(MosaicJob(t)) for t in tasks]
-    except Exception as exc:
-        raise SubmissionError(f"sbatch refused the mosaic array: {str(exc).strip()[:400]}",
-                              "check the site's partition/account/qos with `hpcddf sites show`") from None
-    ids = {t.name: j.job_id for t, j in zip(tasks, jobs)}
-    array = jobs[0].job_id.split("_")[0]
-    try:
-        for t, j in zip(tasks, jobs):
-            if t.depends:
-                _scontrol("update", f"JobId={j.job_id}", f"Dependency=afterok:{':'.join(t.depends)}")
-        _scontrol("release", array)
-    except BaseException:
-        subprocess.run(["scancel", array], check=False)
-        raise
-    for t in tasks:
-        _set_state(t, state=State.QUEUED, job_id=ids[t.name], submitted=now_iso(), attempts=0,
+    array = HeldArray(f"hpcddf-mosaic-{len(tasks)}", _resources(site, res), [MosaicJob(t) for t in tasks],
+                      what="the mosaic array", max_running=res.max_running)
+    job_ids = submit_arrays_with_dependencies(site, folder, [array], lambda ids: [t.depends for t in tasks],
+                                              record=lambda ids: _record_queued(tasks, ids),
+                                              undo=lambda ids: _record_not_queued(tasks, ids))
+    return {t.name: j for t, j in zip(tasks, job_ids, strict=True)}
+
+
+def _record_queued(tasks: Sequence[MosaicTask], job_ids: Sequence[str]) -> None:
+    for t, job_id in zip(tasks, job_ids, strict=True):
+        _set_state(t, state=State.QUEUED, job_id=job_id, submitted=now_iso(), attempts=0,
                    inputs=t.input_names(), waits_for=list(t.waiting_on), error=None,
                    note=f"waits for {', '.join(t.waiting_on)}" if t.waiting_on else "")
-    return ids
+
+
+def _record_not_queued(tasks: Sequence[MosaicTask], job_ids: Sequence[str]) -> None:
+    """The submission failed and was cancelled: mosaics already recorded with its jobs say so."""
+    for t, job_id in zip(tasks, job_ids):
+        info = (read_state(Path(t.outdir)) or {}).get("stages", {}).get(t.product, {})
+        if info.get("job_id") == job_id and info.get("state") == State.QUEUED:
+            _set_state(t, state=State.CANCELLED, note="submission failed")
 
 
 def run_mosaics_locally(site: Site, tasks: Sequence[MosaicTask], work_root: Path,
                         progress: Callable[[str], None]) -> dict[str, str]:
-    """The same tasks with submitit's local executor, one after another."""
+    """The same tasks as local jobs in the foreground, one after another."""
     waiting = [t for t in tasks if t.depends]
     if waiting:
         raise MosaicPlanError(f"mosaic {waiting[0].name} waits for {', '.join(waiting[0].waiting_on)}, "
@@ -352,20 +354,31 @@ def run_mosaics_locally(site: Site, tasks: Sequence[MosaicTask], work_root: Path
     ids: dict[str, str] = {}
     for t in tasks:
         _set_state(t, state=State.QUEUED, submitted=now_iso(), inputs=t.input_names(), error=None)
-        ex = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=site.slurm.max_requeues)
-        ex.update_parameters(timeout_min=24 * 60)
-        job = ex.submit(MosaicJob(t))
-        ids[t.name] = str(job.job_id)
-        _set_state(t, job_id=str(job.job_id))
-        progress(f"mosaic {t.name}: running (local job {job.job_id}, {len(t.inputs)} fields)")
-        try:
-            job.result()
-        except Exception as exc:
-            from hpcddf.engine.backend import _first_line
-            progress(f"mosaic {t.name}: FAILED: {_first_line(exc)}")
-            raise SubmissionError(f"mosaic {t.name} failed", f"see {t.outdir} and `hpcddf status`") from None
-        progress(f"mosaic {t.name}: done -> {t.path('mosaic')}")
+        ids[t.name] = _run_mosaic_locally(site, t, folder, progress)
     return ids
+
+
+def _run_mosaic_locally(site: Site, t: MosaicTask, folder: Path, progress: Callable[[str], None]) -> str:
+    """One mosaic as a local job; its job id."""
+    def started(job_id: str) -> None:
+        _set_state(t, job_id=job_id)
+        progress(f"mosaic {t.name}: running (local job {job_id}, {len(t.inputs)} fields)")
+
+    def stopping(signal_name: str, job_id: str) -> None:
+        progress(f"mosaic {t.name}: {signal_name}: stopping (local job {job_id})")
+
+    try:
+        done = run_local_call(site, folder, MosaicJob(t), 24 * 60, stop_grace_s=BRIEF_STOP_GRACE_S,
+                              started=started, stopping=stopping)
+    except LocalCallFailed as exc:
+        progress(f"mosaic {t.name}: FAILED: {exc.reason}")
+        raise SubmissionError(f"mosaic {t.name} failed", f"see {t.outdir} and `hpcddf status`") from None
+    except LocalCallInterrupted as exc:
+        _set_state_if_live(t, state=State.INTERRUPTED, ended=now_iso(), note=f"interrupted by {exc.signal_name}")
+        raise RunInterrupted(f"mosaic {t.name} interrupted by {exc.signal_name}; its job was stopped",
+                             "rerun the same command: finished mosaics are skipped") from None
+    progress(f"mosaic {t.name}: done -> {t.path('mosaic')}")
+    return done.job_id
 
 
 def parse_assignments(values: Sequence[str], what: str) -> dict[str, float]:
