@@ -455,6 +455,3 @@ def first_line(exc: BaseException) -> str:
         if "Error" in ln:
             return ln.strip()[:300]
     return lines[-1][:300] if lines else type(exc).__name__
-
-
-_first_line = first_line  # the old name, until mosaic and PHANGS use run_local_call

@@ -4,8 +4,9 @@
 site, submits each stage as ONE job array, held. Every task then gets ``afterok`` on exactly
 the tasks it needs, mapped from task ids to their ``ARRAYID_INDEX`` job ids (``scontrol update
 JobId=A_i Dependency=afterok:B_j:B_k``), the states are written, and all arrays are released.
-``kill_on_invalid_dep`` makes a failed task cancel only what depends on it. On the local site
-the same tasks run one after another with submitit's local executor, in stage order (a task's
+``kill_on_invalid_dep`` makes a failed task cancel only what depends on it (the sequence is the
+engine's :func:`~hpcddf.engine.backend.submit_arrays_with_dependencies`). On the local site the
+same tasks run one after another as local jobs in the foreground, in stage order (a task's
 dependencies are all in earlier stages); a task whose dependency failed is not run.
 
 Tasks already done (state done, products present) are not submitted again and nobody waits for
@@ -16,18 +17,23 @@ and their dependents wait for the live job.
 from __future__ import annotations
 
 import shutil
-import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import submitit
-
+from hpcddf.engine.backend import (
+    BRIEF_STOP_GRACE_S,
+    HeldArray,
+    LocalCallFailed,
+    LocalCallInterrupted,
+    run_local_call,
+    submit_arrays_with_dependencies,
+)
 from hpcddf.engine.paths import HIDDEN
 from hpcddf.engine.plan import Resources
 from hpcddf.engine.sites import Site
 from hpcddf.engine.state import LIVE, State, now_iso
-from hpcddf.errors import ConfigError, SubmissionError
+from hpcddf.errors import ConfigError, RunInterrupted, SubmissionError
 from hpcddf.phangs.keys import Project, load_project
 from hpcddf.phangs.plan import (
     CASA_STAGES,
@@ -113,70 +119,43 @@ def _needs_casa(todo: Iterable[tuple[str, list[Task]]]) -> bool:
 # Slurm
 # ---------------------------------------------------------------------------------------------
 
-def _scontrol(*args: str) -> None:
-    out = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60,
-                         check=False)
-    if out.returncode != 0:
-        raise SubmissionError(f"scontrol {' '.join(args)} failed: {out.stderr.strip()[:300]}",
-                              "check the cluster with `hpcddf phangs status`")
-
-
 def _chunks(tasks: list[Task], size: int) -> list[list[Task]]:
     return [tasks[i:i + size] for i in range(0, len(tasks), size)]
 
 
-def _submit_array(site: Site, stage: str, tasks: list[Task], work: Path,
-                  casa_env: str | None) -> list[str]:
-    """One held array (a plain job for one task); the job id of each task."""
-    from hpcddf.engine.backend import slurm_parameters
-    ex = submitit.SlurmExecutor(folder=work / JOBS_DIR / "%j",
-                                max_num_timeout=site.slurm.max_requeues)
-    ex._throttling = 0.0  # one sbatch per stage: no need for submitit's pause between calls
-    params = slurm_parameters(site, stage_resources(site, stage), f"hpcddf-phangs-{stage}",
-                              None, True, len(tasks))
-    params["additional_parameters"].update(hold=True, kill_on_invalid_dep="yes")
-    ex.update_parameters(**params)
-    try:
-        with ex.batch():
-            jobs = [ex.submit(PhangsTask(t, str(work), casa_env)) for t in tasks]
-    except Exception as exc:  # submitit raises plain errors carrying sbatch's stderr
-        raise SubmissionError(f"sbatch refused the {stage} array: {str(exc).strip()[:400]}",
-                              "check the site's partition/account/qos with `hpcddf sites show`"
-                              ) from None
-    return [str(j.job_id) for j in jobs]
+def _arrays(site: Site, todo: list[tuple[str, list[Task]]], work: Path,
+            casa_env: str | None) -> list[HeldArray]:
+    """One held array per stage (split at MAX_ARRAY_SIZE), in the order of ``todo``."""
+    return [HeldArray(f"hpcddf-phangs-{stage}", stage_resources(site, stage),
+                      [PhangsTask(t, str(work), casa_env) for t in chunk], what=f"the {stage} array")
+            for stage, tasks in todo for chunk in _chunks(tasks, MAX_ARRAY_SIZE)]
 
 
 def submit_slurm(site: Site, todo: list[tuple[str, list[Task]]], live: dict[str, str],
                  work: Path, casa_env: str | None) -> dict[str, str]:
     """Held arrays, per-task afterok, states written, then every array released."""
-    ids: dict[str, str] = dict(live)
-    arrays: list[str] = []
-    new: list[Task] = []
-    try:
-        for stage, tasks in todo:
-            for chunk in _chunks(tasks, MAX_ARRAY_SIZE):
-                job_ids = _submit_array(site, stage, chunk, work, casa_env)
-                ids.update({t.id: j for t, j in zip(chunk, job_ids, strict=True)})
-                arrays.append(job_ids[0].split("_")[0])
-                new += chunk
-        for t in new:
-            waits = [ids[d] for d in t.depends if d in ids]
-            if waits:
-                _scontrol("update", f"JobId={ids[t.id]}", f"Dependency=afterok:{':'.join(waits)}")
+    new = [t for _, tasks in todo for t in tasks]
+    ids: dict[str, str] = dict(live)  # task id -> job id, of this submission and live earlier ones
+
+    def waits_for(job_ids: list[str]) -> list[list[str]]:
+        ids.update((t.id, j) for t, j in zip(new, job_ids, strict=True))
+        return [[ids[d] for d in t.depends if d in ids] for t in new]
+
+    def record(job_ids: list[str]) -> None:
         for t in new:
             update_task_state(work, t, state=State.QUEUED, job_id=ids[t.id], scheduler="slurm",
                               submitted=now_iso(), error=None,
                               waits_for=[d for d in t.depends if d in ids], note="")
-        for array in arrays:
-            _scontrol("release", array)
-    except BaseException:
-        if arrays:
-            subprocess.run(["scancel", *arrays], check=False)
-        for t in new:
-            if t.id in ids and read_task_state(work, t.id):
+
+    def undo(job_ids: list[str]) -> None:
+        for t in new[:len(job_ids)]:
+            if read_task_state(work, t.id):
                 update_task_state(work, t, state=State.CANCELLED, note="submission failed")
-        raise
-    return {t.id: ids[t.id] for t in new}
+
+    job_ids = submit_arrays_with_dependencies(site, work / JOBS_DIR, _arrays(site, todo, work, casa_env),
+                                              waits_for, record, undo,
+                                              status_command="hpcddf phangs status")
+    return {t.id: j for t, j in zip(new, job_ids, strict=True)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,8 +164,7 @@ def submit_slurm(site: Site, todo: list[tuple[str, list[Task]]], live: dict[str,
 
 def run_local(site: Site, todo: list[tuple[str, list[Task]]], work: Path,
               casa_env: str | None, progress: Callable[[str], None]) -> dict[str, str]:
-    """Every task here, one after another, with submitit's local executor."""
-    from hpcddf.engine.backend import _first_line
+    """Every task here, one after another, as local jobs in the foreground."""
     ids: dict[str, str] = {}
     failed: list[str] = []
     for stage, tasks in todo:
@@ -199,26 +177,42 @@ def run_local(site: Site, todo: list[tuple[str, list[Task]]], work: Path,
                 failed.append(t.id)
                 progress(f"{t.id}: not run, {blocked[0]} failed")
                 continue
-            ex = submitit.LocalExecutor(folder=work / JOBS_DIR / "%j",
-                                        max_num_timeout=site.slurm.max_requeues)
-            ex.update_parameters(timeout_min=res.walltime_min)
             update_task_state(work, t, state=State.QUEUED, scheduler="local", submitted=now_iso(),
                               error=None, note="")
-            job = ex.submit(PhangsTask(t, str(work), casa_env))
-            ids[t.id] = str(job.job_id)
-            update_task_state(work, t, job_id=ids[t.id])
-            progress(f"{t.id}: running (local job {job.job_id})")
             try:
-                job.result()
-            except Exception as exc:
+                ids[t.id] = _run_task_locally(site, t, res.walltime_min, work, casa_env, progress)
+            except LocalCallFailed as exc:
                 failed.append(t.id)
-                progress(f"{t.id}: FAILED: {_first_line(exc)}")
+                progress(f"{t.id}: FAILED: {exc.reason}")
                 continue
             progress(f"{t.id}: done")
     if failed:
         raise SubmissionError(f"{len(failed)} PHANGS task(s) failed or were not run, first "
                               f"{failed[0]}", f"see `hpcddf phangs status {work}`")
     return ids
+
+
+def _run_task_locally(site: Site, t: Task, walltime_min: int, work: Path, casa_env: str | None,
+                      progress: Callable[[str], None]) -> str:
+    """One task as a local job; its job id. Raises :class:`LocalCallFailed` when it failed."""
+    def started(job_id: str) -> None:
+        update_task_state(work, t, job_id=job_id)
+        progress(f"{t.id}: running (local job {job_id})")
+
+    def stopping(signal_name: str, job_id: str) -> None:
+        progress(f"{t.id}: {signal_name}: stopping (local job {job_id})")
+
+    try:
+        return run_local_call(site, work / JOBS_DIR, PhangsTask(t, str(work), casa_env), walltime_min,
+                              stop_grace_s=BRIEF_STOP_GRACE_S, started=started,
+                              stopping=stopping).job_id
+    except LocalCallInterrupted as exc:
+        if (read_task_state(work, t.id) or {}).get("state") in LIVE:  # the job did not end it itself
+            update_task_state(work, t, state=State.INTERRUPTED, ended=now_iso(),
+                              note=f"interrupted by {exc.signal_name}")
+        raise RunInterrupted(f"PHANGS task {t.id} interrupted by {exc.signal_name}; its job and "
+                             "commands were stopped",
+                             "rerun the same command: finished tasks are skipped") from None
 
 
 # ---------------------------------------------------------------------------------------------
