@@ -65,6 +65,7 @@ def _run(cmd, wd: Path) -> None:
 def field(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from hpcddf.lofar.config import load_config
     from hpcddf.lofar.ddfcommands import Image, Machine, ddf_image
+    from hpcddf.lofar.recipes import cf_wmax_m
     from hpcddf.lofar.reduction import FINAL_NS, Reduction, build
     from hpcddf.lofar.simulate import SimSpec, simulate_field
     wd = tmp_path_factory.mktemp("offsets") / "SIMO"
@@ -78,7 +79,8 @@ def field(tmp_path_factory: pytest.TempPathFactory) -> dict:
                                                  "--offsets-fit=mcmc"])
     (wd / ".hpcddf").mkdir()
     (wd / ".hpcddf" / "pipeline.cfg").write_text(cfg.to_cfg_text())
-    m = Machine(ncpu_ddf=2, ncpu_kms=2, cache_dir=str(wd / "cache"), timeout_s=1200.0, python=sys.executable)
+    m = Machine(ncpu_ddf=2, ncpu_kms=2, cache_dir=str(wd / "cache"), timeout_s=1200.0, python=sys.executable,
+                cf_wmax_m=cf_wmax_m([wd / "SIM_SB000.ms"]))  # as the reduction's recipe sets it
     (wd / "cache").mkdir()
     _run(ddf_image(cfg, m, Image(name=FINAL_NS, mslist="mslist.txt", colname="CORRECTED_DATA",
                                  clusterfile="nodes.npy", robust=-0.5, psf_arcsec=BEAM_ARCSEC,
