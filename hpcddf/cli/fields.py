@@ -64,7 +64,7 @@ def submit(args: tuple[str, ...], site: str | None, site_file: str | None, confi
                 click.echo(f"warning: a real submit refuses this config: this hpcddf version cannot run "
                            f"{what} yet (switch it off)", err=True)
         return
-    from hpcddf.engine.submission import submit_fields
+    from hpcddf.lofar.submit import submit_fields
     print_result(submit_fields(s, jobs, recipe, progress), as_json)
 
 
@@ -77,8 +77,8 @@ def submit(args: tuple[str, ...], site: str | None, site_file: str | None, confi
 def resubmit(fields: tuple[str, ...], site: str | None, site_file: str | None,
              work_root: Path | None, as_json: bool) -> None:
     """Resume failed or cancelled FIELD(s) from the first stage not done."""
-    from hpcddf.engine.submission import resubmit_fields
     from hpcddf.lofar.prepare import prepare_resubmit
+    from hpcddf.lofar.submit import resubmit_fields
     s = choose_site(site, site_file)
     print_result(resubmit_fields(s, prepare_resubmit(s, fields, work_root), progress), as_json)
 

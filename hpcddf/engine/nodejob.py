@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import submitit
 
@@ -25,22 +25,45 @@ from hpcddf.engine.durations import load_estimates, record_duration
 from hpcddf.engine.jobenv import job_id_from_env
 from hpcddf.engine.paths import unit_paths
 from hpcddf.engine.preflight import clean_stale_shm, pid_alive, run_preflight
-from hpcddf.engine.runner import Interrupted, RunContext, StopRequested, run_steps
+from hpcddf.engine.runner import Interrupted, RunContext, Step, StopRequested, run_steps
 from hpcddf.engine.sites import Site
 from hpcddf.engine.staging import clean_scratch, prepare_scratch
 from hpcddf.engine.state import State, now_iso, update_state
 from hpcddf.errors import HpcddfError, PreflightError, StepFailed
-from hpcddf.lofar.config import load_config
-from hpcddf.lofar.recipes import NodeInfo, build_steps
 
 log = logging.getLogger("hpcddf.job")
 
 SLURM_SIGNAL_SLACK_S = 30  # slurmctld checks time limits every 30 s
 
 
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a pipeline's step builder needs to know about the node the stage runs on."""
+
+    cpus: tuple[int, ...]
+    cache_dir: Path
+    field_id: str = ""
+    python: str = sys.executable
+    workdir: Path = Path(".")
+
+
+@dataclass(frozen=True)
+class NodeSteps:
+    """What a step builder returns: the stage's executable steps, and the folder (relative to
+    the work directory) their command logs go to."""
+
+    steps: list[Step]
+    log_dir: str = "logs"
+
+
+# A pipeline's step builder, run on the node: (stage, step names, node) -> the steps. Pickled
+# with the job, so it must be plain data with a __call__ (e.g. lofar.recipes.ReductionSteps).
+StepBuilder = Callable[[str, Sequence[str], NodeInfo], NodeSteps]
+
+
 @dataclass
 class StageJob(submitit.helpers.Checkpointable):
-    """One stage of one field. Pickled by submitit; holds only plain data."""
+    """One stage of one unit of work. Pickled by submitit; holds only plain data."""
 
     site: Site
     field_id: str
@@ -48,7 +71,7 @@ class StageJob(submitit.helpers.Checkpointable):
     work_root: str
     stage: str
     steps: tuple[str, ...]
-    recipe: dict[str, Any]
+    builder: StepBuilder
     walltime_min: int
     last_stage: bool = False
     # a local run: the pid of the foreground ``hpcddf`` this job must not outlive
@@ -99,13 +122,13 @@ class StageJob(submitit.helpers.Checkpointable):
     def _run(self, cpus: tuple[int, ...], cache_dir: Path) -> list[str]:
         wd = Path(self.workdir)
         paths = unit_paths(wd)
-        cfg = load_config([str(paths.frozen_config)])
         contained = self.site.container.runtime != "none"
         node = NodeInfo(cpus=cpus, cache_dir=cache_dir, field_id=self.field_id, workdir=wd,
                         python="python3" if contained else sys.executable)
-        steps = build_steps(self.recipe, cfg, self.stage, self.steps, node)
+        built = self.builder(self.stage, self.steps, node)
+        steps = built.steps
         deadline, usable_s = self._deadline()
-        ctx = RunContext(workdir=wd, log_dir=wd / (cfg.get("control", "logging") or "logs"),
+        ctx = RunContext(workdir=wd, log_dir=wd / built.log_dir,
                          marker_dir=paths.done_dir, deadline=deadline,
                          safety_s=min(60.0, usable_s * 0.02),
                          estimates=load_estimates(Path(self.work_root)),

@@ -1,7 +1,8 @@
-"""The stage plan: the reduction split at ddf-pipeline's stop points into node-sized jobs.
+"""The plan of a unit of work as plain data: stages (node-sized jobs) with their steps,
+resources and dependencies.
 
-Pure data and pure functions: ``plan_reduction`` reads a configuration and a site and returns
-stages with their steps, resources and dependencies. It runs nothing and submits nothing, so
+A pipeline's planner makes these (the reduction's is :mod:`hpcddf.lofar.plan`); the engine
+turns them into jobs. Pure data and pure functions: planning runs and submits nothing, so
 ``--dry-run`` shows exactly what a real submission would do.
 """
 
@@ -11,9 +12,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hpcddf.engine.sites import Site
-from hpcddf.errors import PlanError
-from hpcddf.lofar.config import PipelineConfig
-from hpcddf.lofar.steps import STAGE_ENABLED, STAGES, STEPS
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,7 @@ class Stage:
 
 @dataclass(frozen=True)
 class Plan:
-    """The stages of one field's reduction, in execution order."""
+    """The stages of one unit of work (a field's reduction), in execution order."""
 
     field: str
     site: str
@@ -77,53 +75,6 @@ def stage_resources(site: Site) -> Resources:
                      walltime_min=site.max_walltime_min, exclusive=s.exclusive,
                      partition=s.partition or None, account=s.account or None,
                      qos=s.qos or None, extra=dict(s.extra_sbatch))
-
-
-def group_steps(cfg: PipelineConfig) -> list[tuple[str, list[str]]]:
-    """Enabled steps grouped into enabled stages, in order.
-
-    A stage the configuration switches off (no bootstrap, no full MS list...) is not planned;
-    any of its steps that still run join the next planned stage (or the last one).
-    """
-    if not cfg.get("data", "mslist") and not cfg.get("inputmodel", "basedicomodel"):
-        raise PlanError("[data] mslist is not set", "set mslist=mslist.txt in the config")
-    groups: list[tuple[str, list[str]]] = []
-    carry: list[str] = []
-    for stage in STAGES:
-        steps = carry + [s.name for s in STEPS if s.stage == stage and s.enabled(cfg)]
-        if STAGE_ENABLED[stage](cfg):
-            groups.append((stage, steps))
-            carry = []
-        else:
-            carry = steps
-    if carry:
-        if not groups:
-            raise PlanError("the configuration leaves no stage to run",
-                            "check [data] full_mslist and [inputmodel]")
-        groups[-1][1].extend(carry)
-    return [(name, steps) for name, steps in groups if steps]
-
-
-def plan_reduction(cfg: PipelineConfig, site: Site, field_id: str) -> Plan:
-    """Split the reduction of ``field_id`` into chained stages sized for ``site``'s nodes."""
-    res = stage_resources(site)
-    stages: list[Stage] = []
-    for name, steps in _apply_exitafter(group_steps(cfg), cfg.get("control", "exitafter")):
-        deps = (stages[-1].name,) if stages else ()
-        stages.append(Stage(name=name, steps=tuple(steps), resources=res, depends_on=deps))
-    return Plan(field=field_id, site=site.name, stages=tuple(stages))
-
-
-def _apply_exitafter(groups: list[tuple[str, list[str]]],
-                     exitafter: str | None) -> list[tuple[str, list[str]]]:
-    """``[control] exitafter`` ends the plan after that stop point."""
-    if exitafter is None or exitafter == "cleanup":
-        return groups if exitafter is None else []
-    names = [g[0] for g in groups]
-    if exitafter not in names:
-        raise PlanError(f"exitafter={exitafter} is not a stage of this configuration",
-                        f"use one of {', '.join(names)}")
-    return groups[: names.index(exitafter) + 1]
 
 
 def chains(plans: list[Plan]) -> list[list[Plan]]:

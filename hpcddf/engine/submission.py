@@ -1,6 +1,11 @@
-"""Submit, resubmit and cancel fields: plans in, chained stage jobs out, field state recorded.
+"""Submit, resubmit and cancel units of work: plans in, chained stage jobs out, state recorded.
 
-Everything about a field happens under its lock, so two ``hpcddf submit`` of one field give
+A unit (a field's reduction) has a work directory, a plan and a pipeline that knows its
+science: the pipeline's :class:`SubmitHooks` check it before anything is queued, prepare it
+under its lock, and give the step builder its stage jobs run on the node. Everything else is
+here and knows nothing of the science.
+
+Everything about a unit happens under its lock, so two ``hpcddf submit`` of one field give
 exactly one chain: the second sees the first's live jobs and leaves the field alone. Stages
 whose steps are all done are not submitted again, which is what makes ``resubmit`` resume.
 """
@@ -11,13 +16,13 @@ import contextlib
 import logging
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
-from hpcddf.engine.atomic import write_text_atomic
 from hpcddf.engine.backend import ChainMember, run_local_chain, submit_slurm_chain
 from hpcddf.engine.fields import Field
-from hpcddf.engine.nodejob import StageJob
+from hpcddf.engine.nodejob import StageJob, StepBuilder
 from hpcddf.engine.paths import arrays_dir, unit_paths
 from hpcddf.engine.plan import Plan, Stage
 from hpcddf.engine.preflight import pid_alive
@@ -32,12 +37,34 @@ from hpcddf.engine.state import (
     update_state,
     update_state_unlocked,
 )
-from hpcddf.errors import FieldError, PlanError, RunInterrupted, SubmissionError
-from hpcddf.lofar.prepare import FieldJob, check_inputs, materialise
-from hpcddf.lofar.redo import apply_restart_policy
+from hpcddf.errors import RunInterrupted, SubmissionError
 
 log = logging.getLogger(__name__)
-DEFAULT_RECIPE: dict[str, Any] = {"name": "ddf", "options": {}}
+
+
+class FieldJob(Protocol):
+    """A unit ready to submit, as the engine sees it: where it lives and its plan."""
+
+    field: Field
+    plan: Plan
+
+
+@dataclass(frozen=True)
+class SubmitHooks:
+    """What a pipeline does around the engine's submission of its units.
+
+    ``check`` refuses, before anything is queued or written, whatever a real submission would
+    refuse, and returns each unit's inputs; ``restart`` (a new submission only) applies the
+    pipeline's restart policy under the unit's lock and returns a note for the user;
+    ``prepare`` readies a unit that will run (inputs staged, configuration frozen);
+    ``builder`` is pickled into every stage job and gives it its steps on the node;
+    ``recipe`` is recorded in the unit's state (what a resubmission runs again)."""
+
+    check: Callable[[Site, Sequence[Any]], dict[str, Any]]
+    restart: Callable[[Any], str | None]
+    prepare: Callable[[Site, Any, Any], None]
+    builder: StepBuilder
+    recipe: dict[str, Any]
 
 
 def stage_done(workdir: Path, stage: Stage) -> bool:
@@ -82,10 +109,10 @@ def live_jobs(site: Site, state: dict[str, Any] | None) -> list[str]:
     return [j for j, info in query_jobs(ids).items() if info.active]
 
 
-def _stage_jobs(site: Site, fj: FieldJob, stages: Sequence[Stage], recipe: dict[str, Any]) -> ChainMember:
+def _stage_jobs(site: Site, fj: FieldJob, stages: Sequence[Stage], hooks: SubmitHooks) -> ChainMember:
     jobs = tuple(StageJob(site=site, field_id=fj.field.id, workdir=str(fj.field.workdir),
                           work_root=str(fj.field.workdir.parent), stage=s.name, steps=s.steps,
-                          recipe=recipe, walltime_min=s.resources.walltime_min,
+                          builder=hooks.builder, walltime_min=s.resources.walltime_min,
                           last_stage=(s.name == fj.plan.stages[-1].name),
                           foreground_pid=os.getpid() if site.scheduler == "local" else None)
                  for s in stages)
@@ -109,65 +136,48 @@ def _record_queued(fj: FieldJob, site: Site, stages: Sequence[Stage], ids: dict[
     update_state_unlocked(fj.field.workdir, fj.field.id, change)
 
 
-def _freeze_config(fj: FieldJob) -> None:
-    """The jobs read exactly the configuration that was planned, whatever changes later."""
-    paths = unit_paths(fj.field.workdir)
-    paths.hidden.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(paths.frozen_config, fj.config.to_cfg_text())
+def submit_units(site: Site, jobs: Sequence[FieldJob], hooks: SubmitHooks,
+                 progress: Callable[[str], None] = lambda msg: None,
+                 new_submission: bool = True) -> dict[str, Any]:
+    """Queue every unit's remaining stages; returns what was done for each unit.
 
-
-def check_supported(jobs: Sequence[FieldJob]) -> None:
-    """Refuse, before queueing, a config that switches on a step hpcddf cannot run yet."""
-    from hpcddf.lofar.reduction import check_inputs, unsupported
-    for fj in jobs:
-        names = [s for st in fj.plan.stages for s in st.steps]
-        missing = unsupported(names)
-        if missing:
-            raise PlanError(f"field {fj.field.id}: this hpcddf version cannot run {missing[0]} yet",
-                            f"switch it off ({missing[0]}=False/None) in the config or on the command line")
-        check_inputs(fj.config, names)
-
-
-def submit_fields(site: Site, jobs: Sequence[FieldJob], recipe: dict[str, Any] | None = None,
-                  progress: Callable[[str], None] = lambda msg: None,
-                  new_submission: bool = True) -> dict[str, Any]:
-    """Queue every field's remaining stages; returns what was done for each field.
-
-    Only a new submission applies ``redofrom``/``restart=False``; a resubmission (which reads
-    the frozen config, redofrom included) never does.
+    Only a new submission applies the pipeline's restart policy; a resubmission never does.
     """
-    recipe = recipe or DEFAULT_RECIPE
-    if recipe["name"] == "ddf":
-        check_supported(jobs)
-    ms = check_inputs(site, jobs) if recipe["name"] == "ddf" else {j.field.id: [] for j in jobs}
+    inputs = hooks.check(site, jobs)
     result: dict[str, Any] = {"site": site.name, "fields": {}}
     to_run: list[tuple[FieldJob, list[Stage]]] = []
     for fj in jobs:
         fj.field.workdir.mkdir(parents=True, exist_ok=True)
     with locked_fields([j.field.workdir for j in jobs]):
         for fj in jobs:
-            live = live_jobs(site, read_state(fj.field.workdir))
-            if live:
-                result["fields"][fj.field.id] = {"status": "already queued", "jobs": {"live": ",".join(live)}}
-                continue
-            note = apply_restart_policy(fj.field.workdir, fj.config) if new_submission else None
-            if note:
-                progress(f"{fj.field.id}: {note}")
-            stages = remaining_stages(fj.field.workdir, fj.plan)
-            if not stages:
-                result["fields"][fj.field.id] = {"status": "already done", "jobs": {}}
-                continue
-            materialise(site, fj, ms.get(fj.field.id, []))
-            _freeze_config(fj)
-            to_run.append((fj, stages))
+            stages = _stages_to_run(site, fj, hooks, new_submission, result, progress)
+            if stages:
+                hooks.prepare(site, fj, inputs.get(fj.field.id))
+                to_run.append((fj, stages))
         if site.scheduler == "slurm":
-            _submit_slurm(site, to_run, recipe, result)
+            _submit_slurm(site, to_run, hooks, result)
         else:
             for fj, stages in to_run:
-                _record_queued(fj, site, stages, {}, recipe)
+                _record_queued(fj, site, stages, {}, hooks.recipe)
     if site.scheduler == "local":
-        _run_local(site, to_run, recipe, result, progress)
+        _run_local(site, to_run, hooks, result, progress)
     return result
+
+
+def _stages_to_run(site: Site, fj: FieldJob, hooks: SubmitHooks, new_submission: bool,
+                   result: dict[str, Any], progress: Callable[[str], None]) -> list[Stage]:
+    """The unit's stages still to run (none if its jobs are live or it is all done)."""
+    live = live_jobs(site, read_state(fj.field.workdir))
+    if live:
+        result["fields"][fj.field.id] = {"status": "already queued", "jobs": {"live": ",".join(live)}}
+        return []
+    note = hooks.restart(fj) if new_submission else None
+    if note:
+        progress(f"{fj.field.id}: {note}")
+    stages = remaining_stages(fj.field.workdir, fj.plan)
+    if not stages:
+        result["fields"][fj.field.id] = {"status": "already done", "jobs": {}}
+    return stages
 
 
 def _chains(to_run: Sequence[tuple[FieldJob, list[Stage]]]) -> list[list[tuple[FieldJob, list[Stage]]]]:
@@ -178,17 +188,17 @@ def _chains(to_run: Sequence[tuple[FieldJob, list[Stage]]]) -> list[list[tuple[F
 
 
 def _submit_slurm(site: Site, to_run: Sequence[tuple[FieldJob, list[Stage]]],
-                  recipe: dict[str, Any], result: dict[str, Any]) -> None:
+                  hooks: SubmitHooks, result: dict[str, Any]) -> None:
     for chain in _chains(to_run):
         stages = chain[0][1]
-        members = [_stage_jobs(site, fj, st, recipe) for fj, st in chain]
+        members = [_stage_jobs(site, fj, st, hooks) for fj, st in chain]
         folder = (unit_paths(chain[0][0].field.workdir).jobs if len(chain) == 1
                   else arrays_dir(chain[0][0].field.workdir.parent))
         ids = submit_slurm_chain(site, stages, members, folder)
         for fj, st in chain:
             if len(chain) > 1:
                 _link_array_logs(fj.field.workdir, folder, ids[fj.field.id].values())
-            _record_queued(fj, site, st, ids[fj.field.id], recipe)
+            _record_queued(fj, site, st, ids[fj.field.id], hooks.recipe)
             result["fields"][fj.field.id] = {"status": "submitted", "jobs": ids[fj.field.id]}
 
 
@@ -223,10 +233,10 @@ def step_watcher(workdir: Path) -> Callable[[], list[str]]:
     return poll
 
 
-def _run_local(site: Site, to_run: Sequence[tuple[FieldJob, list[Stage]]], recipe: dict[str, Any],
+def _run_local(site: Site, to_run: Sequence[tuple[FieldJob, list[Stage]]], hooks: SubmitHooks,
                result: dict[str, Any], progress: Callable[[str], None]) -> None:
     for fj, stages in to_run:
-        member = _stage_jobs(site, fj, stages, recipe)
+        member = _stage_jobs(site, fj, stages, hooks)
         try:
             ids = run_local_chain(site, stages, member, unit_paths(fj.field.workdir).jobs, progress,
                                   step_watcher(fj.field.workdir))
@@ -254,17 +264,6 @@ def _cancel_queued(state: dict[str, Any]) -> None:
         if s.get("state") == State.QUEUED:
             s["state"] = State.CANCELLED
             s["note"] = "an earlier stage failed"
-
-
-def resubmit_fields(site: Site, jobs: Sequence[FieldJob], progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
-    """Resume failed or cancelled reductions from where they stopped, with their recipe."""
-    recipe = None
-    for fj in jobs:
-        state = read_state(fj.field.workdir)
-        if state is None:
-            raise FieldError(f"field {fj.field.id} was never submitted", f"use hpcddf submit {fj.field.id}")
-        recipe = recipe or state.get("recipe")
-    return submit_fields(site, jobs, recipe, progress, new_submission=False)
 
 
 def cancel_fields(site: Site, fields: Sequence[Field]) -> dict[str, list[str]]:

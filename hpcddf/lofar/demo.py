@@ -85,9 +85,9 @@ def run_demo(work_root: Path, field_id: str = "SIM1", dde_rms_deg: float = DEMO_
              progress: Callable[[str], None] = lambda m: None) -> DemoResult:
     """Simulate (once), reduce with the local site, evaluate."""
     from hpcddf.engine.sites import load_site
-    from hpcddf.engine.submission import submit_fields
     from hpcddf.lofar.prepare import prepare
     from hpcddf.lofar.recipes import make_recipe
+    from hpcddf.lofar.submit import submit_fields
     check_science_stack()
     site = load_site("local")
     workdir = Path(work_root).expanduser().resolve() / field_id

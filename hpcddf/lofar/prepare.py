@@ -20,7 +20,7 @@ from hpcddf.engine.fields import (
     make_mslists,
 )
 from hpcddf.engine.paths import unit_paths
-from hpcddf.engine.plan import Plan, chains, plan_reduction
+from hpcddf.engine.plan import Plan, chains
 from hpcddf.engine.sites import Site
 from hpcddf.errors import ConfigError, FieldError
 from hpcddf.lofar.config import (
@@ -29,6 +29,7 @@ from hpcddf.lofar.config import (
     load_config,
     uses_catalog_token,
 )
+from hpcddf.lofar.plan import plan_reduction
 
 log = logging.getLogger(__name__)
 

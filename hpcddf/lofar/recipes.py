@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from hpcddf.engine.nodejob import NodeInfo, NodeSteps
+from hpcddf.engine.paths import unit_paths
 from hpcddf.engine.runner import Step
 from hpcddf.errors import PlanError
-from hpcddf.lofar.config import PipelineConfig
+from hpcddf.lofar.config import PipelineConfig, load_config
 from hpcddf.lofar.ddfcommands import DDF_PIPELINE_WMAX_M, Machine
 
 log = logging.getLogger(__name__)
@@ -25,14 +26,16 @@ RECIPES = ("ddf", "scaled")
 
 
 @dataclass(frozen=True)
-class NodeInfo:
-    """What the command builders need to know about the node the stage runs on."""
+class ReductionSteps:
+    """The step builder a reduction stage job runs on the node (picklable plain data): the
+    frozen configuration, read there, and the recipe give the stage's executable steps."""
 
-    cpus: tuple[int, ...]
-    cache_dir: Path
-    field_id: str = ""
-    python: str = sys.executable
-    workdir: Path = Path(".")
+    recipe: dict[str, Any]
+
+    def __call__(self, stage: str, step_names: Sequence[str], node: NodeInfo) -> NodeSteps:
+        cfg = load_config([str(unit_paths(node.workdir).frozen_config)])
+        return NodeSteps(build_steps(self.recipe, cfg, stage, step_names, node),
+                         cfg.get("control", "logging") or "logs")
 
 
 def make_recipe(name: str, options: Sequence[str] = ()) -> dict[str, Any]:

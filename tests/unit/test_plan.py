@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from hpcddf.engine.plan import chains, plan_reduction
+from hpcddf.engine.plan import chains
 from hpcddf.engine.sites import load_site, load_site_file
 from hpcddf.errors import ConfigError, FieldError, PlanError
 from hpcddf.lofar.config import load_config
+from hpcddf.lofar.plan import plan_reduction
 from hpcddf.lofar.prepare import DEFAULT_LISTS, dry_run_document, field_config, prepare
 from hpcddf.lofar.steps import STAGES, STEP_NAMES, STEPS
 

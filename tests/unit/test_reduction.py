@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from hpcddf.engine.plan import plan_reduction
+from hpcddf.engine.nodejob import NodeInfo
 from hpcddf.engine.runner import Command
 from hpcddf.engine.sites import load_site
 from hpcddf.errors import PlanError
 from hpcddf.lofar.config import load_config
 from hpcddf.lofar.ddfcommands import Machine
-from hpcddf.lofar.recipes import NodeInfo, build_steps, machine
+from hpcddf.lofar.plan import plan_reduction
+from hpcddf.lofar.recipes import build_steps, machine
 from hpcddf.lofar.reduction import BUILDERS, Reduction, build, unsupported
 
 DATA = Path(__file__).parent.parent / "data"
@@ -263,8 +264,8 @@ def test_predicts_write_dd_predict_unsorted():
 def test_quality_runs_as_the_last_step_when_configured_and_its_catalogues_are_checked(tmp_path):
     from astropy.table import Table
 
-    from hpcddf.engine.plan import group_steps
     from hpcddf.errors import ConfigError
+    from hpcddf.lofar.plan import group_steps
     from hpcddf.lofar.reduction import check_inputs
     cat = tmp_path / "first.fits"
     Table({"RA": [1.0], "DEC": [2.0], "Total_flux": [1.0], "E_Total_flux": [0.1]}).write(cat)

@@ -1,0 +1,86 @@
+"""Submitting reductions: the reduction's hooks into the engine's submission.
+
+Before anything is queued every field is checked as a real submission needs it (steps this
+version cannot run, MS lists and their contents, catalogues); under each field's lock the
+restart policy (``redofrom``, ``restart=False``) is applied, the Measurement Sets are linked in
+and the configuration frozen; on the node :class:`~hpcddf.lofar.recipes.ReductionSteps` reads
+that frozen configuration and builds the stage's steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from hpcddf.engine.atomic import write_text_atomic
+from hpcddf.engine.paths import unit_paths
+from hpcddf.engine.sites import Site
+from hpcddf.engine.state import read_state
+from hpcddf.engine.submission import SubmitHooks, submit_units
+from hpcddf.errors import FieldError, PlanError
+from hpcddf.lofar.prepare import FieldJob, check_inputs, materialise
+from hpcddf.lofar.recipes import ReductionSteps
+from hpcddf.lofar.redo import apply_restart_policy
+
+DEFAULT_RECIPE: dict[str, Any] = {"name": "ddf", "options": {}}
+
+
+def check_supported(jobs: Sequence[FieldJob]) -> None:
+    """Refuse, before queueing, a config that switches on a step hpcddf cannot run yet."""
+    from hpcddf.lofar.reduction import check_inputs as check_step_inputs
+    from hpcddf.lofar.reduction import unsupported
+    for fj in jobs:
+        names = [s for st in fj.plan.stages for s in st.steps]
+        missing = unsupported(names)
+        if missing:
+            raise PlanError(f"field {fj.field.id}: this hpcddf version cannot run {missing[0]} yet",
+                            f"switch it off ({missing[0]}=False/None) in the config or on the command line")
+        check_step_inputs(fj.config, names)
+
+
+def check_fields(site: Site, jobs: Sequence[FieldJob], recipe: dict[str, Any]) -> dict[str, list[Path]]:
+    """Every check a submission of these fields makes before queueing; each field's MSs."""
+    if recipe["name"] != "ddf":
+        return {j.field.id: [] for j in jobs}
+    check_supported(jobs)
+    return check_inputs(site, jobs)
+
+
+def _prepare(site: Site, fj: FieldJob, ms: list[Path] | None) -> None:
+    """Link the field's MSs in and freeze its configuration: the jobs read exactly the
+    configuration that was planned, whatever changes later."""
+    materialise(site, fj, ms or [])
+    paths = unit_paths(fj.field.workdir)
+    paths.hidden.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(paths.frozen_config, fj.config.to_cfg_text())
+
+
+def reduction_hooks(recipe: dict[str, Any]) -> SubmitHooks:
+    """The reduction's checks, restart policy, preparation and node step builder."""
+    return SubmitHooks(check=lambda site, jobs: check_fields(site, jobs, recipe),
+                       restart=lambda fj: apply_restart_policy(fj.field.workdir, fj.config),
+                       prepare=_prepare, builder=ReductionSteps(recipe), recipe=recipe)
+
+
+def submit_fields(site: Site, jobs: Sequence[FieldJob], recipe: dict[str, Any] | None = None,
+                  progress: Callable[[str], None] = lambda msg: None,
+                  new_submission: bool = True) -> dict[str, Any]:
+    """Queue every field's remaining stages; returns what was done for each field.
+
+    Only a new submission applies ``redofrom``/``restart=False``; a resubmission (which reads
+    the frozen config, redofrom included) never does.
+    """
+    hooks = reduction_hooks(recipe or DEFAULT_RECIPE)
+    return submit_units(site, jobs, hooks, progress, new_submission)
+
+
+def resubmit_fields(site: Site, jobs: Sequence[FieldJob],
+                    progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Resume failed or cancelled reductions from where they stopped, with their recipe."""
+    recipe = None
+    for fj in jobs:
+        state = read_state(fj.field.workdir)
+        if state is None:
+            raise FieldError(f"field {fj.field.id} was never submitted", f"use hpcddf submit {fj.field.id}")
+        recipe = recipe or state.get("recipe")
+    return submit_fields(site, jobs, recipe, progress, new_submission=False)
