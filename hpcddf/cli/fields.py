@@ -135,7 +135,8 @@ def status(fields: tuple[str, ...], site: str | None, site_file: str | None,
             out.print(phangs_table(rows))
         return
     the_site = choose_site(site, site_file, starts_jobs=False)
-    states = [] if only_mosaics else collect_status(the_site, fields, work_root)
+    from hpcddf.lofar.quality import status_of
+    states = [] if only_mosaics else collect_status(the_site, fields, work_root, products=status_of)
     mosaics = collect_mosaic_status(the_site, work_root) if only_mosaics or not fields else []
     if as_json:
         print_json(states + [{**m, "kind": "mosaic"} for m in mosaics])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from hpcddf.engine.fields import field_for
 from hpcddf.engine.sites import Site
@@ -14,15 +14,19 @@ from hpcddf.errors import SubmissionError
 log = logging.getLogger(__name__)
 
 
-def collect_status(site: Site, field_ids: Sequence[str] = (),
-                   work_root: Path | None = None) -> list[dict[str, Any]]:
-    """States of the given fields (or every field under the work root), with live job states."""
+def collect_status(site: Site, field_ids: Sequence[str] = (), work_root: Path | None = None,
+                   products: Callable[[Path], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """States of the given fields (or every field under the work root), with live job states.
+
+    ``products`` is the pipeline's summary of what a field's products say (the reduction's
+    quality report), merged into its status: science writes products, never the state."""
     root = work_root if work_root is not None else site.work_root
     dirs = [field_for(site, f, root).workdir for f in field_ids] if field_ids else find_fields(root)
     states = []
     for d in dirs:
         st = read_state(d) or empty_state(d.name)
         st.setdefault("field", d.name)
+        st.update(products(d) if products else {})
         states.append(st)
     if site.scheduler == "slurm":
         _add_scheduler_states(states)

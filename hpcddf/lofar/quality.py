@@ -6,8 +6,11 @@ writing the report are the callers'.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -166,7 +169,6 @@ def check_comparisons(comps: list[Comparison]) -> None:
 def source_catalogue(int_image: str, app_image: str, out: str) -> Any:
     """PyBDSF on the beam-corrected image, detecting on the apparent one (quality pipeline's
     thresholds; no wavelet decomposition), written to ``out`` atomically."""
-    from pathlib import Path
 
     import bdsf
     from astropy.io import fits
@@ -245,9 +247,7 @@ def source_counts(flux_jy: np.ndarray, rms_jy: float, area_deg2: float, seed: in
 def run_quality(workdir: Any, comps: list[Comparison], min_matches: int = 10,
                 root: str = FINAL_ROOT) -> dict[str, Any]:
     """Catalogue the final image, compare it with each catalogue, write quality/quality.json,
-    quality.txt and plots, and record the summary in the field state."""
-    from pathlib import Path
-
+    quality.txt and plots (``hpcddf status`` reads its summary from quality.json)."""
     from astropy.table import Table
     from astropy.wcs import WCS
 
@@ -287,7 +287,6 @@ def run_quality(workdir: Any, comps: list[Comparison], min_matches: int = 10,
     write_json_atomic(out / "quality.json", doc)
     write_text_atomic(out / "quality.txt", report_text(wd.name, doc))
     _plots(out, doc)
-    _record(wd, doc)
     return doc
 
 
@@ -353,10 +352,14 @@ def _plots(out: Any, doc: dict[str, Any]) -> None:
     plt.close(fig)
 
 
-def _record(workdir: Any, doc: dict[str, Any]) -> None:
-    from hpcddf.engine.state import now_iso, update_state
-
-    def change(state: dict[str, Any]) -> None:
-        state["quality"] = {"summary": summary_line(doc), "time": now_iso(),
-                            "report": str(workdir / QUALITY_DIR / "quality.txt")}
-    update_state(workdir, workdir.name, change)
+def status_of(workdir: Path) -> dict[str, Any]:
+    """The field's quality summary for ``hpcddf status``, read from its report (``{}`` before
+    the quality step has run)."""
+    path = Path(workdir) / QUALITY_DIR / "quality.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        when = datetime.fromtimestamp(path.stat().st_mtime)
+    except (OSError, ValueError):
+        return {}
+    return {"quality": {"summary": summary_line(doc), "time": when.astimezone().isoformat(timespec="seconds"),
+                        "report": str(path.with_name("quality.txt"))}}

@@ -112,3 +112,20 @@ def test_source_counts_recover_a_flux_scale_error():
     low = source_counts(flux * 0.8, rms_jy=smin / 20 * 0.8, area_deg2=area)   # fluxes 20 % low
     assert low["scale"] == pytest.approx(1 / 0.8, rel=0.05)
     assert source_counts(flux[:5], rms_jy=smin / 20, area_deg2=area) is None
+
+
+def test_status_reads_the_quality_summary_from_the_report_not_the_state(tmp_path):
+    """Science writes products, never the engine's state: status takes the summary from
+    quality/quality.json, and a field without one shows none."""
+    import json
+
+    from hpcddf.lofar.quality import QUALITY_DIR, status_of, summary_line
+    assert status_of(tmp_path) == {}
+    doc = {"image": "x.int.restored.fits", "n_sources": 3, "rms_jy": 0.01, "catalogues": {},
+           "dynamic_range": {"value": 40.0, "lo": 35.0, "hi": 45.0, "n": 3}}
+    (tmp_path / QUALITY_DIR).mkdir()
+    (tmp_path / QUALITY_DIR / "quality.json").write_text(json.dumps(doc))
+    got = status_of(tmp_path)["quality"]
+    assert got["summary"] == summary_line(doc)
+    assert got["report"] == str(tmp_path / QUALITY_DIR / "quality.txt")
+    assert not (tmp_path / ".hpcddf").exists()
