@@ -57,6 +57,21 @@ def work_root(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture
+def observed(work_root: Path) -> Callable[..., Path]:
+    """``observed("L123456", ...)``: each field's directory (under the work root, or ``root=``)
+    holds one Measurement Set as a submission checks it, a directory with a ``table.dat``. For
+    tests of planning and checks, which read no visibilities; returns the root."""
+    def _make(*field_ids: str, root: Path | None = None) -> Path:
+        base = root or work_root
+        for fid in field_ids:
+            ms = base / fid / f"{fid}_SB000.ms"
+            ms.mkdir(parents=True, exist_ok=True)
+            (ms / "table.dat").touch()
+        return base
+    return _make
+
+
 SITE_TEMPLATE = """\
 description = "test site"
 scheduler = "{scheduler}"

@@ -32,7 +32,7 @@ from hpcddf.cli.app import (
               help="ddf: the DDFacet/killMS reduction; scaled: seconds-long stand-in steps to test a site.")
 @click.option("--pipeline-opt", "pipeline_opts", multiple=True, metavar="KEY=VALUE",
               help="Option of the scaled pipeline, e.g. seconds=2 (repeatable).")
-@click.option("--dry-run", is_flag=True, help="Check everything and print the plan; queue nothing.")
+@click.option("--dry-run", is_flag=True, help="Make every check a real submit makes and print the plan; queue nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan or the submission as JSON.")
 def submit(args: tuple[str, ...], site: str | None, site_file: str | None, configs: tuple[str, ...],
            fields_file: str | None, work_root: Path | None, pipeline: str, pipeline_opts: tuple[str, ...],
@@ -53,18 +53,16 @@ def submit(args: tuple[str, ...], site: str | None, site_file: str | None, confi
     s = choose_site(site, site_file)
     recipe = make_recipe(pipeline, pipeline_opts)
     jobs = app.prepare(s, fields, configs, overrides, work_root)
+    from hpcddf.lofar.submit import check_fields, submit_fields
     if dry_run:
-        doc = app.dry_run_document(s, jobs, reduction=pipeline == "ddf")
+        check_fields(s, jobs, recipe)  # exactly the checks a real submit makes before queueing
+        doc = app.dry_run_document(s, jobs)
         if as_json:
             print_json(doc)
         else:
             from hpcddf.cli.report import plan_table
             out.print(plan_table(doc))
-            for what in doc["unsupported"]:
-                click.echo(f"warning: a real submit refuses this config: this hpcddf version cannot run "
-                           f"{what} yet (switch it off)", err=True)
         return
-    from hpcddf.lofar.submit import submit_fields
     print_result(submit_fields(s, jobs, recipe, progress), as_json)
 
 

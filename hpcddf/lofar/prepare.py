@@ -161,9 +161,8 @@ def materialise(site: Site, job: FieldJob, ms: list[Path]) -> None:
                      job.config.get("data", "full_mslist"))
 
 
-def dry_run_document(site: Site, jobs: Sequence[FieldJob], reduction: bool = True) -> dict[str, Any]:
-    """The plan as JSON: a top-level ``stages`` list, one entry per stage array of each chain;
-    ``unsupported`` lists what a real submit of the reduction would refuse."""
+def dry_run_document(site: Site, jobs: Sequence[FieldJob]) -> dict[str, Any]:
+    """The plan as JSON: a top-level ``stages`` list, one entry per stage array of each chain."""
     stages = []
     groups = chains([j.plan for j in jobs])
     for idx, group in enumerate(groups):
@@ -172,14 +171,8 @@ def dry_run_document(site: Site, jobs: Sequence[FieldJob], reduction: bool = Tru
             d["chain"] = idx
             d["fields"] = [p.field for p in group]
             stages.append(d)
-    refused: list[str] = []
-    if reduction:
-        from hpcddf.lofar.reduction import unsupported
-        for j in jobs:
-            refused += [u for u in unsupported([n for st in j.plan.stages for n in st.steps]) if u not in refused]
     return {"site": site.name, "scheduler": site.scheduler,
-            "fields": [j.field.id for j in jobs], "chains": len(groups), "stages": stages,
-            "unsupported": refused}
+            "fields": [j.field.id for j in jobs], "chains": len(groups), "stages": stages}
 
 
 def prepare_resubmit(site: Site, field_ids: Sequence[str], work_root: Path | None = None) -> list[FieldJob]:
