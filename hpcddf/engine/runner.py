@@ -49,6 +49,8 @@ class Command:
     # regular expressions that mark a failure as a transient start-up race, not an error: when
     # the end of the log matches one, the command is run again (at most START_RETRIES times)
     retry_if: tuple[str, ...] = ()
+    # inherited environment variables the command must not see (e.g. another Python's)
+    unset_env: tuple[str, ...] = ()
 
     def resolved(self, workdir: Path) -> "Command":
         """The command with its conditional arguments decided now."""
@@ -231,7 +233,8 @@ def run_command(ctx: RunContext, step: str, cmd: Command) -> float:
 
 def _run_once(ctx: RunContext, cmd: Command, argv: list[str], log_path: Path) -> int | None:
     """One run of the command, appending to its log; its exit code, None on timeout/abort."""
-    env = {**os.environ, **ctx.env, **cmd.env}
+    env = {k: v for k, v in {**os.environ, **ctx.env}.items() if k not in cmd.unset_env}
+    env.update(cmd.env)
     with open(log_path, "ab") as fh:
         fh.write(f"# hpcddf {time.strftime('%Y-%m-%d %H:%M:%S')}: {json.dumps(argv)}\n".encode())
         fh.flush()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,22 +128,36 @@ def casa_environ(env: CasaEnv, logdir: str | os.PathLike[str], *, threads: int |
 def run_casa(env: CasaEnv, stage: str, logdir: str | os.PathLike[str], *,
              timeout: float | None = None, threads: int | None = None,
              **params: Any) -> dict[str, Any]:
-    """Run one casa_tasks stage and return its JSON summary (the last line of its stdout).
+    """Run one casa_tasks stage through the engine's runner and return its JSON summary.
 
-    A failure raises StepFailed with the tail of the stage's stderr; CASA's own log is in
-    ``logdir``."""
+    As every science command: argv, a timeout, its output in a log file in ``logdir``
+    (``casa-<stage>.log``, beside CASA's own log), its own process group. A failure raises
+    StepFailed naming the stage's error line and the log."""
+    from hpcddf.engine.runner import Command, RunContext, run_command
     argv = casa_argv(env, stage, **params)
-    Path(logdir).mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout,
-                          env=casa_environ(env, logdir, threads=threads), cwd=logdir)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        last = tail.splitlines()[-1] if tail else ""
-        raise StepFailed(f"casa {stage}", argv, proc.returncode, tail, log_path=str(logdir),
-                         reason=last or None)
+    logdir = Path(logdir)
+    logdir.mkdir(parents=True, exist_ok=True)
+    summary = (logdir / f".{stage}.{os.getpid()}.summary.json").resolve()
+    summary.unlink(missing_ok=True)
+    environ = {**casa_environ(env, logdir, threads=threads), "HPCDDF_CASA_SUMMARY": str(summary)}
+    cmd = Command(tuple(argv), f"casa-{stage}.log", timeout_s=timeout, env=environ, unset_env=LEAKY_VARS)
+    ctx = RunContext(workdir=logdir, log_dir=logdir, marker_dir=logdir)
     try:
-        return json.loads(lines[-1])
-    except json.JSONDecodeError:
-        raise StepFailed(f"casa {stage}", argv, proc.returncode, lines[-1], log_path=str(logdir),
-                         reason="no JSON summary on the last line of stdout") from None
+        run_command(ctx, f"casa {stage}", cmd)
+    except StepFailed as exc:
+        raise StepFailed(f"casa {stage}", argv, exc.returncode, exc.log_tail, exc.log_path,
+                         reason=_error_line(exc.log_tail) or None) from None
+    try:
+        doc = json.loads(summary.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        raise StepFailed(f"casa {stage}", argv, 0, "", str(logdir / cmd.log_name),
+                         reason="it wrote no JSON summary") from None
+    summary.unlink(missing_ok=True)
+    return doc
+
+
+def _error_line(tail: str) -> str:
+    """The stage's own ``error: ...`` line (casa_tasks prints it last), else the last line."""
+    lines = [ln for ln in tail.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    return (errors or lines or [""])[-1]

@@ -391,3 +391,14 @@ def test_stage_errors_are_one_line(chain: Chain, casa_env: CasaEnv) -> None:
                                          "--singledish") as exc:
         run_casa(casa_env, "feather", chain.logs)
     assert exc.value.returncode == 2 and "\n" not in exc.value.message
+
+
+def test_casa_output_goes_to_a_log_file_per_stage(chain: Chain, casa_env: CasaEnv) -> None:
+    """CASA commands run through the engine's runner: each stage's output (its summary line,
+    its errors) is in ``casa-<stage>.log`` in the task's log folder, with the command line."""
+    log = chain.logs / "casa-contsub.log"
+    text = log.read_text()
+    assert text.startswith("# hpcddf ") and "casa_tasks" in text.splitlines()[0]
+    assert "no line-free channel" in text
+    assert '"stage": "postprocess"' in (chain.logs / "casa-postprocess.log").read_text()
+    assert not list(chain.logs.glob(".*.summary.json*"))  # read, then removed
