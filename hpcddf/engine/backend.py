@@ -201,20 +201,23 @@ def release(job_id: str, status_command: str = "hpcddf status") -> None:
     _scontrol(["release", job_id], status_command)
 
 
-def cancel(job_ids: Iterable[str], timeout_s: float = CANCEL_TIMEOUT_S) -> bool:
-    """scancel, best-effort: it runs while another error is on its way, so it neither raises
-    nor hangs; False (and a warning in the log) when Slurm did not confirm."""
+def cancel(job_ids: Iterable[str], timeout_s: float = CANCEL_TIMEOUT_S, strict: bool = False) -> bool:
+    """scancel. Best-effort by default: it runs while another error is on its way, so it
+    neither raises nor hangs; False (and a warning in the log) when Slurm did not confirm.
+    ``strict`` (the user's own ``hpcddf cancel``): a failure is a SubmissionError instead."""
     ids = sorted({i for i in job_ids if i})
     if not ids:
         return True
     try:
         out = subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=timeout_s, check=False)
+        problem = out.stderr.strip()[:300] if out.returncode != 0 else ""
     except (OSError, subprocess.TimeoutExpired) as exc:
-        log.warning("scancel %s: %s", " ".join(ids), exc)
-        return False
-    if out.returncode != 0:
-        log.warning("scancel %s failed: %s", " ".join(ids), out.stderr.strip()[:300])
-    return out.returncode == 0
+        problem = str(exc)
+    if problem and strict:
+        raise SubmissionError(f"scancel {' '.join(ids)} failed: {problem}", "check the cluster with `hpcddf status`")
+    if problem:
+        log.warning("scancel %s failed: %s", " ".join(ids), problem)
+    return not problem
 
 
 def submit_arrays_with_dependencies(

@@ -103,12 +103,6 @@ def query_jobs(ids: Iterable[str]) -> dict[str, JobInfo]:
     return found
 
 
-def cancel_jobs(ids: Iterable[str]) -> None:
-    ids = sorted(set(i for i in ids if i))
-    if ids:
-        _run(["scancel", *ids])
-
-
 def job_end_time(job_id: str) -> float | None:
     """When Slurm will kill this job (epoch seconds), or None if Slurm does not say."""
     import datetime as dt

@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
-from hpcddf.engine.backend import ChainMember, run_local_chain, submit_slurm_chain
+from hpcddf.engine.backend import ChainMember, cancel, run_local_chain, submit_slurm_chain
 from hpcddf.engine.fields import Field
 from hpcddf.engine.nodejob import StageJob, StepBuilder
 from hpcddf.engine.paths import arrays_dir, unit_paths
 from hpcddf.engine.plan import Plan, Stage
 from hpcddf.engine.preflight import pid_alive
 from hpcddf.engine.sites import Site
-from hpcddf.engine.slurm_query import cancel_jobs, query_jobs
+from hpcddf.engine.slurm_query import query_jobs
 from hpcddf.engine.state import (
     LIVE,
     State,
@@ -277,7 +277,7 @@ def cancel_fields(site: Site, fields: Sequence[Field]) -> dict[str, list[str]]:
             if state:
                 update_state_unlocked(f.workdir, f.id, _mark_cancelled)
         if site.scheduler == "slurm":
-            cancel_jobs(ids)
+            cancel(ids, strict=True)
         else:
             for i in ids:
                 os.kill(int(i), signal.SIGTERM)
