@@ -137,3 +137,34 @@ def test_an_interrupted_local_run_leaves_no_process_behind_and_resumes(tmp_path,
     assert (done / "image_dirin_SSD_m.done.json").exists()
     final = json.loads((wd / ".hpcddf" / "state.json").read_text())["stages"]["initial"]
     assert final["state"] == "done"
+
+
+def test_hpcddf_cancel_of_a_local_run_stops_it_and_records_cancelled(tmp_path):
+    """`hpcddf cancel` from another terminal: the running stage and its command stop, the state
+    says cancelled (the user's word, not "interrupted"), and a resubmit resumes."""
+    work = tmp_path / "work"
+    wd = work / "SIM4"
+    args = ["--site", "local", "--work-root", str(work)]
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / ".config")}
+    proc = subprocess.Popen([*HPCDDF, "submit", "SIM4", *args, "--pipeline", "scaled",
+                             "--pipeline-opt", "seconds=0.2", "--pipeline-opt", "seconds.image_dirin_SSD=15",
+                             "--control-exitafter=initial"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        log = wd / "logs" / "image_dirin_SSD.log"
+        _wait_for(lambda: log.exists() and "tick" in log.read_text(), 120, "the long step to run")
+        seen = _tree(proc.pid)
+        cancelled = run("cancel", "SIM4", *args, env_home=tmp_path)
+        assert cancelled.returncode == 0 and "SIM4: cancelled" in cancelled.stdout, cancelled
+        proc.communicate(timeout=90)
+        _wait_for(lambda: not _alive(seen), 60, f"the run's processes to end: {_alive(seen)}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    state = json.loads((wd / ".hpcddf" / "state.json").read_text())["stages"]["initial"]
+    assert state["state"] == "cancelled", state
+    again = run("resubmit", "SIM4", *args, env_home=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((wd / ".hpcddf" / "state.json").read_text())["stages"]["initial"]["state"] == "done"

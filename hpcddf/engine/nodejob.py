@@ -221,6 +221,9 @@ class StageJob(submitit.helpers.Checkpointable):
     def _record_interrupted(self, reason: str) -> None:
         def change(s: dict[str, Any]) -> None:
             self._elapsed(s)
+            if s.get("state") == State.CANCELLED:  # `hpcddf cancel` said so first: keep its word
+                s.setdefault("ended", now_iso())
+                return
             s.update(state=State.INTERRUPTED, ended=now_iso(), note=reason, error=None)
         self._update(change, timeout=10.0)
         log.warning("stage %s: %s", self.stage, reason)
