@@ -68,13 +68,21 @@ class Plan:
                 "stages": [s.to_dict() for s in self.stages]}
 
 
-def stage_resources(site: Site) -> Resources:
-    """Every stage takes a whole node of the site (DDFacet uses all of it)."""
+def fit_resources(site: Site, cpus: int | None = None, mem_gb: int | None = None,
+                  walltime_min: int | None = None) -> Resources:
+    """What a job asks for, capped by the site's node and walltime; None: all of it. A job
+    that wants the whole node (no cpus given) is exclusive when the site says so. The one
+    place a pipeline's wish becomes sbatch's resources (partition, account, qos, extras)."""
     s = site.slurm
-    return Resources(cpus=site.cpus, mem_gb=site.mem_gb,
-                     walltime_min=site.max_walltime_min, exclusive=s.exclusive,
-                     partition=s.partition or None, account=s.account or None,
-                     qos=s.qos or None, extra=dict(s.extra_sbatch))
+    return Resources(cpus=min(cpus or site.cpus, site.cpus), mem_gb=min(mem_gb or site.mem_gb, site.mem_gb),
+                     walltime_min=min(walltime_min or site.max_walltime_min, site.max_walltime_min),
+                     exclusive=s.exclusive and cpus is None, partition=s.partition or None,
+                     account=s.account or None, qos=s.qos or None, extra=dict(s.extra_sbatch))
+
+
+def stage_resources(site: Site) -> Resources:
+    """Every reduction stage takes a whole node of the site (DDFacet uses all of it)."""
+    return fit_resources(site)
 
 
 def chains(plans: list[Plan]) -> list[list[Plan]]:

@@ -42,7 +42,7 @@ from hpcddf.engine.backend import (
 )
 from hpcddf.engine.jobenv import job_id_from_env
 from hpcddf.engine.paths import unit_paths, units_under
-from hpcddf.engine.plan import Resources
+from hpcddf.engine.plan import Resources, fit_resources
 from hpcddf.engine.sites import Site
 from hpcddf.engine.state import LIVE, State, now_iso, read_state, update_state
 from hpcddf.errors import HpcddfError, RunInterrupted, SubmissionError
@@ -308,11 +308,8 @@ class MosaicResources:
 
 
 def _resources(site: Site, r: MosaicResources) -> Resources:
-    s = site.slurm
-    return Resources(cpus=min(r.cpus, site.cpus), mem_gb=min(r.mem_gb, site.mem_gb),
-                     walltime_min=min(r.walltime_min, site.max_walltime_min), exclusive=False,
-                     partition=s.partition or None, account=s.account or None, qos=s.qos or None,
-                     extra=dict(s.extra_sbatch))
+    """A mosaic task shares a node: never exclusive, whatever the site says for stages."""
+    return replace(fit_resources(site, r.cpus, r.mem_gb, r.walltime_min), exclusive=False)
 
 
 def submit_mosaic_array(site: Site, tasks: Sequence[MosaicTask], work_root: Path,

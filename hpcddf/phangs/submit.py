@@ -30,7 +30,7 @@ from hpcddf.engine.backend import (
     submit_arrays_with_dependencies,
 )
 from hpcddf.engine.paths import HIDDEN
-from hpcddf.engine.plan import Resources
+from hpcddf.engine.plan import Resources, fit_resources
 from hpcddf.engine.sites import Site
 from hpcddf.engine.state import LIVE, State, now_iso
 from hpcddf.errors import ConfigError, RunInterrupted, SubmissionError
@@ -74,11 +74,7 @@ def load_keys(keydir: str | Path) -> Project:
 
 def stage_resources(site: Site, stage: str) -> Resources:
     cpus, mem, minutes = STAGE_RESOURCES[stage]
-    s = site.slurm
-    return Resources(cpus=min(cpus or site.cpus, site.cpus), mem_gb=min(mem or site.mem_gb, site.mem_gb),
-                     walltime_min=min(minutes or site.max_walltime_min, site.max_walltime_min),
-                     exclusive=s.exclusive and cpus is None, partition=s.partition or None,
-                     account=s.account or None, qos=s.qos or None, extra=dict(s.extra_sbatch))
+    return fit_resources(site, cpus, mem, minutes)
 
 
 # ---------------------------------------------------------------------------------------------
