@@ -48,22 +48,38 @@ def collect_unit_status(site: Site, dirs: Sequence[Path]) -> list[dict[str, Any]
 
 def _add_scheduler_states(states: list[dict[str, Any]]) -> None:
     """One squeue (+ sacct) call for every job of every field shown."""
-    from hpcddf.engine.slurm_query import query_jobs
-    ids = [str(s["job_id"]) for st in states for s in st.get("stages", {}).values()
-           if s.get("job_id") and s.get("state") not in FINAL]
-    try:
-        info = query_jobs(ids)
-    except SubmissionError as exc:
+    stale = refresh_records([s for st in states for s in st.get("stages", {}).values()])
+    if stale:
         for st in states:
-            st["stale"] = f"scheduler not reachable ({exc.message}): states as last recorded"
-        return
-    for st in states:
-        for s in st.get("stages", {}).values():
-            job = info.get(str(s.get("job_id")))
-            if job is None:
-                continue
-            s["slurm_state"] = job.state
-            if s.get("state") == State.QUEUED and job.state == "CANCELLED":
-                s["state"] = State.CANCELLED
-            if job.reason and job.reason not in ("None", "(null)"):
-                s["note"] = job.reason
+            st["stale"] = f"{stale}: states as last recorded"
+
+
+DEAD = ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")  # Slurm ended the job on a failure
+
+
+def refresh_records(records: Sequence[dict[str, Any]]) -> str | None:
+    """The one status refresher: live Slurm states of the records (stages of fields and
+    mosaics, PHANGS tasks) not final yet, in one squeue (+ sacct) call. Each gets
+    ``slurm_state`` and Slurm's reason as its note; a job Slurm cancelled or ended on a
+    failure, which could not record it itself, is shown cancelled or failed. Returns why the
+    scheduler did not answer (the records then stay as recorded), else None."""
+    from hpcddf.engine.slurm_query import query_jobs
+    pending = [r for r in records if r.get("job_id") and r.get("state") not in FINAL]
+    if not pending:
+        return None
+    try:
+        info = query_jobs([str(r["job_id"]) for r in pending])
+    except SubmissionError as exc:
+        return f"scheduler not reachable ({exc.message})"
+    for r in pending:
+        job = info.get(str(r["job_id"]))
+        if job is None:
+            continue
+        r["slurm_state"] = job.state
+        if r.get("state") in (State.QUEUED, State.REQUEUED) and job.state == "CANCELLED":
+            r["state"] = State.CANCELLED
+        if not job.active and job.state in DEAD:
+            r["state"] = State.FAILED
+        if job.reason and job.reason not in ("None", "(null)"):
+            r["note"] = job.reason
+    return None

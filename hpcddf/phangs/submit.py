@@ -288,29 +288,14 @@ def _work_dir_of(path: str | Path) -> Path:
 
 
 def _refresh_from_slurm(rows: list[dict[str, Any]]) -> None:
-    """Live Slurm states of the tasks not finished (one squeue/sacct call)."""
-    from hpcddf.engine.slurm_query import query_jobs
-    pending = [r for r in rows if r.get("scheduler") == "slurm" and r.get("job_id")
-               and r.get("state") not in FINAL_STATES]
-    if not pending or shutil.which("squeue") is None:
+    """Live Slurm states of the tasks not finished (the engine's one refresher)."""
+    from hpcddf.engine.status import refresh_records
+    if shutil.which("squeue") is None:
         return
-    try:
-        info = query_jobs(str(r["job_id"]) for r in pending)
-    except SubmissionError as exc:
-        for r in pending:
-            r["stale"] = f"scheduler not reachable ({exc.message}): state as last recorded"
-        return
-    for r in pending:
-        job = info.get(str(r["job_id"]))
-        if job is None:
-            continue
-        r["slurm_state"] = job.state
-        if r.get("state") in (State.QUEUED, State.REQUEUED) and job.state == "CANCELLED":
-            r["state"] = State.CANCELLED
-        if not job.active and job.state in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"):
-            r["state"] = State.FAILED
-        if job.reason and job.reason not in ("None", "(null)"):
-            r["note"] = job.reason
+    stale = refresh_records([r for r in rows if r.get("scheduler") == "slurm"])
+    for r in rows if stale else ():
+        if r.get("scheduler") == "slurm" and r.get("job_id") and r.get("state") not in FINAL_STATES:
+            r["stale"] = f"{stale}: state as last recorded"
 
 
 def phangs_status(path: str | Path) -> list[dict[str, Any]]:
