@@ -198,14 +198,14 @@ def plain_user() -> bool:
 # heaviest first, so that the two workers finish together (longest-processing-time-first).
 # Seconds of setup + calls measured in `.ci/run` on 2 cores (`--durations`); a unit not listed is
 # light and runs after these, in collection order.
-UNIT_SECONDS = {  # measured 2026-12-02 with both workers busy (about 2x their time alone)
-    "local-reduction": 1700,                      # the demo reduction, then the restart tests
-    "tests/science/test_bootstrap_reduction.py": 1130,
+UNIT_SECONDS = {  # measured 2026-12-05 in `.ci/run`, both workers busy
+    "local-reduction": 890,                       # the demo reduction (720), then the restart tests
+    "tests/science/test_bootstrap_reduction.py": 840,
     "tests/science/test_phangs_postprocess.py": 500,
-    "tests/science/test_offsets_reduction.py": 420,
-    "tests/integration/test_phangs_slurm_chain.py": 260,
-    "tests/science/test_phangs_engine.py": 190,
+    "tests/science/test_offsets_reduction.py": 330,
+    "tests/integration/test_phangs_slurm_chain.py": 190,
     "tests/integration/test_slurm_engine.py": 170,
+    "tests/science/test_phangs_engine.py": 130,
     "tests/science/test_phangs_casa.py": 60,
     "tests/science/test_phangs_continuum.py": 35,
 }
