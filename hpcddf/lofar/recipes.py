@@ -125,7 +125,25 @@ def _ddf_steps(recipe: Mapping[str, Any], cfg: PipelineConfig, stage: str,
     full_mss = read_list(wd, cfg.get("data", "full_mslist") or cfg.get("data", "mslist"))
     m = replace(machine(cfg, node, recipe.get("options", {})),
                 cf_wmax_m=cf_wmax_m([wd / ms for ms in (*mss, *full_mss)]))
-    return build(Reduction(cfg=cfg, m=m, mss=mss, full_mss=full_mss), stage, list(step_names))
+    steps = build(Reduction(cfg=cfg, m=m, mss=mss, full_mss=full_mss), stage, list(step_names))
+    check_killms_cores(steps, node.cpus)
+    return steps
+
+
+def check_killms_cores(steps: Sequence[Step], cpus: Sequence[int]) -> None:
+    """Refuse, before the stage's first step, cores killMS cannot start on.
+
+    killMS 3.3.0 pins its main process to core 0 whatever its options say, and stops with
+    "Parent affinity requested (0) is not in available list of cores" when the job does not own
+    core 0 (a shared node's cgroup, a pinned shell); measured here under ``taskset -c 1``, after
+    the stage's earlier images had run for minutes."""
+    uses_kms = any(c.argv and Path(c.argv[0]).name == "kMS.py" for s in steps for c in s.commands)
+    if uses_kms and cpus and 0 not in cpus:
+        from hpcddf.errors import PreflightError
+        raise PreflightError(f"this job's cores ({','.join(map(str, cpus))}) do not include core 0, where "
+                             "killMS 3.3.0 always runs its main process",
+                             "run the stages on whole nodes ([slurm] exclusive = true in the site) or "
+                             "with core 0 in the job's CPU set")
 
 
 def cf_wmax_m(ms_paths: Sequence[Path]) -> float:

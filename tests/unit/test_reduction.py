@@ -278,3 +278,17 @@ def test_quality_runs_as_the_last_step_when_configured_and_its_catalogues_are_ch
     check_inputs(r.cfg, names)
     with pytest.raises(ConfigError, match="nope.fits"):
         check_inputs(tier1(f"--control-quality=['FIRST={tmp_path}/nope.fits']").cfg, names)
+
+
+def test_a_stage_with_killms_is_refused_on_cores_without_core_0(tmp_path):
+    """killMS 3.3.0 always pins its main process to core 0: a job without it is refused when
+    the stage is built on the node, before any step runs; stages without kMS run anywhere."""
+    from hpcddf.errors import PreflightError
+    from hpcddf.lofar.recipes import check_killms_cores
+    r = tier1()
+    with_kms, images = [BUILDERS["DDS0"](r)], [BUILDERS["image_dirin_SSD"](r)]
+    with pytest.raises(PreflightError, match=r"cores \(3,5\) do not include core 0") as err:
+        check_killms_cores(with_kms, (3, 5))
+    assert "exclusive = true" in err.value.hint
+    check_killms_cores(with_kms, (0, 1))
+    check_killms_cores(images, (3, 5))
