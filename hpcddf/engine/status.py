@@ -57,6 +57,11 @@ def _add_scheduler_states(states: list[dict[str, Any]]) -> None:
 DEAD = ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")  # Slurm ended the job on a failure
 
 
+def unfinished(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records with a job whose outcome is not recorded yet: what the scheduler is asked."""
+    return [r for r in records if r.get("job_id") and r.get("state") not in FINAL]
+
+
 def refresh_records(records: Sequence[dict[str, Any]]) -> str | None:
     """The one status refresher: live Slurm states of the records (stages of fields and
     mosaics, PHANGS tasks) not final yet, in one squeue (+ sacct) call. Each gets
@@ -64,7 +69,7 @@ def refresh_records(records: Sequence[dict[str, Any]]) -> str | None:
     failure, which could not record it itself, is shown cancelled or failed. Returns why the
     scheduler did not answer (the records then stay as recorded), else None."""
     from hpcddf.engine.slurm_query import query_jobs
-    pending = [r for r in records if r.get("job_id") and r.get("state") not in FINAL]
+    pending = unfinished(records)
     if not pending:
         return None
     try:

@@ -43,9 +43,8 @@ from hpcddf.phangs.run_casa_stages import (
     run_stage_ms,
 )
 
-# Re-exported: hpcddf.phangs.submit imports these (and the state functions below, which
-# run_task uses) from this module; their home is run_common.
-from hpcddf.phangs.run_common import FINAL_STATES as FINAL_STATES
+# Re-exported: hpcddf.phangs.submit imports it (and the state functions below, which
+# run_task uses) from this module; its home is run_common.
 from hpcddf.phangs.run_common import STATE_DIR as STATE_DIR
 from hpcddf.phangs.run_common import (
     RunContext,

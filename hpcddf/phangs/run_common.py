@@ -20,13 +20,12 @@ from typing import Any
 
 from hpcddf.engine.atomic import write_json_atomic
 from hpcddf.engine.paths import HIDDEN, unit_paths
-from hpcddf.engine.state import FINAL, State, locked, now_iso
+from hpcddf.engine.state import State, locked, now_iso
 from hpcddf.errors import HpcddfError
 from hpcddf.phangs.plan_common import Task
 
 STATE_DIR = Path(HIDDEN) / "phangs"
 LOCK_DIR = Path(HIDDEN) / "phangs-locks"
-FINAL_STATES = FINAL
 
 
 class PhangsRunError(HpcddfError):

@@ -45,7 +45,6 @@ from hpcddf.phangs.plan import (
     project_work_dir,
 )
 from hpcddf.phangs.run import (
-    FINAL_STATES,
     STATE_DIR,
     PhangsTask,
     products_present,
@@ -289,12 +288,14 @@ def _work_dir_of(path: str | Path) -> Path:
 
 def _refresh_from_slurm(rows: list[dict[str, Any]]) -> None:
     """Live Slurm states of the tasks not finished (the engine's one refresher)."""
-    from hpcddf.engine.status import refresh_records
+    from hpcddf.engine.status import refresh_records, unfinished
     if shutil.which("squeue") is None:
         return
-    stale = refresh_records([r for r in rows if r.get("scheduler") == "slurm"])
-    for r in rows if stale else ():
-        if r.get("scheduler") == "slurm" and r.get("job_id") and r.get("state") not in FINAL_STATES:
+    slurm_rows = [r for r in rows if r.get("scheduler") == "slurm"]
+    asked = unfinished(slurm_rows)
+    stale = refresh_records(asked)
+    if stale:
+        for r in asked:
             r["stale"] = f"{stale}: state as last recorded"
 
 
