@@ -88,22 +88,32 @@ def _wait_for(pred, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT to the process group (Ctrl-C)", "SIGKILL"])
-def test_an_interrupted_local_run_leaves_no_process_behind_and_resumes(tmp_path, how):
-    """The foreground `hpcddf submit --site local` is stopped mid-step: the stage job and its
-    command stop with it, the state says interrupted, a rerun resumes after the last done step."""
+def _start_long_local_run(tmp_path, fid: str) -> tuple[Path, list[str], subprocess.Popen[str]]:
+    """`hpcddf submit FID --site local` in the foreground (its own session), a scaled stage
+    whose second step takes 15 s, returned once that step is running."""
     work = tmp_path / "work"
-    wd = work / "SIM3"
     args = ["--site", "local", "--work-root", str(work)]
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / ".config")}
-    proc = subprocess.Popen([*HPCDDF, "submit", "SIM3", *args, "--pipeline", "scaled",
+    proc = subprocess.Popen([*HPCDDF, "submit", fid, *args, "--pipeline", "scaled",
                              "--pipeline-opt", "seconds=0.2", "--pipeline-opt", "seconds.image_dirin_SSD=15",
                              "--control-exitafter=initial"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
+    log = work / fid / "logs" / "image_dirin_SSD.log"
     try:
-        log = wd / "logs" / "image_dirin_SSD.log"
         _wait_for(lambda: log.exists() and "tick" in log.read_text(), 120, "the long step to run")
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return work / fid, args, proc
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT to the process group (Ctrl-C)", "SIGKILL"])
+def test_an_interrupted_local_run_leaves_no_process_behind_and_resumes(tmp_path, how):
+    """The foreground `hpcddf submit --site local` is stopped mid-step: the stage job and its
+    command stop with it, the state says interrupted, a rerun resumes after the last done step."""
+    wd, args, proc = _start_long_local_run(tmp_path, "SIM3")
+    try:
         seen = _tree(proc.pid)
         assert len(seen) >= 4, seen  # hpcddf, submitit's controller, the stage job, the command
         if how == "SIGTERM":
@@ -142,18 +152,8 @@ def test_an_interrupted_local_run_leaves_no_process_behind_and_resumes(tmp_path,
 def test_hpcddf_cancel_of_a_local_run_stops_it_and_records_cancelled(tmp_path):
     """`hpcddf cancel` from another terminal: the running stage and its command stop, the state
     says cancelled (the user's word, not "interrupted"), and a resubmit resumes."""
-    work = tmp_path / "work"
-    wd = work / "SIM4"
-    args = ["--site", "local", "--work-root", str(work)]
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / ".config")}
-    proc = subprocess.Popen([*HPCDDF, "submit", "SIM4", *args, "--pipeline", "scaled",
-                             "--pipeline-opt", "seconds=0.2", "--pipeline-opt", "seconds.image_dirin_SSD=15",
-                             "--control-exitafter=initial"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    wd, args, proc = _start_long_local_run(tmp_path, "SIM4")
     try:
-        log = wd / "logs" / "image_dirin_SSD.log"
-        _wait_for(lambda: log.exists() and "tick" in log.read_text(), 120, "the long step to run")
         seen = _tree(proc.pid)
         cancelled = run("cancel", "SIM4", *args, env_home=tmp_path)
         assert cancelled.returncode == 0 and "SIM4: cancelled" in cancelled.stdout, cancelled
