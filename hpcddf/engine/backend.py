@@ -13,9 +13,9 @@ first, so no task can start before its dependencies are set.
 Local calls: one call as a submitit local job, run in the foreground; Ctrl-C, SIGTERM and
 SIGHUP stop the job and its processes before the caller hears of it, so nothing is orphaned.
 
-Every Slurm command here has a timeout (sbatch runs inside submitit, which has none of its own;
-Slurm's client gives up by itself when the controller does not answer). ``slurm_query`` only asks
-Slurm about jobs.
+Every Slurm command here has a timeout: scontrol and scancel directly, sbatch (which submitit
+runs, without one of its own) through coreutils' ``timeout`` in the submission command, the hook
+submitit's executors provide for it. ``slurm_query`` only asks Slurm about jobs.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ if TYPE_CHECKING:  # the node job's modules are not needed to submit it (pipelin
 log = logging.getLogger(__name__)
 
 SCONTROL_TIMEOUT_S = 60.0
+SBATCH_TIMEOUT_S = 120.0  # sbatch answers in well under a second; a busy controller may take tens
+TIMED_OUT = (124, 137)  # coreutils timeout: the command timed out / had to be killed
 CANCEL_TIMEOUT_S = 30.0
 STOP_GRACE_S = TERM_GRACE_S + 20.0  # a stage job stops its science command within TERM_GRACE_S
 # for calls that do not act on SIGTERM (in a submitit job it is only logged): no use waiting long
@@ -257,16 +259,34 @@ def submit_arrays_with_dependencies(
 def _sbatch(site: Site, folder: Path, params: dict[str, Any], calls: Sequence[Callable[[], Any]],
             what: str) -> list[str]:
     """One sbatch through submitit's executor (an array for several calls); the job ids."""
-    ex = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=site.slurm.max_requeues)
+    ex = _TimedSlurmExecutor(folder=folder / "%j", max_num_timeout=site.slurm.max_requeues)
     ex._throttling = 0.0  # one sbatch per submission: no need for submitit's pause between calls
     ex.update_parameters(**params)
     try:
         with ex.batch():
             jobs = [ex.submit(c) for c in calls]
     except Exception as exc:  # submitit raises plain errors with sbatch's stderr
-        raise SubmissionError(f"sbatch refused {what}: {str(exc).strip()[:400]}",
-                              "check the site's partition/account/qos with `hpcddf sites show`") from None
+        raise _sbatch_error(exc, what) from None
     return [str(j.job_id) for j in jobs]
+
+
+class _TimedSlurmExecutor(submitit.SlurmExecutor):
+    """submitit's Slurm executor, its sbatch bounded by a timeout (submitit sets none)."""
+
+    def _make_submission_command(self, submission_file_path: Path) -> list[str]:
+        return ["timeout", "--kill-after=5", f"{SBATCH_TIMEOUT_S:.0f}",
+                *super()._make_submission_command(submission_file_path)]
+
+
+def _sbatch_error(exc: BaseException, what: str) -> SubmissionError:
+    """The one-line error for a failed sbatch: a refusal (sbatch's reason) or no answer."""
+    cause = exc.__cause__
+    if isinstance(cause, subprocess.CalledProcessError) and cause.returncode in TIMED_OUT:
+        return SubmissionError(f"sbatch of {what} failed: no answer from Slurm in {SBATCH_TIMEOUT_S:.0f} s",
+                               "check the controller with `sinfo`, then `squeue --me` for a job "
+                               "that may have been queued after all, and submit again")
+    return SubmissionError(f"sbatch refused {what}: {str(exc).strip()[:400]}",
+                           "check the site's partition/account/qos with `hpcddf sites show`")
 
 
 def _scontrol(args: Sequence[str], status_command: str) -> None:

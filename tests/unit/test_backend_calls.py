@@ -1,5 +1,5 @@
 """The engine's generic job calls without a cluster: local calls in the foreground (result,
-failure, a signal stopping the job and its processes) and scancel's timeout. The held-array
+failure, a signal stopping the job and its processes) and the timeouts of scancel and sbatch. The held-array
 sequence against the real Slurm is in tests/integration/test_held_arrays.py."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from hpcddf.engine import backend
 from hpcddf.engine.backend import (
     LocalCallFailed,
     LocalCallInterrupted,
@@ -98,6 +99,39 @@ def test_cancel_gives_up_after_its_timeout(tmp_path: Path, monkeypatch: pytest.M
     t0 = time.time()
     assert cancel(["123"], timeout_s=1.0) is False
     assert time.time() - t0 < 10
+
+
+def test_sbatch_that_does_not_answer_is_a_one_line_error(site, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """submitit runs sbatch without a timeout; ours bounds it and says what to check."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "sbatch"
+    fake.write_text("#!/bin/sh\nsleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(backend, "SBATCH_TIMEOUT_S", 1.0)
+    t0 = time.time()
+    with pytest.raises(SubmissionError) as err:
+        backend._sbatch(site, tmp_path / "jobs", {"time": 5}, [functools.partial(math.sqrt, 4.0)],
+                        "stage test")
+    assert time.time() - t0 < 20
+    assert err.value.message == "sbatch of stage test failed: no answer from Slurm in 1 s"
+    assert "squeue --me" in err.value.hint
+
+
+def test_a_refused_sbatch_gives_its_reason(site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "sbatch"
+    fake.write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: nope' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    with pytest.raises(SubmissionError) as err:
+        backend._sbatch(site, tmp_path / "jobs", {"time": 5}, [functools.partial(math.sqrt, 4.0)],
+                        "stage test")
+    assert err.value.message == ("sbatch refused stage test: "
+                                 "sbatch: error: invalid partition specified: nope")
 
 
 def test_cancel_is_best_effort(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
