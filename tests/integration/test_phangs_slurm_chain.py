@@ -9,6 +9,11 @@ tasks the plan names. The checks: what Slurm was given (arrays, task counts, dep
 dependency order, every planned product there), and that the science is the local default's:
 the strict moment-0 holds the model's 150 Jy km/s within 12 %, the cube is in K with a round
 beam. The CASA environment is required (a failure, not a skip) when HPCDDF_REQUIRE_CASA=1.
+
+The imaging task is killed by its walltime once, as a reduction stage would be: when its dirty
+cube is made, its Slurm time limit is cut to 1 min (``scontrol update``); Slurm's walltime
+signal then requeues it through hpcddf, the limit is put back, and the second attempt must go
+on after the products the first one made, without making them again.
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ import pytest
 from astropy import units as u
 from astropy.io import fits
 
+from hpcddf.engine.paths import unit_paths
 from hpcddf.errors import ConfigError
 from hpcddf.phangs.casaenv import find_casa_env
+from hpcddf.phangs.run_common import task_state_path
 
 from .conftest import SITE_TEMPLATE, hpcddf, queue_empty_of, sacct_states, wait_for
 
@@ -40,6 +47,18 @@ CASA_ENV = Path(os.environ.get("HPCDDF_CASA_ENV", "/work/casa-env"))
 STAGE_ORDER = ["stage_ms", "stage_line", "imaging", "postprocess", "derived"]
 FINAL = ("done", "failed", "cancelled")
 WAIT_S = 1500  # the chain takes ~2 min alone; DDFacet tests may share the two cores
+WALLTIME_MIN = 30
+
+
+@dataclass
+class Requeue:
+    """The imaging task's walltime kill: its job, when hpcddf recorded the requeue, and the
+    first attempt's snapshots (path -> mtime) at that moment."""
+
+    job: str
+    task: str
+    at: float
+    snapshots: dict[str, float]
 
 
 @dataclass
@@ -52,6 +71,7 @@ class Chain:
     waiting: dict[str, dict[str, str]]  # job id -> `scontrol show job` fields, right after submit
     rows: dict[str, dict[str, Any]]     # task id -> `hpcddf phangs status --json` row at the end
     sacct: dict[str, str]               # sacct job id -> state
+    requeue: Requeue                    # the imaging task's walltime kill
 
     def tasks(self, stage: str | None = None) -> list[dict[str, Any]]:
         return [t for s in self.doc["stages"] if stage in (None, s["name"]) for t in s["tasks"]]
@@ -96,6 +116,42 @@ def _afterok_ids(dependency: str) -> list[str]:
     return ids
 
 
+def _snapshots(base: str) -> dict[str, float]:
+    """The imaging steps' finished snapshots (``<base>_<step>.image``, published last) and
+    their modification times."""
+    return {str(p): p.stat().st_mtime for p in sorted(Path(base).parent.glob(f"{Path(base).name}_*.image"))}
+
+
+def _time_limit(job: str, minutes: int) -> None:
+    subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={minutes}"],
+                   check=True, timeout=60, capture_output=True)
+
+
+def _kill_by_walltime(work: Path, task: dict[str, Any], job: str) -> Requeue:
+    """Once the task's first step is done, cut its time limit to 1 min: Slurm's walltime signal
+    (30 s before the limit, checked every 30 s) then comes 0-30 s later. When hpcddf has
+    recorded the requeue, put the limit back before the next attempt starts (Slurm holds a
+    requeued job for cred_expire+1 s, 11 s here)."""
+    base = task["params"]["imagename"]
+    state = task_state_path(work, task["id"])
+
+    def recorded() -> dict[str, Any]:
+        try:
+            return json.loads(state.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+    wait_for(lambda: Path(f"{base}_dirty.image").exists() or recorded().get("state") in FINAL,
+             WAIT_S, "the imaging task's dirty cube", every=0.5)
+    assert recorded().get("state") == "running", f"imaging ended before its walltime kill: {recorded()}"
+    _time_limit(job, 1)
+    wait_for(lambda: recorded().get("state") in ("requeued", *FINAL), 300,
+             "the walltime signal to requeue the imaging task", every=0.5)
+    at, snapshots = time.time(), _snapshots(base)
+    _time_limit(job, WALLTIME_MIN)
+    assert recorded().get("state") == "requeued", f"imaging was not requeued: {recorded()}"
+    return Requeue(job=job, task=task["id"], at=at, snapshots=snapshots)
+
+
 def _diagnostics(work: Path, keys: Path, rows: dict[str, dict[str, Any]]) -> str:
     """`hpcddf phangs status`, then error and log tail of every task not done."""
     table = hpcddf("phangs", "status", str(keys), check=False)
@@ -120,8 +176,8 @@ def chain(slurm: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cha
            timeout=900)
     site = root / "ci-phangs.toml"
     # Slurm here enforces walltimes but not memory or CPUs: the template's 1 CPU / 1 GB is fine
-    site.write_text(SITE_TEMPLATE.format(root=root, walltime="30", requeues=1, signal_delay=30,
-                                         max_map=0))
+    site.write_text(SITE_TEMPLATE.format(root=root, walltime=str(WALLTIME_MIN), requeues=1,
+                                         signal_delay=30, max_map=0))
     keys = gal / "keys"
     doc = json.loads(hpcddf("phangs", "submit", str(keys), "--site-file", str(site),
                             "--casa-env", str(CASA_ENV), "--json", timeout=300).stdout)
@@ -131,6 +187,11 @@ def chain(slurm: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cha
         waiting = _scontrol_jobs(job_ids)
         work = Path(doc["work_dir"])
         total = doc["total_tasks"]
+        imaging = [t for s in doc["stages"] if s["name"] == "imaging" for t in s["tasks"]][0]
+        try:
+            requeue = _kill_by_walltime(work, imaging, doc["jobs"][imaging["id"]])
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{_diagnostics(work, keys, _status(keys))}") from None
 
         def finished() -> bool:
             rows = _status(keys)
@@ -153,7 +214,7 @@ def chain(slurm: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cha
             pytest.fail(f"tasks not done: {sorted(not_done)} ({len(rows)} of {total} recorded)\n"
                         f"{_diagnostics(work, keys, rows)}")
         yield Chain(root=gal, keys=keys, doc=doc, waiting=waiting, rows=rows,
-                    sacct=sacct_states(sorted({j.split('_')[0] for j in job_ids})))
+                    sacct=sacct_states(sorted({j.split('_')[0] for j in job_ids})), requeue=requeue)
     finally:
         if not queue_empty_of(job_ids):
             subprocess.run(["scancel", *sorted({j.split("_")[0] for j in job_ids})], check=False)
@@ -195,7 +256,8 @@ def test_every_task_done_in_order_with_its_products(chain: Chain) -> None:
     rows = chain.rows
     assert {r["stage"] for r in rows.values()} == set(STAGE_ORDER)
     assert {t: r["state"] for t, r in rows.items()} == dict.fromkeys(rows, "done")
-    assert all(r["attempts"] == 1 for r in rows.values()), {t: r["attempts"] for t, r in rows.items()}
+    attempts = {t: r["attempts"] for t, r in rows.items()}
+    assert attempts == {t: 2 if t == chain.requeue.task else 1 for t in rows}, attempts
     assert set(chain.sacct.values()) == {"COMPLETED"}, chain.sacct
     for t in chain.tasks():
         row = rows[t["id"]]
@@ -204,6 +266,27 @@ def test_every_task_done_in_order_with_its_products(chain: Chain) -> None:
         missing = [p for p in t["params"]["outputs"] + row["products"] if not Path(p).exists()]
         assert not missing, (t["id"], missing)
         assert t["params"]["outputs"], f"{t['id']} plans no product"
+
+
+def test_a_walltime_kill_requeues_the_task_and_it_resumes(chain: Chain) -> None:
+    """As a reduction stage: requeued by Slurm's walltime signal, the second attempt goes on
+    after what the first one made (its snapshots are not made again), and every CASA run of
+    both attempts is in the task's log files under the project."""
+    rq = chain.requeue
+    row = chain.rows[rq.task]
+    assert row["state"] == "done" and row["attempts"] == 2, row
+    assert chain.sacct[rq.job.split("_")[0]] == "COMPLETED" or chain.sacct.get(rq.job) == "COMPLETED"
+    base = next(t for t in chain.tasks("imaging") if t["id"] == rq.task)["params"]["imagename"]
+    assert f"{base}_dirty.image" in rq.snapshots, rq.snapshots
+    after = _snapshots(base)
+    for path, mtime in rq.snapshots.items():
+        assert after[path] == mtime, f"{path} was made again after the requeue"
+    assert set(after) > set(rq.snapshots), "the second attempt made the remaining snapshots"
+    logs = unit_paths(Path(chain.doc["work_dir"])).logs / rq.task
+    dirty_log = (logs / "casa-dirty.log").read_text()
+    assert dirty_log.count("# hpcddf ") == 2, dirty_log[-2000:]  # one run per attempt ...
+    assert "exists, skipped" in dirty_log  # ... and the second found the first one's cube
+    assert (logs / "casa-singlescale.log").is_file()
 
 
 def _planned_strict_mom0(chain: Chain) -> Path:
