@@ -1,7 +1,7 @@
-"""What runs on the compute node for one stage of one field (a submitit Checkpointable).
+"""What runs on the compute node for one stage of one field (the engine's :class:`UnitJob`).
 
 preflight -> scratch -> run the stage's steps not yet done -> record the outcome. On the
-walltime signal submitit calls :meth:`StageJob.checkpoint` and requeues the job; the next
+walltime signal submitit calls :meth:`UnitJob.checkpoint` and requeues the job; the next
 attempt starts over here and the done-markers make it resume after the last finished step.
 """
 
@@ -19,17 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import submitit
-
 from hpcddf.engine.durations import load_estimates, record_duration
 from hpcddf.engine.jobenv import job_id_from_env
 from hpcddf.engine.paths import unit_paths
-from hpcddf.engine.preflight import clean_stale_shm, pid_alive, run_preflight
+from hpcddf.engine.preflight import clean_stale_shm, pid_alive
 from hpcddf.engine.runner import Interrupted, RunContext, Step, StopRequested, run_steps
 from hpcddf.engine.sites import Site
 from hpcddf.engine.staging import clean_scratch, prepare_scratch
 from hpcddf.engine.state import State, now_iso, update_state
-from hpcddf.errors import HpcddfError, PreflightError, StepFailed
+from hpcddf.engine.unitjob import UnitJob, check_node
+from hpcddf.errors import HpcddfError, StepFailed
 
 log = logging.getLogger("hpcddf.job")
 
@@ -62,8 +61,12 @@ StepBuilder = Callable[[str, Sequence[str], NodeInfo], NodeSteps]
 
 
 @dataclass
-class StageJob(submitit.helpers.Checkpointable):
-    """One stage of one unit of work. Pickled by submitit; holds only plain data."""
+class StageJob(UnitJob):
+    """One stage of one unit of work: the engine's unit life (:class:`UnitJob`) with steps,
+    scratch, preflight and early requeue. Pickled by submitit; holds only plain data."""
+
+    host_key = "node"
+    requeue_note = "walltime or preemption signal: requeued"
 
     site: Site
     field_id: str
@@ -82,7 +85,9 @@ class StageJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         wd = Path(self.workdir)
         _log_to(wd / "logs" / f"hpcddf-{self.stage}.log")
-        attempt = self._start()
+        attempt = self.begin()
+        log.info("stage %s of %s: attempt %d on %s", self.stage, self.field_id, attempt,
+                 socket.gethostname())
         signal.signal(signal.SIGUSR1, self._on_usr1)
         self._abort = threading.Event()
         if self.foreground_pid:
@@ -90,12 +95,7 @@ class StageJob(submitit.helpers.Checkpointable):
         try:
             scratch = prepare_scratch(self.site, self.field_id,
                                       tag=(job_id_from_env(os.environ) or str(os.getpid())).replace("_", "-"))
-            report = run_preflight(self.site, scratch=scratch.root)
-            if not report.ok:
-                raise PreflightError(f"node {socket.gethostname()} failed preflight: "
-                                     + "; ".join(c.name for c in report.failed()),
-                                     report.text())
-            ran = self._run(report.cpus, scratch.cache_dir)
+            ran = self._run(check_node(self.site, scratch.root), scratch.cache_dir)
         except StopRequested as stop:
             self._early_requeue(stop.reason, attempt)
             raise AssertionError("unreachable: requeue exits")  # pragma: no cover
@@ -103,20 +103,19 @@ class StageJob(submitit.helpers.Checkpointable):
             self._record_interrupted(exc.reason)
             raise
         except StepFailed as exc:
-            self._record_failure(str(exc), {"step": exc.step, "argv": exc.argv,
-                                            "returncode": exc.returncode, "log": exc.log_path,
-                                            "log_tail": exc.log_tail})
+            self.failed({"message": str(exc), "step": exc.step, "argv": exc.argv,
+                         "returncode": exc.returncode, "log": exc.log_path, "log_tail": exc.log_tail})
             raise
         except HpcddfError as exc:
-            self._record_failure(str(exc), {"message": exc.message, "detail": exc.hint})
+            self.failed({"message": exc.message, "detail": exc.hint})
             raise
         except Exception as exc:  # a bug or an unexpected node problem: still say what happened
-            self._record_failure(f"{type(exc).__name__}: {exc}", {"message": f"{type(exc).__name__}: {exc}"})
+            self.failed({"message": f"{type(exc).__name__}: {exc}"})
             raise
         finally:
             clean_stale_shm(Path("/dev/shm"), os.getuid(), pid_alive)
         clean_scratch(scratch)
-        self._finish(ran)
+        self.finished(note=f"ran {len(ran)} step(s)")
         return {"field": self.field_id, "stage": self.stage, "ran": ran}
 
     def _run(self, cpus: tuple[int, ...], cache_dir: Path) -> list[str]:
@@ -174,22 +173,14 @@ class StageJob(submitit.helpers.Checkpointable):
         return state
 
     # ---------------------------------------------------------------- requeue
-    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        """Called by submitit on the walltime/preemption signal, before it requeues the job."""
-        # in a signal handler: never wait for the state lock (the main thread may hold it)
-        self._update(lambda s: s.update(state=State.REQUEUED, note="walltime or preemption signal: requeued",
-                                        requeued_at=now_iso()), timeout=5.0)
-        log.warning("stage %s: walltime/preemption signal, requeueing", self.stage)
-        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
-
     def _early_requeue(self, reason: str, attempt: int) -> None:
         """Requeue now (a step would not fit): through submitit's own handler, capped by the site."""
         if attempt > self.site.slurm.max_requeues:
             msg = f"not requeued: {reason}; already {attempt - 1} requeues (max_requeues)"
-            self._record_failure(msg, {"message": msg})
+            self.failed({"message": msg})
             raise HpcddfError(msg, "raise [slurm] max_requeues or max_walltime in the site config")
         log.warning("stage %s: %s", self.stage, reason)
-        self._update(lambda s: s.update(state=State.REQUEUED, note=reason, requeued_at=now_iso()))
+        self.record(lambda s: s.update(state=State.REQUEUED, note=reason, requeued_at=now_iso()))
         os.kill(os.getpid(), signal.SIGUSR2)  # submitit: checkpoint + requeue + exit
         time.sleep(60)
 
@@ -220,12 +211,12 @@ class StageJob(submitit.helpers.Checkpointable):
 
     def _record_interrupted(self, reason: str) -> None:
         def change(s: dict[str, Any]) -> None:
-            self._elapsed(s)
+            self.elapsed(s)
             if s.get("state") == State.CANCELLED:  # `hpcddf cancel` said so first: keep its word
                 s.setdefault("ended", now_iso())
                 return
             s.update(state=State.INTERRUPTED, ended=now_iso(), note=reason, error=None)
-        self._update(change, timeout=10.0)
+        self.record(change, timeout=10.0)
         log.warning("stage %s: %s", self.stage, reason)
 
     def _on_usr1(self, signum: int, frame: Any) -> None:
@@ -237,48 +228,14 @@ class StageJob(submitit.helpers.Checkpointable):
             ctx.stop_event.set()
 
     # ---------------------------------------------------------------- field state
-    def _update(self, change: Any, timeout: float | None = None) -> None:
+    def record(self, change: Any, timeout: float | None = None) -> None:
+        """This stage's entry in the field state."""
         def apply(state: dict[str, Any]) -> None:
             change(state["stages"].setdefault(self.stage, {}))
         try:
             update_state(Path(self.workdir), self.field_id, apply, timeout=timeout)
         except TimeoutError:
             log.warning("field state busy: stage %s state not updated", self.stage)
-
-    def _start(self) -> int:
-        self._started = time.time()
-        env = os.environ
-        restarts = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
-        result: dict[str, int] = {}
-
-        def change(s: dict[str, Any]) -> None:
-            s["attempts"] = max(int(s.get("attempts", 0)) + 1, restarts + 1)
-            s.update(state=State.RUNNING, node=socket.gethostname(), started=now_iso(),
-                     job_id=job_id_from_env(env) or s.get("job_id"), error=None)
-            result["attempt"] = s["attempts"]
-        self._update(change)
-        log.info("stage %s of %s: attempt %d on %s", self.stage, self.field_id,
-                 result["attempt"], socket.gethostname())
-        return result["attempt"]
-
-    def _elapsed(self, s: dict[str, Any]) -> None:
-        dt = time.time() - self._started
-        s["elapsed_s"] = float(s.get("elapsed_s") or 0.0) + dt
-        s["node_hours"] = float(s.get("node_hours") or 0.0) + dt / 3600
-
-    def _finish(self, ran: list[str]) -> None:
-        def change(s: dict[str, Any]) -> None:
-            self._elapsed(s)
-            s.update(state=State.DONE, ended=now_iso(), note=f"ran {len(ran)} step(s)", error=None)
-        self._update(change)
-
-    def _record_failure(self, message: str, error: dict[str, Any]) -> None:
-        def change(s: dict[str, Any]) -> None:
-            self._elapsed(s)
-            cancelled = s.get("state") == State.CANCELLED  # `hpcddf cancel` killed us: not a failure
-            s.update(state=State.CANCELLED if cancelled else State.FAILED, ended=now_iso(),
-                     error={"message": message, **error})
-        self._update(change)
 
     def _on_step(self, step: str, what: str, info: dict[str, Any]) -> None:
         if what == State.DONE:

@@ -23,13 +23,10 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-import submitit
 
 from hpcddf.engine.atomic import write_json_atomic
 from hpcddf.engine.backend import (
@@ -40,11 +37,11 @@ from hpcddf.engine.backend import (
     run_local_call,
     submit_arrays_with_dependencies,
 )
-from hpcddf.engine.jobenv import job_id_from_env
 from hpcddf.engine.paths import unit_paths, units_under
 from hpcddf.engine.plan import Resources, fit_resources
 from hpcddf.engine.sites import Site
 from hpcddf.engine.state import LIVE, State, now_iso, read_state, update_state
+from hpcddf.engine.unitjob import Change, UnitJob
 from hpcddf.errors import HpcddfError, RunInterrupted, SubmissionError
 from hpcddf.mosaic.combine import (
     PRODUCTS,
@@ -236,28 +233,27 @@ def _set_state_if_live(task: MosaicTask, **values: Any) -> None:
         _set_state(task, **values)
 
 
-class MosaicJob(submitit.helpers.Checkpointable):
-    """One mosaic task on a compute node; requeued as a whole when the walltime kills it."""
+class MosaicJob(UnitJob):
+    """One mosaic task on a compute node: the engine's unit life (attempts, walltime requeue,
+    outcome recorded in the mosaic's state); a requeued mosaic is made again whole."""
 
     def __init__(self, task: MosaicTask) -> None:
         self.task = task
 
-    def __call__(self) -> dict[str, Any]:
+    def record(self, change: Change, timeout: float | None = None) -> None:
         t = self.task
-        t0 = time.time()
-        job_id = job_id_from_env()
-        prev = ((read_state(Path(t.outdir)) or {}).get("stages", {}).get(t.product, {}))
-        _set_state(t, state=State.RUNNING, started=now_iso(), attempts=int(prev.get("attempts", 0)) + 1,
-                   **({"job_id": job_id} if job_id else {}))
-        try:
-            result = self._run()
-        except Exception as exc:
-            msg = exc.message if isinstance(exc, HpcddfError) else f"{type(exc).__name__}: {exc}"
-            _set_state(t, state=State.FAILED, ended=now_iso(), error={"message": msg})
-            raise
-        _set_state(t, state=State.DONE, ended=now_iso(), elapsed_s=round(time.time() - t0, 1), error=None,
-                   note=f"{len(t.inputs)} fields" + (f"; {result['warnings'][0]}" if result["warnings"] else ""))
-        return result
+
+        def apply(state: dict[str, Any]) -> None:
+            state["plan"] = {"stages": [{"name": p} for p in PRODUCTS]}
+            change(state["stages"].setdefault(t.product, {}))
+        update_state(Path(t.outdir), t.centre.id, apply, timeout=timeout)
+
+    def work(self) -> dict[str, Any]:
+        return self._run()
+
+    def done_values(self, result: dict[str, Any]) -> dict[str, Any]:
+        warnings = result["warnings"]
+        return {"note": f"{len(self.task.inputs)} fields" + (f"; {warnings[0]}" if warnings else "")}
 
     def _run(self) -> dict[str, Any]:
         t = self.task

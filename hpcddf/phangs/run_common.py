@@ -49,20 +49,26 @@ def read_task_state(workdir: Path, task_id: str) -> dict[str, Any] | None:
         return None
 
 
-def update_task_state(workdir: Path, task: Task, timeout: float | None = None,
-                      **values: Any) -> dict[str, Any]:
-    """Merge ``values`` into the task's state under the project lock; write it atomically."""
+def change_task_state(workdir: Path, task: Task, change: Callable[[dict[str, Any]], Any],
+                      timeout: float | None = None) -> dict[str, Any]:
+    """Apply ``change`` to the task's state under the project lock; write it atomically."""
     workdir = Path(workdir)
     path = task_state_path(workdir, task.id)
     with locked(workdir, timeout):
         state = read_task_state(workdir, task.id) or {
             "task": task.id, "stage": task.stage, "key": list(task.key), "attempts": 0,
             "created": now_iso()}
-        state.update(values)
+        change(state)
         state["updated"] = now_iso()
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, state)
     return state
+
+
+def update_task_state(workdir: Path, task: Task, timeout: float | None = None,
+                      **values: Any) -> dict[str, Any]:
+    """Merge ``values`` into the task's state (see :func:`change_task_state`)."""
+    return change_task_state(workdir, task, lambda s: s.update(values), timeout)
 
 
 def products_present(state: dict[str, Any] | None) -> bool:

@@ -122,7 +122,7 @@ def _arrays(site: Site, todo: list[tuple[str, list[Task]]], work: Path,
             casa_env: str | None) -> list[HeldArray]:
     """One held array per stage (split at MAX_ARRAY_SIZE), in the order of ``todo``."""
     return [HeldArray(f"hpcddf-phangs-{stage}", stage_resources(site, stage),
-                      [PhangsTask(t, str(work), casa_env) for t in chunk], what=f"the {stage} array")
+                      [PhangsTask(t, str(work), casa_env, site) for t in chunk], what=f"the {stage} array")
             for stage, tasks in todo for chunk in _chunks(tasks, MAX_ARRAY_SIZE)]
 
 
@@ -198,7 +198,7 @@ def _run_task_locally(site: Site, t: Task, walltime_min: int, work: Path, casa_e
         progress(f"{t.id}: {signal_name}: stopping (local job {job_id})")
 
     try:
-        return run_local_call(site, work / JOBS_DIR, PhangsTask(t, str(work), casa_env), walltime_min,
+        return run_local_call(site, work / JOBS_DIR, PhangsTask(t, str(work), casa_env, site), walltime_min,
                               stop_grace_s=BRIEF_STOP_GRACE_S, started=started,
                               stopping=stopping).job_id
     except LocalCallInterrupted as exc:
