@@ -120,12 +120,11 @@ def status(fields: tuple[str, ...], site: str | None, site_file: str | None,
            work_root: Path | None, only_mosaics: bool, phangs_dir: Path | None, as_json: bool) -> None:
     """Show the stages, job ids, states and attempts of FIELD(s) (default: all fields, then
     the mosaics), or of a PHANGS project's tasks."""
-    from hpcddf.cli.report import status_table
+    from hpcddf.cli.report import phangs_table, status_table
     from hpcddf.engine.status import collect_status
     from hpcddf.mosaic.jobs import collect_mosaic_status
     if phangs_dir is not None:
         from hpcddf.phangs.submit import phangs_status
-        from hpcddf.phangs.submit import status_table as phangs_table
         rows = phangs_status(phangs_dir)
         if as_json:
             print_json(rows)

@@ -55,12 +55,13 @@ def phangs_submit(keydir: Path, site: str | None, site_file: str | None, targets
 @click.option("--json", "as_json", is_flag=True, help="Print the task states as JSON.")
 def phangs_status_cmd(keydir: Path, as_json: bool) -> None:
     """Show the state, job and attempts of every PHANGS task of KEYDIR (or its work dir)."""
-    from hpcddf.phangs.submit import phangs_status, status_table
+    from hpcddf.cli.report import phangs_table
+    from hpcddf.phangs.submit import phangs_status
     rows = phangs_status(keydir)
     if as_json:
         print_json(rows)
     else:
-        out.print(status_table(rows))
+        out.print(phangs_table(rows))
 
 
 @phangs.command("simulate")

@@ -93,29 +93,54 @@ def _toml(v: Any) -> str:
     return str(v)
 
 
-def status_table(states: Sequence[dict[str, Any]], title: str = "fields") -> Table:
-    stale = next((st["stale"] for st in states if st.get("stale")), None)
-    t = Table(title=title + (f" — {stale}" if stale else ""))
-    first_col, second_col = ("field", "stage") if title == "fields" else ("centre", "product")
-    for col in (first_col, second_col, "job", "state", "attempts", "elapsed", "node-hours", "note"):
+RECORD_COLUMNS = ("job", "state", "attempts", "elapsed", "node-hours", "note")
+
+
+def records_table(title: str, keys: Sequence[str],
+                  rows: Sequence[tuple[Sequence[str], dict[str, Any]]]) -> Table:
+    """The one status table of every pipeline: each unit's identifying columns (``keys``),
+    then what its record says (job, state and the scheduler's word for it, attempts, time)."""
+    t = Table(title=title)
+    for col in (*keys, *RECORD_COLUMNS):
         t.add_column(col, overflow="fold")
+    for ids, record in rows:
+        t.add_row(*ids, *_record_cells(record))
+    return t
+
+
+def _record_cells(s: dict[str, Any]) -> tuple[str, ...]:
+    live = f" ({s['slurm_state']})" if s.get("slurm_state") else ""
+    hours = f"{s['node_hours']:.2f}" if s.get("node_hours") is not None else "-"
+    return (str(s.get("job_id") or "-"), str(s.get("state", "?")) + live, str(s.get("attempts", "-")),
+            seconds(s.get("elapsed_s")), hours, _note(s))
+
+
+def _stale_title(title: str, records: Sequence[dict[str, Any]]) -> str:
+    stale = next((r["stale"] for r in records if r.get("stale")), None)
+    return title + (f" — {stale}" if stale else "")
+
+
+def status_table(states: Sequence[dict[str, Any]], title: str = "fields") -> Table:
+    """Fields (a row per stage) or mosaics (a row per product)."""
+    keys = ("field", "stage") if title == "fields" else ("centre", "product")
+    rows: list[tuple[Sequence[str], dict[str, Any]]] = []
     for st in states:
         stages = st.get("stages") or {}
         if not stages:
-            t.add_row(st["field"], "-", "-", "not submitted", "-", "-", "-", "")
+            rows.append(((st["field"], "-"), {"state": "not submitted"}))
             continue
-        first = True
         order = [p["name"] for p in (st.get("plan") or {}).get("stages", [])]
-        for name, s in sorted(stages.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
-            live = f" ({s['slurm_state']})" if s.get("slurm_state") else ""
-            t.add_row(st["field"] if first else "", name, str(s.get("job_id") or "-"),
-                      s.get("state", "?") + live, str(s.get("attempts", 0)), seconds(s.get("elapsed_s")),
-                      f"{s['node_hours']:.2f}" if s.get("node_hours") is not None else "-",
-                      _note(s))
-            first = False
+        ranked = sorted(stages.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99)
+        rows += [((st["field"] if i == 0 else "", name), s) for i, (name, s) in enumerate(ranked)]
         if st.get("quality"):
-            t.add_row("", "quality", "-", "done", "-", "-", "-", st["quality"]["summary"])
-    return t
+            rows.append((("", "quality"), {"state": "done", "note": st["quality"]["summary"]}))
+    return records_table(_stale_title(title, states), keys, rows)
+
+
+def phangs_table(rows: Sequence[dict[str, Any]]) -> Table:
+    """PHANGS tasks (a row per task), from ``hpcddf.phangs.submit.phangs_status``."""
+    body = [((r["task"],), r) for r in rows] or [(("(no task submitted)",), {"state": "-"})]
+    return records_table(_stale_title("phangs tasks", rows), ("task",), body)
 
 
 def _note(stage: dict[str, Any]) -> str:

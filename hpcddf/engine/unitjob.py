@@ -129,9 +129,11 @@ class UnitJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on the walltime/preemption signal, before it requeues the job."""
         # in a signal handler: never wait long for the state lock (the main thread may hold it)
+        def change(s: dict[str, Any]) -> None:
+            self.elapsed(s)  # the killed attempt's node time counts too
+            s.update(state=State.REQUEUED, note=self.requeue_note, requeued_at=now_iso())
         with contextlib.suppress(Exception):
-            self.record(lambda s: s.update(state=State.REQUEUED, note=self.requeue_note,
-                                           requeued_at=now_iso()), timeout=5.0)
+            self.record(change, timeout=5.0)
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:

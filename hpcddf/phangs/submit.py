@@ -314,24 +314,3 @@ def phangs_status(path: str | Path) -> list[dict[str, Any]]:
                              r["task"]))
     _refresh_from_slurm(rows)
     return rows
-
-
-def status_table(rows: Sequence[dict[str, Any]]) -> Any:
-    """A rich table of :func:`phangs_status` rows."""
-    from rich.table import Table
-
-    t = Table(title="phangs tasks")
-    for col in ("task", "job", "state", "attempts", "elapsed", "note"):
-        t.add_column(col, overflow="fold")
-    for r in rows:
-        live = f" ({r['slurm_state']})" if r.get("slurm_state") else ""
-        err = r.get("error")
-        note = (err.get("message", "") if isinstance(err, dict) else str(err or "")) or \
-            str(r.get("note") or "")
-        elapsed = r.get("elapsed_s")
-        t.add_row(r["task"], str(r.get("job_id") or "-"), f"{r.get('state', '?')}{live}",
-                  str(r.get("attempts", 0)), f"{elapsed:.0f} s" if elapsed is not None else "-",
-                  note)
-    if not rows:
-        t.add_row("(no task submitted)", "-", "-", "-", "-", "")
-    return t

@@ -79,10 +79,13 @@ def test_a_cancelled_unit_stays_cancelled_when_its_work_then_fails(tmp_path: Pat
 def test_the_walltime_checkpoint_records_the_requeue_and_ships_only_plain_data(tmp_path: Path) -> None:
     path = tmp_path / "unit.json"
     job = FileJob(str(path))
-    job()
+    job.begin()
+    job._started -= 60  # the attempt ran a minute before the walltime signal
     again = job.checkpoint()
     assert again.function is job
-    assert _doc(path)["state"] == State.REQUEUED and _doc(path)["requeued_at"]
+    doc = _doc(path)
+    assert doc["state"] == State.REQUEUED and doc["requeued_at"]
+    assert doc["elapsed_s"] >= 60, "the killed attempt's time counts"
     copy = pickle.loads(pickle.dumps(job))
     assert copy.path == str(path) and not hasattr(copy, "_scratch") and not hasattr(copy, "_started")
 
