@@ -369,10 +369,19 @@ def run_local_call(site: Site, folder: Path, call: Callable[[], Any], timeout_mi
         raise LocalCallFailed(job_id, first_line(exc)) from None
 
 
+FOLLOW_S = 0.1  # a local job's end is seen this soon (its process is polled: cheap)
+POLL_HOOK_S = 1.0  # how often the caller's poll hook runs while the job runs
+
+
 def _follow(job: Any, poll: Callable[[], None]) -> None:
+    """Wait for a local job, running ``poll`` every POLL_HOOK_S; the next stage of a chain
+    starts within FOLLOW_S of the end of this one instead of up to a whole hook interval."""
+    next_hook = 0.0
     while not job.done():
-        poll()
-        time.sleep(1.0)
+        if time.monotonic() >= next_hook:
+            poll()
+            next_hook = time.monotonic() + POLL_HOOK_S
+        time.sleep(FOLLOW_S)
     poll()
 
 

@@ -31,6 +31,16 @@ def site():
     return load_site("local", None)
 
 
+def _fake_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, script: str) -> None:
+    """A stand-in for a Slurm client that misbehaves (hangs, refuses), first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / name
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
 def _handlers() -> dict[int, object]:
     return {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
@@ -90,12 +100,7 @@ def test_a_signal_stops_the_job_and_all_its_processes(site, tmp_path: Path) -> N
 
 def test_cancel_gives_up_after_its_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Slurm controller that does not answer must not hang the error path that cancels."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake = bin_dir / "scancel"
-    fake.write_text("#!/bin/sh\nsleep 60\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    _fake_on_path(tmp_path, monkeypatch, "scancel", "sleep 60")
     t0 = time.time()
     assert cancel(["123"], timeout_s=1.0) is False
     assert time.time() - t0 < 10
@@ -104,12 +109,7 @@ def test_cancel_gives_up_after_its_timeout(tmp_path: Path, monkeypatch: pytest.M
 def test_sbatch_that_does_not_answer_is_a_one_line_error(site, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """submitit runs sbatch without a timeout; ours bounds it and says what to check."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake = bin_dir / "sbatch"
-    fake.write_text("#!/bin/sh\nsleep 60\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    _fake_on_path(tmp_path, monkeypatch, "sbatch", "sleep 60")
     monkeypatch.setattr(backend, "SBATCH_TIMEOUT_S", 1.0)
     t0 = time.time()
     with pytest.raises(SubmissionError) as err:
@@ -121,12 +121,8 @@ def test_sbatch_that_does_not_answer_is_a_one_line_error(site, tmp_path: Path,
 
 
 def test_a_refused_sbatch_gives_its_reason(site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake = bin_dir / "sbatch"
-    fake.write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: nope' >&2\nexit 1\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    _fake_on_path(tmp_path, monkeypatch, "sbatch",
+                  "echo 'sbatch: error: invalid partition specified: nope' >&2; exit 1")
     with pytest.raises(SubmissionError) as err:
         backend._sbatch(site, tmp_path / "jobs", {"time": 5}, [functools.partial(math.sqrt, 4.0)],
                         "stage test")
