@@ -81,42 +81,48 @@ class StageJob(UnitJob):
     foreground_pid: int | None = None
     _stop: bool = field(default=False, repr=False)
 
-    # ---------------------------------------------------------------- entry point
-    def __call__(self) -> dict[str, Any]:
-        wd = Path(self.workdir)
-        _log_to(wd / "logs" / f"hpcddf-{self.stage}.log")
-        attempt = self.begin()
-        log.info("stage %s of %s: attempt %d on %s", self.stage, self.field_id, attempt,
+    # ---------------------------------------------------------------- the unit's life
+    def begin(self) -> int:
+        """The stage's log, the attempt recorded, ddf-pipeline's SIGUSR1 and, for a local run,
+        the guard that stops it with the foreground ``hpcddf``."""
+        _log_to(Path(self.workdir) / "logs" / f"hpcddf-{self.stage}.log")
+        self._attempt = super().begin()
+        log.info("stage %s of %s: attempt %d on %s", self.stage, self.field_id, self._attempt,
                  socket.gethostname())
         signal.signal(signal.SIGUSR1, self._on_usr1)
         self._abort = threading.Event()
         if self.foreground_pid:
             self._guard_foreground(self.foreground_pid)
+        return self._attempt
+
+    def work(self) -> dict[str, Any]:
+        """Scratch, preflight, then the stage's steps not yet done."""
         try:
             scratch = prepare_scratch(self.site, self.field_id,
                                       tag=(job_id_from_env(os.environ) or str(os.getpid())).replace("_", "-"))
             ran = self._run(check_node(self.site, scratch.root), scratch.cache_dir)
-        except StopRequested as stop:
-            self._early_requeue(stop.reason, attempt)
-            raise AssertionError("unreachable: requeue exits")  # pragma: no cover
-        except Interrupted as exc:
-            self._record_interrupted(exc.reason)
-            raise
-        except StepFailed as exc:
-            self.failed({"message": str(exc), "step": exc.step, "argv": exc.argv,
-                         "returncode": exc.returncode, "log": exc.log_path, "log_tail": exc.log_tail})
-            raise
-        except HpcddfError as exc:
-            self.failed({"message": exc.message, "detail": exc.hint})
-            raise
-        except Exception as exc:  # a bug or an unexpected node problem: still say what happened
-            self.failed({"message": f"{type(exc).__name__}: {exc}"})
-            raise
         finally:
             clean_stale_shm(Path("/dev/shm"), os.getuid(), pid_alive)
         clean_scratch(scratch)
-        self.finished(note=f"ran {len(ran)} step(s)")
         return {"field": self.field_id, "stage": self.stage, "ran": ran}
+
+    def done_values(self, result: dict[str, Any]) -> dict[str, Any]:
+        return {"note": f"ran {len(result['ran'])} step(s)"}
+
+    def on_error(self, exc: Exception) -> None:
+        """A stop at a step boundary requeues; an interruption is not a failure; a failed
+        step is recorded with its command and log tail."""
+        if isinstance(exc, StopRequested):
+            self._early_requeue(exc.reason, self._attempt)
+        elif isinstance(exc, Interrupted):
+            self._record_interrupted(exc.reason)
+        elif isinstance(exc, StepFailed):
+            self.failed({"message": str(exc), "step": exc.step, "argv": exc.argv,
+                         "returncode": exc.returncode, "log": exc.log_path, "log_tail": exc.log_tail})
+        elif isinstance(exc, HpcddfError):
+            self.failed({"message": exc.message, "detail": exc.hint})
+        else:  # a bug or an unexpected node problem: still say what happened
+            self.failed({"message": f"{type(exc).__name__}: {exc}"})
 
     def _run(self, cpus: tuple[int, ...], cache_dir: Path) -> list[str]:
         wd = Path(self.workdir)

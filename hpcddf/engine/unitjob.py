@@ -80,13 +80,17 @@ class UnitJob(submitit.helpers.Checkpointable):
         """What the record keeps of a failed unit besides the error (e.g. the steps it did)."""
         return {}
 
+    def on_error(self, exc: Exception) -> None:
+        """Record what ended the work (before it propagates to submitit)."""
+        self.failed(error_doc(exc), **self.failed_values())
+
     # ---------------------------------------------------------------- the life of a unit
     def __call__(self) -> Any:
         self.begin()
         try:
             result = self.work()
         except Exception as exc:
-            self.failed(error_doc(exc), **self.failed_values())
+            self.on_error(exc)
             raise
         self.finished(**self.done_values(result))
         return result
