@@ -372,7 +372,8 @@ def test_config_loads(field: SimResult) -> None:
     assert cfg["image"]["do_decorr"] is False and cfg["image"]["uvmin"] == 0.0
     assert cfg["image"]["beam_model"] is None  # no LOFAR station tables in the simulated MSs
     assert cfg["solutions"]["ndir"] == 3 and cfg["solutions"]["NChanSols"] == 1
-    assert cfg["masking"]["thresholds"] == [10.0, 6.0, 6.0, 6.0]
+    assert cfg["masking"]["thresholds"] == [10.0, 10.0, 6.0, 6.0]
+    assert cfg["image"]["psf_arcsec"] == cfg["image"]["final_psf_arcsec"] == 70.0  # the PSF
     assert cfg["masking"]["tgss"] is None
     assert cfg["control"]["clearcache"] is False and cfg["control"]["bootstrap"] is False
     for name in ("mslist", "full_mslist"):
