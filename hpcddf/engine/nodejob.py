@@ -179,6 +179,11 @@ class StageJob(UnitJob):
         return state
 
     # ---------------------------------------------------------------- requeue
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """The walltime/preemption signal: said in the stage's log, then the unit's requeue."""
+        log.warning("stage %s: walltime/preemption signal, requeueing", self.stage)
+        return super().checkpoint(*args, **kwargs)
+
     def _early_requeue(self, reason: str, attempt: int) -> None:
         """Requeue now (a step would not fit): through submitit's own handler, capped by the site."""
         if attempt > self.site.slurm.max_requeues:

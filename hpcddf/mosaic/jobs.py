@@ -219,11 +219,16 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _set_state(task: MosaicTask, **values: Any) -> None:
-    def change(state: dict[str, Any]) -> None:
+def _change_state(task: MosaicTask, change: Change, timeout: float | None = None) -> None:
+    """Apply ``change`` to the mosaic's record (its product's entry in the mosaic state)."""
+    def apply(state: dict[str, Any]) -> None:
         state["plan"] = {"stages": [{"name": p} for p in PRODUCTS]}
-        state["stages"].setdefault(task.product, {}).update(values)
-    update_state(Path(task.outdir), task.centre.id, change)
+        change(state["stages"].setdefault(task.product, {}))
+    update_state(Path(task.outdir), task.centre.id, apply, timeout=timeout)
+
+
+def _set_state(task: MosaicTask, **values: Any) -> None:
+    _change_state(task, lambda s: s.update(values))
 
 
 def _set_state_if_live(task: MosaicTask, **values: Any) -> None:
@@ -241,21 +246,13 @@ class MosaicJob(UnitJob):
         self.task = task
 
     def record(self, change: Change, timeout: float | None = None) -> None:
-        t = self.task
-
-        def apply(state: dict[str, Any]) -> None:
-            state["plan"] = {"stages": [{"name": p} for p in PRODUCTS]}
-            change(state["stages"].setdefault(t.product, {}))
-        update_state(Path(t.outdir), t.centre.id, apply, timeout=timeout)
-
-    def work(self) -> dict[str, Any]:
-        return self._run()
+        _change_state(self.task, change, timeout)
 
     def done_values(self, result: dict[str, Any]) -> dict[str, Any]:
         warnings = result["warnings"]
         return {"note": f"{len(self.task.inputs)} fields" + (f"; {warnings[0]}" if warnings else "")}
 
-    def _run(self) -> dict[str, Any]:
+    def work(self) -> dict[str, Any]:
         t = self.task
         missing = [i.name for i in t.inputs if not (Path(i.int_path).is_file() and Path(i.app_path).is_file())]
         if missing:
