@@ -73,6 +73,22 @@ def test_every_step_has_a_marker_logs_and_the_summary_has_versions(demo):
     assert not [p for p in leftovers if not Path(f"/proc/{p.split('.')[1]}").exists()]
 
 
+def _expected_int_flux_ratio(demo: dict) -> float:
+    """Mean over the matched sources of (int / app image at the source) x (app flux / truth)."""
+    import numpy as np
+    from astropy.io import fits
+    from astropy.wcs import WCS
+    final = demo["result"].final_image
+    app = fits.getdata(final).squeeze()
+    intr = fits.getdata(str(final).replace(".app.restored", ".int.restored")).squeeze()
+    wcs = WCS(fits.getheader(final)).celestial
+    ratios = []
+    for m in demo["result"].final.matches:
+        x, y = (int(round(float(v))) for v in wcs.world_to_pixel_values(m.true.ra_deg, m.true.dec_deg))
+        ratios.append(intr[y, x] / app[y, x] * m.flux_ratio)
+    return float(np.mean(ratios))
+
+
 def test_quality_of_the_final_image_against_catalogues_of_the_true_sky(demo, tmp_path):
     """`hpcddf quality` on the reduced field: one catalogue is the true sky, the other the true
     sky 30" further north and in mJy; the offsets, flux ratios and units must come out."""
@@ -97,12 +113,24 @@ def test_quality_of_the_final_image_against_catalogues_of_the_true_sky(demo, tmp
     assert truth["matches"] == 6 and north["matches"] == 6 and truth["used"]
     assert abs(truth["dRA_arcsec"]["value"]) < 6 and abs(truth["dDEC_arcsec"]["value"]) < 6
     assert north["dDEC_arcsec"]["value"] == pytest.approx(truth["dDEC_arcsec"]["value"] - 30, abs=0.5)
-    # the int image (what the quality pipeline measures) carries DDFacet's normalisation by the
-    # DD amplitude solutions, even without a beam model: 0.90-0.93 x the app image here
-    assert truth["flux_ratio"]["value"] == pytest.approx(1.0, abs=0.15)
+    # the int image (what the quality pipeline measures) is the app image divided by DDFacet's
+    # normalisation by the DD amplitude solutions, even without a beam model (0.91-0.96 x the
+    # app image at the sources here): the expected ratio is that normalisation at each source
+    # times the app image's own flux ratio, averaged. Measured: 0.922 vs 0.921 expected and
+    # 0.916 vs 0.911 (two reductions); the ratio's own 68 % interval is +-0.006. +-0.03 is
+    # three times the worst difference seen; the old +-0.15 around 1.0 would pass a 7 % error.
+    assert truth["flux_ratio"]["value"] == pytest.approx(_expected_int_flux_ratio(demo), abs=0.03)
     assert north["flux_ratio"]["value"] == pytest.approx(truth["flux_ratio"]["value"], rel=1e-6)
-    # peak / worst pixel within 10 beams (the quality pipeline's DR), lower than peak / rms
-    assert doc["dynamic_range"]["value"] > 20 and doc["rms_jy"] < 0.05
+    # peak / worst pixel within 10 beams (the quality pipeline's DR), far below peak / rms (~300):
+    # set by the brightest source's residual sidelobes. Measured 48 and 52 in two reductions, its
+    # own 68 % interval 32-68 (six sources): 30-75 holds that spread and fails a reduction whose
+    # residuals doubled (DR ~25) or whose image lost its sidelobes to a bug (DR >> 100). The old
+    # "> 50" was for the 120" restoring beam; "> 20" passed a reduction half as good.
+    assert 30 <= doc["dynamic_range"]["value"] <= 75
+    # the final image's rms: 15.4 and 16.4 mJy/beam measured (residual calibration errors and
+    # sidelobes, far above the thermal 0.2 mJy); two-sided, so that neither a noisier image nor
+    # one whose rms is not measured on the residual (rms ~0) passes
+    assert 0.010 <= doc["rms_jy"] <= 0.025
     qdir = demo["workdir"] / "quality"
     assert (qdir / "quality.json").is_file() and (qdir / "quality.png").is_file()
     assert "flux ratio LOFAR/TRUTH" in (qdir / "quality.txt").read_text()

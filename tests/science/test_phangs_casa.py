@@ -318,8 +318,12 @@ def test_moment0_flux_matches_the_model(chain: Chain, measured: Measured) -> Non
     flux = float(np.where(m.mask, m.jy_beam, 0.0).sum() / ppbeam * dv)
     truth = fits.getdata(chain.root / "model" / f"{TARGET}_true_mom0.fits").sum()
     assert truth == pytest.approx(150.0, rel=1e-3)
-    # 12m-only data miss a little of the extended flux (casa-here.md: 0.92)
-    assert flux == pytest.approx(truth, rel=0.12)
+    # 12m-only data miss a little of the extended flux: casa-here.md measured 0.917 in a S/N > 4
+    # mask and 0.979 as the bright region's median pixel ratio; this cube gives 0.933 (the
+    # same in every run: fixed seeds; the noise in the mask moves it ~0.1 %). Two-sided, 0.90-0.98: 12 m data cannot hold more, and
+    # losing more than a tenth is a fault of the imaging, not the array.
+    print(f"moment-0 flux in the S/N mask: {flux / truth:.3f} of the model")
+    assert 0.90 <= flux / truth <= 0.98
 
 
 def test_moment1_matches_the_rotation_curve(chain: Chain, measured: Measured) -> None:

@@ -2,7 +2,7 @@
 writes the galaxy, its MS (CASA's simulator) and key files; `hpcddf phangs submit KEYDIR
 --site local` runs every stage (staging, imaging, postprocess in the CASA environment, derived
 products in hpcddf's own) as tasks; the derived products are then checked against the model:
-moment-0 flux within 12 % (12 m data miss some extended flux), moment-1 within 2 km/s rms,
+moment-0 flux 0.92-0.98 of the model's (12 m data miss some extended flux), moment-1 within 2 km/s rms,
 the noise cube within 10 % of the noise the cube actually holds, units and beams in headers.
 The later derived rounds too: mom1wprior (strict mom1 with gaps filled from the broad mom1),
 the velocity field against the true rotation, and mom0 on the flat strict mask.
@@ -108,6 +108,16 @@ def _truth(project: Path, h: fits.Header, shape: tuple[int, int]) -> tuple[np.nd
     return r0 * (abs(h["CDELT2"]) * 3600 / tpix) ** 2, r1
 
 
+# The fraction of the model's line flux a 12 m-only moment-0 map holds. The 12 m array alone
+# misses extended flux (no baseline under ~15 m: nothing larger than ~10" is recovered):
+# casa-here.md measured 0.917 in a S/N > 4 mask and 0.979 as the median pixel ratio of the
+# bright region, the upper end. This galaxy gives 0.953 (strict) to 0.955 (broad mask), the same
+# to five digits in every CI run (fixed seeds); the noise in the mask moves it by 0.1 % (sigma
+# 0.15-0.17 Jy km/s). Two-sided: above 0.98 flux was added that 12 m data cannot hold; below
+# 0.92 more was lost than the array loses.
+TWELVE_M_ONLY = (0.92, 0.98)
+
+
 def test_moment0_flux_is_the_models(project):
     hdu = fits.open(_derived(project, "broad_mom0"))[0]
     h = hdu.header
@@ -116,7 +126,7 @@ def test_moment0_flux_is_the_models(project):
     truth = json.loads((project / "model" / "model_truth.json").read_text())
     total = fits.getdata(project / "model" / "simgal_true_mom0.fits").sum()
     assert total == pytest.approx(150.0, rel=1e-3), truth.get("total_flux_jy_kms")
-    assert flux == pytest.approx(total, rel=0.12)
+    assert TWELVE_M_ONLY[0] <= flux / total <= TWELVE_M_ONLY[1], flux
 
 
 def test_moment1_follows_the_rotation(project):
@@ -205,7 +215,7 @@ def test_flat_strict_mom0_holds_at_least_the_strict_flux(project):
     """The flat mask is the strict mask OR a window around the velocity field, so its mom0 only
     adds the voxels of that window: their flux is signal plus noise, so >= the strict mom0's
     down to 3 sigma of their noise (beam-correlated: variance sum(sigma^2) x pixels per beam);
-    in all, the model's 150 Jy km/s within 12 %."""
+    in all, 0.92-0.98 of the model's 150 Jy km/s, as the other 12 m moment-0 maps."""
     strict_mask = fits.getdata(_derived(project, "strictmask")).astype(bool)
     flat_mask = fits.getdata(_derived(project, "flatstrictmask")).astype(bool)
     assert (strict_mask <= flat_mask).all()
@@ -220,4 +230,4 @@ def test_flat_strict_mom0_holds_at_least_the_strict_flux(project):
     flat = _jy_kms(_derived(project, "flatstrict_mom0"))
     strict = _jy_kms(_derived(project, "strict_mom0"))
     assert flat >= strict - 3.0 * sigma, (flat, strict, sigma)
-    assert flat == pytest.approx(150.0, rel=0.12)
+    assert TWELVE_M_ONLY[0] <= flat / 150.0 <= TWELVE_M_ONLY[1], flat

@@ -228,17 +228,25 @@ def test_mosaic_covers_both_parts_at_a_round_beam_in_kelvin(run: Run) -> None:
 
 
 def test_mosaic_flux_is_the_models_and_its_parts(run: Run) -> None:
+    """12 m only, in an S/N mask: 0.926 of the model measured (the same in every CI run: fixed
+    seeds; noise in the mask ~0.1 %). The 12 m array misses extended flux (0.917-0.979 in
+    casa-here.md), the mosaic's edges are noisier: 0.90-0.98, two-sided (12 m data cannot hold
+    more than ~0.98 of this disc)."""
     mosaic = run.post("simgal_mosaic", "12m")
-    assert masked_flux(mosaic) == pytest.approx(TRUTH_JYKMS, rel=0.12)
+    assert 0.90 <= masked_flux(mosaic) / TRUTH_JYKMS <= 0.98
     parts = [total_flux(run.post(p, "12m")) for p in ("simgal_1", "simgal_2")]
     assert total_flux(mosaic) == pytest.approx(float(np.mean(parts)), rel=0.03)
 
 
 def test_feathered_mosaic_is_closer_to_the_truth(run: Run) -> None:
+    """Every voxel: the 12 m mosaic holds 0.883 of the model (its negative bowls count), the
+    feathered one 0.960 (measured; the same in every run). Feathering restores the large
+    scales, so the feathered total is between 0.94 and 1.00: it cannot exceed the model by more
+    than the noise (0.1 %), and below 0.94 the single dish added too little."""
     interf = total_flux(run.post("simgal_mosaic", "12m"))
     feathered = total_flux(run.post("simgal_mosaic", "12m+tp"))
     assert abs(feathered - TRUTH_JYKMS) < abs(interf - TRUTH_JYKMS)
-    assert feathered == pytest.approx(TRUTH_JYKMS, rel=0.08)
+    assert 0.94 <= feathered / TRUTH_JYKMS <= 1.00
 
 
 def test_derived_products_of_the_feathered_mosaic(run: Run) -> None:
@@ -255,4 +263,7 @@ def test_derived_products_of_the_feathered_mosaic(run: Run) -> None:
     area = (math.pi * (h["BMAJ"] * u.deg) * (h["BMIN"] * u.deg) / (4 * math.log(2))).to(u.sr)
     jy_per_k = (1 * u.K).to(u.Jy, u.brightness_temperature(230.538e9 * u.Hz, area)).value
     ppb = area.to(u.deg ** 2).value / h["CDELT2"] ** 2
-    assert float(np.nansum(hdu.data)) * jy_per_k / ppb == pytest.approx(TRUTH_JYKMS, rel=0.12)
+    # the broad-mask moment 0 of the feathered cube: 0.945 of the model measured, 1.5 % below
+    # the cube's total (0.960) by the faint wings the mask leaves out; with the cube's bounds
+    # (0.94-1.00) less those wings: 0.93-0.99
+    assert 0.93 <= float(np.nansum(hdu.data)) * jy_per_k / ppb / TRUTH_JYKMS <= 0.99
