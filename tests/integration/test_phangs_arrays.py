@@ -22,10 +22,11 @@ import pytest
 from astropy.io import fits
 
 from hpcddf.phangs.project import cube_filename
+from tests._require import need
 
 from .conftest import hpcddf, wait_for
 
-pytest.importorskip("spectral_cube")
+need("spectral_cube", "phangs")  # the derived stage runs in hpcddf's own environment
 
 NZ, NY, NX = 24, 32, 32
 MAIN, ONLY_B = (12, 10, 10), (8, 22, 22)   # (channel, y, x) of the two sources

@@ -12,8 +12,10 @@ import math
 import numpy as np
 import pytest
 
-pytest.importorskip("spectral_cube")
-pytest.importorskip("radio_beam")
+from tests._require import need
+
+need("spectral_cube", "phangs")
+need("radio_beam", "phangs")
 
 import astropy.units as u
 from astropy.io import fits

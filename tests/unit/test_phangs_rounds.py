@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("spectral_cube")
-pytest.importorskip("reproject")
+from tests._require import need
+
+need("spectral_cube", "phangs")
+need("reproject", "phangs")
 
 from astropy.io import fits
 from astropy.wcs import WCS

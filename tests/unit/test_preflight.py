@@ -124,13 +124,19 @@ def test_shm_mount_smaller_than_required_fraction_of_ram(tmp_path: Path) -> None
 
 
 def test_shm_big_enough_but_too_full(tmp_path: Path) -> None:
-    total, free = fs_space(tmp_path)
-    if total - free < 2**24:
-        pytest.skip("the file system of tmp_path is nearly empty")
-    paths = make_node(tmp_path, mem_kb=(total + free) // 2 // 1024)  # free < RAM < total
+    """Another process's 16 MiB in shm: RAM of the mount's size less 8 MiB fits the mount but
+    not its free space, whatever else the file system holds (free <= total - 16 MiB while the
+    file is there; random bytes, so that no file system stores them in less)."""
+    used = 2**24
+    total, _ = fs_space(tmp_path)
+    paths = make_node(tmp_path, mem_kb=(total - used // 2) // 1024)
+    with open(paths.shm / "other-process.bin", "wb") as f:
+        f.write(os.urandom(used))
+        f.flush()
+        os.fsync(f.fileno())
     check = by_name(run(make_site(shm_min_fraction=1.0), paths), "shm")
-    assert not check.ok
-    assert "other processes use" in (check.fix or "")
+    assert not check.ok, check
+    assert "other processes use" in (check.fix or ""), check
 
 
 def test_shm_missing(tmp_path: Path) -> None:

@@ -18,8 +18,9 @@ from hpcddf.lofar.tools import (
     merge_masks,
     write_summary,
 )
+from tests._require import need
 
-fits = pytest.importorskip("astropy.io.fits", reason="the node tools need astropy (science extra)")
+fits = need("astropy.io.fits", "science")  # the node tools run in the science environment
 
 
 def _field(tmp_path: Path) -> Path:

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-np = pytest.importorskip("numpy")
-ct = pytest.importorskip("casacore.tables")
+from tests._require import need
+
+np = need("numpy", "science")
+ct = need("casacore.tables", "science")
 
 from hpcddf.errors import HpcddfError
 from hpcddf.lofar.config import load_config
