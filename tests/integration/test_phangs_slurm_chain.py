@@ -7,8 +7,10 @@ plain job when the stage has one task, as here) whose tasks wait (``afterok``) o
 tasks the plan names. The checks: what Slurm was given (arrays, task counts, dependencies as
 ``scontrol`` shows them while the jobs wait), what hpcddf recorded (every task done, in
 dependency order, every planned product there), and that the science is the local default's:
-the strict moment-0 holds the model's 150 Jy km/s within 12 %, the cube is in K with a round
-beam. The CASA environment is required (a failure, not a skip) when HPCDDF_REQUIRE_CASA=1.
+the tasks and their parameters are those `--site local` plans for the same keys, the strict
+moment-0 holds the fraction of the model's 150 Jy km/s the local run holds (0.92-0.98), the cube
+is in K with a round beam. The CASA environment is required (a failure, not a skip) when
+HPCDDF_REQUIRE_CASA=1.
 
 The imaging task is killed by its walltime once, as a reduction stage would be: when its dirty
 cube is made, its Slurm time limit is cut to 1 min (``scontrol update``); Slurm's walltime
@@ -35,9 +37,12 @@ from astropy import units as u
 from astropy.io import fits
 
 from hpcddf.engine.paths import unit_paths
+from hpcddf.engine.sites import load_site
 from hpcddf.errors import ConfigError
 from hpcddf.phangs.casaenv import find_casa_env
 from hpcddf.phangs.run_common import task_state_path
+from hpcddf.phangs.submit import submit_phangs
+from tests.science.test_phangs_engine import TWELVE_M_ONLY
 
 from .conftest import SITE_TEMPLATE, hpcddf, queue_empty_of, sacct_states, wait_for
 
@@ -72,6 +77,7 @@ class Chain:
     rows: dict[str, dict[str, Any]]     # task id -> `hpcddf phangs status --json` row at the end
     sacct: dict[str, str]               # sacct job id -> state
     requeue: Requeue                    # the imaging task's walltime kill
+    local: dict[str, Any]               # the local default's plan of the same keys (dry run)
 
     def tasks(self, stage: str | None = None) -> list[dict[str, Any]]:
         return [t for s in self.doc["stages"] if stage in (None, s["name"]) for t in s["tasks"]]
@@ -179,6 +185,10 @@ def chain(slurm: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cha
     site.write_text(SITE_TEMPLATE.format(root=root, walltime=str(WALLTIME_MIN), requeues=1,
                                          signal_delay=30, max_map=0))
     keys = gal / "keys"
+    # what `hpcddf phangs submit KEYS --site local` (test_phangs_engine's run) would run, planned
+    # here in-process before anything ran (the plan looks at which products exist), as JSON as
+    # the command prints it
+    local = json.loads(json.dumps(submit_phangs(load_site("local"), keys, dry_run=True), default=str))
     doc = json.loads(hpcddf("phangs", "submit", str(keys), "--site-file", str(site),
                             "--casa-env", str(CASA_ENV), "--json", timeout=300).stdout)
     job_ids = list(doc["jobs"].values())
@@ -214,7 +224,8 @@ def chain(slurm: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cha
             pytest.fail(f"tasks not done: {sorted(not_done)} ({len(rows)} of {total} recorded)\n"
                         f"{_diagnostics(work, keys, rows)}")
         yield Chain(root=gal, keys=keys, doc=doc, waiting=waiting, rows=rows,
-                    sacct=sacct_states(sorted({j.split('_')[0] for j in job_ids})), requeue=requeue)
+                    sacct=sacct_states(sorted({j.split('_')[0] for j in job_ids})), requeue=requeue,
+                    local=local)
     finally:
         if not queue_empty_of(job_ids):
             subprocess.run(["scancel", *sorted({j.split("_")[0] for j in job_ids})], check=False)
@@ -306,6 +317,11 @@ def _planned_k_cube(chain: Chain) -> Path:
 
 
 def test_science_is_the_local_defaults(chain: Chain) -> None:
+    # the same tasks, inputs, products and parameters as `--site local` plans: only the site
+    # (scheduler, resources) differs
+    assert chain.local["scheduler"] == "local" and chain.doc["scheduler"] == "slurm"
+    for key in ("master_key", "work_dir", "total_tasks", "stages"):
+        assert chain.doc[key] == chain.local[key], key
     truth = json.loads((chain.root / "model" / "model_truth.json").read_text())
     model_flux = truth["total_line_flux_jykms"]
     assert model_flux == pytest.approx(150.0, rel=1e-3)
@@ -324,4 +340,7 @@ def test_science_is_the_local_defaults(chain: Chain) -> None:
     flux = float(np.nansum(hdu.data)) * jy_per_k / pix_per_beam
     print(f"\nstrict mom0 flux {flux:.1f} Jy km/s (model {model_flux:.1f}); "
           f"cube BUNIT {cube['BUNIT']}, beam {cube['BMAJ'] * 3600:.3f}\" x {cube['BMIN'] * 3600:.3f}\"")
-    assert flux == pytest.approx(model_flux, rel=0.12)
+    # the fraction of the model's flux the local default's run of this galaxy holds
+    # (test_phangs_engine: 0.953 on the strict mask, the same in every run, fixed seeds): the
+    # same tasks with the same parameters on Slurm, a requeue included, give the same science
+    assert TWELVE_M_ONLY[0] <= flux / model_flux <= TWELVE_M_ONLY[1], (flux, model_flux)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,24 @@ def _job_ids(state: dict) -> list[str]:
 def _markers(work: Path, field: str) -> dict[str, dict]:
     return {p.name.split(".done.json")[0]: json.loads(p.read_text())
             for p in (work / field / ".hpcddf" / "done").glob("*.done.json")}
+
+
+def sacct_runs(job: str) -> list[str]:
+    """The state of each run of ``job`` in submission order: a requeued job keeps its id and
+    sacct keeps a REQUEUED record of every earlier run (shown with --duplicates)."""
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-D", "-j", job, "-o", "JobID,Submit,State"],
+                         capture_output=True, text=True).stdout
+    rows = [ln.split("|") for ln in out.splitlines() if ln.count("|") == 2]
+    return [state.split()[0] for jid, _, state in sorted(rows, key=lambda r: r[1]) if jid == job]
+
+
+def submitted_since(names: list[str], since: float) -> list[str]:
+    """Job ids of every job named one of ``names`` that sacct has seen since ``since`` (epoch s;
+    sacct -S reads local time), each once, requeues included."""
+    start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since))
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-S", start, "--name", ",".join(names),
+                          "-o", "JobID"], capture_output=True, text=True).stdout
+    return sorted(set(out.split()))
 
 
 def _all_done(work: Path, field: str):
@@ -112,7 +131,13 @@ def test_walltime_kill_requeues_and_resumes_without_redoing_steps(slurm_site, tm
     assert len(markers) == 5
     stage_log = (logs / "hpcddf-initial.log").read_text()
     assert "attempt 2" in stage_log
-    assert job
+    # Slurm requeued the one job (not a resubmission): every attempt ran under the submitted
+    # job id, sacct has one REQUEUED run per attempt but the last, and the last COMPLETED
+    initial = state["stages"]["initial"]
+    assert str(initial["job_id"]) == job, initial
+    runs = wait_for(lambda: (r := sacct_runs(job)) and r[-1] == "COMPLETED" and r, 60,
+                    "sacct to show the requeued job COMPLETED")
+    assert runs == ["REQUEUED"] * (initial["attempts"] - 1) + ["COMPLETED"], (runs, initial)
 
 
 def test_killed_job_is_resubmitted_and_resumes(slurm_site, tmp_path):
@@ -158,16 +183,27 @@ def test_two_concurrent_submits_give_one_chain(slurm_site, tmp_path):
         results.append(hpcddf("submit", "F6", "--site-file", str(site), *SCALED, "--pipeline-opt",
                               "seconds=1", "--control-exitafter=dirin", "--json"))
     threads = [threading.Thread(target=go) for _ in range(2)]
+    t0 = int(time.time()) - 1  # sacct -S has whole seconds
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    statuses = sorted(json.loads(r.stdout)["fields"]["F6"]["status"] for r in results)
-    assert statuses == ["already queued", "submitted"]
+    docs = {d["status"]: d for d in (json.loads(r.stdout)["fields"]["F6"] for r in results)}
+    assert sorted(docs) == ["already queued", "submitted"]
+    chain = docs["submitted"]["jobs"]
+    assert list(chain) == ["initial", "dirin"]
+    # the second submit found the first one's jobs live and queued nothing itself
+    live = docs["already queued"]["jobs"]["live"].split(",")
+    assert live and set(live) <= set(chain.values()), (live, chain)
     state = read_state(tmp_path / "work", "F6")
     assert len(state["submissions"]) == 1
-    queued = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True).stdout.split()
-    assert queued.count("hpcddf-F6-initial") <= 1
+    assert {s: str(state["stages"][s]["job_id"]) for s in chain} == chain
+    # and Slurm was given that one chain: one job named hpcddf-F6-initial since the submits
+    # began, whether it still waits, runs or has ended (a second chain would start with its own;
+    # its later stages wait on a dependency, which sacct -S does not list as eligible yet)
+    first = wait_for(lambda: (ids := submitted_since(["hpcddf-F6-initial"], t0)) and chain["initial"] in ids
+                     and ids, 60, "sacct to record the chain's first job")
+    assert first == [chain["initial"]], (first, chain)
 
 
 def test_cancel_stops_the_chain_and_records_it(slurm_site, tmp_path):

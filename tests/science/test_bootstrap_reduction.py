@@ -59,10 +59,17 @@ def field(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_bootstrap_step_runs_in_the_reduction(field):
     wd, out = field["wd"], field["out"]
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert (wd / ".hpcddf" / "done" / "bootstrap.json").is_file() or any(
-        (wd / ".hpcddf").rglob("bootstrap*")), sorted(p.name for p in (wd / ".hpcddf").rglob("*"))
-    for name in ("image_bootstrap_SIM.cube.int.restored.fits", "image_bootstrap.app.mean.fits",
-                 "SIM-bootstrap-factors.json"):
+    # the step's done-marker (written last, when its commands ran and its outputs exist)
+    done = wd / ".hpcddf" / "done"
+    assert (done / "bootstrap.done.json").is_file(), sorted(p.name for p in done.glob("*"))
+    marker = json.loads((done / "bootstrap.done.json").read_text())
+    assert (marker["step"], marker["stage"]) == ("bootstrap", "bootstrap"), marker
+    products = {"image_bootstrap_SIM.cube.int.restored.fits", "image_bootstrap.app.mean.fits",
+                "SIM-bootstrap-factors.json"}
+    assert set(marker["outputs"]) == products, marker["outputs"]
+    ran = {arg for argv in marker["commands"] for arg in argv}
+    assert {"bootstrap-fit", "bootstrap-apply"} <= ran, marker["commands"]
+    for name in products:
         assert (wd / name).is_file(), name
 
 
