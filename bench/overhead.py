@@ -37,7 +37,15 @@ from pathlib import Path
 
 HPCDDF = [sys.executable, "-m", "hpcddf"]
 FIELD = "SIM1"
-CACHE_ARG = "--Cache-Dir="
+CACHE_ARG = "--Cache-Dir="      # DDF.py's cache
+KMS_CACHE_ARG = "--DDFCacheDir"  # kMS.py's (its value is the next argument)
+
+
+def cache_dirs(argv: list[str]) -> set[str]:
+    """The job's DDFacet cache directories a command names (DDF.py's and kMS.py's form)."""
+    dirs = {a[len(CACHE_ARG):] for a in argv if a.startswith(CACHE_ARG)}
+    dirs |= {argv[i + 1] for i, a in enumerate(argv[:-1]) if a == KMS_CACHE_ARG}
+    return dirs
 
 
 def interleaved(runs: int) -> list[str]:
@@ -78,8 +86,7 @@ def normalised(commands: list[tuple[str, list[str]]], workdir: Path) -> list[lis
     """The commands with the run's own paths (cache, field directory) taken out, to compare runs."""
     out = []
     for stage, argv in commands:
-        caches = {a[len(CACHE_ARG):] for a in argv if a.startswith(CACHE_ARG)}
-        for old in sorted(caches, key=len, reverse=True):
+        for old in sorted(cache_dirs(argv), key=len, reverse=True):
             argv = [a.replace(old, "<cache>") for a in argv]
         out.append([stage] + [a.replace(str(workdir), "<field>") for a in argv])
     return out
@@ -99,8 +106,7 @@ def bare_script(commands: list[tuple[str, list[str]]], old_workdir: Path, new_wo
         for k, (st, argv) in enumerate(commands):
             if st != stage:
                 continue
-            olds = {a[len(CACHE_ARG):] for a in argv if a.startswith(CACHE_ARG)}
-            for old in sorted(olds, key=len, reverse=True):
+            for old in sorted(cache_dirs(argv), key=len, reverse=True):
                 argv = [a.replace(old, cache) for a in argv]
             argv = [a.replace(str(old_workdir), str(new_workdir)) for a in argv]
             lines.append(" ".join(shlex.quote(a) for a in argv) + f" < /dev/null > logs/bare-{k:03d}.log 2>&1")
