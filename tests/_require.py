@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
+from typing import NoReturn
 
 import pytest
 
@@ -35,6 +36,14 @@ def distribution_of(module: str) -> str:
     return DISTRIBUTIONS.get(top, top)
 
 
+def missing(var: str, why: str) -> NoReturn:
+    """Skip (the whole module when called at its top) because ``why``; or, where ``var=1`` says
+    this must be here, fail with one line."""
+    if os.environ.get(var) == "1":
+        pytest.fail(f"{why} (required here: {var}=1)", pytrace=False)
+    pytest.skip(why, allow_module_level=True)
+
+
 def need(module: str, extra: str) -> ModuleType:
     """``module``, imported; else skip (the whole module when called at its top), or fail when
     ``HPCDDF_REQUIRE_<EXTRA>=1``."""
@@ -42,8 +51,4 @@ def need(module: str, extra: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as exc:
         error = exc  # outside the handler below: the failure is one line, no chained traceback
-    why = f"{module} does not import ({error}); pip install -e '.[{extra}]'"
-    var = require_var(extra)
-    if os.environ.get(var) == "1":
-        pytest.fail(f"the {extra} extra is required here ({var}=1) but {why}", pytrace=False)
-    pytest.skip(why, allow_module_level=True)
+    missing(require_var(extra), f"{module} does not import ({error}); pip install -e '.[{extra}]'")

@@ -7,7 +7,6 @@ cluster is a failure; otherwise the skip says why.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+
+from tests._require import missing
 
 HPCDDF = [sys.executable, "-m", "hpcddf"]
 
@@ -32,13 +33,17 @@ def _cluster_up() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def slurm() -> None:
+def require_slurm() -> None:
+    """Skip without the local cluster; fail where HPCDDF_REQUIRE_SLURM=1 (.ci/run)."""
     why = _cluster_up()
     if why:
-        if os.environ.get("HPCDDF_REQUIRE_SLURM") == "1":
-            pytest.fail(f"the local Slurm cluster is required here but not usable: {why}")
-        pytest.skip(f"local Slurm cluster not running ({why}); start it with slurm/start_slurm.sh")
+        missing("HPCDDF_REQUIRE_SLURM",
+                f"local Slurm cluster not usable ({why}); start it with slurm/start_slurm.sh")
+
+
+@pytest.fixture(scope="session")
+def slurm() -> None:
+    require_slurm()
 
 
 SITE_TEMPLATE = """
