@@ -82,14 +82,16 @@ def recorded_commands(workdir: Path) -> list[tuple[str, list[str]]]:
     return [(m["stage"], argv) for m in markers for argv in m["commands"]]
 
 
+def rewritten(argv: list[str], cache: str, old_workdir: Path, new_workdir: str) -> list[str]:
+    """``argv`` with its job's cache directories and its field directory replaced."""
+    for old in sorted(cache_dirs(argv), key=len, reverse=True):
+        argv = [a.replace(old, cache) for a in argv]
+    return [a.replace(str(old_workdir), new_workdir) for a in argv]
+
+
 def normalised(commands: list[tuple[str, list[str]]], workdir: Path) -> list[list[str]]:
     """The commands with the run's own paths (cache, field directory) taken out, to compare runs."""
-    out = []
-    for stage, argv in commands:
-        for old in sorted(cache_dirs(argv), key=len, reverse=True):
-            argv = [a.replace(old, "<cache>") for a in argv]
-        out.append([stage] + [a.replace(str(workdir), "<field>") for a in argv])
-    return out
+    return [[stage, *rewritten(argv, "<cache>", workdir, "<field>")] for stage, argv in commands]
 
 
 def bare_script(commands: list[tuple[str, list[str]]], old_workdir: Path, new_workdir: Path,
@@ -106,9 +108,7 @@ def bare_script(commands: list[tuple[str, list[str]]], old_workdir: Path, new_wo
         for k, (st, argv) in enumerate(commands):
             if st != stage:
                 continue
-            for old in sorted(cache_dirs(argv), key=len, reverse=True):
-                argv = [a.replace(old, cache) for a in argv]
-            argv = [a.replace(str(old_workdir), str(new_workdir)) for a in argv]
+            argv = rewritten(argv, cache, old_workdir, str(new_workdir))
             lines.append(" ".join(shlex.quote(a) for a in argv) + f" < /dev/null > logs/bare-{k:03d}.log 2>&1")
         lines.append(f"rm -rf {shlex.quote(str(field_dir))}")
     return "\n".join(lines) + "\n"
