@@ -27,6 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hpcddf.facets import Facet, facet_of, read_facet_coords, read_tessel
+from hpcddf.facets import tangent as _tangent
+
 R_ARCSEC = 60.0
 BINS = np.linspace(-40.0, 40.0, 151)
 CENTRES = 0.5 * (BINS[1:] + BINS[:-1])
@@ -229,90 +232,7 @@ def applied_offsets(fits_: Sequence[FacetOffset]) -> dict[int, tuple[float, floa
     return {f.facet: ((f.ra.offset, f.dec.offset) if not f.bad else med) for f in fits_}
 
 
-# ---------------------------------------------------------------- DDFacet's facets
-
-@dataclass(frozen=True)
-class Facet:
-    """One DDFacet facet: its index, its calibration direction and its polygon (RA, Dec deg)."""
-
-    index: int
-    direction: int
-    polygon: np.ndarray   # (n, 2)
-
-
-def read_tessel(path: str, centre: tuple[float, float] | None = None) -> list[Facet]:
-    """Facets of a DDFacet ``*.tessel.reg``: closed chains of ``line(...)`` segments are the
-    polygons; each is labelled by the ``point(...) # text={[F<i>_S<j>]}`` that lies inside it
-    (DDFacet does not write a polygon next to its own label)."""
-    import re
-    label = re.compile(r"text=\{\[F(\d+)_S(\d+)\]\}")
-    coords = re.compile(r"\(([^)]*)\)")
-    points: list[tuple[int, int, float, float]] = []
-    polygons: list[list[tuple[float, float]]] = []
-    chain: list[tuple[float, float]] = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            c = coords.search(line)
-            if line.startswith("point(") and c and (m := label.search(line)):
-                ra, dec = (float(x) for x in c.group(1).split(",")[:2])
-                points.append((int(m.group(1)), int(m.group(2)), ra, dec))
-            elif line.startswith("line(") and c:
-                ra1, dec1, ra2, dec2 = (float(x) for x in c.group(1).split(","))
-                if chain and (ra1, dec1) != chain[-1]:
-                    chain = []  # a segment that does not continue the chain starts a new one
-                if not chain:
-                    chain = [(ra1, dec1)]
-                    polygons.append(chain)
-                chain.append((ra2, dec2))
-                if chain[-1] == chain[0]:
-                    chain.pop()
-                    chain = []
-    if centre is None:
-        centre = (float(np.mean([p[2] for p in points])), float(np.mean([p[3] for p in points])))
-    facets = []
-    from matplotlib.path import Path as MplPath
-    for poly in polygons:
-        if len(poly) < 3:
-            continue
-        pg = np.array(poly)
-        path = MplPath(_tangent(pg[:, 0], pg[:, 1], centre))
-        inside = [p for p in points if path.contains_point(_tangent(np.array([p[2]]), np.array([p[3]]), centre)[0])]
-        if inside:
-            facets.append(Facet(inside[0][0], inside[0][1], pg))
-    return sorted(facets, key=lambda f: f.index)
-
-
-def _tangent(ra: np.ndarray, dec: np.ndarray, centre: tuple[float, float]) -> np.ndarray:
-    """Offsets (deg, east and north) about the image centre, as DDFacet's facets are flat there."""
-    from astropy import units as u
-    from astropy.coordinates import SkyCoord
-    c = SkyCoord(centre[0] * u.deg, centre[1] * u.deg)
-    dra, ddec = c.spherical_offsets_to(SkyCoord(np.asarray(ra) * u.deg, np.asarray(dec) * u.deg))
-    return np.column_stack([dra.deg, ddec.deg])
-
-
-def facet_of(ra: np.ndarray, dec: np.ndarray, facets: Sequence[Facet],
-             centre: tuple[float, float]) -> np.ndarray:
-    """The facet index of each position (-1 outside every facet)."""
-    from matplotlib.path import Path as MplPath
-    xy = _tangent(np.atleast_1d(ra), np.atleast_1d(dec), centre)
-    out = np.full(len(xy), -1, dtype=int)
-    for f in facets:
-        inside = MplPath(_tangent(f.polygon[:, 0], f.polygon[:, 1], centre)).contains_points(xy)
-        out[inside & (out < 0)] = f.index
-    return out
-
-
-def read_facet_coords(path: str) -> np.ndarray:
-    """(ra_rad, dec_rad) of every facet centre from DDFacet's ``*.facetCoord.txt``."""
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            parts = [p.strip() for p in line.split(",")]
-            if len(parts) >= 4:
-                rows.append((float(parts[2]), float(parts[3])))
-    return np.array(rows)
-
+# ---------------------------------------------------------------- DDFacet's facets (hpcddf.facets)
 
 def facet_offset_text(coords: np.ndarray, facets: Sequence[Facet],
                       by_direction: dict[int, tuple[float, float]], cell_arcsec: float) -> str:
