@@ -623,3 +623,51 @@ def test_a_field_symlinked_out_of_the_work_root_is_refused(run_cli, cli_error, s
     observed("inside")
     (work_root / "L654321").symlink_to(work_root / "inside")
     ok(run_cli("submit", "L654321", "--site", "testsite", "--dry-run"))
+
+
+# ----------------------------------------------------------------------------------- mosaic
+
+def _facet_survey(work: Path) -> Path:
+    """Three tiny reduced fields with facet files and a quality result; their pointings CSV."""
+    from hpcddf.mosaic.combine import PRODUCTS
+    from hpcddf.mosaic.survey_sim import FieldSpec, SkySource, hex_grid, write_field
+    pts = hex_grid(100.0, 40.0, 0.4, 1, prefix="M")[:3]
+    spec = FieldSpec(cell_arcsec=20.0, resolution_arcsec=80.0, npix=96, pb_fwhm_deg=0.8, facets=2)
+    full = PRODUCTS["full"]
+    for i, p in enumerate(pts):
+        write_field(work / p.id, p, spec, [SkySource(p.ra, p.dec, 1.0)], full.int_image, full.app_image,
+                    seed=i, offsets={0: (5.0, 0.0)})
+        (work / p.id / "quality").mkdir()
+        (work / p.id / "quality" / "quality.json").write_text(json.dumps(
+            {"catalogues": {"NVSS": {"used": True, "flux_ratio": {"value": 1.25}}}}))
+    table = work / "pointings.csv"
+    table.write_text("id,ra,dec\n" + "".join(f"{p.id},{p.ra},{p.dec}\n" for p in pts))
+    return table
+
+
+def test_mosaic_corrections_from_the_fields_products(run_cli, cli_error, tmp_path):
+    """--apply-shifts, --blank-bad-facets, --scale-from-quality read the fields' own products and
+    are recorded in the mosaic's HISTORY and done-marker; bad values stop before anything runs."""
+    from astropy.io import fits
+    work = tmp_path / "work"
+    table = _facet_survey(work)
+    common = ("mosaic", "M000", "--local", "--pointings", str(table), "--work-root", str(work), "--no-preview")
+    cli_error(run_cli(*common, "--common-beam", "big"), "--common-beam 'big' is not auto, none or arcsec", code=1)
+    cli_error(run_cli(*common, "--blank-bad-facets"), "field M000 has neither Badfacets.txt nor an offsets table",
+              code=1)
+    cli_error(run_cli(*common, "--scale-from-quality", "TGSS"), "no usable flux ratio against TGSS",
+              "usable: NVSS", code=1)
+    assert not (work / "mosaics").exists()
+    (work / "M001" / "Badfacets.txt").write_text("3\n")
+    for fid in ("M000", "M002"):
+        (work / fid / "Badfacets.txt").write_text("\n")
+    ok(run_cli(*common, "--apply-shifts", "--blank-bad-facets", "--scale-from-quality", "NVSS"))
+    head = fits.getheader(work / "mosaics" / "M000" / "M000-full-mosaic.fits")
+    history = "\n".join(head["HISTORY"])
+    assert "scale 0.8 (quality NVSS)" in history and "1 facets shifted (max 5.00\")" in history
+    assert "M001 1 facets shifted (max 5.00\"); facets 3 blanked" in history
+    marker = json.loads(next((work / "mosaics" / "M000").rglob("full.done.json")).read_text())
+    assert marker["scales"] == {"M000": 0.8, "M001": 0.8, "M002": 0.8} and marker["recipe"]
+    assert "already done" in ok(run_cli(*common, "--apply-shifts", "--blank-bad-facets",
+                                        "--scale-from-quality", "NVSS"))
+    assert "already done" not in ok(run_cli(*common, "--apply-shifts", "--scale-from-quality", "NVSS"))

@@ -31,6 +31,18 @@ from hpcddf.cli.app import (
 @click.option("--noise", "noises", multiple=True, metavar="FIELD=JY", help="Noise of a field (default: measured).")
 @click.option("--beamcut", type=float, default=0.3, show_default=True, help="Ignore a field where its beam is below this.")
 @click.option("--exact", is_flag=True, help="Flux-conserving exact reprojection (slower) instead of bilinear.")
+@click.option("--apply-shifts", is_flag=True,
+              help="Move each facet by its astrometric offset (the field's offsets step: facet-offset.txt).")
+@click.option("--blank-bad-facets", is_flag=True,
+              help="Give no weight to facets in the field's Badfacets.txt or marked Bad by its offsets step.")
+@click.option("--astromap-blank", type=float, metavar="ARCSEC",
+              help="Give no weight where the field's astromap.fits positional error exceeds ARCSEC.")
+@click.option("--facet-noise", is_flag=True, help="Weight by the noise of each facet, not one number per field.")
+@click.option("--common-beam", default="auto", show_default=True, metavar="auto|none|ARCSEC",
+              help="Convolve inputs with differing beams to their common beam (auto), keep them (none), "
+                   "or to a round beam of ARCSEC.")
+@click.option("--scale-from-quality", metavar="CATALOGUE|any",
+              help="Flux-scale each field by 1/its LOFAR-to-CATALOGUE flux ratio from its quality step.")
 @click.option("--catalogue", is_flag=True, help="Also run PyBDSF on each mosaic.")
 @click.option("--no-preview", is_flag=True, help="Do not write PNG previews.")
 @click.option("--force", is_flag=True, help="Remake mosaics that are already done.")
@@ -45,7 +57,8 @@ from hpcddf.cli.app import (
 def mosaic(fields: tuple[str, ...], site: str | None, site_file: str | None, pointings: str,
            region: str | None, all_: bool, products: tuple[str, ...], exclude: tuple[str, ...],
            allow_missing: bool, scales: tuple[str, ...], noises: tuple[str, ...], beamcut: float,
-           exact: bool, catalogue: bool, no_preview: bool, force: bool, local: bool, cpus: int,
+           exact: bool, apply_shifts: bool, blank_bad_facets: bool, astromap_blank: float | None,
+           facet_noise: bool, common_beam: str, scale_from_quality: str | None, catalogue: bool, no_preview: bool, force: bool, local: bool, cpus: int,
            mem_gb: int, walltime: int, max_running: int | None, work_root: Path | None,
            dry_run: bool, as_json: bool) -> None:
     """Mosaic CENTRE pointing(s) with their neighbours, once those are reduced.
@@ -54,13 +67,17 @@ def mosaic(fields: tuple[str, ...], site: str | None, site_file: str | None, poi
     neighbours still being reduced. Products go to WORK_ROOT/mosaics/CENTRE/.
     """
     from hpcddf.mosaic.combine import MosaicOptions
+    from hpcddf.mosaic.corrections import CorrectionOptions
     from hpcddf.mosaic.jobs import MosaicResources, submit_mosaics
     s = choose_site(site, site_file, local=local)
     doc = submit_mosaics(s, pointings, fields, region, all_, products, work_root or s.work_root,
                          exclude, allow_missing, scales, noises,
-                         MosaicOptions(beamcut=beamcut, method="exact" if exact else "bilinear", workers=0),
+                         MosaicOptions(beamcut=beamcut, method="exact" if exact else "bilinear", workers=0,
+                                       common_beam=common_beam),
                          force, not no_preview, catalogue,
-                         MosaicResources(cpus, mem_gb, walltime, max_running), dry_run, progress)
+                         MosaicResources(cpus, mem_gb, walltime, max_running), dry_run,
+                         CorrectionOptions(apply_shifts, blank_bad_facets, astromap_blank, facet_noise,
+                                           scale_from_quality), progress)
     if as_json:
         print_json(doc)
         return

@@ -45,6 +45,16 @@ import numpy as np
 from hpcddf import __version__
 from hpcddf.engine.atomic import atomic_path
 from hpcddf.errors import HpcddfError
+from hpcddf.mosaic.corrections import (
+    Beam,
+    Corrections,
+    PixelFacets,
+    astromap_bad,
+    common_beam,
+    convolution_kernel,
+    facet_noise,
+    shift_facets,
+)
 from hpcddf.sky import clipped_rms, image_plane
 
 ARCSEC_DEG = 1.0 / 3600.0
@@ -70,25 +80,31 @@ class Product:
     cell_arcsec: float
     resolution_arcsec: float
     noise_box: int
+    tessel: str
 
 
 PRODUCTS = {
     "full": Product("full", "image_full_ampphase_di_m.NS.int.restored.fits",
-                    "image_full_ampphase_di_m.NS.app.restored.fits", 1.5, 6.0, 1000),
+                    "image_full_ampphase_di_m.NS.app.restored.fits", 1.5, 6.0, 1000,
+                    "image_full_ampphase_di_m.NS.tessel.reg"),
     "low": Product("low", "image_full_low.int.restored.fits",
-                   "image_full_low.app.restored.fits", 4.5, 20.0, 1500),
+                   "image_full_low.app.restored.fits", 4.5, 20.0, 1500,
+                   "image_full_low.tessel.reg"),
 }
 
 
 @dataclass(frozen=True)
 class MosaicInput:
-    """One field's images; ``noise`` (Jy/beam) is measured when None, ``scale`` multiplies flux."""
+    """One field's images; ``noise`` (Jy/beam) is measured when None, ``scale`` multiplies flux
+    (``scale_from`` says where it came from), ``corrections`` are applied per block."""
 
     name: str
     int_path: str
     app_path: str
     noise: float | None = None
     scale: float = 1.0
+    corrections: Corrections = Corrections()
+    scale_from: str = ""
 
 
 @dataclass(frozen=True)
@@ -100,6 +116,8 @@ class MosaicOptions:
     island_size: int = 20
     noise_box: int = 1000
     measure_memory: bool = False   # report the peak traced memory of every process
+    common_beam: str = "auto"      # "auto": convolve differing inputs to their common beam;
+                                   # "none": keep each input's; or a round beam in arcsec
 
 
 @dataclass
@@ -215,40 +233,62 @@ def block_in_circle(box: tuple[int, int, int, int], centre: tuple[float, float],
 # ---------------------------------------------------------------- one block (any process)
 
 @dataclass
+class Prepared:
+    """What the parent measured of one input, for every block (picklable: sent to workers)."""
+
+    noise: float
+    facet_sigma: np.ndarray | None = None   # per facet, after any convolution
+    kernel: np.ndarray | None = None        # to the common beam
+    area_ratio: float = 1.0
+
+
+@dataclass
 class _Opened:
     inp: MosaicInput
-    noise: float
+    prep: Prepared
     int_data: Any
     app_data: Any
     wcs: Any
+    facets: PixelFacets | None
+    astromap: tuple[np.ndarray, Any] | None
+    pad: int                                 # extra cutout margin: kernel and shifts
 
 
 _STATE: dict[str, Any] = {}
 
 
-def _open_inputs(inputs: Sequence[MosaicInput], noises: Sequence[float], header_text: str,
+def _open_one(inp: MosaicInput, prep: Prepared) -> _Opened:
+    from hpcddf.mosaic.corrections import read_astromap
+    idata, wcs, _ = image_plane(inp.int_path)
+    adata, _, _ = image_plane(inp.app_path)
+    if idata.shape != adata.shape:
+        raise MosaicError(f"{inp.name}: int and app images differ in shape",
+                          "use the int/app pair of one DDFacet run")
+    corr = inp.corrections
+    facets = PixelFacets.build(corr, wcs) if corr.needs_labels else None
+    amap = read_astromap(corr.astromap) if corr.astromap else None
+    pad = (prep.kernel.shape[0] // 2 + 1 if prep.kernel is not None else 0)
+    pad += facets.max_shift_px() + 3 if facets is not None and corr.shifted else 0
+    return _Opened(inp, prep, idata, adata, wcs, facets, amap, pad)
+
+
+def _open_inputs(inputs: Sequence[MosaicInput], preps: Sequence[Prepared], header_text: str,
                  opts: MosaicOptions) -> None:
     """Per process: memory-map every input once (a worker's initializer, or the parent's)."""
     from astropy.io import fits
     from astropy.wcs import WCS
-    opened = []
-    for inp, noise in zip(inputs, noises):
-        idata, wcs, _ = image_plane(inp.int_path)
-        adata, awcs, _ = image_plane(inp.app_path)
-        if idata.shape != adata.shape:
-            raise MosaicError(f"{inp.name}: int and app images differ in shape",
-                              "use the int/app pair of one DDFacet run")
-        opened.append(_Opened(inp, noise, idata, adata, wcs))
-    _STATE.update(inputs=opened, out_wcs=WCS(fits.Header.fromstring(header_text)), opts=opts)
+    _STATE.update(inputs=[_open_one(i, p) for i, p in zip(inputs, preps)],
+                  out_wcs=WCS(fits.Header.fromstring(header_text)), opts=opts)
 
 
-def _worker_init(inputs: Sequence[MosaicInput], noises: Sequence[float], header_text: str,
+def _worker_init(inputs: Sequence[MosaicInput], preps: Sequence[Prepared], header_text: str,
                  opts: MosaicOptions) -> None:
     """A worker process: its own memory count (a forked child inherits the parent's traces);
     modules are imported first, so the count is the data's, not the code's."""
     import reproject  # noqa: F401
     import scipy.ndimage  # noqa: F401
-    _open_inputs(inputs, noises, header_text, opts)
+    import scipy.signal  # noqa: F401
+    _open_inputs(inputs, preps, header_text, opts)
     if opts.measure_memory:
         tracemalloc.stop()
         tracemalloc.start()
@@ -262,6 +302,33 @@ def _reproject(stack: np.ndarray, wcs_in: Any, wcs_out: Any, shape: tuple[int, i
                             return_footprint=False)
 
 
+def _corrected_cutout(o: _Opened, cut: tuple[slice, slice], beamcut: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """(int, weight) of one input's cutout with every correction applied, on its own grid."""
+    int_cut = np.asarray(o.int_data[cut], dtype=np.float32)
+    beam, weight = beam_and_weight(o.app_data[cut], int_cut, o.prep.noise, beamcut)
+    if not weight.any():
+        return None
+    invalid = ~np.isfinite(int_cut)
+    int_cut[invalid] = 0.0
+    if o.facets is not None:
+        labels = o.facets.labels(cut)
+        if o.prep.facet_sigma is not None:
+            sigma = np.where(labels >= 0, o.prep.facet_sigma[np.maximum(labels, 0)], o.prep.noise)
+            weight = np.square(beam / sigma.astype(np.float32), dtype=np.float32)
+        weight[(labels >= 0) & o.facets.blank[np.maximum(labels, 0)]] = 0.0
+        if o.inp.corrections.shifted:
+            int_cut = shift_facets(int_cut, labels, o.facets.shifts_px)
+    if o.astromap is not None:
+        weight[astromap_bad(*o.astromap, o.inp.corrections.astromap_max or 0.0, o.wcs, cut)] = 0.0
+    if o.prep.kernel is not None:
+        from scipy.ndimage import maximum_filter
+        from scipy.signal import fftconvolve
+        int_cut = fftconvolve(int_cut, o.prep.kernel, mode="same").astype(np.float32) * np.float32(o.prep.area_ratio)
+        if invalid.any():  # pixels the convolution filled from outside the image get no weight
+            weight[maximum_filter(invalid, size=o.prep.kernel.shape[0])] = 0.0
+    return int_cut, weight
+
+
 def _mosaic_block(box: tuple[int, int, int, int]) -> tuple[tuple[int, int, int, int], Any, Any, int, int, int]:
     """Sum of r*w and of w over every input for one output block (None, None if no input has beam here)."""
     y0, y1, x0, x1 = box
@@ -271,16 +338,12 @@ def _mosaic_block(box: tuple[int, int, int, int]) -> tuple[tuple[int, int, int, 
     isum = wsum = None
     used = 0
     for o in _STATE["inputs"]:
-        cut = input_cutout(o.wcs, o.int_data.shape, _STATE["out_wcs"], box)
-        if cut is None:
+        cut = input_cutout(o.wcs, o.int_data.shape, _STATE["out_wcs"], box, CUTOUT_MARGIN + o.pad)
+        got = _corrected_cutout(o, cut, opts.beamcut) if cut is not None else None
+        if got is None:
             continue
-        int_cut = np.asarray(o.int_data[cut], dtype=np.float32)
-        _, weight = beam_and_weight(o.app_data[cut], int_cut, o.noise, opts.beamcut)
-        if not weight.any():
-            continue
-        int_cut[~np.isfinite(int_cut)] = 0.0
-        r, w = _reproject(np.stack([int_cut, weight]), o.wcs[cut], out_wcs, shape, opts.method)
-        del int_cut, weight
+        r, w = _reproject(np.stack(got), o.wcs[cut], out_wcs, shape, opts.method)
+        del got
         r = np.nan_to_num(r, nan=0.0).astype(np.float32) * np.float32(o.inp.scale)
         w = np.nan_to_num(w, nan=0.0).astype(np.float32) / np.float32(o.inp.scale ** 2)
         if isum is None:
@@ -295,35 +358,79 @@ def _mosaic_block(box: tuple[int, int, int, int]) -> tuple[tuple[int, int, int, 
 
 # ---------------------------------------------------------------- the whole mosaic
 
-def measure_noise(inputs: Sequence[MosaicInput], box: int) -> list[float]:
+def parse_common_beam(how: str) -> float | None:
+    """``--common-beam``: auto, none, or a round beam in arcsec (checked before anything is queued)."""
+    if how in ("auto", "none"):
+        return None
+    try:
+        size = float(how)
+    except ValueError:
+        size = float("nan")
+    if not size > 0:
+        raise MosaicError(f"--common-beam {how!r} is not auto, none or arcsec > 0", "e.g. --common-beam 9")
+    return size
+
+
+def target_beam(inputs: Sequence[MosaicInput], header: Any, how: str) -> tuple[list[Beam | None], Beam | None]:
+    """Each input's restoring beam, and the beam to convolve them to (None: keep them)."""
+    beams = [Beam.of(image_plane(i.int_path)[2]) for i in inputs]
+    size = parse_common_beam(how)
+    if how == "none":
+        return beams, None
+    if size is not None:
+        return beams, Beam(size, size)
+    known = [b for b in beams if b is not None]
+    return beams, (common_beam(known) if known else None)  # all alike: theirs, nothing convolved
+
+
+def _noise_of(inp: MosaicInput, box: int, kernel: tuple[np.ndarray, float] | None) -> float:
+    if inp.noise is not None:
+        if not inp.noise > 0:
+            raise MosaicError(f"{inp.name}: noise {inp.noise} must be positive", "give Jy/beam > 0")
+        return float(inp.noise)
+    data, _, _ = image_plane(inp.app_path)
+    if kernel is None:
+        return clipped_rms(data, box)
+    from scipy.signal import fftconvolve
+    ny, nx = data.shape
+    half = box // 2 + kernel[0].shape[0]
+    y0, x0 = max(0, ny // 2 - half), max(0, nx // 2 - half)
+    sub = np.nan_to_num(np.asarray(data[y0:ny // 2 + half, x0:nx // 2 + half], dtype=np.float32))
+    return clipped_rms(fftconvolve(sub, kernel[0], mode="same") * kernel[1], box)
+
+
+def prepare_inputs(inputs: Sequence[MosaicInput], box: int, beams: Sequence[Beam | None],
+                   target: Beam | None) -> list[Prepared]:
+    """Per input: its noise (after convolution), noise per facet, and convolution kernel."""
     out = []
-    for inp in inputs:
-        if inp.noise is not None:
-            if not inp.noise > 0:
-                raise MosaicError(f"{inp.name}: noise {inp.noise} must be positive", "give Jy/beam > 0")
-            out.append(float(inp.noise))
-            continue
-        data, _, _ = image_plane(inp.app_path)
-        out.append(clipped_rms(data, box))
+    for inp, beam in zip(inputs, beams):
+        _, wcs, _ = image_plane(inp.int_path)
+        kern = None
+        if target is not None and beam is not None:
+            kern = convolution_kernel(beam, target, abs(float(wcs.wcs.cdelt[1])) * 3600.0)
+        noise = _noise_of(inp, box, kern)
+        sigma = None
+        if inp.corrections.facet_noise:
+            app, _, _ = image_plane(inp.app_path)
+            native = clipped_rms(app, box) if kern is not None else noise
+            sigma = facet_noise(app, PixelFacets.build(inp.corrections, wcs), native) * (noise / native)
+        out.append(Prepared(noise, sigma, kern[0] if kern else None, kern[1] if kern else 1.0))
     return out
 
 
-def beam_warnings(inputs: Sequence[MosaicInput], header: Any) -> list[str]:
-    """Inputs restored with another beam than the mosaic's (ddf-pipeline would convolve them)."""
+def beam_warnings(beams: Sequence[Beam | None], names: Sequence[str], header: Any) -> list[str]:
+    """Inputs restored with another beam than the mosaic's (``--common-beam none``)."""
+    mine = Beam.of(header)
     warn = []
-    for inp in inputs:
-        _, _, h = image_plane(inp.int_path)
-        bmaj, bmin = h.get("BMAJ"), h.get("BMIN")
-        if bmaj is None:
-            continue
-        if abs(bmaj - header["BMAJ"]) > 1e-5 or abs((bmin or bmaj) - header["BMIN"]) > 1e-5:
-            warn.append(f"{inp.name} is restored with {bmaj * 3600:.1f}\"x{(bmin or bmaj) * 3600:.1f}\", "
-                        f"the mosaic's beam is {header['BMAJ'] * 3600:.1f}\"")
+    for name, b in zip(names, beams):
+        if b is not None and mine is not None and not b.same(mine):
+            warn.append(f"{name} is restored with {b.bmaj:.1f}\"x{b.bmin:.1f}\", "
+                        f"the mosaic's beam is {mine.bmaj:.1f}\"")
     return warn
 
 
 def _run_blocks(todo: list[tuple[int, int, int, int]], inputs: Sequence[MosaicInput],
-                noises: Sequence[float], header: Any, opts: MosaicOptions,
+                preps: Sequence[Prepared], header: Any, opts: MosaicOptions,
                 isum: np.ndarray, wsum: np.ndarray) -> tuple[int, dict[int, int]]:
     """Compute the blocks (here or in worker processes) and add them into the sums."""
     peaks: dict[int, int] = {}
@@ -340,12 +447,12 @@ def _run_blocks(todo: list[tuple[int, int, int, int]], inputs: Sequence[MosaicIn
 
     text = header.tostring()
     if opts.workers <= 1:
-        _open_inputs(inputs, noises, text, opts)
+        _open_inputs(inputs, preps, text, opts)
         for box in todo:
             add(_mosaic_block(box))
         return pairs, peaks
     with ProcessPoolExecutor(max_workers=opts.workers, initializer=_worker_init,
-                             initargs=(list(inputs), list(noises), text, opts)) as pool:
+                             initargs=(list(inputs), list(preps), text, opts)) as pool:
         pending: set[Any] = set()
         queue = iter(todo)
         for box in queue:  # keep at most 2 blocks per worker in flight: bounded memory
@@ -409,6 +516,24 @@ def remove_islands(data: np.ndarray, size: int) -> int:
     return blanked
 
 
+def history_inputs(head: Any, inputs: Sequence[MosaicInput], preps: Sequence[Prepared],
+                   beams: Sequence[Beam | None], target: Beam | None) -> None:
+    """One HISTORY line per input and per correction applied to it (what a release records)."""
+    if target is not None:
+        head["HISTORY"] = f"common beam {target.bmaj:.2f}\"x{target.bmin:.2f}\" PA {target.bpa:.1f}"
+    for inp, prep, beam in zip(inputs, preps, beams):
+        src = f" ({inp.scale_from})" if inp.scale_from else ""
+        head["HISTORY"] = (f"input {inp.name} noise {prep.noise:.4g} Jy/beam scale {inp.scale:g}{src}: "
+                           f"{Path(inp.int_path).name}")
+        if prep.kernel is not None and beam is not None:
+            head["HISTORY"] = f"  {inp.name} convolved from {beam.bmaj:.2f}\"x{beam.bmin:.2f}\""
+        if prep.facet_sigma is not None:
+            head["HISTORY"] = (f"  {inp.name} noise per facet {prep.facet_sigma.min():.4g}-"
+                               f"{prep.facet_sigma.max():.4g} Jy/beam")
+        if inp.corrections.summary():
+            head["HISTORY"] = f"  {inp.name} {inp.corrections.summary()}"
+
+
 def make_mosaic(inputs: Sequence[MosaicInput], header: Any, out_path: str | Path,
                 weight_path: str | Path, opts: MosaicOptions = MosaicOptions()) -> MosaicResult:
     """Build the mosaic on ``header``'s grid and write it and its weight map (atomically)."""
@@ -428,7 +553,12 @@ def make_mosaic(inputs: Sequence[MosaicInput], header: Any, out_path: str | Path
 
     if opts.measure_memory:
         tracemalloc.start()
-    noises = measure_noise(inputs, opts.noise_box)
+    beams, target = target_beam(inputs, header, opts.common_beam)
+    header = header.copy()
+    if target is not None:
+        header["BMAJ"], header["BMIN"], header["BPA"] = target.bmaj / 3600.0, target.bmin / 3600.0, target.bpa
+    preps = prepare_inputs(inputs, opts.noise_box, beams, target)
+    noises = [p.noise for p in preps]
     phases.append(phase_peak())
     shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
     centre = (header["CRPIX1"] - 1.0, header["CRPIX2"] - 1.0)
@@ -437,14 +567,13 @@ def make_mosaic(inputs: Sequence[MosaicInput], header: Any, out_path: str | Path
     todo = [b for b in all_blocks if block_in_circle(b, centre, radius)]
     isum = np.zeros(shape, dtype=np.float32)
     wsum = np.zeros(shape, dtype=np.float32)
-    pairs, peaks = _run_blocks(todo, inputs, noises, header, opts, isum, wsum)
+    pairs, peaks = _run_blocks(todo, inputs, preps, header, opts, isum, wsum)
     # the workers run while the parent holds the sums: their peaks add to the parent's
     phases.append(phase_peak() + sum(v for pid, v in peaks.items() if pid != os.getpid()))
     head = header.copy()
     head["HISTORY"] = f"hpcddf {__version__} mosaic of {len(inputs)} fields, beamcut {opts.beamcut}, {opts.method}"
-    for inp, noise in zip(inputs, noises):
-        head["HISTORY"] = f"input {inp.name} noise {noise:.4g} Jy/beam scale {inp.scale:g}: {Path(inp.int_path).name}"
-    warnings = beam_warnings(inputs, header)
+    history_inputs(head, inputs, preps, beams, target)
+    warnings = beam_warnings(beams, [i.name for i in inputs], header) if target is None else []
     for w in warnings:
         head["HISTORY"] = f"WARNING {w}"
     wh = head.copy()
@@ -463,23 +592,3 @@ def make_mosaic(inputs: Sequence[MosaicInput], header: Any, out_path: str | Path
     return MosaicResult(str(out_path), str(weight_path), {i.name: n for i, n in zip(inputs, noises)},
                         len(todo), len(all_blocks), pairs, warnings, peak_bytes=peak,
                         output_bytes=isum.nbytes, peak_phases=dict(zip(("noise", "blocks", "finish"), phases)))
-
-
-def write_preview(mosaic_path: str | Path, png_path: str | Path, max_pixels: int = 1500) -> None:
-    """A PNG quick look of a mosaic (strided read, percentile stretch), written atomically."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    data, _, header = image_plane(str(mosaic_path))
-    step = max(1, math.ceil(max(data.shape) / max_pixels))
-    img = np.asarray(data[::step, ::step], dtype=np.float32)
-    finite = img[np.isfinite(img)]
-    lo, hi = (np.percentile(finite, [1, 99.7]) if finite.size else (0.0, 1.0))
-    fig, ax = plt.subplots(figsize=(8, 8))
-    ax.imshow(img, origin="lower", cmap="gray_r", vmin=lo, vmax=hi)
-    ax.set_title(str(header.get("OBJECT", Path(mosaic_path).stem)))
-    ax.set_xticks([])
-    ax.set_yticks([])
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)

@@ -49,9 +49,16 @@ from hpcddf.mosaic.combine import (
     MosaicOptions,
     make_mosaic,
     output_header,
-    write_preview,
+    parse_common_beam,
+)
+from hpcddf.mosaic.corrections import (
+    CorrectionOptions,
+    digest,
+    field_corrections,
+    quality_scale,
 )
 from hpcddf.mosaic.pointings import Pointing, neighbourhood
+from hpcddf.mosaic.products import write_catalogue, write_preview
 
 log = logging.getLogger(__name__)
 MOSAICS = "mosaics"
@@ -77,6 +84,8 @@ class MosaicTask:
     dropped: tuple[str, ...] = ()      # neighbours left out (missing, --allow-missing)
     preview: bool = True
     catalogue: bool = False
+    corrections: CorrectionOptions = CorrectionOptions()
+    explicit_scales: tuple[str, ...] = ()  # fields whose --scale wins over --scale-from-quality
 
     @property
     def name(self) -> str:
@@ -93,6 +102,30 @@ class MosaicTask:
 
     def input_names(self) -> list[str]:
         return [i.name for i in self.inputs]
+
+    def resolved_inputs(self) -> list[MosaicInput]:
+        """The inputs with the corrections and flux factors their fields' products give now."""
+        return [resolve_input(i, self.product, self.corrections, i.name in self.explicit_scales)
+                for i in self.inputs]
+
+    def recipe(self, inputs: Sequence[MosaicInput] | None = None) -> str:
+        """What the mosaic is made of and how (the done-marker's, compared at plan time): a
+        changed shift, blanked facet, factor or option makes it again."""
+        inputs = self.resolved_inputs() if inputs is None else inputs
+        o = self.options
+        return digest({"inputs": [(i.name, i.scale, i.noise, i.corrections) for i in inputs],
+                       "options": (o.beamcut, o.method, o.island_size, o.common_beam)})
+
+
+def resolve_input(inp: MosaicInput, product: str, opts: CorrectionOptions, explicit_scale: bool) -> MosaicInput:
+    """One field's corrections from its own products (offsets and quality steps)."""
+    wd = Path(inp.int_path).parent
+    corr = field_corrections(wd, inp.name, PRODUCTS[product].tessel, opts)
+    scale, source = inp.scale, ("--scale" if explicit_scale else "")
+    if opts.scale_from_quality and not explicit_scale:
+        scale = quality_scale(wd, inp.name, opts.scale_from_quality)
+        source = f"quality {opts.scale_from_quality}"
+    return replace(inp, corrections=corr, scale=scale, scale_from=source)
 
 
 @dataclass
@@ -125,12 +158,14 @@ def neighbour_status(site: Site, work_root: Path, fid: str, product: str) -> tup
     return "missing", None
 
 
-def _marker_inputs(task: MosaicTask) -> list[str] | None:
+def _marker_says(task: MosaicTask, recipe: str) -> bool:
+    """The done-marker names the same inputs and recipe (corrections, factors, options)."""
     import json
     try:
-        return json.loads(task.marker().read_text())["inputs"]
-    except (FileNotFoundError, KeyError, ValueError):
-        return None
+        doc = json.loads(task.marker().read_text())
+    except (FileNotFoundError, ValueError):
+        return False
+    return doc.get("inputs") == task.input_names() and doc.get("recipe") == recipe
 
 
 def _mosaic_live(site: Site, task: MosaicTask) -> bool:
@@ -148,7 +183,8 @@ def plan_mosaics(site: Site, pointings: Sequence[Pointing], centres: Sequence[Po
                  products: Sequence[str], work_root: Path, exclude: Sequence[str] = (),
                  allow_missing: bool = False, scales: dict[str, float] | None = None,
                  noises: dict[str, float] | None = None, options: MosaicOptions = MosaicOptions(),
-                 force: bool = False, preview: bool = True, catalogue: bool = False) -> MosaicPlan:
+                 force: bool = False, preview: bool = True, catalogue: bool = False,
+                 corrections: CorrectionOptions = CorrectionOptions()) -> MosaicPlan:
     """What to do for every centre x product; nothing is written or queued."""
     for p in products:
         if p not in PRODUCTS:
@@ -158,6 +194,9 @@ def plan_mosaics(site: Site, pointings: Sequence[Pointing], centres: Sequence[Po
             raise MosaicPlanError(f"pointing id {pid!r} cannot name a directory",
                                   "use letters, digits, _ + - . in the pointings table")
     scales, noises = scales or {}, noises or {}
+    parse_common_beam(options.common_beam)
+    if corrections.astromap_blank is not None and not corrections.astromap_blank > 0:
+        raise MosaicPlanError(f"--astromap-blank {corrections.astromap_blank} must be arcsec > 0", "e.g. 0.5")
     for name, table in (("--scale", scales), ("--noise", noises)):
         unknown = sorted(set(table) - {p.id for p in pointings})
         if unknown:
@@ -192,8 +231,10 @@ def plan_mosaics(site: Site, pointings: Sequence[Pointing], centres: Sequence[Po
                 continue
             task = MosaicTask(centre, product, str(mosaic_dir(work_root, centre.id)), nb.max_separation,
                               tuple(inputs), options, tuple(depends), tuple(waiting), tuple(missing),
-                              preview, catalogue)
-            if not force and task.path("mosaic").is_file() and _marker_inputs(task) == task.input_names():
+                              preview, catalogue, corrections, tuple(sorted(scales)))
+            # fields already reduced: their corrections are read now (an error stops the plan)
+            recipe = task.recipe() if not depends else None
+            if not force and recipe and task.path("mosaic").is_file() and _marker_says(task, recipe):
                 plan.done.append(name)
             elif _mosaic_live(site, task):
                 plan.queued.append(name)
@@ -262,32 +303,21 @@ class MosaicJob(UnitJob):
         header = output_header(t.name, t.centre.ra, t.centre.dec, t.max_sep, p.cell_arcsec, p.resolution_arcsec)
         opts = replace(t.options, workers=t.options.workers or _cpus(), noise_box=p.noise_box)
         Path(t.outdir).mkdir(parents=True, exist_ok=True)
-        res = make_mosaic(t.inputs, header, t.path("mosaic"), t.path("weights"), opts)
+        inputs = t.resolved_inputs()
+        res = make_mosaic(inputs, header, t.path("mosaic"), t.path("weights"), opts)
         if t.preview:
             write_preview(t.path("mosaic"), t.path("preview"))
         if t.catalogue:
             write_catalogue(t.path("mosaic"), t.path("catalogue"))
         t.marker().parent.mkdir(parents=True, exist_ok=True)
-        doc = {"mosaic": t.name, "inputs": t.input_names(), "noise": res.noise, "warnings": res.warnings,
+        doc = {"mosaic": t.name, "inputs": t.input_names(), "recipe": t.recipe(inputs),
+               "scales": {i.name: i.scale for i in inputs},
+               "corrections": {i.name: i.corrections.summary() for i in inputs if i.corrections.summary()},
+               "noise": res.noise, "warnings": res.warnings,
                "dropped": list(t.dropped), "products": [str(t.path(k)) for k in ("mosaic", "weights")],
                "finished": now_iso()}
         write_json_atomic(t.marker(), doc)
         return doc
-
-
-def write_catalogue(mosaic: Path, out: Path) -> None:
-    """A PyBDSF source list of the mosaic (FITS), written atomically."""
-    import bdsf
-    from astropy.io import fits
-
-    from hpcddf.engine.atomic import atomic_path
-    from hpcddf.sky import pybdsf_to_log
-    freq = float(fits.getheader(mosaic).get("RESTFRQ", 144e6))  # bdsf wants one; the mosaic has no FREQ axis
-    with pybdsf_to_log(out.with_suffix(".pybdsf.log")):
-        img = bdsf.process_image(str(mosaic), thresh_isl=3.0, thresh_pix=5.0, adaptive_rms_box=True,
-                                 frequency=freq, quiet=True, output_opts=False)
-        with atomic_path(out) as tmp:
-            img.write_catalog(outfile=str(tmp), format="fits", catalog_type="srl", clobber=True)
 
 
 # ---------------------------------------------------------------- submission
@@ -389,7 +419,7 @@ def parse_assignments(values: Sequence[str], what: str) -> dict[str, float]:
 def check_mosaic_stack() -> None:
     """The mosaic needs astropy, scipy and reproject in hpcddf's own environment."""
     missing = []
-    for mod in ("numpy", "astropy", "scipy", "reproject"):
+    for mod in ("numpy", "astropy", "scipy", "reproject", "radio_beam"):
         try:
             __import__(mod)
         except ImportError:
@@ -405,6 +435,7 @@ def submit_mosaics(site: Site, pointings_path: str, fields: Sequence[str], regio
                    options: MosaicOptions = MosaicOptions(workers=0), force: bool = False,
                    preview: bool = True, catalogue: bool = False,
                    resources: MosaicResources = MosaicResources(), dry_run: bool = False,
+                   corrections: CorrectionOptions = CorrectionOptions(),
                    progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Plan the mosaics asked for and queue them (Slurm: one array; local: one by one)."""
     from hpcddf.mosaic.pointings import parse_region, read_pointings, select_centres
@@ -413,7 +444,7 @@ def submit_mosaics(site: Site, pointings_path: str, fields: Sequence[str], regio
     centres = select_centres(pointings, list(fields), parse_region(region) if region else None, all_)
     plan = plan_mosaics(site, pointings, centres, products, work_root, exclude, allow_missing,
                         parse_assignments(scales, "--scale"), parse_assignments(noises, "--noise"),
-                        options, force, preview, catalogue)
+                        options, force, preview, catalogue, corrections)
     doc = {"site": site.name, "work_root": str(work_root), **plan_document(plan)}
     for name, missing in plan.blocked.items():
         progress(f"mosaic {name}: not queued, needs {', '.join(missing)} (reduce them first, "

@@ -35,6 +35,7 @@ class FieldSpec:
     pb_fwhm_deg: float         # Gaussian primary beam
     noise: float = 1e-4        # Jy/beam, apparent image
     bmaj_arcsec: float | None = None  # restoring beam written in the header (default: resolution)
+    facets: int = 0            # > 0: the image is cut into facets x facets square DDFacet facets
 
 
 @dataclass(frozen=True)
@@ -119,11 +120,66 @@ def primary_beam(p: Pointing, wcs: object, shape: tuple[int, int], fwhm_deg: flo
     return beam
 
 
+def facet_of_pixel(spec: FieldSpec, x: float, y: float) -> int:
+    """The facet (row-major in the facets x facets grid) holding pixel (x, y); -1 outside."""
+    side = spec.npix / spec.facets
+    i, j = int(math.floor(x / side)), int(math.floor(y / side))
+    return j * spec.facets + i if 0 <= i < spec.facets and 0 <= j < spec.facets else -1
+
+
+def write_facets(outdir: Path, p: Pointing, spec: FieldSpec, root: str,
+                 offsets: dict[int, tuple[float, float]]) -> None:
+    """The facet products of a field as DDFacet and the offsets step leave them: ``<root>.tessel.reg``
+    (square facets, one direction each), ``<root>.facetCoord.txt`` and ``facet-offset.txt``
+    (``offsets``: the shift to apply per facet, arcsec east and north)."""
+    from hpcddf.engine.atomic import write_text_atomic
+    from hpcddf.facets import Facet, write_tessel
+    wcs = field_wcs(p, spec)
+    side = spec.npix / spec.facets
+    facets, labels, coord_lines, shift_lines = [], [], [], []
+    for k in range(spec.facets ** 2):
+        i, j = k % spec.facets, k // spec.facets
+        xs = np.array([i, i + 1, i + 1, i]) * side - 0.5
+        ys = np.array([j, j, j + 1, j + 1]) * side - 0.5
+        ra, dec = wcs.all_pix2world(xs, ys, 0)  # type: ignore[attr-defined]
+        facets.append(Facet(k, k, np.column_stack([ra, dec])))
+        cra, cdec = (float(v) for v in wcs.all_pix2world((i + 0.5) * side - 0.5, (j + 0.5) * side - 0.5, 0))  # type: ignore[attr-defined]
+        labels.append((cra, cdec))
+        coord_lines.append(f"x, y, {math.radians(cra):.6f}, {math.radians(cdec):.6f}")
+        east, north = offsets.get(k, (0.0, 0.0))
+        shift_lines.append(f"{math.radians(cra):.9f} {math.radians(cdec):.9f} "
+                           f"{east / spec.cell_arcsec:.6f} {-north / spec.cell_arcsec:.6f}")
+    write_tessel(str(outdir / f"{root}.tessel.reg"), facets, labels)
+    write_text_atomic(outdir / f"{root}.facetCoord.txt", "\n".join(coord_lines) + "\n")
+    write_text_atomic(outdir / "facet-offset.txt", "\n".join(shift_lines) + "\n")
+
+
+def displaced(sources: Sequence[SkySource], p: Pointing, spec: FieldSpec,
+              offsets: dict[int, tuple[float, float]], flux_scale: float) -> list[SkySource]:
+    """The sources as this field sees them: a source in a facet with an offset (the shift that
+    corrects it, arcsec east and north) is drawn that far the other way."""
+    wcs = field_wcs(p, spec)
+    out = []
+    for s in sources:
+        east, north = 0.0, 0.0
+        if offsets:
+            x, y = wcs.all_world2pix([[s.ra, s.dec]], 0)[0]  # type: ignore[attr-defined]
+            east, north = offsets.get(facet_of_pixel(spec, x, y), (0.0, 0.0))
+        dec = s.dec - north / 3600.0
+        ra = s.ra - east / 3600.0 / math.cos(math.radians(dec))
+        out.append(SkySource(ra, dec, s.flux * flux_scale))
+    return out
+
+
 def write_field(outdir: Path, p: Pointing, spec: FieldSpec, sources: Sequence[SkySource],
-                int_name: str, app_name: str, seed: int, flux_scale: float = 1.0) -> tuple[Path, Path]:
+                int_name: str, app_name: str, seed: int, flux_scale: float = 1.0,
+                offsets: dict[int, tuple[float, float]] | None = None,
+                facet_root: str = "image_full_ampphase_di_m.NS") -> tuple[Path, Path]:
     """Write one field's int and app images (DDFacet-like 4-D FITS) into ``outdir``.
 
     ``flux_scale`` multiplies the sky of this field only (a field with a flux-scale error).
+    With ``spec.facets``, also its facet files (``facet_root``); ``offsets`` (facet -> arcsec
+    east, north) displaces that facet's sources and is written as the shift that undoes it.
     """
     from astropy.io import fits
     outdir.mkdir(parents=True, exist_ok=True)
@@ -132,7 +188,9 @@ def write_field(outdir: Path, p: Pointing, spec: FieldSpec, sources: Sequence[Sk
     shape = (spec.npix, spec.npix)
     sigma_pix = spec.resolution_arcsec * FWHM_TO_SIGMA / spec.cell_arcsec
     sky = np.zeros(shape, dtype=np.float32)
-    _add_sources(sky, wcs, [SkySource(s.ra, s.dec, s.flux * flux_scale) for s in sources], sigma_pix)
+    _add_sources(sky, wcs, displaced(sources, p, spec, offsets or {}, flux_scale), sigma_pix)
+    if spec.facets:
+        write_facets(outdir, p, spec, facet_root, offsets or {})
     beam = primary_beam(p, wcs, shape, spec.pb_fwhm_deg)
     app = sky * beam + _gaussian_noise(shape, sigma_pix, spec.noise, rng)
     del sky

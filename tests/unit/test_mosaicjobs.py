@@ -60,8 +60,10 @@ def test_a_done_mosaic_is_skipped_until_its_inputs_change(survey):
     task.path("mosaic").parent.mkdir(parents=True)
     task.path("mosaic").write_bytes(b"")
     task.marker().parent.mkdir(parents=True)
-    task.marker().write_text(json.dumps({"inputs": task.input_names()}))
+    task.marker().write_text(json.dumps({"inputs": task.input_names(), "recipe": task.recipe()}))
     assert plan_mosaics(site, pts, pts[:1], ["full"], work, allow_missing=True).done == ["L000-full"]
+    # another flux factor is another mosaic
+    assert plan_mosaics(site, pts, pts[:1], ["full"], work, allow_missing=True, scales={"L001": 1.1}).tasks
     assert plan_mosaics(site, pts, pts[:1], ["full"], work, allow_missing=True, force=True).tasks
     reduce(work, "L003")  # the missing neighbour is reduced now: the mosaic is made again with it
     again = plan_mosaics(site, pts, pts[:1], ["full"], work)
@@ -90,3 +92,37 @@ def test_unsafe_ids_are_refused(survey):
     bad = [*pts, Pointing("../etc", 100.5, 40.5)]
     with pytest.raises(MosaicPlanError, match="cannot name a directory"):
         plan_mosaics(site, bad, pts[:1], ["full"], work)
+
+
+def test_a_changed_shift_or_quality_factor_remakes_the_mosaic(survey):
+    """The done-marker records the corrections read from the fields' products: a new
+    facet-offset.txt or quality result makes the mosaic again; missing products stop the plan."""
+    from hpcddf.mosaic.corrections import CorrectionError, CorrectionOptions
+    from hpcddf.mosaic.survey_sim import FieldSpec, write_field
+    pts, work, site = survey
+    spec = FieldSpec(cell_arcsec=60.0, resolution_arcsec=240.0, npix=64, pb_fwhm_deg=1.5, facets=2)
+    for i, p in enumerate(pts):
+        write_field(work / p.id, p, spec, [], FULL.int_image, FULL.app_image, seed=i)
+    opts = CorrectionOptions(apply_shifts=True, scale_from_quality="NVSS")
+    with pytest.raises(CorrectionError, match="L000 has no quality.json"):
+        plan_mosaics(site, pts, pts[:1], ["full"], work, corrections=opts)
+    for i, p in enumerate(pts):
+        (work / p.id / "quality").mkdir()
+        (work / p.id / "quality" / "quality.json").write_text(json.dumps(
+            {"catalogues": {"NVSS": {"used": True, "flux_ratio": {"value": 1.0 + 0.1 * i}}}}))
+    task = plan_mosaics(site, pts, pts[:1], ["full"], work, corrections=opts).tasks[0]
+    by = {i.name: i for i in task.resolved_inputs()}
+    assert by["L002"].scale == pytest.approx(1 / 1.2) and by["L002"].scale_from == "quality NVSS"
+    task.path("mosaic").parent.mkdir(parents=True)
+    task.path("mosaic").write_bytes(b"")
+    task.marker().parent.mkdir(parents=True)
+    task.marker().write_text(json.dumps({"inputs": task.input_names(), "recipe": task.recipe()}))
+    assert plan_mosaics(site, pts, pts[:1], ["full"], work, corrections=opts).done == ["L000-full"]
+    shifts = work / "L003" / "facet-offset.txt"
+    shifts.write_text(shifts.read_text().replace(" 0.000000 -0.000000", " 0.100000 0.000000", 1))
+    again = plan_mosaics(site, pts, pts[:1], ["full"], work, corrections=opts)
+    assert again.tasks and not again.done
+    assert {i.name: i.corrections.shifted for i in again.tasks[0].resolved_inputs()}["L003"]
+    shifts.unlink()
+    with pytest.raises(CorrectionError, match="L003 has no facet-offset.txt"):
+        plan_mosaics(site, pts, pts[:1], ["full"], work, corrections=opts)
