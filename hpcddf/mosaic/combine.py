@@ -519,7 +519,7 @@ def remove_islands(data: np.ndarray, size: int) -> int:
 def history_inputs(head: Any, inputs: Sequence[MosaicInput], preps: Sequence[Prepared],
                    beams: Sequence[Beam | None], target: Beam | None) -> None:
     """One HISTORY line per input and per correction applied to it (what a release records)."""
-    if target is not None:
+    if target is not None and any(p.kernel is not None for p in preps):
         head["HISTORY"] = f"common beam {target.bmaj:.2f}\"x{target.bmin:.2f}\" PA {target.bpa:.1f}"
     for inp, prep, beam in zip(inputs, preps, beams):
         src = f" ({inp.scale_from})" if inp.scale_from else ""

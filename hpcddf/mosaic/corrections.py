@@ -38,6 +38,7 @@ from hpcddf.facets import read_facet_shifts, read_tessel
 QUALITY_JSON = "quality/quality.json"     # written by the field's quality step
 FULL_TESSEL = "image_full_ampphase_di_m.NS.tessel.reg"
 FULL_INT = "image_full_ampphase_di_m.NS.int.restored.fits"
+FULL_APP = "image_full_ampphase_di_m.NS.app.restored.fits"
 MAX_NOISE_SAMPLES = 1_000_000             # pixels per facet for its rms (strided read beyond)
 ASTROMAP_STEP = 4                          # input pixels between astromap look-ups
 
@@ -87,8 +88,6 @@ class Corrections:
             parts.append(f"{sum(f.shift != (0.0, 0.0) for f in self.facets)} facets shifted (max {big:.2f}\")")
         if self.blanked:
             parts.append(f"facets {','.join(map(str, self.blanked))} blanked")
-        if self.facet_noise:
-            parts.append("noise per facet")
         if self.astromap:
             parts.append(f"astromap > {self.astromap_max:g}\" blanked")
         return "; ".join(parts)
@@ -128,7 +127,9 @@ def direction_shifts(wd: Path, field_id: str) -> dict[int, tuple[float, float]]:
     fix = "run the field's offsets step ([offsets] method in its config), or drop --apply-shifts"
     text = _need(wd / "facet-offset.txt", "--apply-shifts", field_id, fix)
     facets = read_tessel(str(_need(wd / FULL_TESSEL, "--apply-shifts", field_id, fix)))
-    shifts = read_facet_shifts(str(text), _cell_arcsec(_need(wd / FULL_INT, "--apply-shifts", field_id, fix)))
+    image = wd / FULL_INT if (wd / FULL_INT).is_file() else wd / FULL_APP  # beam_model None: app only
+    shifts = read_facet_shifts(str(text), _cell_arcsec(_need(image, "--apply-shifts", field_id,
+                                                              "the field has no final image: reduce it first")))
     if len(shifts) < len(facets):
         raise CorrectionError(f"{text} has {len(shifts)} facets, its image {len(facets)}",
                               "rerun the field's offsets step on its final image")
@@ -370,7 +371,7 @@ def convolution_kernel(native: Beam, target: Beam, pixel_arcsec: float) -> tuple
         return None
     try:
         kb = target.radio().deconvolve(native.radio())
-    except ValueError:
+    except Exception:  # noqa: BLE001 - radio-beam's BeamError is a bare Exception
         raise CorrectionError(f"the common beam {target.bmaj:.1f}\"x{target.bmin:.1f}\" does not contain "
                               f"an input's {native.bmaj:.1f}\"x{native.bmin:.1f}\"",
                               "give a larger --common-beam, or auto") from None

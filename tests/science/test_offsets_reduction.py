@@ -169,3 +169,68 @@ def _centroid(a: np.ndarray, y: int, x: int, h: int = 5) -> np.ndarray:
     box = np.clip(box - 0.5 * box.max(), 0, None)  # the core of the beam only
     yy, xx = np.mgrid[-h:h + 1, -h:h + 1]
     return np.array([y + (box * yy).sum() / box.sum(), x + (box * xx).sum() / box.sum()])
+
+
+def test_mosaic_apply_shifts_matches_ddfacets_restore_and_shift(field, tmp_path):
+    """hpcddf mosaic --apply-shifts on the unshifted final image alone (no int image: beam_model
+    None, so app is both) moves every bright source where DDFacet's RestoreAndShift put it, by
+    the shift facet-offset.txt gives its facet. Sources within 1.5 beams of a facet edge are left
+    out (both tools cut an image there)."""
+    import math
+
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    from hpcddf.facets import facet_of, read_tessel
+    from hpcddf.lofar.reduction import FINAL_NS
+    from hpcddf.mosaic.combine import MosaicInput, MosaicOptions, make_mosaic, output_header
+    from hpcddf.mosaic.corrections import FULL_INT, FULL_TESSEL, CorrectionOptions, field_corrections
+    wd = field["wd"]
+    app = wd / f"{FINAL_NS}.app.restored.fits"
+    int_ = wd / FULL_INT if (wd / FULL_INT).is_file() else app
+    corr = field_corrections(wd, wd.name, FULL_TESSEL, CorrectionOptions(apply_shifts=True))
+    assert corr.shifted
+    hdr = fits.getheader(app)
+    wcs = WCS(hdr).celestial
+    cell, npix = abs(float(hdr["CDELT2"])), int(hdr["NAXIS1"])
+    centre = (float(hdr["CRVAL1"]), float(hdr["CRVAL2"]))
+    # himsize = npix/2 + 0.5 rounded down: the grid is the image's, one pixel larger
+    header = output_header(wd.name, *centre, 2 * (npix / 2 + 0.5) * cell / 1.15, cell * 3600, BEAM_ARCSEC)
+    res = make_mosaic([MosaicInput(wd.name, str(int_), str(app), corrections=corr)], header,
+                      tmp_path / "m.fits", tmp_path / "w.fits", MosaicOptions(block=256))
+    mine, mwcs = fits.getdata(res.mosaic), WCS(fits.getheader(res.mosaic))
+    before = fits.getdata(app).squeeze()
+    ddf = fits.getdata(wd / f"{FINAL_NS}_shift.app.facetRestored.fits").squeeze()
+    facets = read_tessel(str(wd / FULL_TESSEL), centre)
+    shift = {f.index: f.shift for f in corr.facets}
+
+    def position(a: np.ndarray, w: WCS, ra: float, dec: float, search: int = 4) -> tuple[float, float, float]:
+        """(RA, Dec, peak) of the half-max centroid around the brightest pixel near (ra, dec)."""
+        x, y = (int(round(float(v))) for v in w.all_world2pix([[ra, dec]], 0)[0])
+        box = np.nan_to_num(a[y - search:y + search + 1, x - search:x + search + 1])
+        dy, dx = np.unravel_index(np.argmax(box), box.shape)
+        yc, xc = _centroid(a, y - search + dy, x - search + dx)
+        r, d = w.all_pix2world([[xc, yc]], 0)[0]
+        return float(r), float(d), float(box.max())
+
+    def offset(p: tuple[float, ...], q: tuple[float, ...]) -> np.ndarray:
+        """Arcsec east and north of p from q."""
+        return np.array([((p[0] - q[0] + 180) % 360 - 180) * math.cos(math.radians(q[1])) * 3600,
+                         (p[1] - q[1]) * 3600])
+
+    ring = np.linspace(0, 2 * np.pi, 12, endpoint=False)
+    r = 1.5 * BEAM_ARCSEC / 3600
+    checked = 0
+    for s in _sources(30, seed=3):
+        ras = np.r_[s.ra_deg, s.ra_deg + r * np.cos(ring) / math.cos(math.radians(s.dec_deg))]
+        fac = facet_of(ras, np.r_[s.dec_deg, s.dec_deg + r * np.sin(ring)], facets, centre)
+        x, y = wcs.all_world2pix([[s.ra_deg, s.dec_deg]], 0)[0]
+        b = position(before, wcs, s.ra_deg, s.dec_deg)
+        if not ((fac == fac[0]).all() and fac[0] >= 0 and 10 <= min(x, y) and max(x, y) < npix - 10 and b[2] > 0.3):
+            continue
+        m, d = position(mine, mwcs, s.ra_deg, s.dec_deg), position(ddf, wcs, s.ra_deg, s.dec_deg)
+        assert np.hypot(*offset(m, d)) < 0.05 * BEAM_ARCSEC, (s.name, offset(m, d))
+        moved = offset(m, b)
+        assert np.hypot(*(moved - shift[int(fac[0])])) < 0.05 * BEAM_ARCSEC, (s.name, moved, shift[int(fac[0])])
+        checked += 1
+    assert checked >= 10
