@@ -54,14 +54,15 @@ def read_tessel(path: str, centre: tuple[float, float] | None = None) -> list[Fa
         centre = (float(np.mean([p[2] for p in points])), float(np.mean([p[3] for p in points])))
     facets = []
     from matplotlib.path import Path as MplPath
+    label_xy = tangent(np.array([p[2] for p in points]), np.array([p[3] for p in points]), centre) \
+        if points else np.zeros((0, 2))  # once for all labels: a SkyCoord per point and polygon was slow
     for poly in polygons:
         if len(poly) < 3:
             continue
         pg = np.array(poly)
-        path = MplPath(tangent(pg[:, 0], pg[:, 1], centre))
-        inside = [p for p in points if path.contains_point(tangent(np.array([p[2]]), np.array([p[3]]), centre)[0])]
-        if inside:
-            facets.append(Facet(inside[0][0], inside[0][1], pg))
+        inside = np.flatnonzero(MplPath(tangent(pg[:, 0], pg[:, 1], centre)).contains_points(label_xy))
+        if inside.size:
+            facets.append(Facet(points[inside[0]][0], points[inside[0]][1], pg))
     return sorted(facets, key=lambda f: f.index)
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from hpcddf.errors import HpcddfError
-from hpcddf.facets import read_facet_shifts, read_tessel
+from hpcddf.facets import Facet, read_facet_shifts, read_tessel
 
 QUALITY_JSON = "quality/quality.json"     # written by the field's quality step
 FULL_TESSEL = "image_full_ampphase_di_m.NS.tessel.reg"
@@ -121,12 +121,13 @@ def _cell_arcsec(image: Path) -> float:
     return abs(float(fits.getheader(image)["CDELT2"])) * 3600.0
 
 
-def direction_shifts(wd: Path, field_id: str) -> dict[int, tuple[float, float]]:
-    """Shift per calibration direction from the offsets step's facet-offset.txt (facets of the
-    full-resolution image, whose tessel file says each facet's direction)."""
-    fix = "run the field's offsets step ([offsets] method in its config), or drop --apply-shifts"
-    text = _need(wd / "facet-offset.txt", "--apply-shifts", field_id, fix)
-    facets = read_tessel(str(_need(wd / FULL_TESSEL, "--apply-shifts", field_id, fix)))
+SHIFTS_FIX = "run the field's offsets step ([offsets] method in its config), or drop --apply-shifts"
+
+
+def direction_shifts(wd: Path, field_id: str, facets: Sequence[Facet]) -> dict[int, tuple[float, float]]:
+    """Shift per calibration direction from the offsets step's facet-offset.txt (one line per
+    facet of the full-resolution image, ``facets``, whose labels give each facet's direction)."""
+    text = _need(wd / "facet-offset.txt", "--apply-shifts", field_id, SHIFTS_FIX)
     image = wd / FULL_INT if (wd / FULL_INT).is_file() else wd / FULL_APP  # beam_model None: app only
     shifts = read_facet_shifts(str(text), _cell_arcsec(_need(image, "--apply-shifts", field_id,
                                                               "the field has no final image: reduce it first")))
@@ -164,10 +165,13 @@ def field_corrections(wd: Path, field_id: str, tessel: str, opts: CorrectionOpti
     facets = read_tessel(str(_need(wd / tessel, "a facet correction", field_id,
                                    "the field's final image has no facet file: reduce it with hpcddf"))) \
         if needs_facets else []
-    shifts = direction_shifts(wd, field_id) if opts.apply_shifts else {}
     bad_facets, bad_dirs = bad_directions(wd, field_id) if opts.blank_bad_facets else (set(), set())
-    if tessel != FULL_TESSEL and bad_facets:  # Badfacets.txt names facets of the full image
-        full = read_tessel(str(wd / FULL_TESSEL)) if (wd / FULL_TESSEL).is_file() else []
+    full = facets  # facet-offset.txt and Badfacets.txt name facets of the full image: read it once
+    if tessel != FULL_TESSEL and (opts.apply_shifts or bad_facets):
+        full = read_tessel(str(_need(wd / FULL_TESSEL, "--apply-shifts", field_id, SHIFTS_FIX))) \
+            if opts.apply_shifts or (wd / FULL_TESSEL).is_file() else []
+    shifts = direction_shifts(wd, field_id, full) if opts.apply_shifts else {}
+    if tessel != FULL_TESSEL and bad_facets:  # blank their directions in this product
         bad_dirs |= {f.direction for f in full if f.index in bad_facets}
         bad_facets = set()
     out = tuple(FacetCorrection(f.index, f.direction, tuple(map(tuple, np.round(f.polygon, 7).tolist())),

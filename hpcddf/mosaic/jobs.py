@@ -204,6 +204,14 @@ def plan_mosaics(site: Site, pointings: Sequence[Pointing], centres: Sequence[Po
                                   "check the field id")
     plan = MosaicPlan()
     status_cache: dict[tuple[str, str], tuple[str, str | None]] = {}
+    resolved: dict[tuple[str, str], MosaicInput] = {}  # a field is in up to 7 mosaics: read it once
+
+    def resolve(task: MosaicTask, inp: MosaicInput) -> MosaicInput:
+        key = (inp.name, task.product)
+        if key not in resolved:
+            resolved[key] = resolve_input(inp, task.product, corrections, inp.name in task.explicit_scales)
+        return resolved[key]
+
     for centre in centres:
         if centre.id in exclude:
             continue
@@ -233,7 +241,7 @@ def plan_mosaics(site: Site, pointings: Sequence[Pointing], centres: Sequence[Po
                               tuple(inputs), options, tuple(depends), tuple(waiting), tuple(missing),
                               preview, catalogue, corrections, tuple(sorted(scales)))
             # fields already reduced: their corrections are read now (an error stops the plan)
-            recipe = task.recipe() if not depends else None
+            recipe = task.recipe([resolve(task, i) for i in task.inputs]) if not depends else None
             if not force and recipe and task.path("mosaic").is_file() and _marker_says(task, recipe):
                 plan.done.append(name)
             elif _mosaic_live(site, task):
