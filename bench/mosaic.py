@@ -32,10 +32,11 @@ table. Not as the reference, and in the baseline's favour: each facet is reproje
 circle's strips clipped to the facet's bounding box in the output, not onto the whole output
 (the reference's way costs ~2 s per facet at the default size: ~245 good facets x int and weight,
 ~17 min a run); the square variant clips to the bounding boxes too, so it differs from the
-circle only by the boxes' pixels outside the circle. The two mosaics differ by interpolation
-(hpcddf shifts with a cubic spline and then reprojects bilinearly, the reference reprojects
-bilinearly at the shifted position), most at bright sources (~1 % of their peak) and at facet
-edges; the bench reports the median |difference| / noise, the difference away from facet edges
+circle only by the boxes' pixels outside the circle. Both resample bilinearly at each facet's
+shifted position (hpcddf in one pass per block with the shift folded into the coordinates, from
+a coarse-grid pixel map; the reference facet by facet through reproject_interp), so the two
+mosaics differ mostly at facet edges (which facet a pixel next to the border takes) and by the
+order of convolution and resampling; the bench reports the median |difference| / noise, the difference away from facet edges
 and off sources, and both mosaics' source positions against the truth.
 
 Same inputs for every run: a LoTSS-like hexagonal survey (2.58 deg spacing, Gaussian primary beam

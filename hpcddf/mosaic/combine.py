@@ -7,7 +7,8 @@ writes them), in its own pixel grid:
     W_i = (B_i / sigma_i)^2                                           (inverse variance of int_i)
 
 with sigma_i the clipped rms of the central box of ``app_i`` (or given). Both ``int_i`` and
-``W_i`` are reprojected (``reproject``: bilinear, or exact flux-conserving) onto the output grid;
+``W_i`` are resampled onto the output grid (bilinear through a coarse-grid pixel map, resample.py;
+or exact flux-conserving with ``reproject``);
 with per-field flux-scale factors s_i, r = s_i int_i and w = W_i / s_i^2. Then
 
     mosaic = sum_i(r_i w_i) / sum_i(w_i)
@@ -55,6 +56,7 @@ from hpcddf.mosaic.corrections import (
     facet_noise,
     shift_facets,
 )
+from hpcddf.mosaic.resample import fold_shifts, pixel_map, resample
 from hpcddf.sky import clipped_rms, image_plane
 
 ARCSEC_DEG = 1.0 / 3600.0
@@ -285,7 +287,7 @@ def _worker_init(inputs: Sequence[MosaicInput], preps: Sequence[Prepared], heade
                  opts: MosaicOptions) -> None:
     """A worker process: its own memory count (a forked child inherits the parent's traces);
     modules are imported first, so the count is the data's, not the code's."""
-    import reproject  # noqa: F401
+    import scipy.interpolate  # noqa: F401
     import scipy.ndimage  # noqa: F401
     import scipy.signal  # noqa: F401
     _open_inputs(inputs, preps, header_text, opts)
@@ -294,29 +296,25 @@ def _worker_init(inputs: Sequence[MosaicInput], preps: Sequence[Prepared], heade
         tracemalloc.start()
 
 
-def _reproject(stack: np.ndarray, wcs_in: Any, wcs_out: Any, shape: tuple[int, int], method: str) -> np.ndarray:
-    from reproject import reproject_exact, reproject_interp
-    if method == "exact":
-        return reproject_exact((stack, wcs_in), wcs_out, shape_out=shape, return_footprint=False)
-    return reproject_interp((stack, wcs_in), wcs_out, shape_out=shape, order="bilinear",
-                            return_footprint=False)
-
-
-def _corrected_cutout(o: _Opened, cut: tuple[slice, slice], beamcut: float) -> tuple[np.ndarray, np.ndarray] | None:
-    """(int, weight) of one input's cutout with every correction applied, on its own grid."""
+def _corrected_cutout(o: _Opened, cut: tuple[slice, slice], beamcut: float,
+                      shift_now: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """(int, weight, facet labels) of one input's cutout with every correction applied, on its
+    own grid; facet shifts are applied here only when ``shift_now`` (else the resampling folds
+    them into its coordinates)."""
     int_cut = np.asarray(o.int_data[cut], dtype=np.float32)
     beam, weight = beam_and_weight(o.app_data[cut], int_cut, o.prep.noise, beamcut)
     if not weight.any():
         return None
     invalid = ~np.isfinite(int_cut)
     int_cut[invalid] = 0.0
+    labels = None
     if o.facets is not None:
         labels = o.facets.labels(cut)
         if o.prep.facet_sigma is not None:
             sigma = np.where(labels >= 0, o.prep.facet_sigma[np.maximum(labels, 0)], o.prep.noise)
             weight = np.square(beam / sigma.astype(np.float32), dtype=np.float32)
         weight[(labels >= 0) & o.facets.blank[np.maximum(labels, 0)]] = 0.0
-        if o.inp.corrections.shifted:
+        if o.inp.corrections.shifted and shift_now:
             int_cut = shift_facets(int_cut, labels, o.facets.shifts_px)
     if o.astromap is not None:
         weight[astromap_bad(*o.astromap, o.inp.corrections.astromap_max or 0.0, o.wcs, cut)] = 0.0
@@ -326,26 +324,44 @@ def _corrected_cutout(o: _Opened, cut: tuple[slice, slice], beamcut: float) -> t
         int_cut = fftconvolve(int_cut, o.prep.kernel, mode="same").astype(np.float32) * np.float32(o.prep.area_ratio)
         if invalid.any():  # pixels the convolution filled from outside the image get no weight
             weight[maximum_filter(invalid, size=o.prep.kernel.shape[0])] = 0.0
-    return int_cut, weight
+    return int_cut, weight, labels
+
+
+def _onto_block(o: _Opened, cut: tuple[slice, slice], box: tuple[int, int, int, int],
+                method: str, beamcut: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """One input's corrected (int, weight) on the output block: ``exact`` through reproject,
+    bilinear through the coarse-grid pixel map with the facet shifts folded in (resample.py)."""
+    got = _corrected_cutout(o, cut, beamcut, shift_now=method == "exact")
+    if got is None:
+        return None
+    y0, y1, x0, x1 = box
+    if method == "exact":
+        from reproject import reproject_exact
+        r, w = reproject_exact((np.stack(got[:2]), o.wcs[cut]), _STATE["out_wcs"][y0:y1, x0:x1],
+                               shape_out=(y1 - y0, x1 - x0), return_footprint=False)
+        return np.nan_to_num(r, nan=0.0), np.nan_to_num(w, nan=0.0)
+    mapped = pixel_map(o.wcs, _STATE["out_wcs"], box)
+    if mapped is None:
+        return None
+    cy, cx = mapped[0] - cut[0].start, mapped[1] - cut[1].start
+    if got[2] is not None and o.inp.corrections.shifted:
+        cy, cx = fold_shifts(cy, cx, got[2], o.facets.shifts_px)
+    r, w = resample(got[:2], (cy, cx))
+    return r, w
 
 
 def _mosaic_block(box: tuple[int, int, int, int]) -> tuple[tuple[int, int, int, int], Any, Any, int, int, int]:
     """Sum of r*w and of w over every input for one output block (None, None if no input has beam here)."""
-    y0, y1, x0, x1 = box
     opts: MosaicOptions = _STATE["opts"]
-    out_wcs = _STATE["out_wcs"][y0:y1, x0:x1]
-    shape = (y1 - y0, x1 - x0)
     isum = wsum = None
     used = 0
     for o in _STATE["inputs"]:
         cut = input_cutout(o.wcs, o.int_data.shape, _STATE["out_wcs"], box, CUTOUT_MARGIN + o.pad)
-        got = _corrected_cutout(o, cut, opts.beamcut) if cut is not None else None
+        got = _onto_block(o, cut, box, opts.method, opts.beamcut) if cut is not None else None
         if got is None:
             continue
-        r, w = _reproject(np.stack(got), o.wcs[cut], out_wcs, shape, opts.method)
-        del got
-        r = np.nan_to_num(r, nan=0.0).astype(np.float32) * np.float32(o.inp.scale)
-        w = np.nan_to_num(w, nan=0.0).astype(np.float32) / np.float32(o.inp.scale ** 2)
+        r = got[0].astype(np.float32, copy=False) * np.float32(o.inp.scale)
+        w = got[1].astype(np.float32, copy=False) / np.float32(o.inp.scale ** 2)
         if isum is None:
             isum, wsum = r * w, w
         else:

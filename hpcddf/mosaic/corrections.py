@@ -257,7 +257,8 @@ class PixelFacets:
 
 def shift_facets(data: np.ndarray, labels: np.ndarray, shifts_px: Sequence[tuple[float, float]]) -> np.ndarray:
     """Each facet's pixels replaced by the image moved by its shift (cubic spline, on the facet's
-    bounding box plus a guard only), as DDFacet's RestoreAndShift moves each facet."""
+    bounding box plus a guard only), as DDFacet's RestoreAndShift moves each facet. Used before
+    ``exact`` reprojection; the bilinear path folds the shifts into its coordinates instead."""
     from scipy.ndimage import shift as nd_shift
     out = data.copy()
     ny, nx = data.shape
