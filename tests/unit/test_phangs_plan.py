@@ -44,6 +44,15 @@ def make_ms(keys: Path) -> None:
             words = line.split()
             (keys.parent / f"ms_{words[3]}" / words[5]).mkdir(parents=True)
     make_singledish(keys)
+    make_cleanmasks(keys)
+
+
+def make_cleanmasks(keys: Path) -> None:
+    """The clean masks the cleanmask key names (the plan checks they exist, not what they hold)."""
+    (keys.parent / "cleanmasks").mkdir(exist_ok=True)
+    for line in (keys / "cleanmask_key.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            (keys.parent / "cleanmasks" / line.split()[2]).write_bytes(b"")
 
 
 def make_singledish(keys: Path) -> None:
