@@ -183,7 +183,8 @@ class DerivedParams:
     flatstrictmask_kw: dict[str, Any] = field(default_factory=dict)
     flatbroadmask_kw: dict[str, Any] = field(default_factory=dict)
     convolve_kw: dict[str, Any] = field(default_factory=dict)
-    shuffle_kw: dict[str, Any] = field(default_factory=dict)
+    # None: no shuffled cube; a dict (``{}`` for the defaults): make one (hpcddf.phangs.shuffle)
+    shuffle_kw: dict[str, Any] | None = None
 
 
 @dataclass
