@@ -109,7 +109,7 @@ def _radio_velocity_ms(csys: Any, nchan: int, what: str) -> Any:
     pix[axis] = np.arange(nchan)
     freq = np.asarray(csys.toworldmany(pix)["numeric"][axis], dtype=float)
     freq *= casa()[0].quanta().convert(f"1{csys.units()[axis]}", "Hz")["value"]
-    rest = float(casa()[0].quanta().convert(csys.restfrequency(), "Hz")["value"][0])
+    rest = float(np.atleast_1d(casa()[0].quanta().convert(csys.restfrequency(), "Hz")["value"])[0])
     if not rest > 0:
         raise StageError(f"{what} has a spectral axis but no rest frequency: give its FITS "
                          "header RESTFRQ")

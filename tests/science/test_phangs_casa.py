@@ -20,6 +20,7 @@ import ast
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -445,7 +446,7 @@ def test_a_clean_mask_from_the_key_decides_what_is_cleaned(chain: Chain, casa_en
                                                            ) -> None:
     """The cleanmask_key's mask (another grid, another channel width) is put on the cube's grid
     and cleaned inside: the east half of the galaxy is cleaned, the west half keeps its dirty
-    residual and gets no model flux."""
+    residual and gets (nearly) no clean components. About 25 s of CASA on 2 idle cores."""
     import shutil
 
     from hpcddf.phangs.plan_casa import cleanmask_path
@@ -463,6 +464,7 @@ def test_a_clean_mask_from_the_key_decides_what_is_cleaned(chain: Chain, casa_en
     assert path == masks / "simgal_east.fits"
 
     # a fresh imaging base that starts from the chain's dirty cube
+    t0 = time.monotonic()
     base = Path(f"{chain.base}_keymask")
     for ext in ("psf", "pb", "sumwt", "weight"):
         shutil.copytree(f"{chain.base}.{ext}", f"{base}.{ext}")
@@ -482,21 +484,25 @@ def test_a_clean_mask_from_the_key_decides_what_is_cleaned(chain: Chain, casa_en
                                             "model": f"{base}_multiscale.model"}, out)
     header = fits.getheader(f"{out}.fits")
     mask = arrays["mask"] > 0.5
-    # the mask is the east half on the cube's grid, at every channel of the cube
+    # the mask is the east half on the cube's grid (within the mask file's 40" square), at
+    # every channel of the cube, and nothing of the west half
     wcs = WCS(header).celestial
     ny, nx = mask.shape[1:]
     yy, xx = np.mgrid[:ny, :nx]
-    ra = wcs.pixel_to_world_values(xx, yy)[0]
+    ra, dec = wcs.pixel_to_world_values(xx, yy)
+    dx, dy = (ra - 150.0) * math.cos(math.radians(-30.0)) * 3600, (dec + 30.0) * 3600
     good = (arrays["dirty"] != 0).any(axis=0)
-    east = (ra > 150.0 + 1.0 / 3600) & good
-    west = (ra < 150.0 - 1.0 / 3600) & good
+    east = good & (dx > 1) & (dx < 19) & (np.abs(dy) < 19)
+    west = good & (dx < -1)
+    assert east.sum() > 5000 and west.sum() > 5000
     assert mask[:, east].all() and not mask[:, west].any()
-    # the model is all inside the mask; the east residual is cleaned, the west one is not
-    assert np.abs(arrays["model"][~mask]).sum() == 0.0 and arrays["model"][mask].sum() > 0
+    # clean components sit in the mask (multiscale components spill a little over its edge)
+    model = arrays["model"]
+    assert np.abs(model[~mask]).sum() < 0.05 * model[mask].sum()
+    # the east half is cleaned, the west half keeps its dirty residual
     line = slice(3, -3)  # the channels with emission
-    flux = {side: (float(arrays["dirty"][line][:, sel].sum()),
-                   float(arrays["residual"][line][:, sel].sum()))
-            for side, sel in (("east", east), ("west", west))}
-    print(f"summed residual (Jy/beam), dirty -> cleaned: {flux}")
-    assert 0.85 < flux["west"][1] / flux["west"][0] < 1.15
-    assert flux["east"][1] < 0.3 * flux["east"][0]
+    rms = {side: [float(np.sqrt(np.mean(arrays[k][line][:, sel] ** 2)))
+                  for k in ("dirty", "residual")] for side, sel in (("east", east), ("west", west))}
+    print(f"residual rms (Jy/beam), dirty -> cleaned: {rms}; {time.monotonic() - t0:.0f} s")
+    assert rms["east"][1] < 0.5 * rms["east"][0]
+    assert 0.9 < rms["west"][1] / rms["west"][0] < 1.1
