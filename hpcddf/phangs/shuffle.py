@@ -22,14 +22,15 @@ cube's), ``method``. Reference quirk: PHANGS reads shuffle_kw (its published der
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from hpcddf.errors import ConfigError
-from hpcddf.phangs.convolution import PathLike, read_cube, set_data_range, write_fits_atomic
 from hpcddf.phangs.keyfile import Where, _fail, _suggest
-from hpcddf.phangs.masks import _vfield_on_cube, velocity_axis_kms, window_kms
+
+if TYPE_CHECKING:  # numpy and the FITS stack are imported where used: the key readers import
+    import numpy as np  # this module, and reading keys needs neither
+
+    from hpcddf.phangs.convolution import PathLike
 
 SHUFFLE_METHODS = ("fft", "linear")
 SHUFFLE_KW: dict[str, str] = {
@@ -50,9 +51,7 @@ def check_shuffle_kw(where: Where, kw: dict[Any, Any]) -> dict[str, Any]:
             _fail(where, f"shuffle_kw: unknown key {key!r}",
                   _suggest(str(key), SHUFFLE_KW, "shuffle_kw keys"))
         if key == "window":
-            try:
-                window_kms(value)
-            except ConfigError:
+            if not _is_velocity(value):
                 _fail(where, f"shuffle_kw window {value!r} is not a positive velocity",
                       f"give {SHUFFLE_KW[key]}")
             continue
@@ -63,6 +62,21 @@ def check_shuffle_kw(where: Where, kw: dict[Any, Any]) -> dict[str, Any]:
         if not good:
             _fail(where, f"shuffle_kw {key!r} is {value!r}", f"give {SHUFFLE_KW[key]}")
     return dict(kw)
+
+
+def _is_velocity(value: Any) -> bool:
+    """A positive velocity: a number (km/s) or a string such as '30km/s'."""
+    import astropy.units as u
+
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return False
+    try:
+        quantity = u.Quantity(value)
+        width = (quantity.value if quantity.unit == u.one
+                 else quantity.to(u.km / u.s).value)
+    except (ValueError, TypeError, u.UnitsError):
+        return False
+    return bool(width > 0)
 
 
 # ---------------------------------------------------------------- resampling
@@ -76,6 +90,8 @@ def _source_channels(vfield: np.ndarray, v0: float, dv: float, offsets: np.ndarr
 def shuffle_fft(spectra: np.ndarray, shift: np.ndarray, nout: int) -> np.ndarray:
     """out[k, j] = spectra[k + shift[j], j] for k < nout, by a Fourier phase ramp on spectra
     zero-padded to avoid wrapping. NaN input channels count as 0 in the transform."""
+    import numpy as np
+
     nin, nspec = spectra.shape
     length = nin + nout + 2
     padded = np.zeros((length, nspec))
@@ -87,6 +103,8 @@ def shuffle_fft(spectra: np.ndarray, shift: np.ndarray, nout: int) -> np.ndarray
 
 def shuffle_linear(spectra: np.ndarray, index: np.ndarray) -> np.ndarray:
     """Linear interpolation of each spectrum at its fractional channels ``index`` (nout, n)."""
+    import numpy as np
+
     nin = spectra.shape[0]
     lo = np.clip(np.floor(index).astype(int), 0, max(nin - 2, 0))
     frac = index - lo
@@ -103,6 +121,10 @@ def shuffle_spectra(data: np.ndarray, velocity: np.ndarray, vfield: np.ndarray, 
     linear) about ``vfield`` [y, x] (km/s). Returns (cube [nchan, y, x], channel width in
     km/s with the input's sign, index of the v = 0 channel). NaN where the velocity field is
     not finite, the source falls outside the cube, or the nearest source channel is NaN."""
+    import numpy as np
+
+    from hpcddf.phangs.masks import window_kms
+
     nin = data.shape[0]
     if nin < 2:
         raise ConfigError("a cube with one channel cannot be shuffled", "shuffle line cubes")
@@ -159,6 +181,11 @@ def shuffle_cube(cube_path: PathLike, vfield_path: PathLike, *, out_path: PathLi
                  window: float | str | None = None, method: str = "fft") -> Path:
     """Write the ``_shuffled`` cube of ``cube_path`` about the velocity field (a 2-D map in
     km/s, reprojected bilinearly onto the cube's sky grid as for the flat masks)."""
+    import numpy as np
+
+    from hpcddf.phangs.convolution import read_cube, set_data_range, write_fits_atomic
+    from hpcddf.phangs.masks import _vfield_on_cube, velocity_axis_kms
+
     cube = read_cube(cube_path)
     velocity = velocity_axis_kms(cube)
     vfield = _vfield_on_cube(vfield_path, cube)
