@@ -473,6 +473,13 @@ def test_a_clean_mask_from_the_key_decides_what_is_cleaned(chain: Chain, casa_en
     recipes = {k: read_recipe(v) for k, v in project.imaging_recipes(CONFIG, PRODUCT).items()}
     summary = run_casa(casa_env, "clean_mask", chain.logs, imagename=base, from_fits=path)
     assert summary["from_fits"] == str(path)
+    # the same sky area as a 2-D mask applies to every channel: the same voxels
+    sky = fits.open(path)[0]
+    header2d = WCS(sky.header).celestial.to_header()
+    fits.writeto(masks / "simgal_east_2d.fits", sky.data[0], header2d)
+    flat = run_casa(casa_env, "clean_mask", chain.logs, imagename=base,
+                    mask=Path(f"{base}_sky.im"), from_fits=masks / "simgal_east_2d.fits")
+    assert flat["mask_voxels"] == summary["mask_voxels"] > 0
     run_casa(casa_env, "multiscale", chain.logs, tclean=recipes["multiscale"],
              vis=[chain.staged[-1]], imagename=base, restfreq_ghz=CO21_REST_GHZ,
              scales_pix="0,5,10", max_loops=3)
