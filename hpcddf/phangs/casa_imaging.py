@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hpcddf.phangs.casa_cleanmask import aligned_clean_mask
 from hpcddf.phangs.casa_common import (
     ARCSEC_RAD,
     C_M_S,
@@ -203,13 +204,10 @@ def stage_dirty(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def stage_clean_mask(a: argparse.Namespace) -> dict[str, Any]:
-    """A clean mask from the dirty cube: Gaussian-smooth each channel by ``--smooth-pix``,
-    keep S/N > ``--snr`` of the smoothed cube, dilate ``--grow`` times in x, y and v.
+    """A clean mask for the dirty cube: the cleanmask_key's FITS mask (``--from-fits``) put on
+    the cube's grid, or else one made from the dirty cube (:func:`snr_clean_mask`).
 
     Never named ``<imagename>.mask``: tclean refuses a user mask of its own mask's name."""
-    import numpy as np
-    from scipy import ndimage
-
     base = str(Path(a.imagename).resolve())
     out = Path(a.mask).resolve() if a.mask else Path(f"{base}_cleanmask.im")
     if out == Path(f"{base}.mask"):
@@ -217,20 +215,37 @@ def stage_clean_mask(a: argparse.Namespace) -> dict[str, Any]:
     if skip_existing(out, a.overwrite):
         return {"mask": str(out), "skipped": True}
     dirty = need(Path(f"{base}_dirty.image"), "dirty cube")
-    data, good = read_image(dirty)
-    filled = np.where(good, data, 0.0)
-    smooth = ndimage.gaussian_filter(filled, sigma=(a.smooth_pix, a.smooth_pix, 0, 0))
-    smooth[~good] = np.nan
-    sigma = chauvenet_mad_noise(smooth)
-    mask = np.nan_to_num(smooth) > a.snr * sigma
-    if a.grow > 0:
-        mask = ndimage.binary_dilation(mask, iterations=a.grow,
-                                       structure=ndimage.generate_binary_structure(4, 1))
+    _, good = read_image(dirty)
+    summary: dict[str, Any] = {"mask": str(out)}
+    if a.from_fits:
+        source = need(Path(a.from_fits).resolve(), "clean mask FITS file")
+        mask = aligned_clean_mask(source, dirty)
+        summary["from_fits"] = str(source)
+    else:
+        mask, summary["smoothed_noise"] = snr_clean_mask(dirty, a.smooth_pix, a.snr, a.grow)
     mask &= good
     if out == Path(f"{base}_cleanmask.im"):
         invalidate_after(base, "cleanmask")
     write_mask_image(out, dirty, mask)
-    return {"mask": str(out), "mask_voxels": int(mask.sum()), "smoothed_noise": sigma}
+    return {**summary, "mask_voxels": int(mask.sum())}
+
+
+def snr_clean_mask(dirty: Path, smooth_pix: float, snr: float, grow: int) -> tuple[Any, float]:
+    """(mask, smoothed noise) from the dirty cube: Gaussian-smooth each channel by
+    ``smooth_pix``, keep S/N > ``snr`` of the smoothed cube, dilate ``grow`` times in x, y, v."""
+    import numpy as np
+    from scipy import ndimage
+
+    data, good = read_image(dirty)
+    filled = np.where(good, data, 0.0)
+    smooth = ndimage.gaussian_filter(filled, sigma=(smooth_pix, smooth_pix, 0, 0))
+    smooth[~good] = np.nan
+    sigma = chauvenet_mad_noise(smooth)
+    mask = np.nan_to_num(smooth) > snr * sigma
+    if grow > 0:
+        mask = ndimage.binary_dilation(mask, iterations=grow,
+                                       structure=ndimage.generate_binary_structure(4, 1))
+    return mask, sigma
 
 
 def clean_until_converged(params: dict[str, Any], *, deconvolver: str, mask: Path,

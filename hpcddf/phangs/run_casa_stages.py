@@ -107,7 +107,10 @@ def run_imaging(ctx: RunContext) -> list[str]:
     _mkparents(base)
     img = {"vis": p["vis"], "imagename": base, "restfreq_ghz": p["restfreq_ghz"]}
     dirty = ctx.casa("dirty", tclean=recipes["dirty"], **img)
-    ctx.casa("clean_mask", imagename=base)
+    # the cleanmask_key's mask put on the cube's grid when the key gives one, else a S/N mask
+    # of the dirty cube; with a key mask the single-scale S/N mask stays inside it (PHANGS)
+    user_mask = p.get("cleanmask")
+    ctx.casa("clean_mask", imagename=base, from_fits=user_mask)
     scales = None
     if "scales" not in recipes["multiscale"]:
         # the dirty stage reports the cell it chose; a rerun that skipped it has it recorded
@@ -115,7 +118,8 @@ def run_imaging(ctx: RunContext) -> list[str]:
                 or recipes["multiscale"].get("cell"))
         scales = scales_in_pixels(p["clean_scales_arcsec"], _cell_arcsec(cell))
     ctx.casa("multiscale", tclean=recipes["multiscale"], scales_pix=scales, **img)
-    ctx.casa("singlescale", tclean=recipes["singlescale"], **img)
+    ctx.casa("singlescale", tclean=recipes["singlescale"],
+             within_mask=f"{base}_cleanmask.im" if user_mask else None, **img)
     ctx.casa("export_image", imagename=base)
     return [f"{base}.image", f"{base}.pb", f"{base}_singlescale.image", f"{base}.fits"]
 
