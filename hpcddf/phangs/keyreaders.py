@@ -27,6 +27,7 @@ from hpcddf.phangs.keyfile import (
     _literal,
     _suggest,
 )
+from hpcddf.phangs.keyschema import refuse
 from hpcddf.phangs.project import (
     CONFIG_TYPES,
     STAGES,
@@ -139,6 +140,7 @@ def _read_configs(files: list[tuple[Path, Where]]) -> Configs:
             if kind not in CONFIG_TYPES:
                 _fail(where, f"unknown config type {kind!r}",
                       _suggest(kind, CONFIG_TYPES, "types"))
+            refuse(where, "config type", kind)
             allowed = _config_fields(CONFIG_TYPES[kind])
             params = _literal(where, text, dict, f"{kind} {name}", "{'channel_kms':2.5}")
             entry = pending.setdefault((kind, name), _Pending(where))
@@ -149,6 +151,7 @@ def _read_configs(files: list[tuple[Path, Where]]) -> Configs:
                 expected, default = allowed[key]
                 entry.params[key] = _check_param(where, f"{kind} {name}", key, value,
                                                  expected, default)
+                refuse(where, f"{kind} parameter", key, entry.params[key], default)
                 entry.where[key] = where
     configs = Configs()
     for (kind, name), entry in pending.items():
@@ -183,10 +186,39 @@ def _validate_configs(configs: Configs, pending: dict[tuple[str, str], _Pending]
                   f"feather_config {name}: interf_config {feather.interf_config!r} is not "
                   f"defined", _suggest(feather.interf_config, configs.interf_config,
                                        "interf configs"))
+    for kind in ("interf_config", "feather_config"):
+        for name, cfg in getattr(configs, kind).items():
+            _check_res_fields(pending[(kind, name)], f"{kind} {name}", cfg)
     for a, b in (("line_product", "cont_product"), ("interf_config", "feather_config")):
         for name in set(getattr(configs, a)) & set(getattr(configs, b)):
             _fail(pending[(b, name)].first, f"{name} is defined both as {a} and as {b}",
                   "give them different names")
+
+
+def _check_res_fields(src: _Pending, what: str, cfg: Any) -> None:
+    """The res_* fields define the config's derived resolutions (plan_chain): min and max go
+    together, min <= max, a step > 1 for a range, list entries positive; a step with no range
+    would do nothing, so it is an error too."""
+    ranges = 0
+    for unit in ("arcsec", "pc"):
+        lo, hi = getattr(cfg, f"res_min_{unit}"), getattr(cfg, f"res_max_{unit}")
+        where = src.where.get(f"res_min_{unit}", src.where.get(f"res_max_{unit}", src.first))
+        if (lo > 0) != (hi > 0) or lo < 0 or hi < 0 or lo > hi:
+            _fail(where, f"{what}: res_min_{unit} {lo:g} and res_max_{unit} {hi:g} do not make "
+                         f"a range", f"give both, 0 < res_min_{unit} <= res_max_{unit}")
+        if lo < hi and cfg.res_step_factor <= 1.0:
+            _fail(src.where.get("res_step_factor", where),
+                  f"{what}: res_step_factor {cfg.res_step_factor:g} must be > 1 for the range "
+                  f"res_min_{unit}..res_max_{unit}", "write e.g. 'res_step_factor':1.1")
+        ranges += lo > 0
+    if cfg.res_step_factor != 1.0 and not ranges:
+        _fail(src.where["res_step_factor"], f"{what}: res_step_factor without res_min/res_max "
+                                            f"does nothing",
+              "add 'res_min_arcsec' and 'res_max_arcsec' (or _pc), or remove it")
+    for value in cfg.res_list:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            _fail(src.where["res_list"], f"{what}: res_list entry {value!r} is not a positive "
+                                         f"resolution in arcsec", "write e.g. [1.0, 2.5]")
 
 
 def _read_linmos(files: list[tuple[Path, Where]],
@@ -313,6 +345,7 @@ def _read_moment_key(files: list[tuple[Path, Where]]) -> dict[str, MomentDef]:
             if param not in params:
                 _fail(where, f"moment {name}: unknown parameter {param!r}",
                       _suggest(param, params, "moment parameters"))
+            refuse(where, "moment", param)
             _set_moment_param(moments.setdefault(name, MomentDef(name)), where, param, value)
     return moments
 
@@ -351,6 +384,7 @@ def _read_derived_key(files: list[tuple[Path, Where]], configs: Configs,
             ps = _expand(where, product, "product", line + cont,
                          {"all": line + cont, "all_line": line, "all_cont": cont})
             parsed = _derived_value(where, param, value, all_configs, moments)
+            refuse(where, "derived", param, parsed, type(parsed)())
             for c in cs:
                 for p in ps:
                     _merge_derived(derived[(c, p)], param, parsed)

@@ -59,6 +59,7 @@ from hpcddf.phangs.keyreaders import (
     _read_targets,
     _read_windows,
 )
+from hpcddf.phangs.keyschema import refuse
 from hpcddf.phangs.project import Project
 
 _SINGLE_ENTRIES = ("key_dir", "imaging_root", "postprocess_root", "derived_root",
@@ -103,6 +104,7 @@ def _read_master(path: Path) -> _Master:
     for where, (name, value) in _columns(path, ("name", "value")):
         if name not in known:
             _fail(where, f"unknown master key entry {name!r}", _suggest(name, known, "entries"))
+        refuse(where, "master", name)
         if name in _SINGLE_ENTRIES:
             if name in single:
                 _fail(where, f"{name} is set twice (first at line {single[name][1].line})",
