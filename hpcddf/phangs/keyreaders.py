@@ -36,6 +36,7 @@ from hpcddf.phangs.project import (
     FileRef,
     MomentDef,
     MSEntry,
+    Override,
     Target,
     Window,
 )
@@ -423,9 +424,14 @@ def _merge_derived(params: DerivedParams, param: str, value: Any) -> None:
         current.extend(v for v in value if v not in current)
 
 
-def _read_overrides(files: list[tuple[Path, Where]]) -> dict[str, dict[str, str]]:
-    out: dict[str, dict[str, str]] = {}
+def _read_overrides(files: list[tuple[Path, Where]]) -> dict[str, dict[str, Override]]:
+    """``filename param value``: tclean parameters of a named cube (:mod:`.overrides`);
+    later lines win. The file names are checked once the project is built."""
+    from hpcddf.phangs.overrides import check_param, parse_value
+    out: dict[str, dict[str, Override]] = {}
     for path, _ in files:
-        for _, (fname, param, value) in _columns(path, ("filename", "param", "value"), rest=True):
-            out.setdefault(fname, {})[param] = value
+        for where, (fname, param, value) in _columns(path, ("filename", "param", "value"),
+                                                      rest=True):
+            check_param(where, param)
+            out.setdefault(fname, {})[param] = Override(parse_value(value), where)
     return out

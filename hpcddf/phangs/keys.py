@@ -32,9 +32,14 @@ found hours later as a missing cube. In particular:
 * a float parameter accepts an int (``'channel_kms':5``); the reference compares types exactly
   and rejects it.
 
-``overrides`` (``filename param value``) are read and kept in :attr:`Project.overrides`, but
-nothing here applies them: in the reference they are mostly unimplemented, so they are
-informational for whoever wants to consult them.
+``overrides`` (``filename param value``) are tclean parameters of one named cube, applied by
+the imaging planner over that cube's recipes (:mod:`hpcddf.phangs.overrides`; the reference
+mostly ignores them); a line naming a cube the project does not image or a parameter tclean
+does not have (or that the stages set themselves) is a ConfigError at its line.
+
+Every master-key entry, config type and parameter, derived and moment parameter is either
+used or refused (:mod:`hpcddf.phangs.keyschema`); a key that sets a refused one is a
+ConfigError at its line, never silently ignored.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from hpcddf.phangs.keyreaders import (
     _read_windows,
 )
 from hpcddf.phangs.keyschema import refuse
+from hpcddf.phangs.overrides import check_overrides
 from hpcddf.phangs.project import Project
 
 _SINGLE_ENTRIES = ("key_dir", "imaging_root", "postprocess_root", "derived_root",
@@ -146,7 +152,7 @@ def load_project(master_key_path: str | Path) -> Project:
     targets = _read_targets(keys["target_key"])
     configs = _read_configs(keys["config_key"])
     moments = _read_moment_key(keys["moment_key"])
-    return Project(
+    project = Project(
         master_key=path, key_dir=master.key_dir, roots=master.roots,
         ms_roots=master.root_lists["ms_root"],
         singledish_roots=master.root_lists["singledish_root"],
@@ -165,3 +171,5 @@ def load_project(master_key_path: str | Path) -> Project:
         moments=moments,
         overrides=_read_overrides(keys["override_key"]),
     )
+    check_overrides(project)
+    return project

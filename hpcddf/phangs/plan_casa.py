@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcddf.errors import ConfigError
+from hpcddf.phangs.overrides import apply_overrides
 from hpcddf.phangs.plan_common import (
     C_KMS,
     LINE_REST_GHZ,
@@ -228,8 +229,9 @@ def _imaging_params(project: Project, target: str, product: str, config: str, ba
     kind = "line" if product in project.line_products else "cont"
     if kind == "cont":
         recipes = _continuum_recipes(project, config, product, recipes)
+    recipes, overrides = apply_overrides(project, target, config, product, recipes)
     return {"target": target, "product": product, "config": config, "kind": kind,
-            "imagename": base, "vis": [vis], "recipes": recipes,
+            "imagename": base, "vis": [vis], "recipes": recipes, "overrides": overrides,
             "restfreq_ghz": line_restfreq_ghz(project, product) if kind == "line" else None,
             "clean_scales_arcsec": list(project.configs.interf_config[config].clean_scales_arcsec)}
 

@@ -104,6 +104,7 @@ def run_imaging(ctx: RunContext) -> list[str]:
     # rest frequency: the same steps then make one plane
     p = _product_params(ctx)
     base, recipes = p["imagename"], p["recipes"]
+    ctx.notes += p.get("overrides", [])  # the override key lines the recipes carry
     _mkparents(base)
     img = {"vis": p["vis"], "imagename": base, "restfreq_ghz": p["restfreq_ghz"]}
     dirty = ctx.casa("dirty", tclean=recipes["dirty"], **img)

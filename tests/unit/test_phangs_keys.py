@@ -252,8 +252,9 @@ def test_files_overrides_and_key_paths(project: Project, keys: Path) -> None:
     assert project.singledish_file("ngc0628", "co21") == sd
     assert project.singledish_file("ngc1087", "co21") is None        # not in the key
     assert project.cleanmask_files == {}      # cleanmask_key refused (keyschema): commented out
-    assert project.overrides == {"ngc0628_12m+7m_co21": {"imsize": "[1024, 1024]",
-                                                         "cell": "0.2arcsec"}}
+    ov = project.overrides["ngc0628_12m+7m_co21"]
+    assert {k: v.value for k, v in ov.items()} == {"imsize": [1024, 1024], "cell": "0.2arcsec"}
+    assert ov["cell"].source.line == 3
 
 
 # ---------------------------------------------------------------------------------------------
