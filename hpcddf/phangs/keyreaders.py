@@ -168,6 +168,10 @@ def _validate_configs(configs: Configs, pending: dict[tuple[str, str], _Pending]
         if not line.line_tag or line.channel_kms <= 0:
             _fail(src.first, f"line_product {name} needs line_tag and channel_kms > 0",
                   "add e.g. {'line_tag':'co21','channel_kms':2.5}")
+        if not 0.0 <= line.flag_edge_fraction < 0.5:
+            _fail(src.where["flag_edge_fraction"], f"line_product {name}: flag_edge_fraction "
+                                                   f"{line.flag_edge_fraction:g} is not in [0, 0.5)",
+                  "give the fraction of each spw's channels to drop at each end, e.g. 0.05")
     for name, interf in configs.interf_config.items():
         src = pending[("interf_config", name)]
         if not interf.array_tags or not all(isinstance(t, str) for t in interf.array_tags):

@@ -98,12 +98,11 @@ CONFIG_FIELDS: dict[str, dict[str, Decision]] = {
         "channel_kms": _used("stage_line: the output channel width"),
         "statwt_edge_kms": _used("stage_ms/stage_line: line-free margins for uvcontsub, statwt"),
         "fitorder": _used("stage_ms: uvcontsub fit order"),
-        "combinespw": _used("stage_line: mstransform combinespws (spws always combined if "
-                            "the line spans several)"),
+        "combinespw": _used("stage_ms contsub: spws merged for one continuum fit"),
         "lines_to_flag": _used("stage_ms: velocities kept out of the continuum fit"),
         "exclude_freq_ranges_ghz": _used("stage_ms: ranges kept out of the continuum fit"),
-        "flag_edge_fraction": _refused("flagging spw edge channels is not implemented",
-                                       _DROP + "; flag the edge channels in the input MS"),
+        "flag_edge_fraction": _used("stage_ms split: leaves out that fraction of each spw's "
+                                    "channels at both ends"),
     },
     "cont_product": {
         "freq_ranges_ghz": _used("stage_ms: the channels split"),

@@ -89,6 +89,7 @@ def _stage_ms_params(project: Project, target: str, product: str, e: Any) -> dic
             # split keeps statwt_edge_kms beyond the window on each side: line-free channels
             # for uvcontsub and statwt
             "margin_kms": line.statwt_edge_kms, "fitorder": line.fitorder,
+            "flag_edge_fraction": line.flag_edge_fraction, "combinespw": line.combinespw,
             "exclude_kms": _excluded_velocities(project, product, win["vsys_kms"],
                                                 win["vwidth_kms"])}
 

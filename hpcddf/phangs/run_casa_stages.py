@@ -61,9 +61,12 @@ def run_stage_ms(ctx: RunContext) -> list[str]:
                  continuum=True, freq_range_ghz=p["freq_ranges_ghz"])
         return [p["split"]]
     _mkparents(p["split"], p["contsub"])
+    # the line_product's flag_edge_fraction and combinespw (None/False: the option is left out)
     ctx.casa("split", vis=p["vis"], outputvis=p["split"], field=p["field"] or None,
-             margin_kms=p["margin_kms"], **_window(p))
+             margin_kms=p["margin_kms"], flag_edge_fraction=p.get("flag_edge_fraction") or None,
+             **_window(p))
     ctx.casa("contsub", vis=p["split"], outputvis=p["contsub"], fitorder=p["fitorder"],
+             combinespw=bool(p.get("combinespw")),
              exclude_kms=[f"{lo},{hi}" for lo, hi in p["exclude_kms"]], **_window(p))
     return [p["contsub"]]
 
