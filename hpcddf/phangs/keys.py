@@ -171,5 +171,21 @@ def load_project(master_key_path: str | Path) -> Project:
         moments=moments,
         overrides=_read_overrides(keys["override_key"]),
     )
+    _check_file_keys(project)
     check_overrides(project)
     return project
+
+
+def _check_file_keys(project: Project) -> None:
+    """singledish_key lines name a target (or mosaic) and a product of the config key; a
+    continuum product's is refused while feathering continuum is not implemented."""
+    places = set(project.target_defs) | set(project.linmos)
+    for (target, product), ref in project.singledish_files.items():
+        if target not in places:
+            _fail(ref.source, f"singledish_key target {target!r} is not a target or mosaic",
+                  _suggest(target, sorted(places), "targets"))
+        if product in project.cont_products:
+            refuse(ref.source, "singledish product", "cont_product")
+        elif product not in project.line_products:
+            _fail(ref.source, f"singledish_key product {product!r} is not a line product",
+                  _suggest(product, project.line_products, "line products"))

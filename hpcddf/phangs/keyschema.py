@@ -154,8 +154,17 @@ MOMENT: dict[str, Decision] = {name: _used("plan_moments: " + what) for name, wh
     ("round", "the round it is made in"), ("maps_to_pass", "mom1wprior's input maps"),
     ("other_exts", "mom1wprior's prior file"), ("kwargs", "the moment function's keywords"))}
 
+# What a singledish_key line feathers, by the kind of its product.
+SINGLEDISH_PRODUCTS: dict[str, Decision] = {
+    "line_product": _used("postprocess: the cube feathered by each feather config"),
+    "cont_product": _refused(f"feathering a continuum image is {NOT_YET}",
+                             "remove the line; feather configs then leave the continuum "
+                             "product out"),
+}
+
 SECTIONS: dict[str, dict[str, Decision]] = {
     "master": MASTER, "config type": CONFIG_TYPES, "derived": DERIVED, "moment": MOMENT,
+    "singledish product": SINGLEDISH_PRODUCTS,
     **{f"{kind} parameter": fields for kind, fields in CONFIG_FIELDS.items()},
 }
 

@@ -69,6 +69,7 @@ def _reader_schema() -> dict[str, set[str]]:
            "moment": {f.name for f in dataclasses.fields(MomentDef) if f.name != "name"}}
     for kind, cls in CONFIG_TYPES.items():
         out[f"{kind} parameter"] = set(_config_fields(cls))
+    out["singledish product"] = {"line_product", "cont_product"}   # what a line feathers
     return out
 
 
@@ -103,6 +104,8 @@ def _refusing_line(section: str, name: str) -> tuple[str, str]:
         return "master_key.txt", f"{name}  somewhere.txt"
     if section == "config type":
         return "config_definitions.txt", f"{name}  {_CONFIG_NAMES[name]}  {{}}"
+    if section == "singledish product":
+        return "singledish_key.txt", "ngc0628  cont  ngc0628_tp_cont.fits"
     if section == "derived":
         return "derived_key.txt", f"all  all_line  {name}  {{'window':'30km/s'}}"
     kind = section.removesuffix(" parameter")
@@ -119,10 +122,21 @@ def test_every_refused_entry_set_by_a_key_is_an_error_at_its_line(keys: Path, se
     with pytest.raises(ConfigError) as err:
         load_project(keys / "master_key.txt")
     assert str(err.value).startswith(f"{keys / fname}:{number}: ")
-    kind = section.removesuffix(" parameter")
+    kind = section.removesuffix(" parameter").removeprefix("singledish product")
     # a parameter of a refused config type is refused with its type, on the same line
     named = kind if kind in S.CONFIG_TYPES and not S.CONFIG_TYPES[kind].used else name
     assert "refused" in str(err.value) and repr(named) in str(err.value)
+
+
+@pytest.mark.parametrize("line,message", [
+    ("ngc9999  co21  x.fits", "target 'ngc9999' is not a target"),
+    ("ngc0628  co32  x.fits", "product 'co32' is not a line product")])
+def test_a_singledish_line_naming_nothing_is_an_error(keys: Path, line: str,
+                                                      message: str) -> None:
+    number = append(keys, "singledish_key.txt", line)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_project(keys / "master_key.txt")
+    assert str(err.value).startswith(f"{keys / 'singledish_key.txt'}:{number}: ")
     assert "\n" not in str(err.value)
 
 
