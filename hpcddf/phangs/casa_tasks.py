@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     _line_options(p, required=False)
     p.add_argument("--margin-kms", type=float, default=50.0,
                    help="extra velocity kept on each side for uvcontsub and statwt")
+    p.add_argument("--timebin", default="0s",
+                   help="average the visibilities in time ('30s'); '0s': no averaging")
     p.add_argument("--flag-edge-fraction", type=float, default=0.0,
                    help="leave out this fraction of each spw's channels at both ends")
     p.add_argument("--continuum", action="store_true",

@@ -146,7 +146,8 @@ def ms_summary(vis: Path) -> dict[str, Any]:
 
 def stage_split(a: argparse.Namespace) -> dict[str, Any]:
     """The channels of one line product's window (vsys +- vwidth/2, widened by ``--margin-kms``
-    so that uvcontsub and statwt keep line-free channels) of one input MS; with
+    so that uvcontsub and statwt keep line-free channels) of one input MS, averaged over
+    ``--timebin`` (an array_tag config's; '0s' none); with
     ``--continuum`` the channels of a continuum product's ``--freq-range-ghz`` ranges (every
     channel without one: PHANGS stages the whole band and flags the lines later)."""
     out = Path(a.outputvis).resolve()
@@ -158,10 +159,11 @@ def stage_split(a: argparse.Namespace) -> dict[str, Any]:
     _, tasks = casa()
     tmp = tmp_name(out)
     remove(tmp)
-    tasks.split(vis=str(vis), outputvis=str(tmp), field=a.field, spw=spw,
+    tasks.split(vis=str(vis), outputvis=str(tmp), field=a.field, spw=spw, timebin=a.timebin,
                 datacolumn=datacolumn_of(vis), keepflags=False)
     publish(tmp, out)
-    return {"outputvis": str(out), "spw": spw}
+    return {"outputvis": str(out), "spw": spw, "timebin": a.timebin,
+            "nrows": ms_summary(out)["nrows"]}
 
 
 def line_split_selection(vis: Path, a: argparse.Namespace) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -133,8 +134,9 @@ class _Pending:
     where: dict[str, Where] = field(default_factory=dict)
 
 
-def _read_configs(files: list[tuple[Path, Where]]) -> Configs:
-    """``type name {dict}``; repeated lines of one config merge, later values win."""
+def _read_configs(files: list[tuple[Path, Where]], ms_tags: set[str] | None = None) -> Configs:
+    """``type name {dict}``; repeated lines of one config merge, later values win.
+    ``ms_tags``: the ms key's array tags, which an ``array_tag`` config must name."""
     pending: dict[tuple[str, str], _Pending] = {}
     for path, _ in files:
         for where, (kind, name, text) in _columns(path, ("type", "name", "params"), rest=True):
@@ -158,7 +160,27 @@ def _read_configs(files: list[tuple[Path, Where]]) -> Configs:
     for (kind, name), entry in pending.items():
         getattr(configs, kind)[name] = CONFIG_TYPES[kind](name=name, **entry.params)
     _validate_configs(configs, pending)
+    _validate_array_tags(configs, pending, ms_tags)
     return configs
+
+
+_TIMEBIN = re.compile(r"^\d+(\.\d*)?(s|min|h)$")
+
+
+def _validate_array_tags(configs: Configs, pending: dict[tuple[str, str], _Pending],
+                         ms_tags: set[str] | None) -> None:
+    """An array_tag config averages the visibilities of that array in time when they are
+    split (stage_ms): its name must be an array tag of the ms key (else it averages nothing)
+    and its timebin a CASA time ('0s': no averaging)."""
+    for name, tag in configs.array_tag.items():
+        src = pending[("array_tag", name)]
+        if ms_tags is not None and name not in ms_tags:
+            _fail(src.first, f"array_tag {name} is no array tag of the ms key",
+                  _suggest(name, sorted(ms_tags), "array tags"))
+        if not _TIMEBIN.match(tag.timebin):
+            _fail(src.where.get("timebin", src.first),
+                  f"array_tag {name}: timebin {tag.timebin!r} is not a time",
+                  "write e.g. '30s' (or '0s' for no averaging)")
 
 
 def _validate_configs(configs: Configs, pending: dict[tuple[str, str], _Pending]) -> None:

@@ -150,7 +150,8 @@ def load_project(master_key_path: str | Path) -> Project:
     master = _read_master(path)
     keys = master.keys
     targets = _read_targets(keys["target_key"])
-    configs = _read_configs(keys["config_key"])
+    ms_entries = _read_ms_key(keys["ms_key"], targets)
+    configs = _read_configs(keys["config_key"], {e.array_tag for e in ms_entries})
     moments = _read_moment_key(keys["moment_key"])
     project = Project(
         master_key=path, key_dir=master.key_dir, roots=master.roots,
@@ -161,7 +162,7 @@ def load_project(master_key_path: str | Path) -> Project:
         target_defs=targets, configs=configs,
         linmos=_read_linmos(keys["linmos_key"], targets),
         dir_map=_read_dir_key(keys["dir_key"]),
-        ms_entries=_read_ms_key(keys["ms_key"], targets),
+        ms_entries=ms_entries,
         singledish_files=_read_file_key(keys["singledish_key"]),
         cleanmask_files=_read_file_key(keys["cleanmask_key"]),
         distances=_read_distances(keys["distance_key"]),

@@ -80,8 +80,7 @@ CONFIG_TYPES: dict[str, Decision] = {
     "feather_config": _used("postprocess (feather) and derived"),
     "singledish_config": _refused(f"single-dish processing is {NOT_YET}",
                                   _DROP + "; give the single-dish cubes ready in singledish_key"),
-    "array_tag": _refused("per-array time averaging is not implemented",
-                          _DROP + "; average in time before staging"),
+    "array_tag": _used("stage_ms: per-array settings of the split"),
 }
 
 _RES_ANG = "plan_chain: the config's angular resolutions (derived convolves to each)"
@@ -130,7 +129,7 @@ CONFIG_FIELDS: dict[str, dict[str, Decision]] = {
         "do_plots": _refused(f"single-dish processing is {NOT_YET}", _DROP),
     },
     "array_tag": {
-        "timebin": _refused("per-array time averaging is not implemented", _DROP),
+        "timebin": _used("stage_ms split: time averaging of that array's visibilities"),
     },
 }
 

@@ -75,7 +75,10 @@ def _window(project: Project, target: str) -> dict[str, float]:
 
 
 def _stage_ms_params(project: Project, target: str, product: str, e: Any) -> dict[str, Any]:
+    tag = project.configs.array_tag.get(e.array_tag)
     base: dict[str, Any] = {"target": target, "product": product, "vis": str(e.path),
+                            # the array_tag config's time averaging ('0s': none)
+                            "timebin": tag.timebin if tag else "0s",
                             # the ms key's field 'all' means every field (CASA's '')
                             "field": "" if e.field.lower() == "all" else e.field,
                             **_staged_ms_paths(project, target, product, e)}

@@ -3,8 +3,8 @@
 The schema walk: every master-key entry, config type and config field, derived parameter and
 moment parameter the readers know has a decision in the table, and the table decides nothing
 the readers do not know. Every refused entry, set by a key, is a ConfigError naming that key
-line. The entries this version made real (config res_*, flag_edge_fraction, combinespw, the
-override key) are shown to change the plan or the CASA call they feed. Pure Python.
+line. The entries this version made real (config res_*, flag_edge_fraction, combinespw,
+array_tag timebin, the override key) are shown to change the plan or the CASA call they feed. Pure Python.
 """
 
 from __future__ import annotations
@@ -228,6 +228,33 @@ def test_flag_edge_fraction_and_combinespw_reach_the_casa_calls(keys: Path) -> N
                         vwidth_kms=100.0)
     assert build_parser().parse_args(split[3:]).flag_edge_fraction == 0.1
     assert build_parser().parse_args(contsub[3:]).combinespw is True
+
+
+def test_array_tag_timebin_reaches_the_split(keys: Path) -> None:
+    make_ms(keys)
+    ms_id = "stage_ms/ngc0628/co21/2017.1.00886.L/7m/1"
+    assert _task_params(load_project(keys / "master_key.txt"), ms_id)["timebin"] == "0s"
+    append(keys, "config_definitions.txt", "array_tag 7m {'timebin':'30s'}")
+    project = load_project(keys / "master_key.txt")
+    assert _task_params(project, ms_id)["timebin"] == "30s"
+    assert _task_params(project, "stage_ms/ngc0628/co21/2017.1.00886.L/12m/1")["timebin"] == "0s"
+    from hpcddf.phangs.casa_tasks import build_parser
+    from hpcddf.phangs.run_casa_stages import _timebin
+    env = type("Env", (), {"python": "python"})()
+    argv = casa_argv(env, "split", vis="a.ms", outputvis="b.ms", continuum=True,
+                     timebin=_timebin({"timebin": "30s"}))
+    assert build_parser().parse_args(argv[3:]).timebin == "30s"
+    assert _timebin({"timebin": "0s"}) is None and _timebin({}) is None
+
+
+@pytest.mark.parametrize("line,message", [
+    ("array_tag 8m {'timebin':'30s'}", "no array tag of the ms key"),
+    ("array_tag 7m {'timebin':'thirty'}", "is not a time")])
+def test_bad_array_tags_are_errors_at_their_line(keys: Path, line: str, message: str) -> None:
+    number = append(keys, "config_definitions.txt", line)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_project(keys / "master_key.txt")
+    assert str(err.value).startswith(f"{keys / 'config_definitions.txt'}:{number}: ")
 
 
 def test_edge_channels_are_the_fraction_at_both_ends() -> None:
