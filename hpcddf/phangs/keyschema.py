@@ -73,7 +73,7 @@ MASTER: dict[str, Decision] = {
                                   _DROP + " and point ms_root at the downloaded data"),
 }
 
-CONFIG_TYPES: dict[str, Decision] = {
+CONFIG_TYPE_DECISIONS: dict[str, Decision] = {
     "line_product": _used("stage_ms, stage_line, imaging, derived"),
     "cont_product": _used("stage_ms, stage_line, imaging"),
     "interf_config": _used("every stage"),
@@ -162,7 +162,7 @@ SINGLEDISH_PRODUCTS: dict[str, Decision] = {
 }
 
 SECTIONS: dict[str, dict[str, Decision]] = {
-    "master": MASTER, "config type": CONFIG_TYPES, "derived": DERIVED, "moment": MOMENT,
+    "master": MASTER, "config type": CONFIG_TYPE_DECISIONS, "derived": DERIVED, "moment": MOMENT,
     "singledish product": SINGLEDISH_PRODUCTS,
     **{f"{kind} parameter": fields for kind, fields in CONFIG_FIELDS.items()},
 }

@@ -124,7 +124,8 @@ def test_every_refused_entry_set_by_a_key_is_an_error_at_its_line(keys: Path, se
     assert str(err.value).startswith(f"{keys / fname}:{number}: ")
     kind = section.removesuffix(" parameter").removeprefix("singledish product")
     # a parameter of a refused config type is refused with its type, on the same line
-    named = kind if kind in S.CONFIG_TYPES and not S.CONFIG_TYPES[kind].used else name
+    types = S.CONFIG_TYPE_DECISIONS
+    named = kind if kind in types and not types[kind].used else name
     assert "refused" in str(err.value) and repr(named) in str(err.value)
 
 
