@@ -393,11 +393,12 @@ def _channels(selection: str) -> list[int]:
     return out
 
 
-def test_split_edge_fraction_and_timebin(chain: Chain, casa_env: CasaEnv) -> None:
-    """A line_product's flag_edge_fraction and an array_tag's timebin (keyschema: used): the
-    split of the chain's own split MS (one spw, the window) drops that fraction of its
-    channels at both ends, and 120 s bins of its 60 s integrations halve its rows. Two
-    extra splits: ~5 s."""
+def test_flag_edge_fraction_leaves_the_spw_edges_out_of_the_split(chain: Chain,
+                                                                   casa_env: CasaEnv) -> None:
+    """A line_product's flag_edge_fraction (keyschema: used): the split of the chain's own
+    split MS (one spw, the window) drops that fraction of its channels at both ends. One
+    extra split: ~2 s. (An array_tag's timebin is not checked here: each scan of this
+    simulated mosaic is one 60 s integration, and split does not average across scans.)"""
     split = chain.staged[0].with_name(chain.staged[0].name.replace("_contsub.ms", ".ms"))
     win = {"restfreq_ghz": CO21_REST_GHZ, "vsys_kms": 500.0, "vwidth_kms": 170.0}
     out = run_casa(casa_env, "split", chain.logs, vis=split, outputvis=chain.root / "edge.ms",
@@ -406,10 +407,7 @@ def test_split_edge_fraction_and_timebin(chain: Chain, casa_env: CasaEnv) -> Non
     nchan = len(_channels(chain.summaries["split"]["spw"]))   # the split MS's channels
     edge = math.ceil(0.1 * nchan)
     assert min(kept) == edge and max(kept) == nchan - 1 - edge
-    binned = run_casa(casa_env, "split", chain.logs, vis=split, outputvis=chain.root / "tb.ms",
-                      margin_kms=50.0, timebin="120s", **win)
-    assert binned["timebin"] == "120s"
-    assert binned["nrows"] == pytest.approx(out["nrows"] / 2, rel=0.05)
+    assert out["timebin"] == "0s" and out["nrows"] > 0
 
 
 def test_stage_errors_are_one_line(chain: Chain, casa_env: CasaEnv) -> None:
