@@ -154,13 +154,25 @@ def channel_velocities(vis: Path, restfreq_hz: float) -> dict[int, tuple[list[fl
             for s, (freqs, w) in lsrk_channels(vis).items()}
 
 
-def window_selection(vis: Path, restfreq_hz: float, vlo: float, vhi: float) -> str:
+def edge_channels(nchan: int, fraction: float) -> set[int]:
+    """The channels within ``fraction`` of either end of an spw of ``nchan`` channels (a
+    line_product's flag_edge_fraction: spw edges, where the bandpass rolls off)."""
+    n = math.ceil(nchan * fraction - 1e-9) if fraction > 0 else 0
+    return set(range(n)) | set(range(max(n, nchan - n), nchan))
+
+
+def window_selection(vis: Path, restfreq_hz: float, vlo: float, vhi: float,
+                     edge_fraction: float = 0.0) -> str:
     """CASA spw:channel selection of the channels overlapping [vlo, vhi], plus one channel on
-    each side: the later regrid interpolates linearly and needs a neighbour at the edges."""
+    each side: the later regrid interpolates linearly and needs a neighbour at the edges.
+    The channels within ``edge_fraction`` of each spw's ends are left out (a split that drops
+    them has the effect of flagging them, as PHANGS's flag_edge_fraction does)."""
     parts = []
     for spw, (vel, dv) in channel_velocities(vis, restfreq_hz).items():
         lo, hi = vlo - dv, vhi + dv
-        chans = [i for i, v in enumerate(vel) if v + dv / 2.0 > lo and v - dv / 2.0 < hi]
+        edges = edge_channels(len(vel), edge_fraction)
+        chans = [i for i, v in enumerate(vel)
+                 if v + dv / 2.0 > lo and v - dv / 2.0 < hi and i not in edges]
         if chans:
             parts.append(f"{spw}:{ranges_text(chans)}")
     return ",".join(parts)

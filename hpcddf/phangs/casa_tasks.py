@@ -176,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     _line_options(p, required=False)
     p.add_argument("--margin-kms", type=float, default=50.0,
                    help="extra velocity kept on each side for uvcontsub and statwt")
+    p.add_argument("--timebin", default="0s",
+                   help="average the visibilities in time ('30s'); '0s': no averaging")
+    p.add_argument("--flag-edge-fraction", type=float, default=0.0,
+                   help="leave out this fraction of each spw's channels at both ends")
     p.add_argument("--continuum", action="store_true",
                    help="a continuum product: the channels of --freq-range-ghz, else all")
     p.add_argument("--freq-range-ghz", type=_frequency_range, action="append", default=[],
@@ -186,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputvis", required=True)
     _line_options(p)
     p.add_argument("--fitorder", type=int, default=0)
+    p.add_argument("--combinespw", action="store_true",
+                   help="one continuum fit across the spws (merged first)")
     p.add_argument("--exclude-kms", type=_velocity_range, action="append", default=[],
                    help="LO,HI velocity range also kept out of the fit (repeatable)")
 

@@ -146,7 +146,8 @@ def ms_summary(vis: Path) -> dict[str, Any]:
 
 def stage_split(a: argparse.Namespace) -> dict[str, Any]:
     """The channels of one line product's window (vsys +- vwidth/2, widened by ``--margin-kms``
-    so that uvcontsub and statwt keep line-free channels) of one input MS; with
+    so that uvcontsub and statwt keep line-free channels) of one input MS, averaged over
+    ``--timebin`` (an array_tag config's; '0s' none); with
     ``--continuum`` the channels of a continuum product's ``--freq-range-ghz`` ranges (every
     channel without one: PHANGS stages the whole band and flags the lines later)."""
     out = Path(a.outputvis).resolve()
@@ -158,10 +159,11 @@ def stage_split(a: argparse.Namespace) -> dict[str, Any]:
     _, tasks = casa()
     tmp = tmp_name(out)
     remove(tmp)
-    tasks.split(vis=str(vis), outputvis=str(tmp), field=a.field, spw=spw,
+    tasks.split(vis=str(vis), outputvis=str(tmp), field=a.field, spw=spw, timebin=a.timebin,
                 datacolumn=datacolumn_of(vis), keepflags=False)
     publish(tmp, out)
-    return {"outputvis": str(out), "spw": spw}
+    return {"outputvis": str(out), "spw": spw, "timebin": a.timebin,
+            "nrows": ms_summary(out)["nrows"]}
 
 
 def line_split_selection(vis: Path, a: argparse.Namespace) -> str:
@@ -171,10 +173,13 @@ def line_split_selection(vis: Path, a: argparse.Namespace) -> str:
     if missing:
         raise StageError(f"a line split needs {', '.join(missing)} (or --continuum)")
     half = a.vwidth_kms / 2.0 + a.margin_kms
-    spw = window_selection(vis, a.restfreq_ghz * 1e9, a.vsys_kms - half, a.vsys_kms + half)
+    spw = window_selection(vis, a.restfreq_ghz * 1e9, a.vsys_kms - half, a.vsys_kms + half,
+                           a.flag_edge_fraction)
     if not spw:
+        edge = (f" outside the {a.flag_edge_fraction:g} edge fraction of each spw"
+                if a.flag_edge_fraction else "")
         raise StageError(f"{vis} has no channel within {a.vsys_kms:g} +- {half:g} km/s of "
-                         f"{a.restfreq_ghz:g} GHz (LSRK, radio)")
+                         f"{a.restfreq_ghz:g} GHz (LSRK, radio){edge}")
     return spw
 
 
@@ -275,17 +280,30 @@ def stage_contsub(a: argparse.Namespace) -> dict[str, Any]:
     vis = need(Path(a.vis).resolve(), "measurement set")
     restfreq = a.restfreq_ghz * 1e9
     vlo, vhi = a.vsys_kms - a.vwidth_kms / 2.0, a.vsys_kms + a.vwidth_kms / 2.0
-    fitspec = line_free_selection(vis, restfreq, [(vlo, vhi), *a.exclude_kms])
-    if not fitspec:
-        raise StageError(f"{vis} has no line-free channel outside {vlo:g}..{vhi:g} km/s; "
-                         "widen the split margin or narrow vwidth")
     _, tasks = casa()
-    tmp = tmp_name(out)
-    remove(tmp)
-    tasks.uvcontsub(vis=str(vis), outputvis=str(tmp), fitspec=fitspec, fitorder=a.fitorder,
-                    fitmethod="gsl", datacolumn=datacolumn_of(vis))
-    publish(tmp, out)
-    return {"outputvis": str(out), "fitspec": fitspec}
+    combined = None
+    if a.combinespw and len(lsrk_channels(vis)) > 1:
+        # one continuum fit across the spws (PHANGS's combinespw): uvcontsub fits each spw
+        # on its own, so the spws are first merged into one
+        combined = out.with_name(f".{out.name}.combined{os.getpid()}")
+        remove(combined)
+        tasks.mstransform(vis=str(vis), outputvis=str(combined), datacolumn=datacolumn_of(vis),
+                          combinespws=True, keepflags=False)
+        vis = combined
+    try:
+        fitspec = line_free_selection(vis, restfreq, [(vlo, vhi), *a.exclude_kms])
+        if not fitspec:
+            raise StageError(f"{a.vis} has no line-free channel outside {vlo:g}..{vhi:g} km/s; "
+                             "widen the split margin or narrow vwidth")
+        tmp = tmp_name(out)
+        remove(tmp)
+        tasks.uvcontsub(vis=str(vis), outputvis=str(tmp), fitspec=fitspec, fitorder=a.fitorder,
+                        fitmethod="gsl", datacolumn=datacolumn_of(vis))
+        publish(tmp, out)
+    finally:
+        if combined is not None:
+            remove(combined)
+    return {"outputvis": str(out), "fitspec": fitspec, "combinespw": combined is not None}
 
 
 def line_free_selection(vis: Path, restfreq_hz: float,

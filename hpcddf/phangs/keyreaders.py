@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from hpcddf.phangs.keyfile import (
     _literal,
     _suggest,
 )
+from hpcddf.phangs.keyschema import refuse
 from hpcddf.phangs.project import (
     CONFIG_TYPES,
     STAGES,
@@ -35,6 +37,7 @@ from hpcddf.phangs.project import (
     FileRef,
     MomentDef,
     MSEntry,
+    Override,
     Target,
     Window,
 )
@@ -132,14 +135,16 @@ class _Pending:
     where: dict[str, Where] = field(default_factory=dict)
 
 
-def _read_configs(files: list[tuple[Path, Where]]) -> Configs:
-    """``type name {dict}``; repeated lines of one config merge, later values win."""
+def _read_configs(files: list[tuple[Path, Where]], ms_tags: set[str] | None = None) -> Configs:
+    """``type name {dict}``; repeated lines of one config merge, later values win.
+    ``ms_tags``: the ms key's array tags, which an ``array_tag`` config must name."""
     pending: dict[tuple[str, str], _Pending] = {}
     for path, _ in files:
         for where, (kind, name, text) in _columns(path, ("type", "name", "params"), rest=True):
             if kind not in CONFIG_TYPES:
                 _fail(where, f"unknown config type {kind!r}",
                       _suggest(kind, CONFIG_TYPES, "types"))
+            refuse(where, "config type", kind)
             allowed = _config_fields(CONFIG_TYPES[kind])
             params = _literal(where, text, dict, f"{kind} {name}", "{'channel_kms':2.5}")
             entry = pending.setdefault((kind, name), _Pending(where))
@@ -150,12 +155,33 @@ def _read_configs(files: list[tuple[Path, Where]]) -> Configs:
                 expected, default = allowed[key]
                 entry.params[key] = _check_param(where, f"{kind} {name}", key, value,
                                                  expected, default)
+                refuse(where, f"{kind} parameter", key, entry.params[key], default)
                 entry.where[key] = where
     configs = Configs()
     for (kind, name), entry in pending.items():
         getattr(configs, kind)[name] = CONFIG_TYPES[kind](name=name, **entry.params)
     _validate_configs(configs, pending)
+    _validate_array_tags(configs, pending, ms_tags)
     return configs
+
+
+_TIMEBIN = re.compile(r"^\d+(\.\d*)?(s|min|h)$")
+
+
+def _validate_array_tags(configs: Configs, pending: dict[tuple[str, str], _Pending],
+                         ms_tags: set[str] | None) -> None:
+    """An array_tag config averages the visibilities of that array in time when they are
+    split (stage_ms): its name must be an array tag of the ms key (else it averages nothing)
+    and its timebin a CASA time ('0s': no averaging)."""
+    for name, tag in configs.array_tag.items():
+        src = pending[("array_tag", name)]
+        if ms_tags is not None and name not in ms_tags:
+            _fail(src.first, f"array_tag {name} is no array tag of the ms key",
+                  _suggest(name, sorted(ms_tags), "array tags"))
+        if not _TIMEBIN.match(tag.timebin):
+            _fail(src.where.get("timebin", src.first),
+                  f"array_tag {name}: timebin {tag.timebin!r} is not a time",
+                  "write e.g. '30s' (or '0s' for no averaging)")
 
 
 def _validate_configs(configs: Configs, pending: dict[tuple[str, str], _Pending]) -> None:
@@ -165,6 +191,10 @@ def _validate_configs(configs: Configs, pending: dict[tuple[str, str], _Pending]
         if not line.line_tag or line.channel_kms <= 0:
             _fail(src.first, f"line_product {name} needs line_tag and channel_kms > 0",
                   "add e.g. {'line_tag':'co21','channel_kms':2.5}")
+        if not 0.0 <= line.flag_edge_fraction < 0.5:
+            _fail(src.where["flag_edge_fraction"], f"line_product {name}: flag_edge_fraction "
+                                                   f"{line.flag_edge_fraction:g} is not in [0, 0.5)",
+                  "give the fraction of each spw's channels to drop at each end, e.g. 0.05")
     for name, interf in configs.interf_config.items():
         src = pending[("interf_config", name)]
         if not interf.array_tags or not all(isinstance(t, str) for t in interf.array_tags):
@@ -184,10 +214,39 @@ def _validate_configs(configs: Configs, pending: dict[tuple[str, str], _Pending]
                   f"feather_config {name}: interf_config {feather.interf_config!r} is not "
                   f"defined", _suggest(feather.interf_config, configs.interf_config,
                                        "interf configs"))
+    for kind in ("interf_config", "feather_config"):
+        for name, cfg in getattr(configs, kind).items():
+            _check_res_fields(pending[(kind, name)], f"{kind} {name}", cfg)
     for a, b in (("line_product", "cont_product"), ("interf_config", "feather_config")):
         for name in set(getattr(configs, a)) & set(getattr(configs, b)):
             _fail(pending[(b, name)].first, f"{name} is defined both as {a} and as {b}",
                   "give them different names")
+
+
+def _check_res_fields(src: _Pending, what: str, cfg: Any) -> None:
+    """The res_* fields define the config's derived resolutions (plan_chain): min and max go
+    together, min <= max, a step > 1 for a range, list entries positive; a step with no range
+    would do nothing, so it is an error too."""
+    ranges = 0
+    for unit in ("arcsec", "pc"):
+        lo, hi = getattr(cfg, f"res_min_{unit}"), getattr(cfg, f"res_max_{unit}")
+        where = src.where.get(f"res_min_{unit}", src.where.get(f"res_max_{unit}", src.first))
+        if (lo > 0) != (hi > 0) or lo < 0 or hi < 0 or lo > hi:
+            _fail(where, f"{what}: res_min_{unit} {lo:g} and res_max_{unit} {hi:g} do not make "
+                         f"a range", f"give both, 0 < res_min_{unit} <= res_max_{unit}")
+        if lo < hi and cfg.res_step_factor <= 1.0:
+            _fail(src.where.get("res_step_factor", where),
+                  f"{what}: res_step_factor {cfg.res_step_factor:g} must be > 1 for the range "
+                  f"res_min_{unit}..res_max_{unit}", "write e.g. 'res_step_factor':1.1")
+        ranges += lo > 0
+    if cfg.res_step_factor != 1.0 and not ranges:
+        _fail(src.where["res_step_factor"], f"{what}: res_step_factor without res_min/res_max "
+                                            f"does nothing",
+              "add 'res_min_arcsec' and 'res_max_arcsec' (or _pc), or remove it")
+    for value in cfg.res_list:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            _fail(src.where["res_list"], f"{what}: res_list entry {value!r} is not a positive "
+                                         f"resolution in arcsec", "write e.g. [1.0, 2.5]")
 
 
 def _read_linmos(files: list[tuple[Path, Where]],
@@ -314,6 +373,7 @@ def _read_moment_key(files: list[tuple[Path, Where]]) -> dict[str, MomentDef]:
             if param not in params:
                 _fail(where, f"moment {name}: unknown parameter {param!r}",
                       _suggest(param, params, "moment parameters"))
+            refuse(where, "moment", param)
             _set_moment_param(moments.setdefault(name, MomentDef(name)), where, param, value)
     return moments
 
@@ -352,6 +412,7 @@ def _read_derived_key(files: list[tuple[Path, Where]], configs: Configs,
             ps = _expand(where, product, "product", line + cont,
                          {"all": line + cont, "all_line": line, "all_cont": cont})
             parsed = _derived_value(where, param, value, all_configs, moments)
+            refuse(where, "derived", param, parsed, type(parsed)())
             for c in cs:
                 for p in ps:
                     _merge_derived(derived[(c, p)], param, parsed)
@@ -394,9 +455,14 @@ def _merge_derived(params: DerivedParams, param: str, value: Any) -> None:
         current.extend(v for v in value if v not in current)
 
 
-def _read_overrides(files: list[tuple[Path, Where]]) -> dict[str, dict[str, str]]:
-    out: dict[str, dict[str, str]] = {}
+def _read_overrides(files: list[tuple[Path, Where]]) -> dict[str, dict[str, Override]]:
+    """``filename param value``: tclean parameters of a named cube (:mod:`.overrides`);
+    later lines win. The file names are checked once the project is built."""
+    from hpcddf.phangs.overrides import check_param, parse_value
+    out: dict[str, dict[str, Override]] = {}
     for path, _ in files:
-        for _, (fname, param, value) in _columns(path, ("filename", "param", "value"), rest=True):
-            out.setdefault(fname, {})[param] = value
+        for where, (fname, param, value) in _columns(path, ("filename", "param", "value"),
+                                                      rest=True):
+            check_param(where, param)
+            out.setdefault(fname, {})[param] = Override(parse_value(value), where)
     return out

@@ -32,9 +32,14 @@ found hours later as a missing cube. In particular:
 * a float parameter accepts an int (``'channel_kms':5``); the reference compares types exactly
   and rejects it.
 
-``overrides`` (``filename param value``) are read and kept in :attr:`Project.overrides`, but
-nothing here applies them: in the reference they are mostly unimplemented, so they are
-informational for whoever wants to consult them.
+``overrides`` (``filename param value``) are tclean parameters of one named cube, applied by
+the imaging planner over that cube's recipes (:mod:`hpcddf.phangs.overrides`; the reference
+mostly ignores them); a line naming a cube the project does not image or a parameter tclean
+does not have (or that the stages set themselves) is a ConfigError at its line.
+
+Every master-key entry, config type and parameter, derived and moment parameter is either
+used or refused (:mod:`hpcddf.phangs.keyschema`); a key that sets a refused one is a
+ConfigError at its line, never silently ignored.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ from hpcddf.phangs.keyreaders import (
     _read_targets,
     _read_windows,
 )
+from hpcddf.phangs.keyschema import refuse
+from hpcddf.phangs.overrides import check_overrides
 from hpcddf.phangs.project import Project
 
 _SINGLE_ENTRIES = ("key_dir", "imaging_root", "postprocess_root", "derived_root",
@@ -103,6 +110,7 @@ def _read_master(path: Path) -> _Master:
     for where, (name, value) in _columns(path, ("name", "value")):
         if name not in known:
             _fail(where, f"unknown master key entry {name!r}", _suggest(name, known, "entries"))
+        refuse(where, "master", name)
         if name in _SINGLE_ENTRIES:
             if name in single:
                 _fail(where, f"{name} is set twice (first at line {single[name][1].line})",
@@ -142,9 +150,10 @@ def load_project(master_key_path: str | Path) -> Project:
     master = _read_master(path)
     keys = master.keys
     targets = _read_targets(keys["target_key"])
-    configs = _read_configs(keys["config_key"])
+    ms_entries = _read_ms_key(keys["ms_key"], targets)
+    configs = _read_configs(keys["config_key"], {e.array_tag for e in ms_entries})
     moments = _read_moment_key(keys["moment_key"])
-    return Project(
+    project = Project(
         master_key=path, key_dir=master.key_dir, roots=master.roots,
         ms_roots=master.root_lists["ms_root"],
         singledish_roots=master.root_lists["singledish_root"],
@@ -153,7 +162,7 @@ def load_project(master_key_path: str | Path) -> Project:
         target_defs=targets, configs=configs,
         linmos=_read_linmos(keys["linmos_key"], targets),
         dir_map=_read_dir_key(keys["dir_key"]),
-        ms_entries=_read_ms_key(keys["ms_key"], targets),
+        ms_entries=ms_entries,
         singledish_files=_read_file_key(keys["singledish_key"]),
         cleanmask_files=_read_file_key(keys["cleanmask_key"]),
         distances=_read_distances(keys["distance_key"]),
@@ -163,3 +172,21 @@ def load_project(master_key_path: str | Path) -> Project:
         moments=moments,
         overrides=_read_overrides(keys["override_key"]),
     )
+    _check_file_keys(project)
+    check_overrides(project)
+    return project
+
+
+def _check_file_keys(project: Project) -> None:
+    """singledish_key lines name a target (or mosaic) and a product of the config key; a
+    continuum product's is refused while feathering continuum is not implemented."""
+    places = set(project.target_defs) | set(project.linmos)
+    for (target, product), ref in project.singledish_files.items():
+        if target not in places:
+            _fail(ref.source, f"singledish_key target {target!r} is not a target or mosaic",
+                  _suggest(target, sorted(places), "targets"))
+        if product in project.cont_products:
+            refuse(ref.source, "singledish product", "cont_product")
+        elif product not in project.line_products:
+            _fail(ref.source, f"singledish_key product {product!r} is not a line product",
+                  _suggest(product, project.line_products, "line products"))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcddf.errors import ConfigError
+from hpcddf.phangs.overrides import apply_overrides
 from hpcddf.phangs.plan_common import (
     C_KMS,
     LINE_REST_GHZ,
@@ -74,7 +75,10 @@ def _window(project: Project, target: str) -> dict[str, float]:
 
 
 def _stage_ms_params(project: Project, target: str, product: str, e: Any) -> dict[str, Any]:
+    tag = project.configs.array_tag.get(e.array_tag)
     base: dict[str, Any] = {"target": target, "product": product, "vis": str(e.path),
+                            # the array_tag config's time averaging ('0s': none)
+                            "timebin": tag.timebin if tag else "0s",
                             # the ms key's field 'all' means every field (CASA's '')
                             "field": "" if e.field.lower() == "all" else e.field,
                             **_staged_ms_paths(project, target, product, e)}
@@ -88,6 +92,7 @@ def _stage_ms_params(project: Project, target: str, product: str, e: Any) -> dic
             # split keeps statwt_edge_kms beyond the window on each side: line-free channels
             # for uvcontsub and statwt
             "margin_kms": line.statwt_edge_kms, "fitorder": line.fitorder,
+            "flag_edge_fraction": line.flag_edge_fraction, "combinespw": line.combinespw,
             "exclude_kms": _excluded_velocities(project, product, win["vsys_kms"],
                                                 win["vwidth_kms"])}
 
@@ -229,8 +234,9 @@ def _imaging_params(project: Project, target: str, product: str, config: str, ba
     kind = "line" if product in project.line_products else "cont"
     if kind == "cont":
         recipes = _continuum_recipes(project, config, product, recipes)
+    recipes, overrides = apply_overrides(project, target, config, product, recipes)
     return {"target": target, "product": product, "config": config, "kind": kind,
-            "imagename": base, "vis": [vis], "recipes": recipes,
+            "imagename": base, "vis": [vis], "recipes": recipes, "overrides": overrides,
             "restfreq_ghz": line_restfreq_ghz(project, product) if kind == "line" else None,
             "clean_scales_arcsec": list(project.configs.interf_config[config].clean_scales_arcsec),
             "cleanmask": _str_or_none(cleanmask_path(project, target, product))}

@@ -1,7 +1,7 @@
 """The derived chain of one config: its resolution levels and their files.
 
 A ``derived`` task convolves the postprocessed cube to every resolution of the derived key
-(angular, then physical) and makes a noise cube and a strict mask at each level; this module
+and of the config's own ``res_*`` fields (angular, then physical) and makes a noise cube and a strict mask at each level; this module
 names those files, orders the levels by resolution and lists the configs whose strict masks a
 broad mask joins. Used by the moment planner (:mod:`hpcddf.phangs.plan_moments`), which makes
 another config's chain for a prior, and by the derived planner (:mod:`hpcddf.phangs.plan_derived`).
@@ -39,19 +39,71 @@ def _derived_name(project: Project, whole: str, config: str, product: str, ext: 
     return str(project.derived_dir(whole) / cube_filename(whole, config, product, ext))
 
 
+def _ladder(lo: float, hi: float, step: float) -> list[float]:
+    """lo, lo*step, lo*step**2, ... up to hi (inclusive); one value when lo == hi."""
+    if lo <= 0 or hi <= 0:
+        return []
+    out = [lo]
+    while step > 1.0 and out[-1] * step <= hi * (1.0 + 1e-9):
+        out.append(out[-1] * step)
+    return out
+
+
+def _res_tag(value: float, unit: str) -> str:
+    """'1p10as', '150pc': two decimals with 'p' for the point (file names keep no dots)."""
+    text = f"{value:.2f}".replace(".", "p")
+    if unit == "pc" and text.endswith("p00"):
+        text = text[:-3]
+    return text + unit
+
+
+def config_resolutions(project: Project, config: str) -> tuple[dict[str, float],
+                                                               dict[str, float]]:
+    """The resolutions a config's own ``res_*`` fields ask for: (angular {tag: arcsec},
+    physical {tag: pc}). ``res_list`` (arcsec) and the geometric ladders res_min..res_max by
+    res_step_factor; the key reader has checked that the fields go together."""
+    cfg: Any = (project.configs.interf_config.get(config)
+                or project.configs.feather_config[config])
+    ang = [float(v) for v in cfg.res_list]
+    ang += _ladder(cfg.res_min_arcsec, cfg.res_max_arcsec, cfg.res_step_factor)
+    phys = _ladder(cfg.res_min_pc, cfg.res_max_pc, cfg.res_step_factor)
+    return ({_res_tag(v, "as"): v for v in ang}, {_res_tag(v, "pc"): v for v in phys})
+
+
+def _merged(from_key: dict[str, float], from_config: dict[str, float], what: str,
+            config: str, product: str, project: Project) -> dict[str, float]:
+    """The derived key's resolutions plus the config's, a size given by both kept once."""
+    out = dict(from_key)
+    for tag, size in from_config.items():
+        if any(abs(size - v) <= 1e-9 * size for v in out.values()):
+            continue
+        if tag in out:
+            raise ConfigError(f"config {config} product {product}: {what} tag {tag!r} of the "
+                              f"derived key ({out[tag]:g}) differs from the config's res_* "
+                              f"resolution of that tag ({size:g})",
+                              f"rename the derived key's tag "
+                              f"({_key_files(project, 'derived_key')})")
+        out[tag] = size
+    return out
+
+
 def _resolutions(project: Project, whole: str, config: str, product: str
                  ) -> list[dict[str, Any]]:
-    """Angular then physical resolutions, each by increasing size (PHANGS' order)."""
+    """Angular then physical resolutions, each by increasing size (PHANGS' order): those of
+    the derived key and those of the config's res_* fields."""
     dp = project.derived_params(config, product)
-    clash = sorted(set(dp.ang_res) & set(dp.phys_res))
+    cfg_ang, cfg_phys = config_resolutions(project, config)
+    ang = _merged(dp.ang_res, cfg_ang, "ang_res", config, product, project)
+    phys = _merged(dp.phys_res, cfg_phys, "phys_res", config, product, project)
+    clash = sorted(set(ang) & set(phys))
     if clash:
         raise ConfigError(f"config {config} product {product}: resolution tag {clash[0]!r} is "
                           f"both an ang_res and a phys_res ({_key_files(project, 'derived_key')})",
                           "give the two resolutions different tags")
     out: list[dict[str, Any]] = [{"tag": tag, "ang_arcsec": size}
-                                 for tag, size in sorted(dp.ang_res.items(), key=lambda kv: kv[1])]
+                                 for tag, size in sorted(ang.items(), key=lambda kv: kv[1])]
     out += [{"tag": tag, "phys_pc": size}
-            for tag, size in sorted(dp.phys_res.items(), key=lambda kv: kv[1])]
+            for tag, size in sorted(phys.items(), key=lambda kv: kv[1])]
     return out
 
 

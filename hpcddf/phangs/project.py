@@ -169,6 +169,14 @@ class Window:
         return f"{self.width_kms:g}km/s"
 
 
+@dataclass(frozen=True)
+class Override:
+    """An override key line's value (a literal, or the text as written) and where it is."""
+
+    value: Any
+    source: Where
+
+
 @dataclass
 class DerivedParams:
     """What the derived stages make for one (config, product) (derived_key)."""
@@ -243,7 +251,7 @@ class Project:
     recipes: dict[tuple[str, str, str], Path]
     derived: dict[tuple[str, str], DerivedParams]
     moments: dict[str, MomentDef]
-    overrides: dict[str, dict[str, str]]
+    overrides: dict[str, dict[str, Override]]
 
     # -- names --------------------------------------------------------------------------------
 

@@ -52,18 +52,27 @@ def _window(p: dict[str, Any]) -> dict[str, Any]:
             "vwidth_kms": p["vwidth_kms"]}
 
 
+def _timebin(p: dict[str, Any]) -> str | None:
+    """The array_tag config's split timebin; None (the option left out) for no averaging."""
+    timebin = p.get("timebin") or "0s"
+    return None if float(timebin.rstrip("minsh") or 0) == 0 else timebin
+
+
 def run_stage_ms(ctx: RunContext) -> list[str]:
     p = _product_params(ctx)
     if p["kind"] == "cont":
         # the whole band (or the product's frequency ranges): lines are flagged in stage_line
         _mkparents(p["split"])
         ctx.casa("split", vis=p["vis"], outputvis=p["split"], field=p["field"] or None,
-                 continuum=True, freq_range_ghz=p["freq_ranges_ghz"])
+                 continuum=True, freq_range_ghz=p["freq_ranges_ghz"], timebin=_timebin(p))
         return [p["split"]]
     _mkparents(p["split"], p["contsub"])
+    # the line_product's flag_edge_fraction and combinespw (None/False: the option is left out)
     ctx.casa("split", vis=p["vis"], outputvis=p["split"], field=p["field"] or None,
-             margin_kms=p["margin_kms"], **_window(p))
+             margin_kms=p["margin_kms"], flag_edge_fraction=p.get("flag_edge_fraction") or None,
+             timebin=_timebin(p), **_window(p))
     ctx.casa("contsub", vis=p["split"], outputvis=p["contsub"], fitorder=p["fitorder"],
+             combinespw=bool(p.get("combinespw")),
              exclude_kms=[f"{lo},{hi}" for lo, hi in p["exclude_kms"]], **_window(p))
     return [p["contsub"]]
 
@@ -104,6 +113,7 @@ def run_imaging(ctx: RunContext) -> list[str]:
     # rest frequency: the same steps then make one plane
     p = _product_params(ctx)
     base, recipes = p["imagename"], p["recipes"]
+    ctx.notes += p.get("overrides", [])  # the override key lines the recipes carry
     _mkparents(base)
     img = {"vis": p["vis"], "imagename": base, "restfreq_ghz": p["restfreq_ghz"]}
     dirty = ctx.casa("dirty", tclean=recipes["dirty"], **img)

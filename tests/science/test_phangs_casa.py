@@ -384,6 +384,33 @@ def test_stages_rerun_as_skips(chain: Chain, casa_env: CasaEnv) -> None:
     assert chain.post["pbcorr_trimmed_k"].stat().st_mtime_ns == before
 
 
+def _channels(selection: str) -> list[int]:
+    """The channel indices of a one-spw CASA selection such as '0:2~7;9~11'."""
+    _, ranges = selection.split(":")
+    out: list[int] = []
+    for run in ranges.split(";"):
+        lo, hi = run.split("~")
+        out += range(int(lo), int(hi) + 1)
+    return out
+
+
+def test_flag_edge_fraction_leaves_the_spw_edges_out_of_the_split(chain: Chain,
+                                                                   casa_env: CasaEnv) -> None:
+    """A line_product's flag_edge_fraction (keyschema: used): the split of the chain's own
+    split MS (one spw, the window) drops that fraction of its channels at both ends. One
+    extra split: ~2 s. (An array_tag's timebin is not checked here: each scan of this
+    simulated mosaic is one 60 s integration, and split does not average across scans.)"""
+    split = chain.staged[0].with_name(chain.staged[0].name.replace("_contsub.ms", ".ms"))
+    win = {"restfreq_ghz": CO21_REST_GHZ, "vsys_kms": 500.0, "vwidth_kms": 170.0}
+    out = run_casa(casa_env, "split", chain.logs, vis=split, outputvis=chain.root / "edge.ms",
+                   margin_kms=50.0, flag_edge_fraction=0.1, **win)
+    kept = _channels(out["spw"])
+    nchan = len(_channels(chain.summaries["split"]["spw"]))   # the split MS's channels
+    edge = math.ceil(0.1 * nchan)
+    assert min(kept) == edge and max(kept) == nchan - 1 - edge
+    assert out["timebin"] == "0s" and out["nrows"] > 0
+
+
 def test_stage_errors_are_one_line(chain: Chain, casa_env: CasaEnv) -> None:
     with pytest.raises(StepFailed) as exc:
         run_casa(casa_env, "contsub", chain.logs, vis=chain.staged[-1],

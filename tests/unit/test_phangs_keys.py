@@ -87,9 +87,8 @@ def test_configs_merge_lines_keep_defaults_and_definition_order(project: Project
     assert co21.flag_edge_fraction == 0.0
     assert c.cont_product["cont"].freq_ranges_ghz == [[210.0, 235.0], [245.0, 260.0]]
     assert c.feather_config["7m+tp"].interf_config == "7m"
-    assert c.feather_config["7m+tp"].res_step_factor == 1.2
-    assert c.singledish_config["tp"].bl_order == 1
-    assert c.singledish_config["tp"].do_plots is False
+    assert c.feather_config["7m+tp"].res_list == [10.0]
+    assert c.singledish_config == {}          # refused type (keyschema): commented out
 
 
 def test_later_config_value_wins_and_int_passes_as_float(keys: Path) -> None:
@@ -191,7 +190,7 @@ def test_derived_params_merge_override_and_append(project: Project) -> None:
     assert tp.mask_configs == ["12m+7m+tp"]
     assert tp.noise_kw == {"spec_box": 5, "iterations": 4}               # specific line wins
     assert tp.strictmask_kw["hi_thresh"] == 4.0
-    assert tp.shuffle_kw == {"window": "30km/s"}
+    assert tp.shuffle_kw == {}                # refused (keyschema): commented out
     assert tp.flatstrictmask_kw == {}
     seven = project.derived_params("7m", "co21")
     assert seven.mask_configs == ["12m+7m+tp", "7m+tp"]
@@ -233,7 +232,8 @@ def test_directories_and_filenames(project: Project, keys: Path) -> None:
     assert project.imaging_dir("ngc3627_2") == work / "imaging" / "ngc3627"
     assert project.postprocess_dir("ngc0628") == work / "postprocess" / "ngc0628"
     assert project.derived_dir("ngc1087") == work / "derived" / "ngc1087"
-    assert project.target_dir("ngc1087", "release") == work / "release" / "ngc1087"
+    with pytest.raises(ConfigError, match="no release_root"):   # refused entry, not set
+        project.target_dir("ngc1087", "release")
     assert project.cube_filename("ngc0628", "12m+7m", "co21", "pbcorr_trimmed_k") == \
         "ngc0628_12m+7m_co21_pbcorr_trimmed_k.fits"
     assert cube_filename("ngc0628", "7m", "co21") == "ngc0628_7m_co21.fits"      # '_.' -> '.'
@@ -251,9 +251,10 @@ def test_files_overrides_and_key_paths(project: Project, keys: Path) -> None:
     sd.write_bytes(b"")
     assert project.singledish_file("ngc0628", "co21") == sd
     assert project.singledish_file("ngc1087", "co21") is None        # not in the key
-    assert project.cleanmask_files[("ngc0628", "co21")].file == "ngc0628_co21_mask.fits"
-    assert project.overrides == {"ngc0628_12m+7m_co21": {"imsize": "[1024, 1024]",
-                                                         "cell": "0.2arcsec"}}
+    assert project.cleanmask_files == {}      # cleanmask_key refused (keyschema): commented out
+    ov = project.overrides["ngc0628_12m+7m_co21"]
+    assert {k: v.value for k, v in ov.items()} == {"imsize": [1024, 1024], "cell": "0.2arcsec"}
+    assert ov["cell"].source.line == 3
 
 
 # ---------------------------------------------------------------------------------------------
