@@ -51,12 +51,10 @@ MASTER: dict[str, Decision] = {
     "vfield_root": _used("plan_derived: the window key's external velocity fields"),
     "ms_root": _used("Project.input_ms: where measurement sets are found"),
     "singledish_root": _used("plan_casa.singledish_path: single-dish cubes to feather"),
-    "cleanmask_root": _refused(f"clean masks from the key are {NOT_YET} (hpcddf makes its own "
-                               "S/N mask)", _DROP),
+    "cleanmask_root": _used("Project.cleanmask_file: where the clean-mask files are found"),
     "ms_key": _used("stage_ms: the measurement sets of each target"),
     "singledish_key": _used("postprocess: the single-dish cube a feather config feathers"),
-    "cleanmask_key": _refused(f"clean masks from the key are {NOT_YET} (hpcddf makes its own "
-                              "S/N mask)", _DROP),
+    "cleanmask_key": _used("imaging: tclean's mask, regridded to the cube (casa_cleanmask)"),
     "distance_key": _used("derived: physical resolutions (phys_res, res_*_pc)"),
     "window_key": _used("derived: flat-mask windows and external velocity fields"),
     "config_key": _used("every stage: products and configs"),
@@ -144,7 +142,7 @@ DERIVED: dict[str, Decision] = {
     "flatstrictmask_kw": _used("plan_derived: flat strict mask window"),
     "flatbroadmask_kw": _used("plan_derived: flat broad mask window"),
     "convolve_kw": _used("derived: convolution parameters"),
-    "shuffle_kw": _refused(f"shuffled cubes are {NOT_YET}", _DROP),
+    "shuffle_kw": _used("plan_derived: the velocity-shuffled cube (phangs.shuffle)"),
 }
 
 MOMENT: dict[str, Decision] = {name: _used("plan_moments: " + what) for name, what in (

@@ -190,7 +190,7 @@ def test_derived_params_merge_override_and_append(project: Project) -> None:
     assert tp.mask_configs == ["12m+7m+tp"]
     assert tp.noise_kw == {"spec_box": 5, "iterations": 4}               # specific line wins
     assert tp.strictmask_kw["hi_thresh"] == 4.0
-    assert tp.shuffle_kw == {}                # refused (keyschema): commented out
+    assert tp.shuffle_kw == {"window": "30km/s"}
     assert tp.flatstrictmask_kw == {}
     seven = project.derived_params("7m", "co21")
     assert seven.mask_configs == ["12m+7m+tp", "7m+tp"]
@@ -251,7 +251,7 @@ def test_files_overrides_and_key_paths(project: Project, keys: Path) -> None:
     sd.write_bytes(b"")
     assert project.singledish_file("ngc0628", "co21") == sd
     assert project.singledish_file("ngc1087", "co21") is None        # not in the key
-    assert project.cleanmask_files == {}      # cleanmask_key refused (keyschema): commented out
+    assert project.cleanmask_files[("ngc0628", "co21")].file == "ngc0628_co21_mask.fits"
     ov = project.overrides["ngc0628_12m+7m_co21"]
     assert {k: v.value for k, v in ov.items()} == {"imsize": [1024, 1024], "cell": "0.2arcsec"}
     assert ov["cell"].source.line == 3

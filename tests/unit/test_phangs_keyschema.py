@@ -26,6 +26,7 @@ from hpcddf.phangs.keyreaders import DERIVED_PARAMS, _config_fields
 from hpcddf.phangs.keys import load_project
 from hpcddf.phangs.plan_chain import _resolutions, config_resolutions
 from hpcddf.phangs.project import CONFIG_TYPES, MomentDef, Project
+from tests.unit.test_phangs_plan import make_ms
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "phangs_keys"
 
@@ -45,17 +46,6 @@ def append(keys: Path, name: str, line: str) -> int:
         text += "\n"
     path.write_text(text + line + "\n")
     return len((text + line).splitlines())
-
-
-def make_ms(keys: Path) -> None:
-    for line in (keys / "ms_file_key.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            words = line.split()
-            (keys.parent / f"ms_{words[3]}" / words[5]).mkdir(parents=True, exist_ok=True)
-    (keys.parent / "singledish").mkdir(exist_ok=True)
-    for line in (keys / "singledish_key.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            (keys.parent / "singledish" / line.split()[2]).write_bytes(b"")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +133,6 @@ def test_a_singledish_line_naming_nothing_is_an_error(keys: Path, line: str,
 
 def test_a_refused_parameter_spelled_at_its_default_is_accepted(keys: Path) -> None:
     append(keys, "config_definitions.txt", "interf_config 12m {'clean_scales_auto':False}")
-    append(keys, "derived_key.txt", "all all shuffle_kw {}")
     load_project(keys / "master_key.txt")
 
 
