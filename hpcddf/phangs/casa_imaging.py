@@ -74,7 +74,52 @@ def tclean_params(a: argparse.Namespace, vis: Sequence[Path]) -> dict[str, Any]:
                        if not params.get(k)})
     params["vis"] = [str(v) for v in vis]
     params["imagename"] = str(Path(a.imagename).resolve())
+    if getattr(a, "chunk", None):
+        params.update(chunk_channels(a.chunk, vis))
     return params
+
+
+def chunk_range(index: int, count: int, nchan: int) -> tuple[int, int]:
+    """(first channel, number of channels) of chunk ``index`` of ``count`` over ``nchan``
+    channels: near-equal contiguous ranges, the larger ones last, covering every channel once.
+    Decided here from the MS's channels rather than at planning time, so a staged MS with fewer
+    channels than the nominal window (the inputs cover less of it) is still split whole."""
+    if not 0 <= index < count:
+        raise StageError(f"chunk {index} of {count} does not exist")
+    if count > nchan:
+        raise StageError(f"{count} chunks of a cube of {nchan} channels: some would be empty; "
+                         "plan fewer chunks (a larger chunksize)")
+    first = index * nchan // count
+    return first, (index + 1) * nchan // count - first
+
+
+def chunk_channels(chunk: str, vis: Sequence[Path]) -> dict[str, Any]:
+    """tclean's start and nchan for ``--chunk K,N`` (chunk K of N): the channels of the staged
+    MS (one spectral window after extract_line), imaged as that slice of the whole cube's grid."""
+    try:
+        index, count = (int(x) for x in chunk.split(","))
+    except ValueError:
+        raise StageError(f"--chunk {chunk!r} is not K,N (chunk K of N)") from None
+    nchan = {len(freqs) for v in vis for freqs, _ in lsrk_channels(v).values()}
+    if len(nchan) != 1:
+        raise StageError(f"chunked imaging needs one spectral window of one width, got "
+                         f"channel counts {sorted(nchan)}")
+    first, n = chunk_range(index, count, nchan.pop())
+    return {"start": first, "nchan": n, "width": 1}
+
+
+def enter_chunk_dir(a: argparse.Namespace) -> None:
+    """A chunk runs in its own directory (its image's): CASA writes temporary products to the
+    working directory, and chunks running side by side must not share them (PHANGS PR #246)."""
+    if not getattr(a, "chunk", None):
+        return
+    for name in ("imagename", "mask", "within_mask"):  # paths given relative to the caller's
+        if getattr(a, name, None):
+            setattr(a, name, str(Path(getattr(a, name)).resolve()))
+    a.vis = [str(Path(v).resolve()) for v in a.vis]
+    d = Path(a.imagename).parent
+    d.mkdir(parents=True, exist_ok=True)
+    os.chdir(d)
 
 
 def good_imsize(n: int) -> int:
@@ -182,6 +227,7 @@ def residual_noise(base: str, stage: str) -> float:
 
 
 def stage_dirty(a: argparse.Namespace) -> dict[str, Any]:
+    enter_chunk_dir(a)
     base = str(Path(a.imagename).resolve())
     if skip_existing(Path(f"{base}_dirty.image"), a.overwrite):
         return {"imagename": base, "skipped": True}
@@ -272,6 +318,7 @@ def clean_until_converged(params: dict[str, Any], *, deconvolver: str, mask: Pat
 
 def stage_multiscale(a: argparse.Namespace) -> dict[str, Any]:
     """Multiscale clean inside the clean mask down to ``--threshold-snr`` x the dirty noise."""
+    enter_chunk_dir(a)
     base = str(Path(a.imagename).resolve())
     if skip_existing(Path(f"{base}_multiscale.image"), a.overwrite):
         return {"imagename": base, "skipped": True}
@@ -331,6 +378,7 @@ def singlescale_mask(base: str, hi_snr: float, lo_snr: float, within: Path | Non
 
 def stage_singlescale(a: argparse.Namespace) -> dict[str, Any]:
     """Single-scale (Hogbom) clean inside the S/N mask down to ``--threshold-snr`` x noise."""
+    enter_chunk_dir(a)
     base = str(Path(a.imagename).resolve())
     if skip_existing(Path(f"{base}_singlescale.image"), a.overwrite):
         return {"imagename": base, "skipped": True}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcddf.errors import ConfigError
+from hpcddf.phangs.plan_chunks import chunk_tasks, gather_params
 from hpcddf.phangs.plan_common import (
     C_KMS,
     LINE_REST_GHZ,
@@ -205,7 +206,12 @@ def _imaging_products(base: str) -> list[str]:
     return [f"{base}.image", f"{base}.pb", f"{base}_singlescale.image"]
 
 
-def _build_imaging(project: Project, sel: _Selection, detailed: bool) -> list[Task]:
+def _build_imaging(project: Project, sel: _Selection, detailed: bool,
+                   node_mem_gb: float | None = None) -> list[Task]:
+    """One imaging task per cube; a chunked cube's task gathers its chunk tasks, which come
+    first in the stage (all cubes' chunks, then every cube's imaging task): the submission
+    makes each cube's chunks one array (:func:`hpcddf.phangs.plan_chunks.array_groups`)."""
+    chunks: list[Task] = []
     tasks = []
     for target in sel.parts:
         for product in _products(project):
@@ -214,11 +220,17 @@ def _build_imaging(project: Project, sel: _Selection, detailed: bool) -> list[Ta
                 vis = _staged_line_path(project, target, product, config)
                 params: dict[str, Any] = {"inputs": [vis],
                                           "outputs": [*_imaging_products(base), f"{base}.fits"]}
+                deps = [Task("stage_line", _line_key(target, product, config)).id]
                 if detailed:
                     params.update(_imaging_params(project, target, product, config, base, vis))
-                deps = [Task("stage_line", _line_key(target, product, config)).id]
+                    mine = chunk_tasks(project, _line_key(target, product, config), params,
+                                       deps, node_mem_gb)
+                    if mine:
+                        chunks += mine
+                        params = gather_params(params, mine)
+                        deps = [t.id for t in mine]
                 tasks.append(_task("imaging", _line_key(target, product, config), deps, params))
-    return tasks
+    return chunks + tasks
 
 
 def _imaging_params(project: Project, target: str, product: str, config: str, base: str,

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from hpcddf.engine.atomic import write_json_atomic
 from hpcddf.phangs.linmos import MOSAIC_PRODUCTS, linear_mosaic
 from hpcddf.phangs.run_common import PhangsRunError, RunContext
 
@@ -103,9 +104,29 @@ def run_imaging(ctx: RunContext) -> list[str]:
     # a continuum product's recipes say specmode 'mfs' (the plan sees to it) and it has no
     # rest frequency: the same steps then make one plane
     p = _product_params(ctx)
-    base, recipes = p["imagename"], p["recipes"]
+    if p.get("chunk"):
+        return _run_chunk(ctx, p)
+    base = p["imagename"]
     _mkparents(base)
-    img = {"vis": p["vis"], "imagename": base, "restfreq_ghz": p["restfreq_ghz"]}
+    if p.get("gather"):
+        # the chunks' images into the cube, with the single call's names and layout
+        missing = [m for m in p["inputs"] if not Path(m).is_file()]
+        if missing:
+            raise PhangsRunError(f"task {ctx.task.id}: chunk {missing[0]} has no done-marker",
+                                 "resubmit: the chunks not done run again, then this gather")
+        ctx.casa("gather_chunks", imagename=base, chunk_imagename=p["gather"])
+    else:
+        _image_steps(ctx, p, base)
+    ctx.casa("export_image", imagename=base)
+    return [f"{base}.image", f"{base}.pb", f"{base}_singlescale.image", f"{base}.fits"]
+
+
+def _image_steps(ctx: RunContext, p: dict[str, Any], base: str, chunk: str | None = None
+                 ) -> None:
+    """dirty, clean mask, multiscale, singlescale: of the whole cube, or of ``chunk`` (K,N)."""
+    recipes = p["recipes"]
+    img = {"vis": p["vis"], "imagename": base, "restfreq_ghz": p["restfreq_ghz"],
+           "chunk": chunk}
     dirty = ctx.casa("dirty", tclean=recipes["dirty"], **img)
     ctx.casa("clean_mask", imagename=base)
     scales = None
@@ -116,8 +137,20 @@ def run_imaging(ctx: RunContext) -> list[str]:
         scales = scales_in_pixels(p["clean_scales_arcsec"], _cell_arcsec(cell))
     ctx.casa("multiscale", tclean=recipes["multiscale"], scales_pix=scales, **img)
     ctx.casa("singlescale", tclean=recipes["singlescale"], **img)
-    ctx.casa("export_image", imagename=base)
-    return [f"{base}.image", f"{base}.pb", f"{base}_singlescale.image", f"{base}.fits"]
+
+
+def _run_chunk(ctx: RunContext, p: dict[str, Any]) -> list[str]:
+    """One chunk of a cube: the single call's steps on its channels, in its own directory
+    (the chunk's imagename's), then its done-marker, written last and atomically: the gather
+    and a resubmission trust the marker, not the images a killed attempt may have left."""
+    k, n = p["chunk"]
+    base = p["imagename"]
+    _mkparents(base)
+    _image_steps(ctx, p, base, chunk=f"{k},{n}")
+    write_json_atomic(Path(p["marker"]), {"task": ctx.task.id, "chunk": k, "of": n,
+                                          "imagename": base, "steps": sorted(ctx.steps)})
+    ctx.notes.append(f"chunk {k + 1} of {n}")
+    return [p["marker"]]
 
 
 def _postprocess_continuum(ctx: RunContext) -> list[str]:
