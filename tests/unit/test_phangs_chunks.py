@@ -157,3 +157,20 @@ def test_a_chunk_with_its_done_marker_is_skipped_and_a_gather_needs_them_all(
     with pytest.raises(PhangsRunError, match="chunk0/.*has no done-marker|has no done-marker"):
         run_task(ids[CUBE], work, casa_env="/no/casa/needed")
     assert read_task_state(work, CUBE)["state"] == "failed"
+
+
+def test_chunk_and_gather_options_reach_casa_tasks() -> None:
+    """What the runner passes (casaenv.casa_argv) is what casa_tasks parses."""
+    from hpcddf.phangs.casa_tasks import build_parser
+    from hpcddf.phangs.casaenv import CasaEnv, casa_argv
+
+    env = CasaEnv(python=Path("/e/bin/python"), siteconfig=Path("/e/casasiteconfig.py"))
+    argv = casa_argv(env, "dirty", vis=["/d/a.ms"], imagename="/d/c/x_chunk1", restfreq_ghz=230.5,
+                     chunk="1,3", tclean={"robust": 0.5})
+    a = build_parser().parse_args(argv[3:])
+    assert (a.stage, a.chunk, a.vis) == ("dirty", "1,3", ["/d/a.ms"])
+    argv = casa_argv(env, "multiscale", vis=["/d/a.ms"], imagename="/d/x", chunk=None)
+    assert build_parser().parse_args(argv[3:]).chunk is None and "--chunk" not in argv
+    argv = casa_argv(env, "gather_chunks", imagename="/d/x", chunk_imagename=["/d/0/a", "/d/1/b"])
+    a = build_parser().parse_args(argv[3:])
+    assert a.chunk_imagename == ["/d/0/a", "/d/1/b"]
