@@ -226,6 +226,48 @@ def residual_noise(base: str, stage: str) -> float:
     return chauvenet_mad_noise(data)
 
 
+MAX_NOISE_SAMPLES = 8_000_000
+
+
+def whole_cube_noise(bases: Sequence[str], load: Any) -> float:
+    """The noise of a chunked cube as the single call measures it over its whole cube: the
+    same estimate over the voxels of every chunk (``load(base)`` gives a chunk's pixels).
+
+    A chunk's own estimate is not that: a chunk of bright channels holds little but emission
+    and its sidelobes, its estimate is twice the cube's and it would clean far less (measured
+    on the simulated galaxy). Chunks of a large cube are subsampled to MAX_NOISE_SAMPLES
+    values in all, the estimate's own subsample size, so memory stays that of one chunk."""
+    import numpy as np
+
+    parts = []
+    for b in bases:
+        x = np.asarray(load(b), dtype=float).ravel()
+        x = x[np.isfinite(x)]
+        step = max(1, x.size * len(bases) // MAX_NOISE_SAMPLES)
+        parts.append(x[::step])
+    return chauvenet_mad_noise(np.concatenate(parts))
+
+
+def dirty_residual(base: str) -> Any:
+    return read_image(Path(f"{base}_dirty.residual"))[0]
+
+
+def multiscale_residual(base: str) -> Any:
+    return read_image(Path(f"{base}_multiscale.residual"))[0]
+
+
+def smoothed_dirty(base: str, smooth_pix: float) -> Any:
+    """The dirty cube, each channel Gaussian-smoothed by ``smooth_pix`` (blank: NaN)."""
+    import numpy as np
+    from scipy import ndimage
+
+    data, good = read_image(Path(f"{base}_dirty.image"))
+    smooth = ndimage.gaussian_filter(np.where(good, data, 0.0),
+                                     sigma=(smooth_pix, smooth_pix, 0, 0))
+    smooth[~good] = np.nan
+    return smooth
+
+
 def stage_dirty(a: argparse.Namespace) -> dict[str, Any]:
     enter_chunk_dir(a)
     base = str(Path(a.imagename).resolve())
@@ -263,11 +305,12 @@ def stage_clean_mask(a: argparse.Namespace) -> dict[str, Any]:
     if skip_existing(out, a.overwrite):
         return {"mask": str(out), "skipped": True}
     dirty = need(Path(f"{base}_dirty.image"), "dirty cube")
-    data, good = read_image(dirty)
-    filled = np.where(good, data, 0.0)
-    smooth = ndimage.gaussian_filter(filled, sigma=(a.smooth_pix, a.smooth_pix, 0, 0))
-    smooth[~good] = np.nan
-    sigma = chauvenet_mad_noise(smooth)
+    _, good = read_image(dirty)
+    smooth = smoothed_dirty(base, a.smooth_pix)
+    if a.noise_from:  # a chunk: the noise of the whole cube, from every chunk's dirty cube
+        sigma = whole_cube_noise(a.noise_from, lambda b: smoothed_dirty(b, a.smooth_pix))
+    else:
+        sigma = chauvenet_mad_noise(smooth)
     mask = np.nan_to_num(smooth) > a.snr * sigma
     if a.grow > 0:
         mask = ndimage.binary_dilation(mask, iterations=a.grow,
@@ -327,7 +370,9 @@ def stage_multiscale(a: argparse.Namespace) -> dict[str, Any]:
     params = tclean_params(a, vis)
     invalidate_after(base, "multiscale")
     restore(base, "dirty")
-    sigma = residual_noise(base, "dirty")
+    # a chunk cleans to the threshold of the whole cube (see whole_cube_noise)
+    sigma = (whole_cube_noise(a.noise_from, dirty_residual) if a.noise_from
+             else residual_noise(base, "dirty"))
     scales = multiscale_scales(a, params)
     extra = {"scales": scales, "smallscalebias": params.pop("smallscalebias", 0.6),
              "cyclefactor": params.pop("cyclefactor", 1.5)}
@@ -352,14 +397,15 @@ def multiscale_scales(a: argparse.Namespace, params: dict[str, Any]) -> list[int
     return [int(s) for s in recipe] if recipe else [0, 5, 10, 20]
 
 
-def singlescale_mask(base: str, hi_snr: float, lo_snr: float, within: Path | None) -> Any:
+def singlescale_mask(base: str, hi_snr: float, lo_snr: float, within: Path | None,
+                     sigma: float | None = None) -> Any:
     """Bright emission of the multiscale result: S/N > hi seeds grown through S/N > lo (both
     in two consecutive channels of a cube; a continuum image has one plane, where the S/N
     alone decides), optionally inside the prior clean mask."""
     import numpy as np
     from scipy import ndimage
 
-    sigma = residual_noise(base, "multiscale")
+    sigma = sigma or residual_noise(base, "multiscale")
     image, good = read_image(Path(f"{base}_multiscale.image"))
     snr = np.nan_to_num(image) / sigma
     run = np.zeros((1, 1, 1, 2), dtype=bool)
@@ -389,10 +435,12 @@ def stage_singlescale(a: argparse.Namespace) -> dict[str, Any]:
     invalidate_after(base, "singlescale")
     restore(base, "multiscale")
     within = Path(a.within_mask).resolve() if a.within_mask else None
-    mask = singlescale_mask(base, a.hi_snr, a.lo_snr, within)
+    # a chunk: the noise of the whole cube's multiscale residual (see whole_cube_noise)
+    sigma = (whole_cube_noise(a.noise_from, multiscale_residual) if a.noise_from
+             else residual_noise(base, "multiscale"))
+    mask = singlescale_mask(base, a.hi_snr, a.lo_snr, within, sigma)
     mask_path = write_mask_image(Path(f"{base}_singlescale_mask.im"),
                                  Path(f"{base}_multiscale.image"), mask)
-    sigma = residual_noise(base, "multiscale")
     history: list[dict[str, Any]] = []
     if mask.any():
         history = clean_until_converged(

@@ -127,6 +127,12 @@ def _imaging_options(p: argparse.ArgumentParser, with_vis: bool = True) -> None:
                        "the image's own directory (chunked imaging)")
 
 
+def _noise_from_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--noise-from", action="append", default=[],
+                   help="a chunk: the image base of every chunk of the cube (repeatable), "
+                        "whose residuals give the noise of the whole cube")
+
+
 STAGES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "simobserve": stage_simobserve, "split": stage_split, "contsub": stage_contsub,
     "extract_line": stage_extract_line, "extract_continuum": stage_extract_continuum,
@@ -217,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("clean_mask", "clean mask from the dirty cube")
     _imaging_options(p, with_vis=False)
+    _noise_from_option(p)
     p.add_argument("--mask", help="output mask image (default BASE_cleanmask.im)")
     p.add_argument("--smooth-pix", type=float, default=4.0)
     p.add_argument("--snr", type=float, default=3.0)
@@ -228,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales-pix", help="comma-separated scales in pixels (else the recipe's)")
     p.add_argument("--scales-arcsec", help="comma-separated scales in arcsec (converted with "
                    "the cell)")
+    _noise_from_option(p)
     _clean_options(p, threshold_snr=4.0)
 
     p = add("singlescale", "single-scale clean inside the S/N mask")
@@ -235,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hi-snr", type=float, default=4.0)
     p.add_argument("--lo-snr", type=float, default=2.0)
     p.add_argument("--within-mask", help="keep the S/N mask inside this mask image")
+    _noise_from_option(p)
     _clean_options(p, threshold_snr=1.0)
 
     p = add("export_image", "imaging products to FITS")

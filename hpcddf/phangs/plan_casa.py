@@ -209,9 +209,10 @@ def _imaging_products(base: str) -> list[str]:
 def _build_imaging(project: Project, sel: _Selection, detailed: bool,
                    node_mem_gb: float | None = None) -> list[Task]:
     """One imaging task per cube; a chunked cube's task gathers its chunk tasks, which come
-    first in the stage (all cubes' chunks, then every cube's imaging task): the submission
-    makes each cube's chunks one array (:func:`hpcddf.phangs.plan_chunks.array_groups`)."""
-    chunks: list[Task] = []
+    first in the stage (phase by phase, cube by cube, then every cube's imaging task): the
+    submission makes each phase of a cube one array
+    (:func:`hpcddf.phangs.plan_chunks.array_groups`)."""
+    phases: list[list[Task]] = []
     tasks = []
     for target in sel.parts:
         for product in _products(project):
@@ -226,11 +227,11 @@ def _build_imaging(project: Project, sel: _Selection, detailed: bool,
                     mine = chunk_tasks(project, _line_key(target, product, config), params,
                                        deps, node_mem_gb)
                     if mine:
-                        chunks += mine
-                        params = gather_params(params, mine)
-                        deps = [t.id for t in mine]
+                        phases = [a + b for a, b in zip(phases, mine)] if phases else mine
+                        params = gather_params(params, mine[-1])
+                        deps = [t.id for t in mine[-1]]
                 tasks.append(_task("imaging", _line_key(target, product, config), deps, params))
-    return chunks + tasks
+    return [t for phase in phases for t in phase] + tasks
 
 
 def _imaging_params(project: Project, target: str, product: str, config: str, base: str,

@@ -2,13 +2,15 @@
 
 The PHANGS team images large cubes in channel chunks as separate jobs plus a gather step, each
 chunk in its own temporary directory because CASA's temporary products of parallel jobs
-collided (phangs_imaging_scripts PR #228, #246). Here a chunked cube is N ``imaging`` tasks
-keyed ``(target, product, config, chunkK)`` that run the same recipe and steps as the single
-call on their slice of the channels, each in its own directory, plus the cube's ordinary
-``imaging`` task, which waits for them and gathers their images into the cube with the names
-and layout of the single call (``casa_tasks gather_chunks``). On Slurm the chunks of one cube
-are ONE job array (:func:`array_groups`); a chunk killed by its walltime is requeued alone
-and a resubmission reruns only the chunks without their done-marker.
+collided (phangs_imaging_scripts PR #228, #246). Here a chunked cube is, per chunk, the
+``imaging`` tasks ``(target, product, config, dirtyK)``, ``(..., multiscaleK)`` and
+``(..., singlescaleK)``: the single call's recipe and steps on the chunk's slice of the
+channels, in the chunk's own directory, in three phases (:func:`chunk_tasks` says why), and
+the cube's ordinary ``imaging`` task, which waits for the last phase and gathers the chunks'
+images into the cube with the names and layout of the single call (``casa_tasks
+gather_chunks``). On Slurm each phase of a cube is ONE job array (:func:`array_groups`); a
+chunk killed by its walltime is requeued alone and a resubmission reruns only the chunk tasks
+whose product (a snapshot, or the last phase's done-marker) is missing.
 
 How many chunks (line products only; a continuum image is one plane):
 
@@ -91,9 +93,22 @@ def chunk_base(base: str, index: int, count: int) -> str:
     return str(Path(f"{base}_chunks") / f"chunk{index}of{count}" / f"{stem}_chunk{index}")
 
 
+PHASES = ("dirty", "multiscale", "singlescale")
+
+
 def chunk_tasks(project: Project, key: tuple[str, ...], params: dict[str, Any],
-                depends: Sequence[str], node_mem_gb: float | None) -> list[Task]:
-    """The chunk tasks of one cube's imaging (none when it is imaged whole)."""
+                depends: Sequence[str], node_mem_gb: float | None) -> list[list[Task]]:
+    """The chunk tasks of one cube's imaging, one list per phase (:data:`PHASES`); none when
+    the cube is imaged whole.
+
+    A chunk's imaging steps run in three phases, each phase of a cube one array whose tasks
+    wait for every task of the phase before: ``dirtyK`` makes the chunk's dirty cube,
+    ``multiscaleK`` its clean mask and multiscale clean, ``singlescaleK`` the single-scale
+    clean and the done-marker. Their thresholds and masks are in units of the noise of the
+    WHOLE cube, measured over every chunk's dirty (multiscale) residual as the single call
+    measures it over its own (:func:`hpcddf.phangs.casa_imaging.whole_cube_noise`): a chunk's
+    own noise would leave a chunk of bright channels, whose residual is mostly sidelobes,
+    cleaned far less deeply than the single call cleans it."""
     if params.get("kind") != "line":
         return []
     count = chunk_count(project, params["target"], params["product"], params["recipes"],
@@ -101,14 +116,21 @@ def chunk_tasks(project: Project, key: tuple[str, ...], params: dict[str, Any],
     if count < 2:
         return []
     _check_recipes(project, params)
-    tasks = []
-    for k in range(count):
-        base = chunk_base(params["imagename"], k, count)
-        marker = str(Path(base).parent / MARKER)
-        tasks.append(_task("imaging", (*key, f"chunk{k}"), depends, {
-            **params, "imagename": base, "chunk": [k, count], "marker": marker,
-            "inputs": list(params["inputs"]), "outputs": [marker]}))
-    return tasks
+    bases = [chunk_base(params["imagename"], k, count) for k in range(count)]
+    phases: list[list[Task]] = []
+    before, inputs = list(depends), list(params["inputs"])
+    for phase in PHASES:
+        tasks = []
+        for k, base in enumerate(bases):
+            last = phase == PHASES[-1]
+            out = str(Path(base).parent / MARKER) if last else f"{base}_{phase}.image"
+            extra = {"marker": out} if last else {}
+            tasks.append(_task("imaging", (*key, f"{phase}{k}"), before, {
+                **params, "imagename": base, "chunk": [k, count], "chunk_phase": phase,
+                "noise_from": bases, "inputs": inputs, "outputs": [out], **extra}))
+        phases.append(tasks)
+        before, inputs = [t.id for t in tasks], [t.outputs[0] for t in tasks]
+    return phases
 
 
 def gather_params(params: dict[str, Any], chunks: Sequence[Task]) -> dict[str, Any]:
@@ -119,12 +141,13 @@ def gather_params(params: dict[str, Any], chunks: Sequence[Task]) -> dict[str, A
 
 def array_groups(tasks: Sequence[Task]) -> list[list[Task]]:
     """A stage's tasks split into the arrays they are submitted as, keeping their order: each
-    cube's chunk tasks one array, and the runs of other tasks between them one array each."""
+    cube's dirty chunks one array, its cleaning chunks another, and the runs of other tasks
+    between them one array each."""
     groups: list[list[Task]] = []
     last: object = object()
     for t in tasks:
-        tag = t.key[:-1] if "chunk" in t.params else None
-        if not groups or tag != last or (tag is None) != (last is None):
+        tag = (t.key[:-1], t.params["chunk_phase"]) if "chunk" in t.params else None
+        if not groups or tag != last:
             groups.append([])
         groups[-1].append(t)
         last = tag

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from hpcddf.phangs.plan_chunks import PHASES
 from hpcddf.phangs.run_common import task_state_path
 
 from .conftest import SITE_TEMPLATE, hpcddf, queue_empty_of, wait_for
@@ -135,22 +136,29 @@ def test_chunks_are_one_array_and_a_killed_chunk_is_requeued_alone(slurm, tmp_pa
     doc = json.loads(hpcddf("phangs", "submit", str(keys), "--site-file", str(site), "--stages",
                             "imaging", "--casa-env", str(env), "--json").stdout)
     jobs = doc["jobs"]
-    chunks = [f"{CUBE}/chunk{k}" for k in range(3)]
+    phases = [[f"{CUBE}/{phase}{k}" for k in range(3)] for phase in PHASES]
+    chunks = phases[1]  # the multiscale phase: its chunk 1 is killed
     try:
-        assert sorted(jobs) == sorted([*chunks, CUBE])
-        (array,) = {jobs[c].split("_")[0] for c in chunks}
-        assert [jobs[c] for c in chunks] == [f"{array}_{k}" for k in range(3)], jobs
-        assert jobs[CUBE].split("_")[0] != array, "the gather is not one of the chunks"
+        assert sorted(jobs) == sorted([*(t for p in phases for t in p), CUBE])
+        arrays = []
+        for phase in phases:
+            (array,) = {jobs[t].split("_")[0] for t in phase}
+            assert [jobs[t] for t in phase] == [f"{array}_{k}" for k in range(3)], jobs
+            arrays.append(array)
+        array = arrays[1]
+        assert len({*arrays, jobs[CUBE].split("_")[0]}) == 4, jobs
         work = Path(doc["work_dir"])
-        assert _state(work, CUBE)["waits_for"] == chunks
+        assert _state(work, CUBE)["waits_for"] == phases[-1]
+        for before, phase in zip(phases, phases[1:]):
+            assert all(_state(work, t)["waits_for"] == before for t in phase)
 
         # chunk 1 is running its long multiscale step: cut its time limit, Slurm's walltime
         # signal then requeues it through hpcddf (its own array task only)
         victim = jobs[chunks[1]]
         task = next(t for s in doc["stages"] for t in s["tasks"] if t["id"] == chunks[1])
         base = task["params"]["imagename"]
-        wait_for(lambda: Path(f"{base}_dirty.image").exists(), 300, "chunk 1's dirty step")
-        dirty_mtime = Path(f"{base}_dirty.image").stat().st_mtime
+        wait_for(lambda: Path(f"{base}_cleanmask.im").exists(), 300, "chunk 1's clean mask")
+        first_mtime = Path(f"{base}_cleanmask.im").stat().st_mtime
         subprocess.run(["scontrol", "update", f"JobId={victim}", "TimeLimit=1"], check=True,
                        timeout=60, capture_output=True)
         wait_for(lambda: _state(work, chunks[1]).get("state") in ("requeued", "done", "failed"),
@@ -160,19 +168,21 @@ def test_chunks_are_one_array_and_a_killed_chunk_is_requeued_alone(slurm, tmp_pa
                        timeout=60, capture_output=True)
         wait_for(lambda: _state(work, CUBE).get("state") in ("done", "failed", "cancelled")
                  or queue_empty_of(list(jobs.values())), 600, "the gather")
-        states = {t: _state(work, t) for t in [*chunks, CUBE]}
+        states = {t: _state(work, t) for t in [*(t for p in phases for t in p), CUBE]}
         assert {t: s["state"] for t, s in states.items()} == dict.fromkeys(states, "done"), states
-        assert [states[c]["attempts"] for c in chunks] == [1, 2, 1]
-        assert states[CUBE]["attempts"] == 1
-        assert all(states[CUBE]["started"] >= states[c]["ended"] for c in chunks)
-        # the requeued chunk went on after its dirty step; the others were not run again
-        assert Path(f"{base}_dirty.image").stat().st_mtime == dirty_mtime
-        for c in chunks:
+        assert {t: s["attempts"] for t, s in states.items()} == \
+            {t: 2 if t == chunks[1] else 1 for t in states}, "only the killed chunk ran twice"
+        for before, phase in zip(phases, [*phases[1:], [CUBE]]):
+            assert all(states[t]["started"] >= states[b]["ended"] for t in phase for b in before)
+        # the requeued chunk went on after its clean mask; the others were not run again
+        assert Path(f"{base}_cleanmask.im").stat().st_mtime == first_mtime
+        for c in phases[-1]:
             params = next(t for s in doc["stages"] for t in s["tasks"] if t["id"] == c)["params"]
             assert Path(params["marker"]).is_file()
             # each chunk ran its tclean steps in its own directory
-            assert Path(f"{params['imagename']}_dirty.cwd").read_text() == \
-                str(Path(params["imagename"]).parent)
+            for step in ("dirty", "multiscale", "singlescale"):
+                assert Path(f"{params['imagename']}_{step}.cwd").read_text() == \
+                    str(Path(params["imagename"]).parent)
         for ext in (".image", ".pb", "_singlescale.image", ".fits"):
             assert Path(task["params"]["imagename"].rsplit("_chunks", 1)[0] + ext).exists()
         # Slurm's record: three tasks of one array; only task 1 ran twice

@@ -413,7 +413,7 @@ def test_casa_output_goes_to_a_log_file_per_stage(chain: Chain, casa_env: CasaEn
 
 @dataclass
 class Chunked:
-    tasks: list[Any]        # the chunk tasks, then the gather (the cube's imaging task)
+    tasks: list[Any]        # the chunks' last-phase tasks, then the gather (the cube's task)
     base: Path              # the gathered cube's imagename
     work: Path              # the task states
     seconds: float          # CASA time of the chunks and the gather
@@ -445,10 +445,11 @@ def chunked(chain: Chain, casa_env: CasaEnv) -> Chunked:
               "outputs": [f"{base}.image", f"{base}.pb", f"{base}_singlescale.image",
                           f"{base}.fits"]}
     key = (TARGET, PRODUCT, CONFIG)
-    chunks = chunk_tasks(project, key, params, ["stage_line/x"], None)
+    phases = chunk_tasks(project, key, params, ["stage_line/x"], None)
+    chunks = phases[-1]
     gather = Task("imaging", key, tuple(t.id for t in chunks), gather_params(params, chunks))
     t0 = time.monotonic()
-    for t in (*chunks, gather):
+    for t in (*(t for phase in phases for t in phase), gather):
         run_task(t, out, casa_env=str(CASA_ENV))
     return Chunked([*chunks, gather], base, out, time.monotonic() - t0)
 

@@ -18,7 +18,7 @@ from hpcddf.errors import ConfigError
 from hpcddf.phangs import plan as P
 from hpcddf.phangs.casa_imaging import chunk_range
 from hpcddf.phangs.keys import load_project
-from hpcddf.phangs.plan_chunks import MARKER, array_groups, nominal_nchan
+from hpcddf.phangs.plan_chunks import MARKER, PHASES, array_groups, nominal_nchan
 from hpcddf.phangs.run import run_task
 from hpcddf.phangs.run_common import PhangsRunError, read_task_state
 from hpcddf.phangs.submit import _arrays
@@ -55,18 +55,29 @@ def imaging(keys: Path, node_mem_gb: float | None = None) -> list:
 def test_a_cube_becomes_chunk_tasks_and_a_gather(keys: Path) -> None:
     project = load_project(keys / "master_key.txt")
     assert nominal_nchan(project, "ngc0628", "co21") == 86
-    before = {t.id: t for t in imaging(keys)}
+    imaging_unchunked = imaging(keys)
+    before = {t.id: t for t in imaging_unchunked}
     set_chunksize(keys, 30)
     tasks = imaging(keys)
     ids = {t.id: t for t in tasks}
-    chunks = [ids[f"{CUBE}/chunk{k}"] for k in range(3)]
-    assert f"{CUBE}/chunk3" not in ids
+    phases = [[ids[f"{CUBE}/{phase}{k}"] for k in range(3)] for phase in PHASES]
+    chunks = phases[-1]
+    assert not any(f"{CUBE}/{phase}3" in ids for phase in PHASES)
     gather = ids[CUBE]
-    # every chunk waits for the staged cube, the gather for the chunks (not for stage_line)
-    for k, c in enumerate(chunks):
-        assert c.depends == before[CUBE].depends == ("stage_line/ngc0628/co21/12m",)
-        assert c.params["chunk"] == [k, 3]
-        assert c.params["recipes"] == before[CUBE].params["recipes"]  # the same recipe
+    # the dirty chunks wait for the staged cube, every later phase's chunk for all chunks of
+    # the phase before (it works to the whole cube's noise), the gather for the last phase
+    before = {t.id: t for t in imaging_unchunked}
+    for n, phase in enumerate(phases):
+        waits = before[CUBE].depends if n == 0 else tuple(t.id for t in phases[n - 1])
+        for k, t in enumerate(phase):
+            assert t.depends == waits, t.id
+            assert t.params["chunk"] == [k, 3] and t.params["chunk_phase"] == PHASES[n]
+            assert t.params["imagename"] == chunks[k].params["imagename"]
+            assert t.params["noise_from"] == [c.params["imagename"] for c in chunks]
+            assert t.params["recipes"] == before[CUBE].params["recipes"]  # the same recipe
+            if n < 2:
+                assert t.outputs == [f"{t.params['imagename']}_{PHASES[n]}.image"]
+    for c in chunks:
         assert c.outputs == [c.params["marker"]] and c.params["marker"].endswith(MARKER)
         assert Path(c.params["marker"]).parent == Path(c.params["imagename"]).parent
     assert len({Path(c.params["imagename"]).parent for c in chunks}) == 3  # own directories
@@ -90,9 +101,12 @@ def test_each_cubes_chunks_are_one_array(keys: Path) -> None:
     tasks = imaging(keys)
     groups = array_groups(tasks)
     cubes = sorted({t.key[:3] for t in tasks if "chunk" in t.params})
-    assert len(cubes) >= 3 and len(groups) == len(cubes) + 1
+    assert len(cubes) >= 3 and len(groups) == 3 * len(cubes) + 1
     for g in groups[:-1]:
-        assert len({t.key[:3] for t in g}) == 1 and all("chunk" in t.params for g2 in [g] for t in g2)
+        assert len({(t.key[:3], t.params["chunk_phase"]) for t in g}) == 1
+        assert [t.params["chunk"] for t in g] == [[k, len(g)] for k in range(len(g))]
+    assert [g[0].params["chunk_phase"] for g in groups[:-1]] == \
+        [phase for phase in PHASES for _ in cubes]
     assert not any("chunk" in t.params for t in groups[-1])
     site = load_site("local")
     arrays = _arrays(site, [("imaging", tasks)], Path("/nowhere"), None)
@@ -121,6 +135,7 @@ def test_chunk_size_from_the_nodes_memory_when_the_recipe_fixes_imsize(keys: Pat
     assert not any("chunk" in t.params for t in whole)
     small = imaging(keys, node_mem_gb=1)
     assert {t.params["chunk"][1] for t in small if t.id.startswith(CUBE + "/")} == {12}
+    assert len([t for t in small if t.id.startswith(CUBE + "/")]) == 36
     # a key's chunksize wins over the node's memory
     set_chunksize(keys, 43)
     assert {t.params["chunk"][1] for t in imaging(keys, node_mem_gb=1)
@@ -148,13 +163,13 @@ def test_a_chunk_with_its_done_marker_is_skipped_and_a_gather_needs_them_all(
     project = load_project(keys / "master_key.txt")
     ids = {t.id: t for t in imaging(keys)}
     work = P.project_work_dir(project)
-    done = ids[f"{CUBE}/chunk1"]
+    done = ids[f"{CUBE}/singlescale1"]
     Path(done.params["marker"]).parent.mkdir(parents=True)
     Path(done.params["marker"]).write_text("{}")
     out = run_task(done, work, casa_env="/no/casa/needed")
     assert out["skipped"] is True
     assert read_task_state(work, done.id)["state"] == "done"
-    with pytest.raises(PhangsRunError, match="chunk0/.*has no done-marker|has no done-marker"):
+    with pytest.raises(PhangsRunError, match="a chunk is not done: no .*chunk0of3/chunk.done.json"):
         run_task(ids[CUBE], work, casa_env="/no/casa/needed")
     assert read_task_state(work, CUBE)["state"] == "failed"
 
