@@ -20,8 +20,9 @@ Stages, in order, and what each task waits for (:data:`DEPENDENCY_RULES`; all ar
 ``imaging``      (target, product, interf_config): dirty, clean mask, multiscale, singlescale,
                  FITS export. Waits for its ``stage_line`` task (one to one). A large cube is
                  imaged in channel chunks (:mod:`hpcddf.phangs.plan_chunks`): tasks
-                 (target, product, interf_config, chunkK) that wait for the ``stage_line``
-                 task, each cube's chunks one array, and the cube's task gathers them.
+                 (target, product, interf_config, dirtyK / multiscaleK / singlescaleK), each
+                 phase of a cube one array waiting for the whole phase before (the first for
+                 the ``stage_line`` task), and the cube's task gathers the last phase.
 ``postprocess``  (whole target, product, config): pbcor, round beam, K, trim, export. A linear
                  mosaic's task waits for the ``imaging`` tasks of ALL its parts; a feather
                  config's for the imaging of its interferometric config.
@@ -89,7 +90,7 @@ DEPENDENCY_RULES = {
     "stage_ms": "nothing",
     "stage_line": "all stage_ms tasks of the MSs of the target's arrays in this config",
     "imaging": "the stage_line task of the same target, product and config (one to one); "
-               "a chunked cube's imaging task (the gather) waits for its chunk tasks instead",
+               "a chunked cube's imaging task (the gather) waits for its chunks' last phase",
     "postprocess": "all imaging tasks of the whole target's parts (itself if not a mosaic) "
                    "for this config (a feather config: its interferometric config)",
     "derived": "the postprocess task of this config and of every linked mask_config of the "

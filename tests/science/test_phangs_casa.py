@@ -455,9 +455,9 @@ def chunked(chain: Chain, casa_env: CasaEnv) -> Chunked:
 
 
 def test_three_chunks_give_the_cube_of_one_call(chain: Chain, chunked: Chunked) -> None:
-    """Same grid, channels, beam and units as the single tclean call, and per channel the same
-    image rms within 1 %; the difference per channel is a small fraction of the noise (the
-    chunks clean with their own noise estimates and convergence, as PHANGS's chunks do)."""
+    """Same grid, channels, beam and units as the single tclean call, per channel the same
+    image rms within 1 % and the same image within a few % of that rms: the chunks clean to
+    the whole cube's noise, but their clean masks and convergence are their own."""
     print(f"\nchunked imaging: {len(chunked.tasks) - 1} chunks + gather in "
           f"{chunked.seconds:.0f} s of CASA")
     assert [t.params.get("chunk") for t in chunked.tasks] == [[0, 3], [1, 3], [2, 3], None]
@@ -484,6 +484,9 @@ def test_three_chunks_give_the_cube_of_one_call(chain: Chain, chunked: Chunked) 
         print(f"channel {c:2d}: rms one call {rms_one:.5f}, chunked {rms_many:.5f} "
               f"({rms_many / rms_one - 1:+.4f}), rms of the difference {diff / rms_one:.4f}")
         assert rms_many == pytest.approx(rms_one, rel=0.01), c
+        # measured: at most 0.02 (the chunk boundaries' channels 5, 6 and 11, whose clean
+        # mask's dilation and two-channel runs cannot see the next chunk, and faint channels)
+        assert diff <= 0.05 * rms_one, c
     flux_one, flux_many = np.nansum(a[inner]), np.nansum(b[inner])
     assert flux_many == pytest.approx(flux_one, rel=0.01)
 
