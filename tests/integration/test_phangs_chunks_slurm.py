@@ -26,7 +26,7 @@ from hpcddf.phangs.run_common import task_state_path
 
 from .conftest import SITE_TEMPLATE, hpcddf, queue_empty_of, wait_for
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
+pytestmark = pytest.mark.timeout(900)
 
 CUBE = "imaging/gal1/co21/a"
 KEYS = {
@@ -63,6 +63,8 @@ if stage in ("dirty", "multiscale", "singlescale"):
         out["skipped"] = True
     else:
         first = os.environ.get("SLURM_RESTART_COUNT", "0") in ("", "0")
+        if stage == "singlescale" and base.endswith("{fail}") and Path("{failfile}").exists():
+            sys.exit("error: casa_tasks singlescale: the stand-in fails this chunk")
         if stage == "multiscale" and first and base.endswith("{slow}"):
             time.sleep(240)
         Path(f"{{base}}_{{stage}}.cwd").write_text(os.getcwd())
@@ -88,11 +90,13 @@ Path(os.environ["HPCDDF_CASA_SUMMARY"]).write_text(text)
 '''
 
 
-def fake_casa_env(root: Path, slow: str) -> Path:
+def fake_casa_env(root: Path, slow: str, fail: str = "no chunk fails") -> Path:
+    """The stand-in; chunk ``fail``'s singlescale fails while ROOT/fail exists."""
     env = root / "casa-env"
     (env / "bin").mkdir(parents=True)
     python = env / "bin" / "python"
-    python.write_text(FAKE_PYTHON.format(python=sys.executable, slow=slow))
+    python.write_text(FAKE_PYTHON.format(python=sys.executable, slow=slow, fail=fail,
+                                         failfile=root / "fail"))
     python.chmod(0o755)
     (env / "casasiteconfig.py").write_text("")
     tools = env / "lib" / "python3.11" / "site-packages" / "casatools"
@@ -126,6 +130,39 @@ def _sacct_all(array: str) -> list[tuple[str, str]]:
     return [(ln.split("|")[0], ln.split("|")[1].split()[0]) for ln in out.splitlines() if "|" in ln]
 
 
+def test_local_site_runs_the_phases_in_order_and_resubmits_only_a_failed_chunk(
+        tmp_path: Path) -> None:
+    """`--site local`: the chunk tasks phase by phase, then the gather; when one chunk fails,
+    the gather is not run, and the resubmission runs that chunk alone, then the gather."""
+    keys = write_project(tmp_path)
+    env = fake_casa_env(tmp_path, slow="no chunk is slow here", fail="gal1_a_co21_chunk2")
+    (tmp_path / "fail").write_text("")
+    phases = [[f"{CUBE}/{phase}{k}" for k in range(3)] for phase in PHASES]
+    order = [*(t for p in phases for t in p), CUBE]
+    failed = phases[-1][2]
+    first = hpcddf("phangs", "submit", str(keys), "--site", "local", "--stages", "imaging",
+                   "--casa-env", str(env), check=False, timeout=300)
+    assert first.returncode != 0 and "PHANGS task(s) failed" in first.stderr, first.stderr
+    work = Path(json.loads(hpcddf("phangs", "submit", str(keys), "--site", "local", "--dry-run",
+                                  "--json").stdout)["work_dir"])
+    states = {t: _state(work, t) for t in order}
+    assert states[failed]["state"] == "failed"
+    assert states[CUBE]["state"] == "cancelled" and states[CUBE]["note"] == f"not run: {failed} failed"
+    assert all(states[t]["state"] == "done" for t in order if t not in (failed, CUBE)), states
+    assert [states[t]["started"] for t in order[:-1]] == sorted(states[t]["started"]
+                                                                for t in order[:-1])
+    (tmp_path / "fail").unlink()
+    again = json.loads(hpcddf("phangs", "submit", str(keys), "--site", "local", "--stages",
+                              "imaging", "--casa-env", str(env), "--json", timeout=300).stdout)
+    assert list(again["jobs"]) == [failed, CUBE]          # in that order, nothing else
+    assert sorted(again["done"]) == sorted(set(order) - {failed, CUBE})
+    states = {t: _state(work, t) for t in order}
+    assert all(s["state"] == "done" for s in states.values()), states
+    assert {t: s["attempts"] for t, s in states.items()} == \
+        {t: 2 if t == failed else 1 for t in order}
+
+
+@pytest.mark.slurm
 def test_chunks_are_one_array_and_a_killed_chunk_is_requeued_alone(slurm, tmp_path: Path) -> None:
     keys = write_project(tmp_path)
     slow = "gal1_a_co21_chunk1"
