@@ -50,8 +50,8 @@ is to one float32 output image.
 
     python bench/mosaic.py [--runs 3] [--workers 2] [--block 256] [--cell 4.5] [--cache DIR]
                            [--no-corrections] [--facets 6]
-On 2 cores, default size: ~7 min (a run: hpcddf ~10 s, baseline ~30 s, square ~32 s; plain:
-hpcddf ~7 s, baseline ~33 s, square ~58 s); --cell 9 (4x fewer pixels): ~1.5 min.
+On 2 cores, default size: ~7 min (a run: hpcddf ~3.5 s, baseline ~31 s, square ~33 s; plain:
+hpcddf ~2 s, baseline ~36 s, square ~63 s); --cell 9 (4x fewer pixels): ~1.5 min.
 Ends with: RESULT speedup=<baseline_s/hpcddf_s> peak_ratio=<hpcddf peak / output array> ...
 corrections=<shifts,blanking,convolution|none> facets=<n: n x n per field> common_beam=<arcsec>
 median_diff_over_noise=<median |hpcddf - baseline| / field noise>

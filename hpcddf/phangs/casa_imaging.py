@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hpcddf.phangs.casa_cleanmask import aligned_clean_mask
 from hpcddf.phangs.casa_common import (
     ARCSEC_RAD,
     C_M_S,
@@ -256,12 +257,12 @@ def multiscale_residual(base: str) -> Any:
     return read_image(Path(f"{base}_multiscale.residual"))[0]
 
 
-def smoothed_dirty(base: str, smooth_pix: float) -> Any:
-    """The dirty cube, each channel Gaussian-smoothed by ``smooth_pix`` (blank: NaN)."""
+def smoothed_image(image: Path, smooth_pix: float) -> Any:
+    """A cube, each channel Gaussian-smoothed by ``smooth_pix`` (blank: NaN)."""
     import numpy as np
     from scipy import ndimage
 
-    data, good = read_image(Path(f"{base}_dirty.image"))
+    data, good = read_image(image)
     smooth = ndimage.gaussian_filter(np.where(good, data, 0.0),
                                      sigma=(smooth_pix, smooth_pix, 0, 0))
     smooth[~good] = np.nan
@@ -291,13 +292,10 @@ def stage_dirty(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def stage_clean_mask(a: argparse.Namespace) -> dict[str, Any]:
-    """A clean mask from the dirty cube: Gaussian-smooth each channel by ``--smooth-pix``,
-    keep S/N > ``--snr`` of the smoothed cube, dilate ``--grow`` times in x, y and v.
+    """A clean mask for the dirty cube: the cleanmask_key's FITS mask (``--from-fits``) put on
+    the cube's grid, or else one made from the dirty cube (:func:`snr_clean_mask`).
 
     Never named ``<imagename>.mask``: tclean refuses a user mask of its own mask's name."""
-    import numpy as np
-    from scipy import ndimage
-
     base = str(Path(a.imagename).resolve())
     out = Path(a.mask).resolve() if a.mask else Path(f"{base}_cleanmask.im")
     if out == Path(f"{base}.mask"):
@@ -306,20 +304,39 @@ def stage_clean_mask(a: argparse.Namespace) -> dict[str, Any]:
         return {"mask": str(out), "skipped": True}
     dirty = need(Path(f"{base}_dirty.image"), "dirty cube")
     _, good = read_image(dirty)
-    smooth = smoothed_dirty(base, a.smooth_pix)
-    if a.noise_from:  # a chunk: the noise of the whole cube, from every chunk's dirty cube
-        sigma = whole_cube_noise(a.noise_from, lambda b: smoothed_dirty(b, a.smooth_pix))
+    summary: dict[str, Any] = {"mask": str(out)}
+    if a.from_fits:
+        source = need(Path(a.from_fits).resolve(), "clean mask FITS file")
+        mask = aligned_clean_mask(source, dirty)
+        summary["from_fits"] = str(source)
     else:
-        sigma = chauvenet_mad_noise(smooth)
-    mask = np.nan_to_num(smooth) > a.snr * sigma
-    if a.grow > 0:
-        mask = ndimage.binary_dilation(mask, iterations=a.grow,
-                                       structure=ndimage.generate_binary_structure(4, 1))
+        mask, summary["smoothed_noise"] = snr_clean_mask(dirty, a.smooth_pix, a.snr, a.grow,
+                                                             a.noise_from)
     mask &= good
     if out == Path(f"{base}_cleanmask.im"):
         invalidate_after(base, "cleanmask")
     write_mask_image(out, dirty, mask)
-    return {"mask": str(out), "mask_voxels": int(mask.sum()), "smoothed_noise": sigma}
+    return {**summary, "mask_voxels": int(mask.sum())}
+
+
+def snr_clean_mask(dirty: Path, smooth_pix: float, snr: float, grow: int,
+                   noise_from: Sequence[str] = ()) -> tuple[Any, float]:
+    """(mask, smoothed noise) from the dirty cube: Gaussian-smooth each channel by
+    ``smooth_pix``, keep S/N > ``snr`` of the smoothed cube, dilate ``grow`` times in x, y, v.
+    A chunk (``noise_from``: every chunk's image base) takes the noise of the whole cube's
+    smoothed dirty cube (:func:`whole_cube_noise`)."""
+    import numpy as np
+    from scipy import ndimage
+
+    smooth = smoothed_image(dirty, smooth_pix)
+    sigma = (whole_cube_noise(noise_from,
+                              lambda b: smoothed_image(Path(f"{b}_dirty.image"), smooth_pix))
+             if noise_from else chauvenet_mad_noise(smooth))
+    mask = np.nan_to_num(smooth) > snr * sigma
+    if grow > 0:
+        mask = ndimage.binary_dilation(mask, iterations=grow,
+                                       structure=ndimage.generate_binary_structure(4, 1))
+    return mask, sigma
 
 
 def clean_until_converged(params: dict[str, Any], *, deconvolver: str, mask: Path,

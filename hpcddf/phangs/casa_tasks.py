@@ -225,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     _imaging_options(p, with_vis=False)
     _noise_from_option(p)
     p.add_argument("--mask", help="output mask image (default BASE_cleanmask.im)")
+    p.add_argument("--from-fits", help="a FITS mask (the cleanmask_key's file) to put on the "
+                   "dirty cube's grid instead of the S/N mask")
     p.add_argument("--smooth-pix", type=float, default=4.0)
     p.add_argument("--snr", type=float, default=3.0)
     p.add_argument("--grow", type=int, default=3)

@@ -417,6 +417,7 @@ def key_files(spec: GalaxySpec, ms_name: str, vfield_name: str, *, tp_file: str 
             "all  all  noise_kw  {'spec_box':5,'iterations':3}\n"
             "all  all_line  strictmask_kw  {'hi_thresh':4.0,'hi_nchan':2,'lo_thresh':2.0,'lo_nchan':2}\n"
             "all  all_line  broadmask_kw  {'recipe':'anyscale'}\n"
+            "all  all_line  shuffle_kw  {}\n"
             "all  all_line  moments  ['strictmom0','strictmom1','strictmom2','broadmom0','broadmom1',"
             "'broadtpeak','mom1wprior','flatstrictmom0']\n",
         "moment_key.txt": _moment_key_text(),

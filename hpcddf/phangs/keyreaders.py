@@ -38,6 +38,7 @@ from hpcddf.phangs.project import (
     Target,
     Window,
 )
+from hpcddf.phangs.shuffle import check_shuffle_kw
 
 MOMENT_MASKS = ("strictmask", "broadmask", "flatstrictmask", "flatbroadmask")
 KW_PARAMS = ("noise_kw", "strictmask_kw", "broadmask_kw", "flatstrictmask_kw",
@@ -378,12 +379,16 @@ def _derived_value(where: Where, param: str, value: str, all_configs: list[str],
                       _suggest(str(name), known, "configs" if param == "mask_configs"
                                else "moments"))
         return names
+    if param == "shuffle_kw":
+        return check_shuffle_kw(where, _literal(where, value, dict, param, "{'nchan':40}"))
     return _literal(where, value, dict, param, "{'key':1}")
 
 
 def _merge_derived(params: DerivedParams, param: str, value: Any) -> None:
     current = getattr(params, param)
-    if isinstance(current, dict):
+    if current is None:  # shuffle_kw: the first line asks for a shuffled cube
+        setattr(params, param, dict(value))
+    elif isinstance(current, dict):
         current.update(value)
     else:
         current.extend(v for v in value if v not in current)

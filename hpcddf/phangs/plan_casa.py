@@ -219,7 +219,8 @@ def _build_imaging(project: Project, sel: _Selection, detailed: bool,
             for config in project.interf_configs_for(target):
                 base = imaging_base(project, target, product, config)
                 vis = _staged_line_path(project, target, product, config)
-                params: dict[str, Any] = {"inputs": [vis],
+                mask = project.cleanmask_file(target, product)
+                params: dict[str, Any] = {"inputs": [vis, *([str(mask)] if mask else [])],
                                           "outputs": [*_imaging_products(base), f"{base}.fits"]}
                 deps = [Task("stage_line", _line_key(target, product, config)).id]
                 if detailed:
@@ -244,7 +245,29 @@ def _imaging_params(project: Project, target: str, product: str, config: str, ba
     return {"target": target, "product": product, "config": config, "kind": kind,
             "imagename": base, "vis": [vis], "recipes": recipes,
             "restfreq_ghz": line_restfreq_ghz(project, product) if kind == "line" else None,
-            "clean_scales_arcsec": list(project.configs.interf_config[config].clean_scales_arcsec)}
+            "clean_scales_arcsec": list(project.configs.interf_config[config].clean_scales_arcsec),
+            "cleanmask": _str_or_none(cleanmask_path(project, target, product))}
+
+
+def _str_or_none(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def cleanmask_path(project: Project, target: str, product: str) -> Path | None:
+    """The cleanmask_key's FITS mask for (target, product) (:meth:`Project.cleanmask_ref`), or
+    None: the imaging then makes its own S/N mask from the dirty cube. A key line whose file
+    is under no cleanmask_root is a ConfigError naming that line, before anything is queued."""
+    ref = project.cleanmask_ref(target, product)
+    if ref is None:
+        return None
+    path = project.cleanmask_file(target, product)
+    if path is None:
+        roots = ", ".join(map(str, project.cleanmask_roots)) or "none set"
+        raise ConfigError(f"{ref.source}: clean mask {ref.file} not found under any "
+                          f"cleanmask_root ({roots})",
+                          f"fix the file name, or add the cleanmask_root holding it to "
+                          f"{project.master_key}")
+    return path
 
 
 def _continuum_recipes(project: Project, config: str, product: str,

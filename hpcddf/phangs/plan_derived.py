@@ -1,4 +1,5 @@
-"""The planner of the ``derived`` stage: chains, broad masks, moments, velocity field, flat masks.
+"""The planner of the ``derived`` stage: chains, broad masks, moments, velocity field, flat
+masks and the shuffled cube.
 
 Builds one task per whole target, line product and config: its chain and those of its linked
 mask configs (:mod:`hpcddf.phangs.plan_chain`), the broad mask, the moments of every round
@@ -83,7 +84,7 @@ def _flat_window(project: Project, whole: str, config: str, product: str, kind: 
 
 def _vfield_and_flat_masks(project: Project, whole: str, product: str, config: str,
                            levels: list[dict[str, Any]], moments: list[dict[str, Any]],
-                           skipped: list[dict[str, str]]
+                           skipped: list[dict[str, str]], shuffle: bool = False
                            ) -> tuple[list[dict[str, Any]], dict[str, Any] | None,
                                       list[dict[str, Any]], list[str]]:
     """The velocity field and the flat masks the moments need.
@@ -93,12 +94,12 @@ def _vfield_and_flat_masks(project: Project, whole: str, product: str, config: s
     velocity field (PHANGS' hierarchy, first finite wins). It is made when there is a
     mom1wprior map or a flat moment to feed. Flat masks (per level for flatstrictmask, one
     per config for flatbroadmask) are made only where a moment uses them; without any
-    velocity field those moments move to ``skipped``. Returns (moments, vfield, flat masks,
-    notes)."""
+    velocity field those moments move to ``skipped``. A shuffled cube (``shuffle``) needs the
+    field too. Returns (moments, vfield, flat masks, notes)."""
     distance = project.distance_mpc(whole)
     wp = [s for s in moments if s["algorithm"] == "mom1wprior"]
     flat = [s for s in moments if s.get("mask_kind") in FLAT_MASKS]
-    if not wp and not flat:
+    if not wp and not flat and not shuffle:
         return moments, None, [], []
     external, note = _external_vfield(project, whole)
     notes = [note] if note else []
@@ -128,6 +129,28 @@ def _vfield_and_flat_masks(project: Project, whole: str, product: str, config: s
     return moments, vfield, flatmasks, notes
 
 
+def _shuffled_cube(project: Project, whole: str, product: str, config: str,
+                   levels: list[dict[str, Any]], vfield: dict[str, Any] | None
+                   ) -> dict[str, Any] | None:
+    """The ``_shuffled`` cube of the native-resolution cube about the velocity field, when the
+    derived key sets shuffle_kw for (config, product) (PHANGS shuffles the native cube only).
+    The fft method keeps the channel width: a shuffle_kw channel_kms that differs from the
+    line product's is an error here, before anything runs."""
+    kw = project.derived_params(config, product).shuffle_kw
+    if kw is None or vfield is None:
+        return None
+    channel = project.configs.line_product[product].channel_kms
+    wanted = kw.get("channel_kms")
+    if (kw.get("method", "fft") == "fft" and wanted is not None
+            and abs(float(wanted) - channel) > 1e-6 * channel):
+        raise ConfigError(f"shuffle_kw of config {config} product {product}: channel_kms "
+                          f"{wanted:g} differs from the product's {channel:g} km/s, which the "
+                          f"fft shuffle keeps ({_key_files(project, 'derived_key')})",
+                          "leave channel_kms out, or add 'method':'linear'")
+    return {"cube": levels[0]["cube"], "vfield": vfield["out"], "kw": dict(kw),
+            "out": _derived_name(project, whole, config, product, "shuffled")}
+
+
 def _derived_rounds(project: Project, whole: str, product: str, config: str,
                     chain: dict[str, Any]) -> dict[str, Any]:
     """Moments of every round, the velocity field and flat masks of one derived task, the
@@ -135,15 +158,22 @@ def _derived_rounds(project: Project, whole: str, product: str, config: str,
     moments, skipped = _moments(project, whole, product, config, chain["levels"],
                                 project.distance_mpc(whole))
     priors, notes = _other_config_priors(project, whole, product, config, moments)
+    wants_shuffle = project.derived_params(config, product).shuffle_kw is not None
     moments, vfield, flatmasks, vnotes = _vfield_and_flat_masks(
-        project, whole, product, config, chain["levels"], moments, skipped)
+        project, whole, product, config, chain["levels"], moments, skipped, wants_shuffle)
+    shuffled = _shuffled_cube(project, whole, product, config, chain["levels"], vfield)
+    if wants_shuffle and shuffled is None:
+        vnotes.append(f"shuffled cube not made: no velocity field (config {config} has no "
+                      f"mom1wprior moment and the window key no usable vfield for {whole})")
     outputs = [p for m in moments for p in (m["out"], m["err"]) if p]
     outputs += ([vfield["out"]] if vfield else []) + [f["out"] for f in flatmasks]
+    outputs += [shuffled["out"]] if shuffled else []
     notes += list(dict.fromkeys(
         f"moment {m['moment']}: kwargs {', '.join(m['ignored_kwargs'])} not used by "
         f"{m['algorithm']}: ignored" for m in moments if m.get("ignored_kwargs")))
     return {"moments": moments, "skipped_moments": skipped, "priors": priors,
-            "vfield": vfield, "flatmasks": flatmasks, "notes": notes + vnotes,
+            "vfield": vfield, "flatmasks": flatmasks, "shuffle": shuffled,
+            "notes": notes + vnotes,
             "outputs": list(dict.fromkeys(outputs))}
 
 

@@ -187,7 +187,8 @@ class DerivedParams:
     flatstrictmask_kw: dict[str, Any] = field(default_factory=dict)
     flatbroadmask_kw: dict[str, Any] = field(default_factory=dict)
     convolve_kw: dict[str, Any] = field(default_factory=dict)
-    shuffle_kw: dict[str, Any] = field(default_factory=dict)
+    # None: no shuffled cube; a dict (``{}`` for the defaults): make one (hpcddf.phangs.shuffle)
+    shuffle_kw: dict[str, Any] | None = None
 
 
 @dataclass
@@ -401,9 +402,27 @@ class Project:
         it; None if the key has no entry or no root holds the file."""
         return self._find_file(self.singledish_files, self.singledish_roots, target, product)
 
+    def cleanmask_ref(self, target: str, product: str) -> FileRef | None:
+        """The cleanmask_key line for (target, product): the product's own line, else the
+        target's ``all`` line, else (for a mosaic part) its mosaic's, the same way.
+
+        Reference quirk: PHANGS takes a target's ``all`` line even when the product has its
+        own line; fixed here (the more specific line wins)."""
+        for owner in (target, self.mosaic_for(target)):
+            for name in (product, "all"):
+                ref = self.cleanmask_files.get((owner or "", name))
+                if ref is not None:
+                    return ref
+        return None
+
     def cleanmask_file(self, target: str, product: str) -> Path | None:
-        """The clean mask for (target, product), like :meth:`singledish_file`."""
-        return self._find_file(self.cleanmask_files, self.cleanmask_roots, target, product)
+        """The clean mask for (target, product) (:meth:`cleanmask_ref`) under the first
+        cleanmask_root holding it; None if the key has no entry or no root holds the file."""
+        ref = self.cleanmask_ref(target, product)
+        if ref is None:
+            return None
+        return next((r / ref.file for r in self.cleanmask_roots if (r / ref.file).exists()),
+                    None)
 
     @staticmethod
     def _find_file(table: dict[tuple[str, str], FileRef], roots: list[Path], target: str,

@@ -133,8 +133,11 @@ def _image_steps(ctx: RunContext, p: dict[str, Any], base: str) -> None:
     dirty: dict[str, Any] = {}
     if phase in (None, "dirty"):
         dirty = ctx.casa("dirty", tclean=recipes["dirty"], **img)
+    # the cleanmask_key's mask put on the cube's (chunk's) grid when the key gives one, else a
+    # S/N mask of the dirty cube; with a key mask the single-scale S/N mask stays inside it
+    user_mask = p.get("cleanmask")
     if phase in (None, "multiscale"):
-        ctx.casa("clean_mask", imagename=base, **noise)
+        ctx.casa("clean_mask", imagename=base, from_fits=user_mask, **noise)
         scales = scales_arcsec = None
         if "scales" not in recipes["multiscale"]:
             # the dirty stage reports the cell it chose; a rerun that skipped it has it recorded
@@ -147,7 +150,8 @@ def _image_steps(ctx: RunContext, p: dict[str, Any], base: str) -> None:
         ctx.casa("multiscale", tclean=recipes["multiscale"], scales_pix=scales,
                  scales_arcsec=scales_arcsec, **img, **noise)
     if phase in (None, "singlescale"):
-        ctx.casa("singlescale", tclean=recipes["singlescale"], **img, **noise)
+        ctx.casa("singlescale", tclean=recipes["singlescale"],
+                 within_mask=f"{base}_cleanmask.im" if user_mask else None, **img, **noise)
 
 
 def _run_chunk(ctx: RunContext, p: dict[str, Any]) -> list[str]:

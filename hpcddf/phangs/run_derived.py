@@ -163,9 +163,10 @@ def _make_moment(ctx: RunContext, m: dict[str, Any], p: dict[str, Any],
 def _vfield_and_flat_masks(ctx: RunContext, p: dict[str, Any], made_tags: set[str]
                            ) -> list[str]:
     """The velocity field from the mom1wprior maps made (finest first, then the window key's
-    field), then the flat masks that follow it within the window."""
+    field), then the flat masks that follow it within the window and the shuffled cube."""
     from hpcddf.phangs.masks import flat_mask
     from hpcddf.phangs.moments import write_velocity_field
+    from hpcddf.phangs.shuffle import shuffle_cube
 
     v = p.get("vfield")
     if not v:
@@ -188,6 +189,11 @@ def _vfield_and_flat_masks(ctx: RunContext, p: dict[str, Any], made_tags: set[st
                                                      window=f["window_kms"],
                                                      mask_path=f["mask"]))
         products.append(f["out"])
+    s = p.get("shuffle")
+    if s:  # of the native cube, always made
+        ctx.ensure([s["out"]], lambda: shuffle_cube(s["cube"], s["vfield"], out_path=s["out"],
+                                                    **s["kw"]))
+        products.append(s["out"])
     return products
 
 

@@ -5,7 +5,8 @@ products in hpcddf's own) as tasks; the derived products are then checked agains
 moment-0 flux 0.92-0.98 of the model's (12 m data miss some extended flux), moment-1 within 2 km/s rms,
 the noise cube within 10 % of the noise the cube actually holds, units and beams in headers.
 The later derived rounds too: mom1wprior (strict mom1 with gaps filled from the broad mom1),
-the velocity field against the true rotation, and mom0 on the flat strict mask.
+the velocity field against the true rotation, mom0 on the flat strict mask, and the cube
+shuffled about the velocity field.
 """
 
 from __future__ import annotations
@@ -231,3 +232,28 @@ def test_flat_strict_mom0_holds_at_least_the_strict_flux(project):
     strict = _jy_kms(_derived(project, "strict_mom0"))
     assert flat >= strict - 3.0 * sigma, (flat, strict, sigma)
     assert TWELVE_M_ONLY[0] <= flat / 150.0 <= TWELVE_M_ONLY[1], flat
+
+
+def test_shuffled_cube_stacks_the_rotating_disk_on_the_central_channel(project):
+    """The derived key's shuffle_kw {} makes the native cube shuffled about the velocity field:
+    stacked over the disk, the line of every sightline lands on the v = 0 channel, the stack is
+    narrower than the unshuffled one (rotation spreads that over +-58 km/s), and it holds the
+    same flux."""
+    hdu = fits.open(_derived(project, "shuffled"))[0]
+    h = hdu.header
+    assert (h["CTYPE3"], h["CRVAL3"], h["BUNIT"].strip()) == ("VRAD", 0.0, "K")
+    centre = int(h["CRPIX3"]) - 1
+    cube = fits.getdata(project / "derived" / "simgal" / f"{STEM}.fits").astype(float)
+    shuffled = hdu.data.astype(float)
+    assert shuffled.shape == cube.shape  # the default axis: the cube's channel count
+    disk = np.isfinite(fits.getdata(_derived(project, "strict_mom0")).astype(float))
+    assert disk.sum() > 300
+    stack = np.nansum(np.where(np.isfinite(shuffled), shuffled, 0.0)[:, disk], axis=1)
+    plain = np.nansum(np.nan_to_num(cube)[:, disk], axis=1)
+    assert int(np.argmax(stack)) == centre
+    near = np.abs(np.arange(len(stack)) - centre) <= 3  # +-30 km/s around the field
+    assert stack[near].sum() == pytest.approx(plain.sum(), rel=0.05)
+
+    def width(s: np.ndarray) -> float:
+        return float((s > 0.5 * s.max()).sum())
+    assert width(stack) < 0.5 * width(plain)

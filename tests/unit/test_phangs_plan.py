@@ -44,6 +44,15 @@ def make_ms(keys: Path) -> None:
             words = line.split()
             (keys.parent / f"ms_{words[3]}" / words[5]).mkdir(parents=True)
     make_singledish(keys)
+    make_cleanmasks(keys)
+
+
+def make_cleanmasks(keys: Path) -> None:
+    """The clean masks the cleanmask key names (the plan checks they exist, not what they hold)."""
+    (keys.parent / "cleanmasks").mkdir(exist_ok=True)
+    for line in (keys / "cleanmask_key.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            (keys.parent / "cleanmasks" / line.split()[2]).write_bytes(b"")
 
 
 def make_singledish(keys: Path) -> None:
@@ -655,3 +664,43 @@ def test_continuum_runners_call_stages_casa_tasks_accepts(cont_project: Project,
     with pytest.raises(PhangsRunError, match="feathering a continuum image"):
         run_task(feather, tmp_path / "feather")
     assert calls == []
+
+
+def test_a_cleanmask_key_entry_goes_to_the_imaging_stages(project: Project, keys: Path,
+                                                          tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """ngc0628 co21 has a cleanmask key line: its imaging puts that file on the cube's grid
+    (clean_mask --from-fits) and keeps the single-scale mask inside it; ngc1087 has none and
+    keeps the S/N mask. The options are parsed by casa_tasks' own parser. A line whose file is
+    under no cleanmask_root is an error naming it."""
+    from hpcddf.phangs import casa_tasks
+    from hpcddf.phangs.casaenv import CasaEnv, casa_argv
+    from hpcddf.phangs.run_common import RunContext
+
+    env = CasaEnv(python=Path("/e/bin/python"), siteconfig=Path("/e/casasiteconfig.py"))
+    calls: dict[str, object] = {}
+
+    def fake_casa(self: RunContext, stage: str, **params: object) -> dict[str, object]:
+        calls[stage] = casa_tasks.build_parser().parse_args(casa_argv(env, stage, **params)[3:])
+        return {"cell": "0.25arcsec"} if stage == "dirty" else {}
+
+    monkeypatch.setattr(RunContext, "casa", fake_casa)
+    ids = by_id(P.plan_project(project, stages=list(P.CASA_STAGES)))
+    mask = keys.parent / "cleanmasks" / "ngc0628_co21_mask.fits"
+    task = ids["imaging/ngc0628/co21/12m"]
+    assert task.params["cleanmask"] == str(mask) and str(mask) in task.inputs
+    run_task(task, tmp_path)
+    base = task.params["imagename"]
+    assert calls["clean_mask"].from_fits == str(mask)  # type: ignore[attr-defined]
+    assert calls["singlescale"].within_mask == f"{base}_cleanmask.im"  # type: ignore[attr-defined]
+    calls.clear()
+    other = ids["imaging/ngc1087/co21/7m"]
+    assert other.params["cleanmask"] is None
+    run_task(other, tmp_path / "other")
+    assert calls["clean_mask"].from_fits is None  # type: ignore[attr-defined]
+    assert calls["singlescale"].within_mask is None  # type: ignore[attr-defined]
+    mask.unlink()
+    with pytest.raises(ConfigError, match=r"cleanmask_key\.txt:\d+: clean mask "
+                                          r"ngc0628_co21_mask\.fits not found under any "
+                                          r"cleanmask_root"):
+        P.plan_project(load_project(keys / "master_key.txt"), stages=list(P.CASA_STAGES))
