@@ -210,8 +210,9 @@ UNIT_SECONDS = {  # measured 2026-12-05 in `.ci/run`, both workers busy
     "tests/science/test_offsets_reduction.py": 330,
     "tests/integration/test_phangs_slurm_chain.py": 190,
     "tests/integration/test_slurm_engine.py": 170,
+    "tests/integration/test_phangs_chunks_slurm.py": 50,  # chunk arrays, a requeue (40 s), local (9 s)
     "tests/science/test_phangs_engine.py": 130,
-    "tests/science/test_phangs_casa.py": 80,       # + the key clean mask test (17 s alone)
+    "tests/science/test_phangs_casa.py": 145,      # + the key clean mask test (17 s alone), + 63 s: the cube in 3 chunks
     "tests/science/test_phangs_continuum.py": 35,
 }
 # The restart tests SIGKILL DDFacet and leave /dev/shm entries of dead processes until their

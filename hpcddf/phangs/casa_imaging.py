@@ -75,7 +75,52 @@ def tclean_params(a: argparse.Namespace, vis: Sequence[Path]) -> dict[str, Any]:
                        if not params.get(k)})
     params["vis"] = [str(v) for v in vis]
     params["imagename"] = str(Path(a.imagename).resolve())
+    if getattr(a, "chunk", None):
+        params.update(chunk_channels(a.chunk, vis))
     return params
+
+
+def chunk_range(index: int, count: int, nchan: int) -> tuple[int, int]:
+    """(first channel, number of channels) of chunk ``index`` of ``count`` over ``nchan``
+    channels: near-equal contiguous ranges, the larger ones last, covering every channel once.
+    Decided here from the MS's channels rather than at planning time, so a staged MS with fewer
+    channels than the nominal window (the inputs cover less of it) is still split whole."""
+    if not 0 <= index < count:
+        raise StageError(f"chunk {index} of {count} does not exist")
+    if count > nchan:
+        raise StageError(f"{count} chunks of a cube of {nchan} channels: some would be empty; "
+                         "plan fewer chunks (a larger chunksize)")
+    first = index * nchan // count
+    return first, (index + 1) * nchan // count - first
+
+
+def chunk_channels(chunk: str, vis: Sequence[Path]) -> dict[str, Any]:
+    """tclean's start and nchan for ``--chunk K,N`` (chunk K of N): the channels of the staged
+    MS (one spectral window after extract_line), imaged as that slice of the whole cube's grid."""
+    try:
+        index, count = (int(x) for x in chunk.split(","))
+    except ValueError:
+        raise StageError(f"--chunk {chunk!r} is not K,N (chunk K of N)") from None
+    nchan = {len(freqs) for v in vis for freqs, _ in lsrk_channels(v).values()}
+    if len(nchan) != 1:
+        raise StageError(f"chunked imaging needs one spectral window of one width, got "
+                         f"channel counts {sorted(nchan)}")
+    first, n = chunk_range(index, count, nchan.pop())
+    return {"start": first, "nchan": n, "width": 1}
+
+
+def enter_chunk_dir(a: argparse.Namespace) -> None:
+    """A chunk runs in its own directory (its image's): CASA writes temporary products to the
+    working directory, and chunks running side by side must not share them (PHANGS PR #246)."""
+    if not getattr(a, "chunk", None):
+        return
+    for name in ("imagename", "mask", "within_mask"):  # paths given relative to the caller's
+        if getattr(a, name, None):
+            setattr(a, name, str(Path(getattr(a, name)).resolve()))
+    a.vis = [str(Path(v).resolve()) for v in a.vis]
+    d = Path(a.imagename).parent
+    d.mkdir(parents=True, exist_ok=True)
+    os.chdir(d)
 
 
 def good_imsize(n: int) -> int:
@@ -182,7 +227,50 @@ def residual_noise(base: str, stage: str) -> float:
     return chauvenet_mad_noise(data)
 
 
+MAX_NOISE_SAMPLES = 8_000_000
+
+
+def whole_cube_noise(bases: Sequence[str], load: Any) -> float:
+    """The noise of a chunked cube as the single call measures it over its whole cube: the
+    same estimate over the voxels of every chunk (``load(base)`` gives a chunk's pixels).
+
+    A chunk's own estimate is not that: a chunk of bright channels holds little but emission
+    and its sidelobes, its estimate is twice the cube's and it would clean far less (measured
+    on the simulated galaxy). Chunks of a large cube are subsampled to MAX_NOISE_SAMPLES
+    values in all, the estimate's own subsample size, so memory stays that of one chunk."""
+    import numpy as np
+
+    parts = []
+    for b in bases:
+        x = np.asarray(load(b), dtype=float).ravel()
+        x = x[np.isfinite(x)]
+        step = max(1, x.size * len(bases) // MAX_NOISE_SAMPLES)
+        parts.append(x[::step])
+    return chauvenet_mad_noise(np.concatenate(parts))
+
+
+def dirty_residual(base: str) -> Any:
+    return read_image(Path(f"{base}_dirty.residual"))[0]
+
+
+def multiscale_residual(base: str) -> Any:
+    return read_image(Path(f"{base}_multiscale.residual"))[0]
+
+
+def smoothed_image(image: Path, smooth_pix: float) -> Any:
+    """A cube, each channel Gaussian-smoothed by ``smooth_pix`` (blank: NaN)."""
+    import numpy as np
+    from scipy import ndimage
+
+    data, good = read_image(image)
+    smooth = ndimage.gaussian_filter(np.where(good, data, 0.0),
+                                     sigma=(smooth_pix, smooth_pix, 0, 0))
+    smooth[~good] = np.nan
+    return smooth
+
+
 def stage_dirty(a: argparse.Namespace) -> dict[str, Any]:
+    enter_chunk_dir(a)
     base = str(Path(a.imagename).resolve())
     if skip_existing(Path(f"{base}_dirty.image"), a.overwrite):
         return {"imagename": base, "skipped": True}
@@ -222,7 +310,8 @@ def stage_clean_mask(a: argparse.Namespace) -> dict[str, Any]:
         mask = aligned_clean_mask(source, dirty)
         summary["from_fits"] = str(source)
     else:
-        mask, summary["smoothed_noise"] = snr_clean_mask(dirty, a.smooth_pix, a.snr, a.grow)
+        mask, summary["smoothed_noise"] = snr_clean_mask(dirty, a.smooth_pix, a.snr, a.grow,
+                                                             a.noise_from)
     mask &= good
     if out == Path(f"{base}_cleanmask.im"):
         invalidate_after(base, "cleanmask")
@@ -230,17 +319,19 @@ def stage_clean_mask(a: argparse.Namespace) -> dict[str, Any]:
     return {**summary, "mask_voxels": int(mask.sum())}
 
 
-def snr_clean_mask(dirty: Path, smooth_pix: float, snr: float, grow: int) -> tuple[Any, float]:
+def snr_clean_mask(dirty: Path, smooth_pix: float, snr: float, grow: int,
+                   noise_from: Sequence[str] = ()) -> tuple[Any, float]:
     """(mask, smoothed noise) from the dirty cube: Gaussian-smooth each channel by
-    ``smooth_pix``, keep S/N > ``snr`` of the smoothed cube, dilate ``grow`` times in x, y, v."""
+    ``smooth_pix``, keep S/N > ``snr`` of the smoothed cube, dilate ``grow`` times in x, y, v.
+    A chunk (``noise_from``: every chunk's image base) takes the noise of the whole cube's
+    smoothed dirty cube (:func:`whole_cube_noise`)."""
     import numpy as np
     from scipy import ndimage
 
-    data, good = read_image(dirty)
-    filled = np.where(good, data, 0.0)
-    smooth = ndimage.gaussian_filter(filled, sigma=(smooth_pix, smooth_pix, 0, 0))
-    smooth[~good] = np.nan
-    sigma = chauvenet_mad_noise(smooth)
+    smooth = smoothed_image(dirty, smooth_pix)
+    sigma = (whole_cube_noise(noise_from,
+                              lambda b: smoothed_image(Path(f"{b}_dirty.image"), smooth_pix))
+             if noise_from else chauvenet_mad_noise(smooth))
     mask = np.nan_to_num(smooth) > snr * sigma
     if grow > 0:
         mask = ndimage.binary_dilation(mask, iterations=grow,
@@ -287,6 +378,7 @@ def clean_until_converged(params: dict[str, Any], *, deconvolver: str, mask: Pat
 
 def stage_multiscale(a: argparse.Namespace) -> dict[str, Any]:
     """Multiscale clean inside the clean mask down to ``--threshold-snr`` x the dirty noise."""
+    enter_chunk_dir(a)
     base = str(Path(a.imagename).resolve())
     if skip_existing(Path(f"{base}_multiscale.image"), a.overwrite):
         return {"imagename": base, "skipped": True}
@@ -295,7 +387,9 @@ def stage_multiscale(a: argparse.Namespace) -> dict[str, Any]:
     params = tclean_params(a, vis)
     invalidate_after(base, "multiscale")
     restore(base, "dirty")
-    sigma = residual_noise(base, "dirty")
+    # a chunk cleans to the threshold of the whole cube (see whole_cube_noise)
+    sigma = (whole_cube_noise(a.noise_from, dirty_residual) if a.noise_from
+             else residual_noise(base, "dirty"))
     scales = multiscale_scales(a, params)
     extra = {"scales": scales, "smallscalebias": params.pop("smallscalebias", 0.6),
              "cyclefactor": params.pop("cyclefactor", 1.5)}
@@ -320,14 +414,15 @@ def multiscale_scales(a: argparse.Namespace, params: dict[str, Any]) -> list[int
     return [int(s) for s in recipe] if recipe else [0, 5, 10, 20]
 
 
-def singlescale_mask(base: str, hi_snr: float, lo_snr: float, within: Path | None) -> Any:
+def singlescale_mask(base: str, hi_snr: float, lo_snr: float, within: Path | None,
+                     sigma: float | None = None) -> Any:
     """Bright emission of the multiscale result: S/N > hi seeds grown through S/N > lo (both
     in two consecutive channels of a cube; a continuum image has one plane, where the S/N
     alone decides), optionally inside the prior clean mask."""
     import numpy as np
     from scipy import ndimage
 
-    sigma = residual_noise(base, "multiscale")
+    sigma = sigma or residual_noise(base, "multiscale")
     image, good = read_image(Path(f"{base}_multiscale.image"))
     snr = np.nan_to_num(image) / sigma
     run = np.zeros((1, 1, 1, 2), dtype=bool)
@@ -346,6 +441,7 @@ def singlescale_mask(base: str, hi_snr: float, lo_snr: float, within: Path | Non
 
 def stage_singlescale(a: argparse.Namespace) -> dict[str, Any]:
     """Single-scale (Hogbom) clean inside the S/N mask down to ``--threshold-snr`` x noise."""
+    enter_chunk_dir(a)
     base = str(Path(a.imagename).resolve())
     if skip_existing(Path(f"{base}_singlescale.image"), a.overwrite):
         return {"imagename": base, "skipped": True}
@@ -356,10 +452,12 @@ def stage_singlescale(a: argparse.Namespace) -> dict[str, Any]:
     invalidate_after(base, "singlescale")
     restore(base, "multiscale")
     within = Path(a.within_mask).resolve() if a.within_mask else None
-    mask = singlescale_mask(base, a.hi_snr, a.lo_snr, within)
+    # a chunk: the noise of the whole cube's multiscale residual (see whole_cube_noise)
+    sigma = (whole_cube_noise(a.noise_from, multiscale_residual) if a.noise_from
+             else residual_noise(base, "multiscale"))
+    mask = singlescale_mask(base, a.hi_snr, a.lo_snr, within, sigma)
     mask_path = write_mask_image(Path(f"{base}_singlescale_mask.im"),
                                  Path(f"{base}_multiscale.image"), mask)
-    sigma = residual_noise(base, "multiscale")
     history: list[dict[str, Any]] = []
     if mask.any():
         history = clean_until_converged(

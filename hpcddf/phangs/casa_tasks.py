@@ -22,7 +22,9 @@ Stages (one per PHANGS unit of work; loops over targets/products/configs live in
 * ``extract_continuum`` per target x continuum product x config: flag the lines' channels,
   average to channel_ghz, concat several MS
 * ``dirty``, ``clean_mask``, ``multiscale``, ``singlescale``, ``export_image``: imaging (a
-  cube, or one plane when the recipe says specmode 'mfs')
+  cube, or one plane when the recipe says specmode 'mfs'); with ``--chunk K,N`` a slice of a
+  cube's channels, in its own directory
+* ``gather_chunks`` the chunks' images of a cube concatenated into the cube
 * ``postprocess``  impbcor, round beam, Jy/beam -> K, trim, FITS export
 * ``feather``     the same with the round-beam cube feathered with a single-dish cube (imported,
   made Jy/beam, regridded onto the interferometric grid) before the conversion to K. The
@@ -47,6 +49,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from hpcddf.phangs.casa_chunks import stage_gather_chunks
 from hpcddf.phangs.casa_common import StageError
 from hpcddf.phangs.casa_imaging import (
     stage_clean_mask,
@@ -120,6 +123,14 @@ def _imaging_options(p: argparse.ArgumentParser, with_vis: bool = True) -> None:
         p.add_argument("--restfreq-ghz", type=float,
                        help="the line's rest frequency (a cube; not for specmode 'mfs')")
         p.add_argument("--tclean", help="JSON object of tclean parameters (the recipe)")
+        p.add_argument("--chunk", help="K,N: image chunk K of N of the cube's channels, in "
+                       "the image's own directory (chunked imaging)")
+
+
+def _noise_from_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--noise-from", action="append", default=[],
+                   help="a chunk: the image base of every chunk of the cube (repeatable), "
+                        "whose residuals give the noise of the whole cube")
 
 
 STAGES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
@@ -127,7 +138,8 @@ STAGES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "extract_line": stage_extract_line, "extract_continuum": stage_extract_continuum,
     "dirty": stage_dirty, "clean_mask": stage_clean_mask,
     "multiscale": stage_multiscale, "singlescale": stage_singlescale,
-    "export_image": stage_export_image, "postprocess": stage_postprocess,
+    "export_image": stage_export_image, "gather_chunks": stage_gather_chunks,
+    "postprocess": stage_postprocess,
     "feather": stage_feather,
 }
 
@@ -217,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("clean_mask", "clean mask from the dirty cube")
     _imaging_options(p, with_vis=False)
+    _noise_from_option(p)
     p.add_argument("--mask", help="output mask image (default BASE_cleanmask.im)")
     p.add_argument("--from-fits", help="a FITS mask (the cleanmask_key's file) to put on the "
                    "dirty cube's grid instead of the S/N mask")
@@ -230,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales-pix", help="comma-separated scales in pixels (else the recipe's)")
     p.add_argument("--scales-arcsec", help="comma-separated scales in arcsec (converted with "
                    "the cell)")
+    _noise_from_option(p)
     _clean_options(p, threshold_snr=4.0)
 
     p = add("singlescale", "single-scale clean inside the S/N mask")
@@ -237,10 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hi-snr", type=float, default=4.0)
     p.add_argument("--lo-snr", type=float, default=2.0)
     p.add_argument("--within-mask", help="keep the S/N mask inside this mask image")
+    _noise_from_option(p)
     _clean_options(p, threshold_snr=1.0)
 
     p = add("export_image", "imaging products to FITS")
     _imaging_options(p, with_vis=False)
+
+    p = add("gather_chunks", "concatenate the images of a cube's chunks into the cube")
+    _imaging_options(p, with_vis=False)
+    p.add_argument("--chunk-imagename", action="append", required=True,
+                   help="a chunk's image base name, in channel order (repeatable)")
 
     p = add("postprocess", "pbcor, round beam, K, trim, FITS")
     _postprocess_options(p)

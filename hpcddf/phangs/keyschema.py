@@ -100,6 +100,7 @@ CONFIG_FIELDS: dict[str, dict[str, Decision]] = {
         "exclude_freq_ranges_ghz": _used("stage_ms: ranges kept out of the continuum fit"),
         "flag_edge_fraction": _used("stage_ms split: leaves out that fraction of each spw's "
                                     "channels at both ends"),
+        "chunksize": _used("imaging: channels per chunk task (plan_chunks)"),
     },
     "cont_product": {
         "freq_ranges_ghz": _used("stage_ms: the channels split"),

@@ -18,7 +18,11 @@ Stages, in order, and what each task waits for (:data:`DEPENDENCY_RULES`; all ar
                  the arrays the config uses. Waits for the ``stage_ms`` task of every one of
                  those MSs.
 ``imaging``      (target, product, interf_config): dirty, clean mask, multiscale, singlescale,
-                 FITS export. Waits for its ``stage_line`` task (one to one).
+                 FITS export. Waits for its ``stage_line`` task (one to one). A large cube is
+                 imaged in channel chunks (:mod:`hpcddf.phangs.plan_chunks`): tasks
+                 (target, product, interf_config, dirtyK / multiscaleK / singlescaleK), each
+                 phase of a cube one array waiting for the whole phase before (the first for
+                 the ``stage_line`` task), and the cube's task gathers the last phase.
 ``postprocess``  (whole target, product, config): pbcor, round beam, K, trim, export. A linear
                  mosaic's task waits for the ``imaging`` tasks of ALL its parts; a feather
                  config's for the imaging of its interferometric config.
@@ -54,6 +58,7 @@ that run.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -84,7 +89,8 @@ PREVIOUS = {"stage_line": "stage_ms", "imaging": "stage_line", "postprocess": "i
 DEPENDENCY_RULES = {
     "stage_ms": "nothing",
     "stage_line": "all stage_ms tasks of the MSs of the target's arrays in this config",
-    "imaging": "the stage_line task of the same target, product and config (one to one)",
+    "imaging": "the stage_line task of the same target, product and config (one to one); "
+               "a chunked cube's imaging task (the gather) waits for its chunks' last phase",
     "postprocess": "all imaging tasks of the whole target's parts (itself if not a mosaic) "
                    "for this config (a feather config: its interferometric config)",
     "derived": "the postprocess task of this config and of every linked mask_config of the "
@@ -144,12 +150,16 @@ def _without_unrun(task: Task, by_id: dict[str, Task], keep: set[str]) -> Task:
 
 
 def plan_project(project: Project, targets: Sequence[str] | None = None,
-                 stages: Sequence[str] | None = None) -> list[StageArray]:
-    """The project's tasks, one StageArray per selected stage in pipeline order."""
+                 stages: Sequence[str] | None = None,
+                 node_mem_gb: float | None = None) -> list[StageArray]:
+    """The project's tasks, one StageArray per selected stage in pipeline order.
+    ``node_mem_gb``: the memory an imaging task gets on the site's node, which sizes the
+    chunks of a cube whose line product leaves chunksize to it (:mod:`hpcddf.phangs.plan_chunks`)."""
     keep = select_stages(stages)
     sel = _selection(project, targets)
     needed = set(keep) | {PREVIOUS[s] for s in keep if s in PREVIOUS}
-    built = {name: BUILDERS[name](project, sel, name in keep) for name in STAGES
+    builders = {**BUILDERS, "imaging": functools.partial(_build_imaging, node_mem_gb=node_mem_gb)}
+    built = {name: builders[name](project, sel, name in keep) for name in STAGES
              if name in needed}
     by_id = {t.id: t for tasks in built.values() for t in tasks}
     return [StageArray(name, tuple(_without_unrun(t, by_id, set(keep)) for t in built[name]))

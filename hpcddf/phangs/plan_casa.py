@@ -15,6 +15,7 @@ from typing import Any
 
 from hpcddf.errors import ConfigError
 from hpcddf.phangs.overrides import apply_overrides
+from hpcddf.phangs.plan_chunks import chunk_tasks, gather_params
 from hpcddf.phangs.plan_common import (
     C_KMS,
     LINE_REST_GHZ,
@@ -210,7 +211,13 @@ def _imaging_products(base: str) -> list[str]:
     return [f"{base}.image", f"{base}.pb", f"{base}_singlescale.image"]
 
 
-def _build_imaging(project: Project, sel: _Selection, detailed: bool) -> list[Task]:
+def _build_imaging(project: Project, sel: _Selection, detailed: bool,
+                   node_mem_gb: float | None = None) -> list[Task]:
+    """One imaging task per cube; a chunked cube's task gathers its chunk tasks, which come
+    first in the stage (phase by phase, cube by cube, then every cube's imaging task): the
+    submission makes each phase of a cube one array
+    (:func:`hpcddf.phangs.plan_chunks.array_groups`)."""
+    phases: list[list[Task]] = []
     tasks = []
     for target in sel.parts:
         for product in _products(project):
@@ -220,11 +227,17 @@ def _build_imaging(project: Project, sel: _Selection, detailed: bool) -> list[Ta
                 mask = project.cleanmask_file(target, product)
                 params: dict[str, Any] = {"inputs": [vis, *([str(mask)] if mask else [])],
                                           "outputs": [*_imaging_products(base), f"{base}.fits"]}
+                deps = [Task("stage_line", _line_key(target, product, config)).id]
                 if detailed:
                     params.update(_imaging_params(project, target, product, config, base, vis))
-                deps = [Task("stage_line", _line_key(target, product, config)).id]
+                    mine = chunk_tasks(project, _line_key(target, product, config), params,
+                                       deps, node_mem_gb)
+                    if mine:
+                        phases = [a + b for a, b in zip(phases, mine)] if phases else mine
+                        params = gather_params(params, mine[-1])
+                        deps = [t.id for t in mine[-1]]
                 tasks.append(_task("imaging", _line_key(target, product, config), deps, params))
-    return tasks
+    return [t for phase in phases for t in phase] + tasks
 
 
 def _imaging_params(project: Project, target: str, product: str, config: str, base: str,

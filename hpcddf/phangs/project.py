@@ -57,6 +57,10 @@ class LineProduct:
     lines_to_flag: list = field(default_factory=list)
     exclude_freq_ranges_ghz: list = field(default_factory=list)
     flag_edge_fraction: float = 0.0
+    # channels per imaging chunk (hpcddf; PHANGS's ImagingChunkedHandler chunksize): a cube of
+    # more channels is imaged as chunk tasks plus a gather (hpcddf.phangs.plan_chunks);
+    # 0: sized from the site node's memory when the recipe fixes imsize, else one task
+    chunksize: int = 0
 
 
 @dataclass

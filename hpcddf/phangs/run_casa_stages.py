@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from hpcddf.engine.atomic import write_json_atomic
 from hpcddf.phangs.linmos import MOSAIC_PRODUCTS, linear_mosaic
 from hpcddf.phangs.run_common import PhangsRunError, RunContext
 
@@ -112,26 +113,71 @@ def run_imaging(ctx: RunContext) -> list[str]:
     # a continuum product's recipes say specmode 'mfs' (the plan sees to it) and it has no
     # rest frequency: the same steps then make one plane
     p = _product_params(ctx)
-    base, recipes = p["imagename"], p["recipes"]
     ctx.notes += p.get("overrides", [])  # the override key lines the recipes carry
+    if p.get("chunk"):
+        return _run_chunk(ctx, p)
+    base = p["imagename"]
     _mkparents(base)
-    img = {"vis": p["vis"], "imagename": base, "restfreq_ghz": p["restfreq_ghz"]}
-    dirty = ctx.casa("dirty", tclean=recipes["dirty"], **img)
-    # the cleanmask_key's mask put on the cube's grid when the key gives one, else a S/N mask
-    # of the dirty cube; with a key mask the single-scale S/N mask stays inside it (PHANGS)
-    user_mask = p.get("cleanmask")
-    ctx.casa("clean_mask", imagename=base, from_fits=user_mask)
-    scales = None
-    if "scales" not in recipes["multiscale"]:
-        # the dirty stage reports the cell it chose; a rerun that skipped it has it recorded
-        cell = (dirty.get("cell") or ctx.previous_steps.get("dirty", {}).get("cell")
-                or recipes["multiscale"].get("cell"))
-        scales = scales_in_pixels(p["clean_scales_arcsec"], _cell_arcsec(cell))
-    ctx.casa("multiscale", tclean=recipes["multiscale"], scales_pix=scales, **img)
-    ctx.casa("singlescale", tclean=recipes["singlescale"],
-             within_mask=f"{base}_cleanmask.im" if user_mask else None, **img)
+    if p.get("gather"):
+        # the chunks' images into the cube, with the single call's names and layout
+        missing = [m for m in p["inputs"] if not Path(m).is_file()]
+        if missing:
+            raise PhangsRunError(f"task {ctx.task.id}: a chunk is not done: no {missing[0]}",
+                                 "resubmit: the chunks not done run again, then this gather")
+        ctx.casa("gather_chunks", imagename=base, chunk_imagename=p["gather"])
+    else:
+        _image_steps(ctx, p, base)
     ctx.casa("export_image", imagename=base)
     return [f"{base}.image", f"{base}.pb", f"{base}_singlescale.image", f"{base}.fits"]
+
+
+def _image_steps(ctx: RunContext, p: dict[str, Any], base: str) -> None:
+    """dirty, clean mask, multiscale, singlescale of the whole cube, or the steps of a chunk's
+    phase (``chunk_phase``: dirty; clean mask and multiscale; singlescale), to the noise of
+    the whole cube from every chunk's residual (``noise_from``, see plan_chunks)."""
+    recipes = p["recipes"]
+    phase = p.get("chunk_phase")
+    img = {"vis": p["vis"], "imagename": base, "restfreq_ghz": p["restfreq_ghz"],
+           "chunk": ",".join(map(str, p["chunk"])) if phase else None}
+    noise = {"noise_from": p.get("noise_from") or None}
+    dirty: dict[str, Any] = {}
+    if phase in (None, "dirty"):
+        dirty = ctx.casa("dirty", tclean=recipes["dirty"], **img)
+    # the cleanmask_key's mask put on the cube's (chunk's) grid when the key gives one, else a
+    # S/N mask of the dirty cube; with a key mask the single-scale S/N mask stays inside it
+    user_mask = p.get("cleanmask")
+    if phase in (None, "multiscale"):
+        ctx.casa("clean_mask", imagename=base, from_fits=user_mask, **noise)
+        scales = scales_arcsec = None
+        if "scales" not in recipes["multiscale"]:
+            # the dirty stage reports the cell it chose; a rerun that skipped it has it recorded
+            cell = (dirty.get("cell") or ctx.previous_steps.get("dirty", {}).get("cell")
+                    or recipes["multiscale"].get("cell"))
+            scales = scales_in_pixels(p["clean_scales_arcsec"], _cell_arcsec(cell))
+            if scales is None and p["clean_scales_arcsec"]:
+                # a chunk's dirty cube was another task's: the stage converts with its cell
+                scales_arcsec = ",".join(str(s) for s in p["clean_scales_arcsec"])
+        ctx.casa("multiscale", tclean=recipes["multiscale"], scales_pix=scales,
+                 scales_arcsec=scales_arcsec, **img, **noise)
+    if phase in (None, "singlescale"):
+        ctx.casa("singlescale", tclean=recipes["singlescale"],
+                 within_mask=f"{base}_cleanmask.im" if user_mask else None, **img, **noise)
+
+
+def _run_chunk(ctx: RunContext, p: dict[str, Any]) -> list[str]:
+    """One phase of one chunk of a cube, in the chunk's own directory (its imagename's); the
+    last phase then writes the chunk's done-marker, last and atomically: the gather and a
+    resubmission trust the marker, not the images a killed attempt may have left."""
+    k, n = p["chunk"]
+    base = p["imagename"]
+    _mkparents(base)
+    _image_steps(ctx, p, base)
+    if "marker" not in p:
+        return list(ctx.task.outputs)
+    write_json_atomic(Path(p["marker"]), {"task": ctx.task.id, "chunk": k, "of": n,
+                                          "imagename": base})
+    ctx.notes.append(f"chunk {k + 1} of {n}")
+    return [p["marker"]]
 
 
 def _postprocess_continuum(ctx: RunContext) -> list[str]:

@@ -44,6 +44,7 @@ from hpcddf.phangs.plan import (
     plan_project,
     project_work_dir,
 )
+from hpcddf.phangs.plan_chunks import array_groups
 from hpcddf.phangs.run import (
     STATE_DIR,
     PhangsTask,
@@ -120,10 +121,12 @@ def _chunks(tasks: list[Task], size: int) -> list[list[Task]]:
 
 def _arrays(site: Site, todo: list[tuple[str, list[Task]]], work: Path,
             casa_env: str | None) -> list[HeldArray]:
-    """One held array per stage (split at MAX_ARRAY_SIZE), in the order of ``todo``."""
+    """One held array per stage (split at MAX_ARRAY_SIZE), in the order of ``todo``; the
+    chunk tasks of a chunked cube are an array of their own (:func:`array_groups`)."""
     return [HeldArray(f"hpcddf-phangs-{stage}", stage_resources(site, stage),
                       [PhangsTask(t, str(work), casa_env, site) for t in chunk], what=f"the {stage} array")
-            for stage, tasks in todo for chunk in _chunks(tasks, MAX_ARRAY_SIZE)]
+            for stage, tasks in todo for group in array_groups(tasks)
+            for chunk in _chunks(group, MAX_ARRAY_SIZE)]
 
 
 def submit_slurm(site: Site, todo: list[tuple[str, list[Task]]], live: dict[str, str],
@@ -233,7 +236,8 @@ def submit_phangs(site: Site, keydir: str | Path, targets: Sequence[str] | str |
     ``done`` (tasks skipped as finished) and ``already_queued`` (task id -> live job id).
     """
     project = load_keys(keydir)
-    plan = plan_project(project, _names(targets), _names(stages))
+    plan = plan_project(project, _names(targets), _names(stages),
+                        node_mem_gb=stage_resources(site, "imaging").mem_gb)
     work = project_work_dir(project)
     doc: dict[str, Any] = {"site": site.name, "scheduler": site.scheduler,
                            "master_key": str(project.master_key), "work_dir": str(work),
