@@ -154,7 +154,7 @@ def _postprocess_and_mosaic(ctx: RunContext, stage: str) -> list[str]:
         raise PhangsRunError(f"task {ctx.task.id} was planned without its postprocess units",
                              "plan the project again with this version (hpcddf phangs submit)")
     for unit in units:
-        extra = {"singledish": unit["singledish"]} if stage == "feather" else {}
+        extra = {"singledish": _singledish(ctx, unit)} if stage == "feather" else {}
         summary = ctx.casa(stage, imagename=unit["imagename"], outdir=unit["outdir"],
                            stem=unit["stem"], **extra)
         if p["mosaic"]:
@@ -166,3 +166,29 @@ def _postprocess_and_mosaic(ctx: RunContext, stage: str) -> list[str]:
         ctx.notes.append(f"linear mosaic of {', '.join(p['parts'])} at a round "
                          f"{summary['beam_arcsec']:.3g}\" beam")
     return list(ctx.task.outputs)
+
+
+def _singledish(ctx: RunContext, unit: dict[str, Any]) -> str:
+    """The single-dish cube a unit feathers with: the key's cube, or, when the plan gives a
+    single-dish step (singledish_config ``tp``), that cube baseline-subtracted and regridded
+    first (:func:`hpcddf.phangs.singledish.process_singledish`, made once under a lock: a
+    mosaic's parts may share the mosaic's cube)."""
+    step = unit.get("singledish_step")
+    if not step:
+        return unit["singledish"]
+    from hpcddf.phangs.singledish import SingleDishError, SingleDishRecipe, process_singledish
+
+    def make() -> None:
+        recipe = SingleDishRecipe(**step["recipe"])
+        try:
+            ctx.steps[f"singledish {unit['target']}"] = process_singledish(
+                Path(step["source"]), Path(step["out"]), recipe,
+                Path(step["plot"]) if step.get("plot") else None)
+        except SingleDishError as exc:
+            raise PhangsRunError(f"task {ctx.task.id}: {exc}",
+                                 "fix the single-dish cube or the singledish_config 'tp'") from None
+    if not step.get("source"):
+        raise PhangsRunError(f"task {ctx.task.id} was planned without its single-dish cube",
+                             "plan the project again (hpcddf phangs submit)")
+    ctx.ensure([step["out"]], make)
+    return step["out"]
