@@ -3,7 +3,7 @@
 Each maps the task's planned parameters to ``casa_tasks`` options and runs the stages in the
 separate CASA environment through :meth:`hpcddf.phangs.run_common.RunContext.casa`; the
 postprocess of a linear mosaic then combines the parts here (:mod:`hpcddf.phangs.linmos`).
-What this version does not implement (feathering a continuum image) stops with one line.
+A feather config's postprocess feathers line cubes and continuum images alike.
 """
 
 from __future__ import annotations
@@ -125,15 +125,11 @@ def _postprocess_continuum(ctx: RunContext) -> list[str]:
     beam, Jy/beam -> K (PHANGS's cleanup converts every product, continuum included, and the
     products are named ``_k``), trim, and a 2-D FITS image whose FREQ card keeps the
     frequency the K scale refers to. A mosaic's parts are postprocessed one by one and then
-    combined by :func:`linear_mosaic` into a 2-D mosaic, as for line cubes. Feathering a
-    continuum image with single-dish data is not implemented: that task stops with one line."""
+    combined by :func:`linear_mosaic` into a 2-D mosaic, as for line cubes. A feather config
+    feathers the round-beam image with the one-plane single-dish image its singledish key
+    names (casa_tasks ``feather`` sees one plane and regrids the single dish on the sky only)."""
     p = ctx.task.params
-    if p["feather"]:
-        raise _not_implemented(f"task {ctx.task.id}: feathering a continuum image with "
-                               f"single-dish data",
-                               "leave continuum products out of feather configs, or feather "
-                               "the continuum image outside hpcddf for now")
-    return _postprocess_and_mosaic(ctx, "postprocess")
+    return _postprocess_and_mosaic(ctx, "feather" if p["feather"] else "postprocess")
 
 
 def run_postprocess(ctx: RunContext) -> list[str]:

@@ -24,7 +24,7 @@ from hpcddf.phangs.keys import load_project
 from hpcddf.phangs.project import Project
 from hpcddf.phangs.run import run_task
 from hpcddf.phangs.run_casa_stages import scales_in_pixels
-from hpcddf.phangs.run_common import PhangsRunError, read_task_state, task_state_path
+from hpcddf.phangs.run_common import read_task_state, task_state_path
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "phangs_keys"
 C_KMS = 299_792.458
@@ -657,10 +657,12 @@ def test_continuum_runners_call_stages_casa_tasks_accepts(cont_project: Project,
     [(parts, out, name)] = mosaics
     assert parts == [u["fits"] for u in units] and name == "ngc3627"
     assert sorted(out.values()) == sorted(mosaic.outputs)  # type: ignore[attr-defined]
-    # feathering a continuum image stays a one-line error, before any CASA run
+    # a feather config's continuum mosaic: each part through casa_tasks' feather stage with
+    # its single-dish image (casa_tasks accepts the options), then the same linear mosaic
     calls.clear()
+    units = [{**u, "singledish": f"/sd/{u['target']}_cont.fits"} for u in units]
     feather = plan_common.Task(mosaic.stage, mosaic.key, mosaic.depends,
-                               {**mosaic.params, "feather": True})
-    with pytest.raises(PhangsRunError, match="feathering a continuum image"):
-        run_task(feather, tmp_path / "feather")
-    assert calls == []
+                               {**mosaic.params, "feather": True, "units": units})
+    run_task(feather, tmp_path / "feather")
+    assert [(stage, args.stem, args.singledish) for stage, args in calls] == [
+        ("feather", u["stem"], u["singledish"]) for u in units]
