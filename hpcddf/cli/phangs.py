@@ -31,7 +31,7 @@ def _name_list(text: str | None) -> list[str] | None:
 @site_options
 @click.option("--targets", metavar="T,...", help="Only these targets (a mosaic brings its parts).")
 @click.option("--stages", metavar="S,...",
-              help="Only these stages: stage_ms, stage_line, imaging, postprocess, derived.")
+              help="Only these stages: stage_ms, stage_line, imaging, postprocess, derived, release.")
 @click.option("--casa-env", type=click.Path(file_okay=False),
               help="The CASA environment for the CASA stages. Default: $HPCDDF_CASA_ENV.")
 @click.option("--dry-run", is_flag=True, help="Check and print the task arrays; queue nothing.")

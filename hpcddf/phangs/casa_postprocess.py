@@ -2,7 +2,8 @@
 
 ``postprocess`` (impbcor, round beam, Jy/beam -> K, trim, FITS export) and ``feather`` (the
 same with the round-beam cubes feathered with an imported, regridded single-dish cube before
-the conversion to K). Standard library only at the top, as everything
+the conversion to K). A continuum product (one plane) feathers with a one-plane single-dish
+image the same way, regridded on the sky only. Standard library only at the top, as everything
 :mod:`hpcddf.phangs.casa_tasks` runs.
 """
 
@@ -133,7 +134,8 @@ def postprocess(a: argparse.Namespace, singledish: Path | None) -> dict[str, Any
     beam = beam_of(image)
     target = round_beam_arcsec(beam, a.round_beam_arcsec)
     # a single-dish cube feather cannot use fails here, before the interferometric steps
-    sd = import_singledish(singledish, work) if singledish is not None else None
+    planes = 1 if is_one_plane(image) else 0
+    sd = import_singledish(singledish, work, planes) if singledish is not None else None
     tasks.impbcor(imagename=str(image), pbimage=str(pb), outfile=str(work / "pbcor.im"),
                   cutoff=a.pb_cutoff, overwrite=True)
     for name, src in (("pbcorr", work / "pbcor.im"), ("flat", image)):
@@ -191,28 +193,57 @@ def image_like(path: Path, template: Path, data: Any) -> Path:
     return path
 
 
-def singledish_unit(image: Path, source: Path) -> str:
-    """Check the imported single-dish cube has a beam and a brightness unit feather can use;
-    a cube in K is converted to Jy/beam in place. Returns the unit it came in."""
+def is_one_plane(image: Path) -> bool:
+    """A continuum image (tclean 'mfs'): RA and Dec are its only axes longer than one."""
+    tools, _ = casa()
+    ia = tools.image()
+    ia.open(str(image))
+    try:
+        return sum(1 for n in ia.shape() if n > 1) == 2
+    finally:
+        ia.close()
+
+
+def _has_spectral_axis(ia: Any) -> bool:
+    return len(ia.coordsys().findcoordinate("spectral")["pixel"]) > 0
+
+
+def singledish_unit(image: Path, source: Path, planes: int = 0) -> str:
+    """Check the imported single-dish image (before its degenerate axes are dropped) has a
+    beam, the axes feather needs and a brightness unit it can use: RA, Dec and a spectral axis
+    for a cube (``planes`` 0), RA and Dec only for a continuum image (``planes`` 1, any
+    spectral or Stokes axis of length one). An image in K is converted to Jy/beam in place at
+    each channel's frequency, so a one-plane image in K needs its spectral axis (FREQ) to
+    say at which frequency its K are. Returns the unit it came in."""
     tools, _ = casa()
     ia = tools.image()
     ia.open(str(image))
     try:
         beam, unit = ia.restoringbeam(), ia.brightnessunit().strip()
-        ndim = len(ia.shape())
+        ndim = sum(1 for n in ia.shape() if n > 1)
+        spectral = _has_spectral_axis(ia)
     finally:
         ia.close()
+    what = "image" if planes == 1 else "cube"
     if "major" not in beam and "beams" not in beam:
-        raise StageError(f"single-dish cube {source} has no beam (BMAJ/BMIN): feather needs it")
-    if ndim != 3:
+        raise StageError(f"single-dish {what} {source} has no beam (BMAJ/BMIN): feather needs it")
+    if planes == 0 and ndim != 3:
         raise StageError(f"single-dish cube {source} has {ndim} non-degenerate axes; "
                          "expected RA, Dec and a spectral axis")
+    if planes == 1 and ndim != 2:
+        raise StageError(f"single-dish image {source} has {ndim} non-degenerate axes; a "
+                         "continuum product feathers with one plane (RA, Dec): average the "
+                         "single-dish cube over the product's band first")
     key = unit.replace(" ", "").lower()
+    if key == "k" and not spectral:
+        raise StageError(f"single-dish image {source} is in K without a spectral axis (FREQ) "
+                         "to convert it at: give it in Jy/beam or add a FREQ axis")
     if key == "k":
         rescale_brightness(image, to_kelvin=False)
     elif key != "jy/beam":
-        raise StageError(f"single-dish cube {source} has brightness unit {unit or '(none)'!r}; "
-                         "feather needs Jy/beam (or K, converted with its beam)")
+        raise StageError(f"single-dish {what} {source} has brightness unit "
+                         f"{unit or '(none)'!r}; feather needs Jy/beam (or K, converted with "
+                         "its beam)")
     return unit
 
 
@@ -226,12 +257,13 @@ class SingleDish:
     unit_in: str
 
 
-def import_singledish(sd_fits: Path, work: Path) -> SingleDish:
+def import_singledish(sd_fits: Path, work: Path, planes: int = 0) -> SingleDish:
+    """``planes``: 0 for a cube, 1 for a continuum image (see :func:`singledish_unit`)."""
     _, tasks = casa()
     raw = work / "sd_import.im"
     tasks.importfits(fitsimage=str(sd_fits), imagename=str(raw), overwrite=True)
-    sd = dropdeg(raw, work / "sd.im")
-    return SingleDish(sd, sd_fits, singledish_unit(sd, sd_fits))
+    unit = singledish_unit(raw, sd_fits, planes)   # K -> Jy/beam while the FREQ axis is there
+    return SingleDish(dropdeg(raw, work / "sd.im"), sd_fits, unit)
 
 
 def regrid_singledish(sd: SingleDish, template: Path, work: Path
@@ -254,7 +286,9 @@ def regrid_singledish(sd: SingleDish, template: Path, work: Path
                    interpolation="linear", overwrite=True)
     data, good = read_image(regridded)
     covered = good & np.isfinite(data)
-    per_chan = covered.reshape(-1, covered.shape[-1]).any(axis=0)
+    # a continuum plane (2-D) has no channels: pixels it misses are zero like any other's
+    per_chan = (covered.reshape(-1, covered.shape[-1]).any(axis=0) if covered.ndim == 3
+                else np.ones(1, dtype=bool))
     if not per_chan.all():
         missing = [int(i) for i in np.nonzero(~per_chan)[0]]
         raise StageError(f"single-dish cube {sd.source} does not cover channel(s) "
@@ -307,8 +341,14 @@ def feather_with_singledish(sd_in: SingleDish, pbcorr: Path, flat: Path, pb: Pat
     with np.errstate(invalid="ignore", divide="ignore"):
         pbcorr_out = feathered / pb_data if apodize else feathered
         flat_out = feathered if apodize else feathered * pb_data
-    cubes = {"pbcorr_trimmed_k": image_like(work / "pbcorr_feathered.im", hi_pbcorr,
-                                            np.where(valid, pbcorr_out, np.nan)),
-             "flat_trimmed_k": image_like(work / "flat_feathered.im", hi_pbcorr,
-                                          np.where(valid, flat_out, np.nan))}
+    # a continuum plane goes back on the full-axis round-beam image: its FREQ axis is what the
+    # conversion to K, and the FITS header, take the frequency from
+    template = pbcorr if pb_data.ndim == 2 else hi_pbcorr
+    shape = read_image(template)[0].shape
+
+    def back(name: str, data: Any) -> Path:
+        return image_like(work / name, template,
+                          np.where(valid, data, np.nan).reshape(shape))
+    cubes = {"pbcorr_trimmed_k": back("pbcorr_feathered.im", pbcorr_out),
+             "flat_trimmed_k": back("flat_feathered.im", flat_out)}
     return cubes, {**info, "apodize": apodize, "sdfactor": sdfactor}

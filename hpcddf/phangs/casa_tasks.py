@@ -27,8 +27,9 @@ Stages (one per PHANGS unit of work; loops over targets/products/configs live in
 * ``gather_chunks`` the chunks' images of a cube concatenated into the cube
 * ``postprocess``  impbcor, round beam, Jy/beam -> K, trim, FITS export
 * ``feather``     the same with the round-beam cube feathered with a single-dish cube (imported,
-  made Jy/beam, regridded onto the interferometric grid) before the conversion to K. The
-  linear mosaic of parts is not a CASA stage: hpcddf combines the parts' postprocessed FITS
+  made Jy/beam, regridded onto the interferometric grid) before the conversion to K; a
+  continuum image (one plane) feathers with a one-plane single-dish image, regridded on the
+  sky only. The linear mosaic of parts is not a CASA stage: hpcddf combines the parts' postprocessed FITS
   cubes itself (:func:`hpcddf.phangs.linmos.linear_mosaic`)
 
 Every product is written under a temporary name and renamed into place, so a killed stage
@@ -268,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("feather", "postprocess with the round-beam cube feathered with single-dish data")
     _postprocess_options(p)
     p.add_argument("--singledish", required=True, help="single-dish FITS cube (Jy/beam or K, "
-                   "with BMAJ/BMIN), regridded here onto the interferometric grid")
+                   "with BMAJ/BMIN), regridded here onto the interferometric grid; for a "
+                   "continuum image, a one-plane image (K needs its FREQ axis)")
     p.add_argument("--apodize", action="store_true", help="feather the flat cube with the "
                    "single dish times pb, then divide by pb")
     p.add_argument("--sdfactor", type=float, default=1.0, help="single-dish flux scale factor")

@@ -381,6 +381,7 @@ def key_files(spec: GalaxySpec, ms_name: str, vfield_name: str, *, tp_file: str 
             "imaging_root        ../imaging/",
             "postprocess_root    ../postprocess/",
             "derived_root        ../derived/",
+            "release_root        ../release/",
             "cleanmask_root      ../cleanmasks/",
             "vfield_root         ../model/",
             "ms_root             ../ms/",

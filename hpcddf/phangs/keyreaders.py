@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import re
 import typing
 import warnings
@@ -217,6 +218,7 @@ def _validate_configs(configs: Configs, pending: dict[tuple[str, str], _Pending]
     for kind in ("interf_config", "feather_config"):
         for name, cfg in getattr(configs, kind).items():
             _check_res_fields(pending[(kind, name)], f"{kind} {name}", cfg)
+    _validate_singledish_configs(configs, pending)
     for a, b in (("line_product", "cont_product"), ("interf_config", "feather_config")):
         for name in set(getattr(configs, a)) & set(getattr(configs, b)):
             _fail(pending[(b, name)].first, f"{name} is defined both as {a} and as {b}",
@@ -247,6 +249,29 @@ def _check_res_fields(src: _Pending, what: str, cfg: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             _fail(src.where["res_list"], f"{what}: res_list entry {value!r} is not a positive "
                                          f"resolution in arcsec", "write e.g. [1.0, 2.5]")
+
+
+def _validate_singledish_configs(configs: Configs, pending: dict[tuple[str, str], _Pending]
+                                 ) -> None:
+    """The single-dish step (hpcddf.phangs.singledish) reads the singledish_config named 'tp',
+    as PHANGS' single-dish handler does: another name would be read by nothing."""
+    for name, sd in configs.singledish_config.items():
+        src = pending[("singledish_config", name)]
+        if name != "tp":
+            _fail(src.first, f"singledish_config {name}: only the one named 'tp' is used "
+                             f"(PHANGS' single-dish handler reads no other)",
+                  "name it tp, or remove it")
+        if sd.bl_order < 0:
+            _fail(src.where["bl_order"], f"singledish_config {name}: bl_order {sd.bl_order} "
+                                         f"is negative", "give a baseline order of 0 or more")
+        if sd.chan_dv_kms < 0:
+            _fail(src.where["chan_dv_kms"], f"singledish_config {name}: chan_dv_kms "
+                                            f"{sd.chan_dv_kms:g} is negative",
+                  "give a channel width in km/s, or 0 to keep the cube's channels")
+        if sd.do_plots and importlib.util.find_spec("matplotlib") is None:
+            _fail(src.where["do_plots"], f"singledish_config {name}: do_plots needs matplotlib, "
+                                         f"which this Python cannot import",
+                  "install hpcddf with the phangs extra, or set 'do_plots':False")
 
 
 def _read_linmos(files: list[tuple[Path, Where]],

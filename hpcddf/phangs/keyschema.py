@@ -9,8 +9,7 @@ do instead, and a key that sets it (to anything but its default) is a ConfigErro
 walks the readers' tuples and the config dataclasses against this table, so a new field
 added without a decision fails the test.
 
-Entries marked ``NOT_YET`` belong to stages another change adds (clean masks from the key,
-shuffled cubes, the single-dish and release stages); flip them to ``used`` when it lands.
+A stage still to be built is marked refused with ``NOT_YET`` until it lands (none today).
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ MASTER: dict[str, Decision] = {
     "imaging_root": _used("Project.imaging_dir: staged MSs and tclean products"),
     "postprocess_root": _used("Project.postprocess_dir: the postprocess stage's cubes"),
     "derived_root": _used("Project.derived_dir: convolved cubes, masks, moments"),
-    "release_root": _refused(f"the release stage is {NOT_YET}", _DROP),
+    "release_root": _used("plan_release: the release stage copies the products there"),
     "vfield_root": _used("plan_derived: the window key's external velocity fields"),
     "ms_root": _used("Project.input_ms: where measurement sets are found"),
     "singledish_root": _used("plan_casa.singledish_path: single-dish cubes to feather"),
@@ -76,8 +75,8 @@ CONFIG_TYPE_DECISIONS: dict[str, Decision] = {
     "cont_product": _used("stage_ms, stage_line, imaging"),
     "interf_config": _used("every stage"),
     "feather_config": _used("postprocess (feather) and derived"),
-    "singledish_config": _refused(f"single-dish processing is {NOT_YET}",
-                                  _DROP + "; give the single-dish cubes ready in singledish_key"),
+    "singledish_config": _used("postprocess feather: the single-dish step (phangs.singledish), "
+                               "config 'tp' as PHANGS"),
     "array_tag": _used("stage_ms: per-array settings of the split"),
 }
 
@@ -123,9 +122,9 @@ CONFIG_FIELDS: dict[str, dict[str, Decision]] = {
         **_RES,
     },
     "singledish_config": {
-        "bl_order": _refused(f"single-dish processing is {NOT_YET}", _DROP),
-        "chan_dv_kms": _refused(f"single-dish processing is {NOT_YET}", _DROP),
-        "do_plots": _refused(f"single-dish processing is {NOT_YET}", _DROP),
+        "bl_order": _used("singledish: order of the baseline fitted to each spectrum"),
+        "chan_dv_kms": _used("singledish: the channel width the cube is regridded to"),
+        "do_plots": _used("singledish: a PNG of the mean spectrum"),
     },
     "array_tag": {
         "timebin": _used("stage_ms split: time averaging of that array's visibilities"),
@@ -155,9 +154,7 @@ MOMENT: dict[str, Decision] = {name: _used("plan_moments: " + what) for name, wh
 # What a singledish_key line feathers, by the kind of its product.
 SINGLEDISH_PRODUCTS: dict[str, Decision] = {
     "line_product": _used("postprocess: the cube feathered by each feather config"),
-    "cont_product": _refused(f"feathering a continuum image is {NOT_YET}",
-                             "remove the line; feather configs then leave the continuum "
-                             "product out"),
+    "cont_product": _used("postprocess: the one-plane image feathered with the continuum image"),
 }
 
 SECTIONS: dict[str, dict[str, Decision]] = {

@@ -40,6 +40,10 @@ Stages, in order, and what each task waits for (:data:`DEPENDENCY_RULES`; all ar
                  ``postprocess`` task joins the dependencies. Depending on those predecessors
                  instead of on sibling ``derived`` tasks keeps the array free of internal
                  dependencies and of cycles: two configs may list each other as mask configs.
+``release``      (whole target, product, config): copy the postprocessed cube and every derived
+                 product into ``release_root/<target dir>`` (PHANGS' release layout),
+                 atomically, then a done marker. Waits for the ``postprocess`` and ``derived``
+                 tasks it copies from. Planned only when the master key sets release_root.
 
 Targets: ``stage_ms``/``stage_line``/``imaging`` run per target with uv data (mosaic parts
 separately); ``postprocess``/``derived`` per whole target (a mosaic replaces its parts).
@@ -80,12 +84,13 @@ from hpcddf.phangs.plan_common import (
     _selection,
 )
 from hpcddf.phangs.plan_derived import _build_derived
+from hpcddf.phangs.plan_release import RELEASED_STAGES, build_release, check_release_root
 from hpcddf.phangs.project import Project
 
-STAGES = ("stage_ms", "stage_line", "imaging", "postprocess", "derived")
+STAGES = ("stage_ms", "stage_line", "imaging", "postprocess", "derived", "release")
 CASA_STAGES = ("stage_ms", "stage_line", "imaging", "postprocess")
 PREVIOUS = {"stage_line": "stage_ms", "imaging": "stage_line", "postprocess": "imaging",
-            "derived": "postprocess"}
+            "derived": "postprocess", "release": "derived"}
 DEPENDENCY_RULES = {
     "stage_ms": "nothing",
     "stage_line": "all stage_ms tasks of the MSs of the target's arrays in this config",
@@ -96,6 +101,8 @@ DEPENDENCY_RULES = {
     "derived": "the postprocess task of this config and of every linked mask_config of the "
                "same target and product (their strict masks feed the broad mask), and of the "
                "config whose map is a mom1wprior prior",
+    "release": "the postprocess and derived tasks of the same target, product and config "
+               "(the products it copies)",
 }
 
 
@@ -156,11 +163,20 @@ def plan_project(project: Project, targets: Sequence[str] | None = None,
     ``node_mem_gb``: the memory an imaging task gets on the site's node, which sizes the
     chunks of a cube whose line product leaves chunksize to it (:mod:`hpcddf.phangs.plan_chunks`)."""
     keep = select_stages(stages)
+    if "release" in keep and stages is not None:
+        check_release_root(project)
     sel = _selection(project, targets)
     needed = set(keep) | {PREVIOUS[s] for s in keep if s in PREVIOUS}
+    # the release copies every derived product: those tasks are planned in detail for it
+    detailed = set(keep) | (set(RELEASED_STAGES) - {"postprocess"} if "release" in keep else set())
+    if "release" in keep:
+        needed |= set(RELEASED_STAGES)
     builders = {**BUILDERS, "imaging": functools.partial(_build_imaging, node_mem_gb=node_mem_gb)}
-    built = {name: builders[name](project, sel, name in keep) for name in STAGES
-             if name in needed}
+    built = {name: builders[name](project, sel, name in detailed) for name in STAGES
+             if name in needed and name in builders}
+    if "release" in keep:
+        built["release"] = build_release(project, sel, {t.id: t for tasks in built.values()
+                                                        for t in tasks})
     by_id = {t.id: t for tasks in built.values() for t in tasks}
     return [StageArray(name, tuple(_without_unrun(t, by_id, set(keep)) for t in built[name]))
             for name in keep]

@@ -33,6 +33,7 @@ from hpcddf.phangs.plan_common import (
     read_recipe,
     whole_target_configs,
 )
+from hpcddf.phangs.plan_singledish import singledish_step
 from hpcddf.phangs.project import Project
 
 # ---------------------------------------------------------------------------------------------
@@ -354,6 +355,9 @@ def _postprocess_units(project: Project, whole: str, product: str, config: str,
             sd = (singledish_path(project, owner, product) if check
                   else project.singledish_file(owner, product))
             unit["singledish"] = str(sd) if sd else None
+            step = singledish_step(project, owner, product, sd)
+            if step is not None:  # baseline and regrid before feathering (singledish_config)
+                unit["singledish_step"] = step
         units.append(unit)
     return units
 

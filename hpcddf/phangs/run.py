@@ -3,7 +3,8 @@
 A task carries everything it needs, taken from the key files when it was planned
 (:mod:`hpcddf.phangs.plan`): the CASA stages map those values to ``casa_tasks`` options and run
 them in the separate CASA environment (:func:`hpcddf.phangs.casaenv.run_casa`); ``derived``
-calls the pure-Python noise, mask, moment and convolution functions. This module runs one
+calls the pure-Python noise, mask, moment and convolution functions; ``release`` copies
+products into release_root (:mod:`hpcddf.phangs.run_release`). This module runs one
 task and records its state; the stage runners are in :mod:`hpcddf.phangs.run_casa_stages`
 (with the linear mosaic of :mod:`hpcddf.phangs.linmos`) and :mod:`hpcddf.phangs.run_derived`,
 the state files and the run context they share in :mod:`hpcddf.phangs.run_common`.
@@ -50,6 +51,7 @@ from hpcddf.phangs.run_common import (
     update_task_state,
 )
 from hpcddf.phangs.run_derived import run_derived
+from hpcddf.phangs.run_release import run_release
 
 
 def run_task(task: Task, workdir: str | Path, casa_env: str | None = None) -> dict[str, Any]:
@@ -106,5 +108,5 @@ class PhangsTask(UnitJob):
 
 RUNNERS: dict[str, Callable[[RunContext], list[str]]] = {
     "stage_ms": run_stage_ms, "stage_line": run_stage_line, "imaging": run_imaging,
-    "postprocess": run_postprocess, "derived": run_derived,
+    "postprocess": run_postprocess, "derived": run_derived, "release": run_release,
 }

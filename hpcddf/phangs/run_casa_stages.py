@@ -3,7 +3,7 @@
 Each maps the task's planned parameters to ``casa_tasks`` options and runs the stages in the
 separate CASA environment through :meth:`hpcddf.phangs.run_common.RunContext.casa`; the
 postprocess of a linear mosaic then combines the parts here (:mod:`hpcddf.phangs.linmos`).
-What this version does not implement (feathering a continuum image) stops with one line.
+A feather config's postprocess feathers line cubes and continuum images alike.
 """
 
 from __future__ import annotations
@@ -185,15 +185,11 @@ def _postprocess_continuum(ctx: RunContext) -> list[str]:
     beam, Jy/beam -> K (PHANGS's cleanup converts every product, continuum included, and the
     products are named ``_k``), trim, and a 2-D FITS image whose FREQ card keeps the
     frequency the K scale refers to. A mosaic's parts are postprocessed one by one and then
-    combined by :func:`linear_mosaic` into a 2-D mosaic, as for line cubes. Feathering a
-    continuum image with single-dish data is not implemented: that task stops with one line."""
+    combined by :func:`linear_mosaic` into a 2-D mosaic, as for line cubes. A feather config
+    feathers the round-beam image with the one-plane single-dish image its singledish key
+    names (casa_tasks ``feather`` sees one plane and regrids the single dish on the sky only)."""
     p = ctx.task.params
-    if p["feather"]:
-        raise _not_implemented(f"task {ctx.task.id}: feathering a continuum image with "
-                               f"single-dish data",
-                               "leave continuum products out of feather configs, or feather "
-                               "the continuum image outside hpcddf for now")
-    return _postprocess_and_mosaic(ctx, "postprocess")
+    return _postprocess_and_mosaic(ctx, "feather" if p["feather"] else "postprocess")
 
 
 def run_postprocess(ctx: RunContext) -> list[str]:
@@ -214,7 +210,7 @@ def _postprocess_and_mosaic(ctx: RunContext, stage: str) -> list[str]:
         raise PhangsRunError(f"task {ctx.task.id} was planned without its postprocess units",
                              "plan the project again with this version (hpcddf phangs submit)")
     for unit in units:
-        extra = {"singledish": unit["singledish"]} if stage == "feather" else {}
+        extra = {"singledish": _singledish(ctx, unit)} if stage == "feather" else {}
         summary = ctx.casa(stage, imagename=unit["imagename"], outdir=unit["outdir"],
                            stem=unit["stem"], **extra)
         if p["mosaic"]:
@@ -226,3 +222,29 @@ def _postprocess_and_mosaic(ctx: RunContext, stage: str) -> list[str]:
         ctx.notes.append(f"linear mosaic of {', '.join(p['parts'])} at a round "
                          f"{summary['beam_arcsec']:.3g}\" beam")
     return list(ctx.task.outputs)
+
+
+def _singledish(ctx: RunContext, unit: dict[str, Any]) -> str:
+    """The single-dish cube a unit feathers with: the key's cube, or, when the plan gives a
+    single-dish step (singledish_config ``tp``), that cube baseline-subtracted and regridded
+    first (:func:`hpcddf.phangs.singledish.process_singledish`, made once under a lock: a
+    mosaic's parts may share the mosaic's cube)."""
+    step = unit.get("singledish_step")
+    if not step:
+        return unit["singledish"]
+    from hpcddf.phangs.singledish import SingleDishError, SingleDishRecipe, process_singledish
+
+    def make() -> None:
+        recipe = SingleDishRecipe(**step["recipe"])
+        try:
+            ctx.steps[f"singledish {unit['target']}"] = process_singledish(
+                Path(step["source"]), Path(step["out"]), recipe,
+                Path(step["plot"]) if step.get("plot") else None)
+        except SingleDishError as exc:
+            raise PhangsRunError(f"task {ctx.task.id}: {exc}",
+                                 "fix the single-dish cube or the singledish_config 'tp'") from None
+    if not step.get("source"):
+        raise PhangsRunError(f"task {ctx.task.id} was planned without its single-dish cube",
+                             "plan the project again (hpcddf phangs submit)")
+    ctx.ensure([step["out"]], make)
+    return step["out"]

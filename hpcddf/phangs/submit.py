@@ -58,7 +58,7 @@ MAX_ARRAY_SIZE = 1000  # below Slurm's default MaxArraySize (1001): bigger stage
 # (cpus, mem_gb, walltime_min) wanted per task, capped by the site; None: a whole node
 STAGE_RESOURCES: dict[str, tuple[int | None, int | None, int | None]] = {
     "stage_ms": (4, 16, 240), "stage_line": (4, 32, 480), "imaging": (None, None, None),
-    "postprocess": (4, 32, 240), "derived": (2, 16, 240),
+    "postprocess": (4, 32, 240), "derived": (2, 16, 240), "release": (1, 4, 60),
 }
 
 

@@ -49,7 +49,7 @@ from .conftest import SITE_TEMPLATE, hpcddf, queue_empty_of, sacct_states, wait_
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(3600)]
 
 CASA_ENV = Path(os.environ.get("HPCDDF_CASA_ENV", "/work/casa-env"))
-STAGE_ORDER = ["stage_ms", "stage_line", "imaging", "postprocess", "derived"]
+STAGE_ORDER = ["stage_ms", "stage_line", "imaging", "postprocess", "derived", "release"]
 FINAL = ("done", "failed", "cancelled")
 WAIT_S = 1500  # the chain takes ~2 min alone; DDFacet tests may share the two cores
 WALLTIME_MIN = 30

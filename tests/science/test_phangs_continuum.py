@@ -10,7 +10,11 @@ runs them (``plan_project`` + ``run_task``): split, extract_continuum (flag, ave
 imaging of one plane (dirty, clean mask, multiscale, singlescale) and postprocess (pbcor,
 round beam, K, trim, 2-D FITS). Checked against the model: the point source's flux within 10 %,
 and the disk, whose line emission would outshine the noise 50-fold if it reached the image,
-consistent with noise. About 80 s on 2 idle cores.
+consistent with noise. The simulation also has the total-power keys (``with_tp``): a
+one-plane total-power continuum image (the point source seen by the 28.6" TP beam) in the
+singledish key makes the feather config ``12m+tp`` postprocess the continuum image by
+feathering (one more CASA run of the same chain), and its total flux is the model's within 3 %.
+About 100 s on 2 idle cores.
 
 The CASA environment is $HPCDDF_CASA_ENV (default /work/casa-env). Without it the CASA tests are
 skipped, or fail when HPCDDF_REQUIRE_CASA=1.
@@ -33,7 +37,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from hpcddf.errors import ConfigError
-from hpcddf.phangs import casa_common, casa_tasks, casa_visibilities, plan_common
+from hpcddf.phangs import casa_common, casa_tasks, casa_visibilities, galaxy, plan_common
 from hpcddf.phangs import plan as P
 from hpcddf.phangs.casaenv import find_casa_env
 from hpcddf.phangs.galaxy import GalaxySpec, channel_velocities, simulate_galaxy
@@ -101,6 +105,28 @@ def _add_continuum_product(keys: Path) -> None:
         "gridder = 'mosaic'\nweighting = 'briggs'\nrobust = 0.5\npblimit = 0.2\n")
 
 
+TP_CONT = "simgal_tp_cont.fits"
+
+
+def _add_total_power_continuum(sim_root: Path, keys: Path) -> Path:
+    """The continuum as the total-power antennas see it: the point source (the continuum
+    model) times the peak-normalised TP beam on the TP grid, one plane at the band's centre
+    (RA, Dec, FREQ of length 1) in Jy/beam; named for ``simgal cont`` in the singledish key."""
+    sigma = SPEC.tp_beam_arcsec / math.sqrt(8.0 * math.log(2.0))
+    offs = (np.arange(SPEC.tp_npix) - SPEC.tp_npix // 2) * SPEC.tp_pixel_arcsec
+    g = np.exp(-(offs ** 2) / (2.0 * sigma ** 2))
+    plane = SPEC.continuum_jy * np.outer(g, g)
+    h = galaxy.total_power_header(SPEC)
+    band = SPEC.restfreq_ghz * 1e9 * (1 - channel_velocities(SPEC) / 299_792.458)
+    h.update({"CRPIX3": 1.0, "CRVAL3": float(band.mean()),
+              "CDELT3": float(band.max() - band.min())})
+    path = sim_root / "singledish" / TP_CONT
+    fits.PrimaryHDU(data=plane[None].astype(np.float32), header=h).writeto(path)
+    with open(keys / "singledish_key.txt", "a") as fh:
+        fh.write(f"{SPEC.target}  cont  {TP_CONT}\n")
+    return path
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
     try:
@@ -109,8 +135,10 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
         if os.environ.get("HPCDDF_REQUIRE_CASA") == "1":
             pytest.fail(f"the CASA environment is required here but not usable: {exc}")
         pytest.skip(f"no CASA environment ({exc})")
-    sim = simulate_galaxy(tmp_path_factory.mktemp("phangs-cont") / "sim", SPEC, casa_env=env)
+    sim = simulate_galaxy(tmp_path_factory.mktemp("phangs-cont") / "sim", SPEC, casa_env=env,
+                          with_tp=True)
     _add_continuum_product(sim.master_key.parent)
+    _add_total_power_continuum(sim.outdir, sim.master_key.parent)
     project = load_project(sim.master_key)
     assert project.cont_products == ["cont"]
     plan = P.plan_project(project, stages=list(P.CASA_STAGES))
@@ -122,17 +150,20 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
                  truth=json.loads(sim.truth.read_text()))
 
 
-def _state(chain: Chain, stage: str) -> dict[str, Any]:
-    task = next(t for t in chain.tasks if t.stage == stage)
+def _state(chain: Chain, stage: str, config: str = "12m") -> dict[str, Any]:
+    task = next(t for t in chain.tasks if t.stage == stage and config in t.key)
     state = read_task_state(chain.work, task.id)
     assert state is not None and state["state"] == "done", (task.id, state)
     return state
 
 
 def test_every_continuum_task_is_done_and_reruns_as_a_skip(chain: Chain) -> None:
-    assert [t.stage for t in chain.tasks] == list(P.CASA_STAGES)
+    # the feather config 12m+tp adds a postprocess (feather) of the 12m image
+    assert [t.stage for t in chain.tasks] == [*P.CASA_STAGES, "postprocess"]
+    assert chain.tasks[-1].key == ("simgal", "cont", "12m+tp")
     for task in chain.tasks:
-        assert _state(chain, task.stage)["products"]
+        state = read_task_state(chain.work, task.id)
+        assert state is not None and state["state"] == "done" and state["products"], task.id
         assert all(Path(p).exists() for p in task.outputs), task.id
         assert run_task(task, chain.work, str(CASA_ENV))["skipped"] is True
     staged = Path(next(t for t in chain.tasks if t.stage == "stage_ms").outputs[0])
@@ -157,8 +188,8 @@ def test_the_line_channels_are_flagged_and_the_rest_averaged(chain: Chain) -> No
     assert split["spw"] == ""  # no freq_ranges_ghz: the whole band is staged
 
 
-def _post(chain: Chain, kind: str) -> tuple[np.ndarray, fits.Header]:
-    path = chain.root / "postprocess" / "simgal" / f"{STEM}_{kind}.fits"
+def _post(chain: Chain, kind: str, stem: str = STEM) -> tuple[np.ndarray, fits.Header]:
+    path = chain.root / "postprocess" / "simgal" / f"{stem}_{kind}.fits"
     with fits.open(path) as hdul:
         return hdul[0].data.astype(float), hdul[0].header
 
@@ -229,3 +260,33 @@ def test_the_disk_is_noise_because_its_lines_were_flagged(chain: Chain) -> None:
     offs = (np.arange(SPEC.npix) - SPEC.npix // 2) * pix
     rm = np.hypot(*np.meshgrid(offs, offs, indexing="ij"))
     assert float(np.mean(line_jy_beam[(rm > 4.0) & (rm < 10.0)])) > 20 * sigma
+
+
+# ------------------------------------------------------------------ feathering the continuum
+
+
+def _total_flux_jy(image: np.ndarray, h: fits.Header) -> float:
+    """Every finite pixel of a K image, in Jy (the round beam's area in pixels)."""
+    ppbeam = math.pi * h["BMAJ"] * h["BMIN"] / (4 * math.log(2)) / abs(h["CDELT1"] * h["CDELT2"])
+    return float(np.nansum(_jy_per_beam(image, h)) / ppbeam)
+
+
+def test_feathered_continuum_keeps_the_total_flux_and_the_interferometric_image(
+        chain: Chain) -> None:
+    """The feather config's continuum image: the total-power image's flux on the
+    interferometric grid, beam, unit and footprint. Its total flux is the model's within 3 %;
+    the 12 m image alone sums the noise's large scales too (its total is what it is: only the
+    feathered one is held to 3 %)."""
+    state = _state(chain, "postprocess", "12m+tp")
+    sd = state["steps"]["feather"]["singledish"]
+    assert sd["unit_in"] == "Jy/beam" and sd["sd_bmaj"] == pytest.approx(SPEC.tp_beam_arcsec)
+    feathered, h = _post(chain, "pbcorr_trimmed_k", "simgal_12m+tp_cont")
+    interf, h12 = _post(chain, "pbcorr_trimmed_k")
+    assert feathered.ndim == 2 and h["BUNIT"].strip() == "K"
+    for key in ("NAXIS1", "NAXIS2", "CRVAL1", "CRVAL2", "CDELT1", "BMAJ", "BMIN", "FREQ"):
+        assert h[key] == pytest.approx(h12[key]), key
+    assert (np.isfinite(feathered) == np.isfinite(interf)).all()
+    total = _total_flux_jy(feathered, h)
+    print(f"total flux: feathered {total * 1e3:.3f} mJy, 12m {_total_flux_jy(interf, h12) * 1e3:.3f}"
+          f" mJy, model {SPEC.continuum_jy * 1e3:.3f} mJy")
+    assert total == pytest.approx(SPEC.continuum_jy, rel=0.03)

@@ -67,8 +67,16 @@ def test_every_task_is_done_and_says_so(project):
     out = hpcddf("phangs", "status", str(project / "keys"), "--json")
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
-    assert {r["stage"] for r in rows} == {"stage_ms", "stage_line", "imaging", "postprocess", "derived"}
+    assert {r["stage"] for r in rows} == {"stage_ms", "stage_line", "imaging", "postprocess", "derived",
+                                          "release"}
     assert all(r["state"] == "done" for r in rows), rows
+    # the release (the simulated keys set release_root): the cube and the derived maps, in
+    # release_root/<target>/ under their own names, and the release's done marker
+    release = project / "release" / "simgal"
+    cube = project / "postprocess" / "simgal" / f"{STEM}_pbcorr_trimmed_k.fits"
+    assert (release / cube.name).read_bytes() == cube.read_bytes()
+    assert (release / _derived(project, "strict_mom0").name).is_file()
+    assert (release / f".{STEM}.release.json").is_file()
     same = hpcddf("status", "--phangs", str(project / "keys"), "--json")
     assert same.returncode == 0 and json.loads(same.stdout) == rows
 

@@ -88,7 +88,8 @@ def test_configs_merge_lines_keep_defaults_and_definition_order(project: Project
     assert c.cont_product["cont"].freq_ranges_ghz == [[210.0, 235.0], [245.0, 260.0]]
     assert c.feather_config["7m+tp"].interf_config == "7m"
     assert c.feather_config["7m+tp"].res_list == [10.0]
-    assert c.singledish_config == {}          # refused type (keyschema): commented out
+    assert c.singledish_config["tp"].bl_order == 1
+    assert c.singledish_config["tp"].do_plots is False
 
 
 def test_later_config_value_wins_and_int_passes_as_float(keys: Path) -> None:
@@ -232,8 +233,7 @@ def test_directories_and_filenames(project: Project, keys: Path) -> None:
     assert project.imaging_dir("ngc3627_2") == work / "imaging" / "ngc3627"
     assert project.postprocess_dir("ngc0628") == work / "postprocess" / "ngc0628"
     assert project.derived_dir("ngc1087") == work / "derived" / "ngc1087"
-    with pytest.raises(ConfigError, match="no release_root"):   # refused entry, not set
-        project.target_dir("ngc1087", "release")
+    assert project.target_dir("ngc1087", "release") == work / "release" / "ngc1087"
     assert project.cube_filename("ngc0628", "12m+7m", "co21", "pbcorr_trimmed_k") == \
         "ngc0628_12m+7m_co21_pbcorr_trimmed_k.fits"
     assert cube_filename("ngc0628", "7m", "co21") == "ngc0628_7m_co21.fits"      # '_.' -> '.'

@@ -24,7 +24,7 @@ from hpcddf.phangs.keys import load_project
 from hpcddf.phangs.project import Project
 from hpcddf.phangs.run import run_task
 from hpcddf.phangs.run_casa_stages import scales_in_pixels
-from hpcddf.phangs.run_common import PhangsRunError, read_task_state, task_state_path
+from hpcddf.phangs.run_common import read_task_state, task_state_path
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "phangs_keys"
 C_KMS = 299_792.458
@@ -94,9 +94,9 @@ def test_one_array_per_stage_in_order_with_sizes(project: Project) -> None:
     # postprocessed 2-D image: noise, masks and moments are spectral-cube products)
     assert [(a.name, a.size) for a in plan] == [
         ("stage_ms", 16), ("stage_line", 20), ("imaging", 20), ("postprocess", 18),
-        ("derived", 11)]
+        ("derived", 11), ("release", 18)]
     ids = by_id(plan)
-    assert len(ids) == 16 + 20 + 20 + 18 + 11  # ids are unique
+    assert len(ids) == 16 + 20 + 20 + 18 + 11 + 18  # ids are unique
     assert not any(i.startswith("derived/") and i.split("/")[2] == "cont" for i in ids)
     assert "imaging/ngc0628/co21/12m" in ids
     assert "stage_ms/ngc0628/co21/2017.1.00886.L/12m/2" in ids
@@ -110,7 +110,10 @@ def test_every_dependency_is_a_task_of_an_earlier_stage(project: Project) -> Non
     for task in ids.values():
         for dep in task.depends:
             assert dep in ids
-            assert P.STAGES.index(ids[dep].stage) == P.STAGES.index(task.stage) - 1
+            if task.stage == "release":  # copies what postprocess and derived made
+                assert ids[dep].stage in ("postprocess", "derived")
+            else:
+                assert P.STAGES.index(ids[dep].stage) == P.STAGES.index(task.stage) - 1
             assert set(task.inputs) & set(ids[dep].outputs), (task.id, dep)
 
 
@@ -180,7 +183,8 @@ def test_mutual_mask_links_make_no_cycle(keys: Path) -> None:
     ids = by_id(P.plan_project(load_project(keys / "master_key.txt")))
     assert "postprocess/ngc0628/co21/7m" in ids["derived/ngc0628/co21/12m+7m+tp"].depends
     assert "postprocess/ngc0628/co21/12m+7m+tp" in ids["derived/ngc0628/co21/7m"].depends
-    assert not any(dep.startswith("derived/") for t in ids.values() for dep in t.depends)
+    assert not any(dep.startswith("derived/") for t in ids.values() for dep in t.depends
+                   if t.stage != "release")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,12 +397,13 @@ def test_target_selection(project: Project) -> None:
     assert {i.split("/")[1] for i in mosaic if i.startswith("stage_ms/")} == {"ngc3627_1",
                                                                                "ngc3627_2"}
     assert {i.split("/")[1] for i in mosaic if i.startswith("derived/")} == {"ngc3627"}
-    # postprocess co21 5 + cont 3; derived co21 5 only (continuum has no derived task)
-    assert len(mosaic) == 8 + 12 + 12 + 8 + 5
+    # postprocess co21 5 + cont 3; derived co21 5 only (continuum has no derived task);
+    # release: one per postprocess task
+    assert len(mosaic) == 8 + 12 + 12 + 8 + 5 + 8
     part = P.plan_project(project, targets=["ngc3627_1"])
     assert [(a.name, a.size) for a in part] == [("stage_ms", 4), ("stage_line", 6),
                                                 ("imaging", 6), ("postprocess", 0),
-                                                ("derived", 0)]
+                                                ("derived", 0), ("release", 0)]
     one = P.plan_project(project, targets=["ngc1087"], stages=["stage_ms", "stage_line"])
     assert [(a.name, a.size) for a in one] == [("stage_ms", 2), ("stage_line", 2)]
     with pytest.raises(ConfigError, match="unknown target 'ngc1078'") as err:
@@ -425,16 +430,20 @@ def test_names_that_cannot_be_task_ids_are_refused(keys: Path) -> None:
 def test_dry_run_document_shape(project: Project) -> None:
     plan = P.plan_project(project, targets=["ngc1087"])
     doc = json.loads(json.dumps(P.dry_run_document(plan)))
-    assert doc["total_tasks"] == 2 + 2 + 2 + 2 + 1  # derived: co21 only, no continuum task
+    # derived: co21 only, no continuum task; release: co21 and cont
+    assert doc["total_tasks"] == 2 + 2 + 2 + 2 + 1 + 2
     assert [s["name"] for s in doc["stages"]] == list(P.STAGES)
     for stage in doc["stages"]:
         assert stage["array_size"] == len(stage["tasks"])
         assert stage["depends_on"] == P.DEPENDENCY_RULES[stage["name"]]
-    derived = doc["stages"][-1]["tasks"][0]
+    derived = doc["stages"][-2]["tasks"][0]
     assert derived["id"] == "derived/ngc1087/co21/7m"
     assert derived["depends"] == ["postprocess/ngc1087/co21/7m"]
     assert derived["key"] == ["ngc1087", "co21", "7m"]
     assert derived["params"]["config"] == "7m"
+    release = doc["stages"][-1]["tasks"][0]
+    assert release["id"] == "release/ngc1087/co21/7m"
+    assert release["depends"] == ["postprocess/ngc1087/co21/7m", "derived/ngc1087/co21/7m"]
 
 
 def test_work_dir_holds_the_roots(project: Project, keys: Path) -> None:
@@ -657,13 +666,15 @@ def test_continuum_runners_call_stages_casa_tasks_accepts(cont_project: Project,
     [(parts, out, name)] = mosaics
     assert parts == [u["fits"] for u in units] and name == "ngc3627"
     assert sorted(out.values()) == sorted(mosaic.outputs)  # type: ignore[attr-defined]
-    # feathering a continuum image stays a one-line error, before any CASA run
+    # a feather config's continuum mosaic: each part through casa_tasks' feather stage with
+    # its single-dish image (casa_tasks accepts the options), then the same linear mosaic
     calls.clear()
+    units = [{**u, "singledish": f"/sd/{u['target']}_cont.fits"} for u in units]
     feather = plan_common.Task(mosaic.stage, mosaic.key, mosaic.depends,
-                               {**mosaic.params, "feather": True})
-    with pytest.raises(PhangsRunError, match="feathering a continuum image"):
-        run_task(feather, tmp_path / "feather")
-    assert calls == []
+                               {**mosaic.params, "feather": True, "units": units})
+    run_task(feather, tmp_path / "feather")
+    assert [(stage, args.stem, args.singledish) for stage, args in calls] == [
+        ("feather", u["stem"], u["singledish"]) for u in units]
 
 
 def test_a_cleanmask_key_entry_goes_to_the_imaging_stages(project: Project, keys: Path,
