@@ -269,12 +269,15 @@ def cleanmask_path(project: Project, target: str, product: str) -> Path | None:
         return None
     path = project.cleanmask_file(target, product)
     if path is None:
-        roots = ", ".join(map(str, project.cleanmask_roots)) or "none set"
-        raise ConfigError(f"{ref.source}: clean mask {ref.file} not found under any "
-                          f"cleanmask_root ({roots})",
-                          f"fix the file name, or add the cleanmask_root holding it to "
-                          f"{project.master_key}")
+        raise _not_under_roots(project, ref, "clean mask", "cleanmask_root", project.cleanmask_roots)
     return path
+
+
+def _not_under_roots(project: Project, ref: Any, what: str, root: str, roots: list[Path]) -> ConfigError:
+    """A key line whose file none of the master key's roots holds: the error naming the line."""
+    listed = ", ".join(map(str, roots)) or "none set"
+    return ConfigError(f"{ref.source}: {what} {ref.file} not found under any {root} ({listed})",
+                       f"fix the file name, or add the {root} holding it to {project.master_key}")
 
 
 def _continuum_recipes(project: Project, config: str, product: str,
@@ -372,9 +375,6 @@ def singledish_path(project: Project, target: str, product: str) -> Path:
                           f"add a line '{target} {product} FILE' to the singledish key")
     path = project.singledish_file(target, product)
     if path is None:
-        roots = ", ".join(map(str, project.singledish_roots)) or "none set"
-        raise ConfigError(f"{ref.source}: single-dish cube {ref.file} not found under any "
-                          f"singledish_root ({roots})",
-                          f"fix the file name, or add the singledish_root holding it to "
-                          f"{project.master_key}")
+        raise _not_under_roots(project, ref, "single-dish cube", "singledish_root",
+                               project.singledish_roots)
     return path

@@ -24,6 +24,7 @@ from hpcddf.phangs.keys import load_project
 from hpcddf.phangs.project import Project
 from hpcddf.phangs.run import run_task
 from hpcddf.phangs.run_common import PhangsRunError, read_task_state
+from tests.unit.test_phangs_plan import make_ms
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "phangs_keys"
 
@@ -32,14 +33,7 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "phangs_keys"
 def keys(tmp_path: Path) -> Path:
     target = tmp_path / "keys"
     shutil.copytree(DATA, target)
-    for line in (target / "ms_file_key.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            words = line.split()
-            (tmp_path / f"ms_{words[3]}" / words[5]).mkdir(parents=True)
-    (tmp_path / "singledish").mkdir()
-    for line in (target / "singledish_key.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            (tmp_path / "singledish" / line.split()[2]).write_bytes(b"")
+    make_ms(target)
     return target
 
 
