@@ -44,7 +44,6 @@ from typing import Any
 import numpy as np
 
 from hpcddf import __version__
-from hpcddf.engine.atomic import atomic_path
 from hpcddf.errors import HpcddfError
 from hpcddf.mosaic.corrections import (
     Beam,
@@ -56,6 +55,7 @@ from hpcddf.mosaic.corrections import (
     facet_noise,
     shift_facets,
 )
+from hpcddf.mosaic.products import finish_mosaic, remove_islands, write_streamed
 from hpcddf.mosaic.resample import fold_shifts, pixel_map, resample
 from hpcddf.sky import clipped_rms, image_plane
 
@@ -63,8 +63,6 @@ ARCSEC_DEG = 1.0 / 3600.0
 HALF_SIZE_FACTOR = 1.15   # the mosaic reaches 1.15 x half the largest neighbour separation
 EDGE_SAMPLES = 16         # points per block edge mapped into an input to find its cutout
 CUTOUT_MARGIN = 3         # pixels: bilinear needs 1, the 3x3 median 1 more, 1 spare
-ROWS_PER_WRITE = 512
-ROWS_PER_STEP = 128       # row chunks of whole-mosaic passes: temporaries stay small
 BLOCK_BYTES_PER_PIXEL = 200  # measured: a worker's temporaries per output pixel of its block
 
 
@@ -482,56 +480,6 @@ def _run_blocks(todo: list[tuple[int, int, int, int]], inputs: Sequence[MosaicIn
     return pairs, peaks
 
 
-def _write_streamed(path: Path, header: Any, data: np.ndarray) -> None:
-    """Write a 2-D float32 image in row chunks (no full-size big-endian copy), atomically."""
-    from astropy.io import fits
-    with atomic_path(path) as tmp:
-        tmp.unlink()
-        out = fits.StreamingHDU(str(tmp), header)
-        for y in range(0, data.shape[0], ROWS_PER_WRITE):
-            out.write(np.ascontiguousarray(data[y:y + ROWS_PER_WRITE], dtype=">f4"))
-        out.close()
-
-
-def finish_mosaic(isum: np.ndarray, wsum: np.ndarray, centre: tuple[float, float], radius: float) -> None:
-    """isum becomes the mosaic in place: isum/wsum, NaN where no weight or outside the circle."""
-    cx, cy = centre
-    x = np.arange(isum.shape[1], dtype=np.float64)
-    for y in range(0, isum.shape[0], ROWS_PER_STEP):
-        rows = slice(y, y + ROWS_PER_STEP)
-        w = wsum[rows]
-        yy = np.arange(y, y + w.shape[0], dtype=np.float64)[:, None]
-        outside = (x[None, :] - cx) ** 2 + (yy - cy) ** 2 > radius * radius
-        with np.errstate(divide="ignore", invalid="ignore"):
-            np.divide(isum[rows], w, out=isum[rows], where=w > 0)
-        isum[rows][(w <= 0) | outside] = np.nan
-
-
-def remove_islands(data: np.ndarray, size: int) -> int:
-    """Blank isolated islands of at most ``size`` finite pixels (4-connected); how many pixels.
-
-    Memory: one int32 label image; each small island is blanked inside its own bounding box
-    (an index array over the whole image would be int64, 2x the mosaic)."""
-    if size <= 0:
-        return 0
-    from scipy import ndimage
-    labels = np.empty(data.shape, dtype=np.int32)
-    n = ndimage.label(np.isfinite(data), output=labels)
-    if n == 0:
-        return 0
-    blanked = 0
-    for k, where in enumerate(ndimage.find_objects(labels), start=1):
-        # a 4-connected island spans at most (pixels) rows + columns - 1: larger boxes are big
-        # islands (no np.bincount: it would copy the labels as int64)
-        if where is None or (where[0].stop - where[0].start) + (where[1].stop - where[1].start) - 1 > size:
-            continue
-        island = labels[where] == k
-        if island.sum() <= size:
-            data[where][island] = np.nan
-            blanked += int(island.sum())
-    return blanked
-
-
 def history_inputs(head: Any, inputs: Sequence[MosaicInput], preps: Sequence[Prepared],
                    beams: Sequence[Beam | None], target: Beam | None) -> None:
     """One HISTORY line per input and per correction applied to it (what a release records)."""
@@ -595,11 +543,11 @@ def make_mosaic(inputs: Sequence[MosaicInput], header: Any, out_path: str | Path
     wh = head.copy()
     wh["BUNIT"] = ""
     wh["HISTORY"] = "weight map: sum over inputs of (primary beam / noise)^2, in beam^2/(Jy/beam)^2"
-    _write_streamed(Path(weight_path), wh, wsum)
+    write_streamed(Path(weight_path), wh, wsum)
     finish_mosaic(isum, wsum, centre, radius)
     del wsum
     remove_islands(isum, opts.island_size)
-    _write_streamed(Path(out_path), head, isum)
+    write_streamed(Path(out_path), head, isum)
     peak = None
     if opts.measure_memory:
         phases.append(phase_peak())

@@ -18,9 +18,9 @@ from hpcddf.mosaic.combine import (
     beam_and_weight,
     make_mosaic,
     output_header,
-    remove_islands,
 )
 from hpcddf.mosaic.pointings import neighbourhood
+from hpcddf.mosaic.products import remove_islands
 from hpcddf.mosaic.survey_sim import (
     FieldSpec,
     SkySource,
