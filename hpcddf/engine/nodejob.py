@@ -106,8 +106,12 @@ class StageJob(UnitJob):
         clean_scratch(scratch)
         return {"field": self.field_id, "stage": self.stage, "ran": ran}
 
-    def done_values(self, result: dict[str, Any]) -> dict[str, Any]:
-        return {"note": f"ran {len(result['ran'])} step(s)"}
+    def done_summary(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Steps run over every attempt, not this attempt's: an attempt that found everything
+        done by the one before must not make the stage read "ran 0 step(s)"."""
+        attempts = int(record.get("attempts_total") or record.get("attempts") or 1)
+        note = f"ran {int(record.get('steps_run') or 0)} step(s) in {attempts} attempt(s)"
+        return {"note": note}
 
     def on_error(self, exc: Exception) -> None:
         """A stop at a step boundary requeues; an interruption is not a failure; a failed
@@ -255,7 +259,10 @@ class StageJob(UnitJob):
         def change(state: dict[str, Any]) -> None:
             state.setdefault("steps", {})[step] = {"state": what, "at": now_iso(),
                                                    "duration_s": info.get("duration_s")}
-            state["stages"].setdefault(self.stage, {})["current_step"] = step if what == State.RUNNING else None
+            stage = state["stages"].setdefault(self.stage, {})
+            stage["current_step"] = step if what == State.RUNNING else None
+            if what == State.DONE:  # summed over attempts: status shows every step run
+                stage["steps_run"] = int(stage.get("steps_run") or 0) + 1
         update_state(Path(self.workdir), self.field_id, change)
 
 
