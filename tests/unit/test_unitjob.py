@@ -1,12 +1,13 @@
 """The one node job class: the life every unit's record goes through (attempts, done, failed,
 cancelled kept, walltime checkpoint) whatever the pipeline, and the reduction stage's sums over
-attempts. The walltime kill itself on the real
+attempts and its end at a walltime signal that comes after the last step. The walltime kill itself on the real
 Slurm is in tests/integration (a reduction stage and a PHANGS task)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import signal
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 from hpcddf.cli.report import _record_cells
 from hpcddf.engine import nodejob
 from hpcddf.engine.nodejob import NodeInfo, NodeSteps, StageJob
-from hpcddf.engine.runner import RunContext, Step
+from hpcddf.engine.runner import RunContext, Step, StopRequested
 from hpcddf.engine.sites import load_site
 from hpcddf.engine.state import State, read_state
 from hpcddf.engine.unitjob import UnitJob, error_doc
@@ -127,10 +128,10 @@ def stage_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stage
     requeue handler (which would requeue the job) and the handlers are put back after."""
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2)}
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, nodejob.WALLTIME_SIGNAL)}
     handlers = list(logging.getLogger().handlers)  # begin() logs to the stage's log file
     requeues: list[int] = []
-    signal.signal(signal.SIGUSR2, lambda signum, frame: requeues.append(signum))
+    signal.signal(nodejob.WALLTIME_SIGNAL, lambda signum, frame: requeues.append(signum))
     workdir = tmp_path / "F1"
     workdir.mkdir()
     job = StageJob(site=load_site("local", None), field_id="F1", workdir=str(workdir),
@@ -179,3 +180,25 @@ def test_status_sums_time_and_steps_over_every_attempt(stage_job: StageJob, tmp_
     assert s["note"] == "ran 2 step(s) in 2 attempt(s)"
     _, _, attempts, elapsed, hours, note = _record_cells(s)
     assert (attempts, elapsed, hours, note) == ("2", "0:01:00", "0.02", "ran 2 step(s) in 2 attempt(s)")
+
+
+def test_a_walltime_signal_after_the_last_step_ends_the_stage_done_not_requeued(
+        stage_job: StageJob, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ran = _attempt(stage_job, tmp_path, monkeypatch, _steps_run(["a", "b"]))
+    os.kill(os.getpid(), nodejob.WALLTIME_SIGNAL)  # the signal, a second after the last step
+    stage_job.finished(**stage_job.done_values({"ran": ran}))
+    assert stage_job._requeues == []  # type: ignore[attr-defined]
+    s = _stage(stage_job)
+    assert (s["state"], s["attempts_total"], s["steps_run"]) == (State.DONE, 1, 2)
+    assert "walltime signal came after the last step: not requeued" in s["note"]
+
+
+def test_a_walltime_signal_before_the_last_step_still_requeues(
+        stage_job: StageJob, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def stopped(ctx: RunContext, steps: list[Step], walltime_s: float) -> list[str]:
+        ctx.on_step("a", State.DONE, {"duration_s": 1.0})
+        raise StopRequested("b would not fit")
+    with pytest.raises(StopRequested):
+        _attempt(stage_job, tmp_path, monkeypatch, stopped)
+    os.kill(os.getpid(), nodejob.WALLTIME_SIGNAL)
+    assert stage_job._requeues == [nodejob.WALLTIME_SIGNAL]  # type: ignore[attr-defined]
