@@ -111,7 +111,8 @@ def records_table(title: str, keys: Sequence[str],
 def _record_cells(s: dict[str, Any]) -> tuple[str, ...]:
     live = f" ({s['slurm_state']})" if s.get("slurm_state") else ""
     hours = f"{s['node_hours']:.2f}" if s.get("node_hours") is not None else "-"
-    return (str(s.get("job_id") or "-"), str(s.get("state", "?")) + live, str(s.get("attempts", "-")),
+    attempts = s.get("attempts_total") or s.get("attempts", "-")  # every submission's attempts
+    return (str(s.get("job_id") or "-"), str(s.get("state", "?")) + live, str(attempts),
             seconds(s.get("elapsed_s")), hours, _note(s))
 
 

@@ -33,6 +33,8 @@ from hpcddf.errors import HpcddfError, StepFailed
 log = logging.getLogger("hpcddf.job")
 
 SLURM_SIGNAL_SLACK_S = 30  # slurmctld checks time limits every 30 s
+# submitit's walltime/preemption signal (its --signal=USR2@delay), also sent for early requeue
+WALLTIME_SIGNAL = signal.SIGUSR2
 
 
 @dataclass(frozen=True)
@@ -106,8 +108,14 @@ class StageJob(UnitJob):
         clean_scratch(scratch)
         return {"field": self.field_id, "stage": self.stage, "ran": ran}
 
-    def done_values(self, result: dict[str, Any]) -> dict[str, Any]:
-        return {"note": f"ran {len(result['ran'])} step(s)"}
+    def done_summary(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Steps run over every attempt, not this attempt's: an attempt that found everything
+        done by the one before must not make the stage read "ran 0 step(s)"."""
+        attempts = int(record.get("attempts_total") or record.get("attempts") or 1)
+        note = f"ran {int(record.get('steps_run') or 0)} step(s) in {attempts} attempt(s)"
+        if getattr(self, "_late_signal", False):
+            note += "; the walltime signal came after the last step: not requeued"
+        return {"note": note}
 
     def on_error(self, exc: Exception) -> None:
         """A stop at a step boundary requeues; an interruption is not a failure; a failed
@@ -145,7 +153,9 @@ class StageJob(UnitJob):
             ctx.stop_event.set()
         ctx.abort_reason = getattr(self, "_abort_reason", ctx.abort_reason)
         self._ctx = ctx
-        return run_steps(ctx, steps, walltime_s=usable_s)
+        ran = run_steps(ctx, steps, walltime_s=usable_s)
+        self._steps_complete()
+        return ran
 
     def _launcher(self, workdir: Path, scratch: Path) -> Any:
         """Every command of the stage through the site's container runtime."""
@@ -179,6 +189,17 @@ class StageJob(UnitJob):
         return state
 
     # ---------------------------------------------------------------- requeue
+    def _steps_complete(self) -> None:
+        """The last step is done: from now on the walltime signal must not requeue the stage,
+        or the next attempt would find nothing to do (an empty attempt, a wasted start-up and
+        a queue wait before the next stage). The signal is logged and the stage ends done."""
+        signal.signal(WALLTIME_SIGNAL, self._on_late_signal)
+
+    def _on_late_signal(self, signum: int, frame: Any) -> None:
+        log.warning("stage %s: walltime signal after the last step: ending done, not requeued",
+                    self.stage)
+        self._late_signal = True
+
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """The walltime/preemption signal: said in the stage's log, then the unit's requeue."""
         log.warning("stage %s: walltime/preemption signal, requeueing", self.stage)
@@ -192,7 +213,7 @@ class StageJob(UnitJob):
             raise HpcddfError(msg, "raise [slurm] max_requeues or max_walltime in the site config")
         log.warning("stage %s: %s", self.stage, reason)
         self.record(lambda s: s.update(state=State.REQUEUED, note=reason, requeued_at=now_iso()))
-        os.kill(os.getpid(), signal.SIGUSR2)  # submitit: checkpoint + requeue + exit
+        os.kill(os.getpid(), WALLTIME_SIGNAL)  # submitit: checkpoint + requeue + exit
         time.sleep(60)
 
     # ---------------------------------------------------------------- local runs
@@ -255,7 +276,10 @@ class StageJob(UnitJob):
         def change(state: dict[str, Any]) -> None:
             state.setdefault("steps", {})[step] = {"state": what, "at": now_iso(),
                                                    "duration_s": info.get("duration_s")}
-            state["stages"].setdefault(self.stage, {})["current_step"] = step if what == State.RUNNING else None
+            stage = state["stages"].setdefault(self.stage, {})
+            stage["current_step"] = step if what == State.RUNNING else None
+            if what == State.DONE:  # summed over attempts: status shows every step run
+                stage["steps_run"] = int(stage.get("steps_run") or 0) + 1
         update_state(Path(self.workdir), self.field_id, change)
 
 

@@ -132,7 +132,10 @@ def _record_queued(fj: FieldJob, site: Site, stages: Sequence[Stage], ids: dict[
             state["stages"][s.name] = {"state": State.QUEUED, "job_id": ids.get(s.name),
                                        "attempts": 0, "submitted": now_iso(),
                                        "elapsed_s": old.get("elapsed_s"),
-                                       "node_hours": old.get("node_hours")}
+                                       "node_hours": old.get("node_hours"),
+                                       # sums over every attempt survive a resubmission
+                                       "attempts_total": old.get("attempts_total"),
+                                       "steps_run": old.get("steps_run")}
     update_state_unlocked(fj.field.workdir, fj.field.id, change)
 
 

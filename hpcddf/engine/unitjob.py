@@ -80,6 +80,11 @@ class UnitJob(submitit.helpers.Checkpointable):
         """What the record keeps of a failed unit besides the error (e.g. the steps it did)."""
         return {}
 
+    def done_summary(self, record: dict[str, Any]) -> dict[str, Any]:
+        """What the record says of the whole unit once done, from the record itself: only it
+        holds the sums over every attempt (this object knows only the attempt that ends)."""
+        return {}
+
     def on_error(self, exc: Exception) -> None:
         """Record what ended the work (before it propagates to submitit)."""
         self.failed(error_doc(exc), **self.failed_values())
@@ -102,7 +107,10 @@ class UnitJob(submitit.helpers.Checkpointable):
         out: dict[str, int] = {}
 
         def change(s: dict[str, Any]) -> None:
-            s["attempts"] = max(int(s.get("attempts") or 0) + 1, restarts + 1)
+            before = int(s.get("attempts") or 0)
+            s["attempts"] = max(before + 1, restarts + 1)
+            # every attempt of every submission: the count beside the summed time and steps
+            s["attempts_total"] = int(s.get("attempts_total") or before) + s["attempts"] - before
             s.update({self.host_key: socket.gethostname()}, state=State.RUNNING, started=now_iso(),
                      ended=None, error=None, job_id=job_id_from_env() or s.get("job_id"))
             out["attempt"] = s["attempts"]
@@ -119,6 +127,7 @@ class UnitJob(submitit.helpers.Checkpointable):
         def change(s: dict[str, Any]) -> None:
             self.elapsed(s)
             s.update(state=State.DONE, ended=now_iso(), error=None, **values)
+            s.update(self.done_summary(s))
         self.record(change)
 
     def failed(self, error: dict[str, Any], **values: Any) -> None:

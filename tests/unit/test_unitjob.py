@@ -1,17 +1,27 @@
 """The one node job class: the life every unit's record goes through (attempts, done, failed,
-cancelled kept, walltime checkpoint) whatever the pipeline. The walltime kill itself on the real
+cancelled kept, walltime checkpoint) whatever the pipeline, and the reduction stage's sums over
+attempts and its end at a walltime signal that comes after the last step. The walltime kill itself on the real
 Slurm is in tests/integration (a reduction stage and a PHANGS task)."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import pickle
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hpcddf.engine.state import State
+from hpcddf.cli.report import _record_cells
+from hpcddf.engine import nodejob
+from hpcddf.engine.nodejob import NodeInfo, NodeSteps, StageJob
+from hpcddf.engine.runner import RunContext, Step, StopRequested
+from hpcddf.engine.sites import load_site
+from hpcddf.engine.state import State, read_state
 from hpcddf.engine.unitjob import UnitJob, error_doc
 from hpcddf.errors import HpcddfError
 
@@ -92,3 +102,103 @@ def test_the_walltime_checkpoint_records_the_requeue_and_ships_only_plain_data(t
 
 def test_an_unexpected_error_says_its_type() -> None:
     assert error_doc(KeyError("x")) == {"message": "KeyError: 'x'"}
+
+
+def test_attempts_are_counted_over_resubmissions_too(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    path = tmp_path / "unit.json"
+    FileJob(str(path))()
+    FileJob(str(path))()
+    doc = _doc(path)
+    doc["attempts"] = 0  # a resubmission starts the requeue count again, keeps the sums
+    path.write_text(json.dumps(doc))
+    FileJob(str(path))()
+    assert (_doc(path)["attempts"], _doc(path)["attempts_total"]) == (1, 3)
+
+
+# ---------------------------------------------------------------- the reduction's stage job
+def _no_steps(stage: str, names: Any, node: NodeInfo) -> NodeSteps:
+    return NodeSteps(steps=[])
+
+
+@pytest.fixture
+def stage_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[StageJob]:
+    """A local stage of two steps; the walltime signal goes to a stand-in for submitit's
+    requeue handler (which would requeue the job) and the handlers are put back after."""
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, nodejob.WALLTIME_SIGNAL)}
+    handlers = list(logging.getLogger().handlers)  # begin() logs to the stage's log file
+    requeues: list[int] = []
+    signal.signal(nodejob.WALLTIME_SIGNAL, lambda signum, frame: requeues.append(signum))
+    workdir = tmp_path / "F1"
+    workdir.mkdir()
+    job = StageJob(site=load_site("local", None), field_id="F1", workdir=str(workdir),
+                   work_root=str(tmp_path), stage="calibrate", steps=("a", "b"),
+                   builder=_no_steps, walltime_min=10)
+    job._requeues = requeues  # type: ignore[attr-defined]
+    yield job
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+    for added in set(logging.getLogger().handlers) - set(handlers):
+        logging.getLogger().removeHandler(added)
+        added.close()
+
+
+def _steps_run(names: list[str]) -> Any:
+    """run_steps as if ``names`` were run now (each recorded done) and the rest found done."""
+    def run(ctx: RunContext, steps: list[Step], walltime_s: float) -> list[str]:
+        for name in names:
+            ctx.on_step(name, State.DONE, {"duration_s": 1.0})
+        return names
+    return run
+
+
+def _stage(job: StageJob) -> dict[str, Any]:
+    state = read_state(Path(job.workdir))
+    assert state is not None
+    return state["stages"][job.stage]
+
+
+def _attempt(job: StageJob, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Any) -> list[str]:
+    monkeypatch.setattr(nodejob, "run_steps", run)
+    job.begin()
+    return job._run((0,), tmp_path / "cache")
+
+
+def test_status_sums_time_and_steps_over_every_attempt(stage_job: StageJob, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    _attempt(stage_job, tmp_path, monkeypatch, _steps_run(["a", "b"]))
+    stage_job._started -= 60  # attempt 1 did all the work in a minute, then the signal came
+    stage_job.checkpoint()
+    ran = _attempt(stage_job, tmp_path, monkeypatch, _steps_run([]))  # attempt 2 finds all done
+    stage_job.finished(**stage_job.done_values({"ran": ran}))
+    s = _stage(stage_job)
+    assert (s["state"], s["attempts"], s["attempts_total"], s["steps_run"]) == (State.DONE, 2, 2, 2)
+    assert s["elapsed_s"] >= 60 and s["node_hours"] >= 60 / 3600
+    assert s["note"] == "ran 2 step(s) in 2 attempt(s)"
+    _, _, attempts, elapsed, hours, note = _record_cells(s)
+    assert (attempts, elapsed, hours, note) == ("2", "0:01:00", "0.02", "ran 2 step(s) in 2 attempt(s)")
+
+
+def test_a_walltime_signal_after_the_last_step_ends_the_stage_done_not_requeued(
+        stage_job: StageJob, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ran = _attempt(stage_job, tmp_path, monkeypatch, _steps_run(["a", "b"]))
+    os.kill(os.getpid(), nodejob.WALLTIME_SIGNAL)  # the signal, a second after the last step
+    stage_job.finished(**stage_job.done_values({"ran": ran}))
+    assert stage_job._requeues == []  # type: ignore[attr-defined]
+    s = _stage(stage_job)
+    assert (s["state"], s["attempts_total"], s["steps_run"]) == (State.DONE, 1, 2)
+    assert "walltime signal came after the last step: not requeued" in s["note"]
+
+
+def test_a_walltime_signal_before_the_last_step_still_requeues(
+        stage_job: StageJob, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def stopped(ctx: RunContext, steps: list[Step], walltime_s: float) -> list[str]:
+        ctx.on_step("a", State.DONE, {"duration_s": 1.0})
+        raise StopRequested("b would not fit")
+    with pytest.raises(StopRequested):
+        _attempt(stage_job, tmp_path, monkeypatch, stopped)
+    os.kill(os.getpid(), nodejob.WALLTIME_SIGNAL)
+    assert stage_job._requeues == [nodejob.WALLTIME_SIGNAL]  # type: ignore[attr-defined]
