@@ -192,8 +192,10 @@ class StageJob(UnitJob):
     def _steps_complete(self) -> None:
         """The last step is done: from now on the walltime signal must not requeue the stage,
         or the next attempt would find nothing to do (an empty attempt, a wasted start-up and
-        a queue wait before the next stage). The signal is logged and the stage ends done."""
-        signal.signal(WALLTIME_SIGNAL, self._on_late_signal)
+        a queue wait before the next stage). The signal is logged and the stage ends done.
+        Only the main thread may set a handler (a stage run in a thread has no walltime signal)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(WALLTIME_SIGNAL, self._on_late_signal)
 
     def _on_late_signal(self, signum: int, frame: Any) -> None:
         log.warning("stage %s: walltime signal after the last step: ending done, not requeued",
