@@ -56,7 +56,7 @@ from hpcddf.mosaic.corrections import (
     shift_facets,
 )
 from hpcddf.mosaic.products import finish_mosaic, remove_islands, write_streamed
-from hpcddf.mosaic.resample import fold_shifts, pixel_map, resample
+from hpcddf.mosaic.resample import fold_shifts, out_to_in, pixel_map, resample
 from hpcddf.sky import clipped_rms, image_plane
 
 ARCSEC_DEG = 1.0 / 3600.0
@@ -191,9 +191,7 @@ def input_cutout(in_wcs: Any, in_shape: tuple[int, int], out_wcs: Any, box: tupl
                          x0 - 0.5 + t * (x1 - x0), np.full_like(t, x0 - 0.5)])
     ys = np.concatenate([np.full_like(t, y0 - 0.5), y0 - 0.5 + t * (y1 - y0),
                          np.full_like(t, y1 - 0.5), y0 - 0.5 + t * (y1 - y0)])
-    with np.errstate(invalid="ignore"):
-        ra, dec = out_wcs.all_pix2world(xs, ys, 0)
-        ix, iy = in_wcs.all_world2pix(ra, dec, 0, quiet=True)
+    ix, iy = out_to_in(in_wcs, out_wcs, xs, ys)
     ok = np.isfinite(ix) & np.isfinite(iy)
     if not ok.any():
         return None

@@ -26,6 +26,14 @@ import numpy as np
 GRID_STEP = 16   # output pixels between exactly transformed points
 
 
+def out_to_in(in_wcs: Any, out_wcs: Any, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Output pixel coordinates (x, y) through the sky into the input's (x, y); NaN where a
+    point has no position in either projection."""
+    with np.errstate(invalid="ignore"):
+        ra, dec = out_wcs.all_pix2world(xs, ys, 0)
+        return in_wcs.all_world2pix(ra, dec, 0, quiet=True)
+
+
 def _grid(lo: int, hi: int, step: int) -> np.ndarray:
     return np.unique(np.r_[np.arange(lo, hi, step), hi - 1]).astype(float)
 
@@ -37,9 +45,7 @@ def pixel_map(in_wcs: Any, out_wcs: Any, box: tuple[int, int, int, int],
     y0, y1, x0, x1 = box
     gy, gx = _grid(y0, y1, step), _grid(x0, x1, step)
     xx, yy = np.meshgrid(gx, gy)
-    with np.errstate(invalid="ignore"):
-        ra, dec = out_wcs.all_pix2world(xx, yy, 0)
-        ix, iy = in_wcs.all_world2pix(ra, dec, 0, quiet=True)
+    ix, iy = out_to_in(in_wcs, out_wcs, xx, yy)
     if not (np.isfinite(ix).all() and np.isfinite(iy).all()):
         return _exact_map(in_wcs, out_wcs, box)
     fy, fx = np.arange(y0, y1, dtype=float), np.arange(x0, x1, dtype=float)
@@ -61,9 +67,7 @@ def _exact_map(in_wcs: Any, out_wcs: Any, box: tuple[int, int, int, int]) -> tup
     """Every pixel through the WCS (a block at the edge of a projection); NaN stays NaN."""
     y0, y1, x0, x1 = box
     yy, xx = np.mgrid[y0:y1, x0:x1].astype(float)
-    with np.errstate(invalid="ignore"):
-        ra, dec = out_wcs.all_pix2world(xx, yy, 0)
-        ix, iy = in_wcs.all_world2pix(ra, dec, 0, quiet=True)
+    ix, iy = out_to_in(in_wcs, out_wcs, xx, yy)
     ok = np.isfinite(ix) & np.isfinite(iy)
     if not ok.any():
         return None
