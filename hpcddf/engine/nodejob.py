@@ -25,16 +25,15 @@ from hpcddf.engine.paths import unit_paths
 from hpcddf.engine.preflight import clean_stale_shm, pid_alive
 from hpcddf.engine.runner import Interrupted, RunContext, Step, StopRequested, run_steps
 from hpcddf.engine.sites import Site
+from hpcddf.engine.sizing import lead_s
 from hpcddf.engine.staging import clean_scratch, prepare_scratch
 from hpcddf.engine.state import State, now_iso, update_state
-from hpcddf.engine.unitjob import UnitJob, check_node
+from hpcddf.engine.unitjob import WALLTIME_SIGNAL, UnitJob, check_node
 from hpcddf.errors import HpcddfError, StepFailed
 
 log = logging.getLogger("hpcddf.job")
 
-SLURM_SIGNAL_SLACK_S = 30  # slurmctld checks time limits every 30 s
-# submitit's walltime/preemption signal (its --signal=USR2@delay), also sent for early requeue
-WALLTIME_SIGNAL = signal.SIGUSR2
+CUTS_BEFORE_STOP = 2  # a step the walltime cut this often will not fit: stop, do not loop
 
 
 @dataclass(frozen=True)
@@ -120,6 +119,8 @@ class StageJob(UnitJob):
     def on_error(self, exc: Exception) -> None:
         """A stop at a step boundary requeues; an interruption is not a failure; a failed
         step is recorded with its command and log tail."""
+        if getattr(self, "_loop_error", None):
+            return  # recorded by the walltime signal's handler (_stop_looping)
         if isinstance(exc, StopRequested):
             self._early_requeue(exc.reason, self._attempt)
         elif isinstance(exc, Interrupted):
@@ -154,7 +155,7 @@ class StageJob(UnitJob):
         ctx.abort_reason = getattr(self, "_abort_reason", ctx.abort_reason)
         self._ctx = ctx
         ran = run_steps(ctx, steps, walltime_s=usable_s)
-        self._steps_complete()
+        self.work_complete()  # before scratch is cleaned: a signal now must not requeue
         return ran
 
     def _launcher(self, workdir: Path, scratch: Path) -> Any:
@@ -178,7 +179,7 @@ class StageJob(UnitJob):
         if job and self.site.scheduler == "slurm":
             from hpcddf.engine.slurm_query import job_end_time
             end = job_end_time(job) or end
-        lead = self.site.slurm.signal_delay_s + (SLURM_SIGNAL_SLACK_S if self.site.scheduler == "slurm" else 0)
+        lead = lead_s(self.site)
         usable = max(1.0, self.walltime_min * 60 - lead)
         return end - lead, usable
 
@@ -189,23 +190,46 @@ class StageJob(UnitJob):
         return state
 
     # ---------------------------------------------------------------- requeue
-    def _steps_complete(self) -> None:
-        """The last step is done: from now on the walltime signal must not requeue the stage,
-        or the next attempt would find nothing to do (an empty attempt, a wasted start-up and
-        a queue wait before the next stage). The signal is logged and the stage ends done.
-        Only the main thread may set a handler (a stage run in a thread has no walltime signal)."""
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(WALLTIME_SIGNAL, self._on_late_signal)
-
-    def _on_late_signal(self, signum: int, frame: Any) -> None:
-        log.warning("stage %s: walltime signal after the last step: ending done, not requeued",
-                    self.stage)
-        self._late_signal = True
-
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        """The walltime/preemption signal: said in the stage's log, then the unit's requeue."""
+        """The walltime/preemption signal: said in the stage's log, then the unit's requeue,
+        unless the step it cut has now been cut as often as a step may be (None: submitit then
+        ends the job without requeueing it, and the stage is recorded failed)."""
         log.warning("stage %s: walltime/preemption signal, requeueing", self.stage)
+        cut = self._record_cut()
+        if cut is not None and len(cut[1]) >= CUTS_BEFORE_STOP:
+            self._stop_looping(*cut)
+            return None
         return super().checkpoint(*args, **kwargs)
+
+    def _record_cut(self) -> tuple[str, list[float]] | None:
+        """The step the signal cuts, and how long it ran each time it was cut (this one too)."""
+        current = getattr(self, "_current", None)
+        if current is None:
+            return None
+        step, started = current
+        runs: list[float] = []
+
+        def change(s: dict[str, Any]) -> None:
+            cuts = s.setdefault("cuts", {})
+            cuts[step] = list(cuts.get(step, [])) + [round(time.time() - started, 1)]
+            runs.extend(cuts[step])
+        self.record(change, timeout=5.0)
+        return step, runs or [round(time.time() - started, 1)]
+
+    def _stop_looping(self, step: str, runs: list[float]) -> None:
+        """The same step cut again: another attempt would only be cut a third time."""
+        ran = " and ".join(f"{r:.0f} s" for r in runs)
+        self._loop_error = {
+            "message": f"step {step} was cut by the walltime {len(runs)} times (it ran {ran}; the "
+                       f"stage's walltime is {self.walltime_min} min): it does not fit one walltime",
+            "detail": "raise [slurm] max_walltime in the site config, or split the step; then "
+                      "hpcddf resubmit", "step": step, "cut_after_s": runs}
+        log.error("stage %s: %s: not requeued", self.stage, self._loop_error["message"])
+
+        def change(s: dict[str, Any]) -> None:
+            self.elapsed(s)
+            s.update(state=State.FAILED, ended=now_iso(), error=self._loop_error)
+        self.record(change, timeout=5.0)
 
     def _early_requeue(self, reason: str, attempt: int) -> None:
         """Requeue now (a step would not fit): through submitit's own handler, capped by the site."""
@@ -272,6 +296,7 @@ class StageJob(UnitJob):
             log.warning("field state busy: stage %s state not updated", self.stage)
 
     def _on_step(self, step: str, what: str, info: dict[str, Any]) -> None:
+        self._current = (step, time.time()) if what == State.RUNNING else None
         if what == State.DONE:
             record_duration(Path(self.work_root), step, float(info["duration_s"]))
 

@@ -131,35 +131,62 @@ def read_marker(ctx: RunContext, step: Step) -> dict[str, Any] | None:
     return data
 
 
+# How far a step may overrun what it is expected to take. A static estimate (the pipeline's
+# guess, or a new site's first field) can be off by a factor two; a measurement of the same
+# step on the same site by little. The runner starts a step late in an attempt only when even
+# the overrun would fit, so a wrong guess costs an early requeue, never redone work.
+STATIC_MARGIN = 1.0
+MEASURED_MARGIN = 0.1
+FRESH_TOLERANCE_S = 5.0  # steps that took less than this before a long one leave it "fresh"
+
+
 def expected_duration(ctx: RunContext, step: Step) -> float | None:
     """Measured durations of this step (earlier attempts and fields) beat the static estimate."""
     return ctx.estimates.get(step.name, step.estimate_s)
+
+
+def needed_seconds(ctx: RunContext, step: Step) -> float | None:
+    """The time to keep free for the step: its expected duration and the overrun it may have."""
+    need = expected_duration(ctx, step)
+    if need is None:
+        return None
+    margin = MEASURED_MARGIN if step.name in ctx.estimates else STATIC_MARGIN
+    return need * (1.0 + margin)
 
 
 def time_left(ctx: RunContext) -> float | None:
     return None if ctx.deadline is None else ctx.deadline - time.time()
 
 
-def check_fits(ctx: RunContext, step: Step, walltime_s: float | None) -> None:
-    """Requeue now if the step cannot finish in the walltime left (but could in a fresh one)."""
+def check_fits(ctx: RunContext, step: Step, walltime_s: float | None, best_left: float | None = None) -> None:
+    """Requeue now unless the step can finish in the walltime left, or this attempt is fresh.
+
+    A step that would not fit is never started late: it waits for a fresh attempt, where it
+    has the most time it can have, even if it is longer than a whole walltime (it then runs
+    first thing, and if the walltime cuts it twice the stage stops; see the node job). The
+    attempt is fresh while its time left is (within a few seconds) what it had when its first
+    step could start, ``best_left``: a requeue would give no more.
+    """
     left = time_left(ctx)
-    need = expected_duration(ctx, step)
-    if left is None or need is None:
+    need = needed_seconds(ctx, step)
+    if left is None or need is None or need + ctx.safety_s <= left:
         return
-    if need + ctx.safety_s > left:
+    if best_left is not None and left >= best_left - FRESH_TOLERANCE_S:
         if walltime_s is not None and need + ctx.safety_s > walltime_s:
-            log.warning("step %s is expected to take %.0f s, longer than a whole walltime "
-                        "(%.0f s): running it anyway", step.name, need, walltime_s)
-            return
-        raise StopRequested(f"step {step.name} needs ~{need:.0f} s but only {left:.0f} s of "
-                            "walltime are left: requeueing before starting it")
+            log.warning("step %s may take ~%.0f s, longer than a whole walltime (%.0f s): running "
+                        "it at the start of an attempt, where it has the most time", step.name,
+                        need, walltime_s)
+        return
+    raise StopRequested(f"step {step.name} needs ~{need:.0f} s but only {left:.0f} s of "
+                        "walltime are left: requeueing before starting it")
 
 
 def run_steps(ctx: RunContext, steps: Sequence[Step], walltime_s: float | None = None) -> list[str]:
     """Run every step not yet done, in order; returns the names of the steps run now."""
     ctx.log_dir.mkdir(parents=True, exist_ok=True)
     ctx.marker_dir.mkdir(parents=True, exist_ok=True)
-    ran = []
+    ran: list[str] = []
+    best_left = time_left(ctx)  # what this attempt has for its steps: a requeue gives no more
     for step in steps:
         if read_marker(ctx, step) is not None:
             log.info("step %s: already done", step.name)
@@ -168,7 +195,7 @@ def run_steps(ctx: RunContext, steps: Sequence[Step], walltime_s: float | None =
             raise Interrupted(f"{ctx.abort_reason}: stopped before step {step.name}")
         if ctx.stop_event.is_set():
             raise StopRequested("stop requested (signal): stopping before step " + step.name)
-        check_fits(ctx, step, walltime_s)
+        check_fits(ctx, step, walltime_s, best_left)
         run_step(ctx, step)
         ran.append(step.name)
     return ran

@@ -45,6 +45,8 @@ class SlurmSection:
     max_walltime: str = "24:00:00"
     max_requeues: int = 5
     signal_delay_s: int = 300
+    # ask for the walltime measured step durations need (and split a stage that would not fit)
+    size_from_measurements: bool = True
     extra_sbatch: dict[str, str] = field(default_factory=dict)
 
 

@@ -127,6 +127,9 @@ def _record_queued(fj: FieldJob, site: Site, stages: Sequence[Stage], ids: dict[
         state["recipe"] = recipe
         state["submissions"].append({"time": now_iso(), "scheduler": site.scheduler,
                                      "stages": [s.name for s in stages], "jobs": ids})
+        planned = {s.name for s in fj.plan.stages}
+        for name in [n for n in state["stages"] if n not in planned]:
+            del state["stages"][name]  # a stage the plan now splits (or no longer splits)
         for s in stages:
             old = state["stages"].get(s.name, {})
             state["stages"][s.name] = {"state": State.QUEUED, "job_id": ids.get(s.name),

@@ -18,8 +18,11 @@ early requeue on top of the same life.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +36,9 @@ from hpcddf.engine.state import State, now_iso
 from hpcddf.errors import HpcddfError, PreflightError
 
 Change = Callable[[dict[str, Any]], Any]
+log = logging.getLogger("hpcddf.job")
+# submitit's walltime/preemption signal (its --signal=USR2@delay), also sent for early requeue
+WALLTIME_SIGNAL = signal.SIGUSR2
 
 
 def error_doc(exc: BaseException) -> dict[str, Any]:
@@ -97,8 +103,21 @@ class UnitJob(submitit.helpers.Checkpointable):
         except Exception as exc:
             self.on_error(exc)
             raise
+        self.work_complete()
         self.finished(**self.done_values(result))
         return result
+
+    def work_complete(self) -> None:
+        """The work is done: from now on the walltime signal must not requeue the unit, or the
+        next attempt would find nothing to do (an empty attempt, a start-up and a queue wait
+        before what depends on it). The signal is logged and the unit ends done. Only the main
+        thread may set a handler (a unit run in a thread has no walltime signal)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(WALLTIME_SIGNAL, self._on_late_signal)
+
+    def _on_late_signal(self, signum: int, frame: Any) -> None:
+        log.warning("walltime signal after the work was done: ending done, not requeued")
+        self._late_signal = True
 
     def begin(self) -> int:
         """Record the start of an attempt; its number (Slurm's restart count agrees with it)."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from hpcddf.engine.durations import load_estimates
 from hpcddf.engine.fields import (
     Field,
     check_work_root,
@@ -22,6 +23,7 @@ from hpcddf.engine.fields import (
 from hpcddf.engine.paths import unit_paths
 from hpcddf.engine.plan import Plan, chains
 from hpcddf.engine.sites import Site
+from hpcddf.engine.sizing import size_plan
 from hpcddf.errors import ConfigError, FieldError
 from hpcddf.lofar.config import (
     Override,
@@ -97,8 +99,16 @@ def prepare(site: Site, field_ids: Sequence[str], files: Sequence[str] = (),
         if unexpanded:
             raise ConfigError(f"{unexpanded[0]} uses $$ but site {site.name} has no catalogue directory",
                               "set [paths] catalog_dir in the site config or DDF_PIPELINE_CATALOGS")
-        jobs.append(FieldJob(fld, cfg, plan_reduction(cfg, site, fid)))
+        jobs.append(FieldJob(fld, cfg, sized_plan(cfg, site, fid, root)))
     return jobs
+
+
+def sized_plan(cfg: PipelineConfig, site: Site, field_id: str, work_root: Path) -> Plan:
+    """The field's plan, its stages sized from the step durations measured under the work root."""
+    plan = plan_reduction(cfg, site, field_id)
+    if site.scheduler != "slurm" or not site.slurm.size_from_measurements:
+        return plan
+    return size_plan(plan, site, load_estimates(work_root))
 
 
 def measurement_sets(site: Site, job: FieldJob) -> list[Path]:
@@ -186,5 +196,5 @@ def prepare_resubmit(site: Site, field_ids: Sequence[str], work_root: Path | Non
         if not frozen.is_file():
             raise FieldError(f"field {fid} was never submitted from {root}", f"use hpcddf submit {fid}")
         cfg = load_config([str(frozen)])
-        jobs.append(FieldJob(fld, cfg, plan_reduction(cfg, site, fid)))
+        jobs.append(FieldJob(fld, cfg, sized_plan(cfg, site, fid, root)))
     return jobs

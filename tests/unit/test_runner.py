@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from hpcddf.engine import runner
 from hpcddf.engine.runner import (
     Command,
     RunContext,
@@ -91,9 +92,16 @@ def test_a_command_over_its_timeout_is_killed_and_fails(tmp_path):
     assert time.time() - t0 < 30
 
 
-def test_a_step_that_cannot_fit_requeues_before_starting(tmp_path):
+@pytest.fixture
+def quick_fresh(monkeypatch):
+    """An attempt stops being fresh after 0.5 s of steps (not 5 s): the tests sleep 1 s."""
+    monkeypatch.setattr(runner, "FRESH_TOLERANCE_S", 0.5)
+
+
+def test_a_step_that_cannot_fit_requeues_before_starting(tmp_path, quick_fresh):
     ctx = ctx_for(tmp_path, deadline=time.time() + 20, safety_s=1)
-    steps = [Step("long", "initial", (py("open('l','w')", "long.log"),), estimate_s=100)]
+    steps = [write_step("first", "first.out", "import time; time.sleep(1)"),
+             Step("long", "initial", (py("open('l','w')", "long.log"),), estimate_s=100)]
     with pytest.raises(StopRequested, match="requeueing before starting"):
         run_steps(ctx, steps, walltime_s=3600)
     assert not (tmp_path / "logs" / "long.log").exists()
@@ -105,10 +113,44 @@ def test_measured_durations_beat_the_static_estimate(tmp_path):
     assert run_steps(ctx, steps, walltime_s=3600) == ["short"]
 
 
-def test_a_step_longer_than_any_walltime_still_runs(tmp_path):
-    ctx = ctx_for(tmp_path, deadline=time.time() + 20, safety_s=1)
+def test_a_step_longer_than_any_walltime_runs_first_thing_in_a_fresh_attempt(tmp_path):
+    ctx = ctx_for(tmp_path, deadline=time.time() + 60, safety_s=1)
     steps = [Step("huge", "initial", (py("pass", "huge.log"),), estimate_s=10_000)]
     assert run_steps(ctx, steps, walltime_s=60) == ["huge"]
+
+
+def test_a_long_step_is_never_started_late_even_if_no_walltime_would_hold_it(tmp_path, quick_fresh):
+    # a step ran in this attempt: the long one waits for a fresh attempt, where it has the most
+    # time, whether or not it fits a whole walltime (before: "longer than a walltime, run anyway")
+    for estimate in (50, 10_000):
+        ctx = ctx_for(tmp_path, deadline=time.time() + 60, safety_s=1)
+        steps = [write_step(f"a{estimate}", f"a{estimate}.out", "import time; time.sleep(1)"),
+                 Step(f"long{estimate}", "initial", (py("pass", f"long{estimate}.log"),), estimate_s=estimate)]
+        with pytest.raises(StopRequested, match=f"step long{estimate} needs"):
+            run_steps(ctx, steps, walltime_s=60)
+        assert (tmp_path / f"a{estimate}.out").exists()
+        assert not (tmp_path / "logs" / f"long{estimate}.log").exists()
+
+
+def test_a_short_step_before_a_long_one_leaves_the_attempt_fresh(tmp_path):
+    # a step that took under a few seconds does not make the long one wait for a new attempt
+    ctx = ctx_for(tmp_path, deadline=time.time() + 60, safety_s=1)
+    steps = [write_step("quick", "quick.out"),
+             Step("huge", "initial", (py("pass", "huge.log"),), estimate_s=10_000)]
+    assert run_steps(ctx, steps, walltime_s=60) == ["quick", "huge"]
+
+
+def test_a_static_estimate_keeps_room_for_twice_its_time_a_measured_one_for_a_tenth_more(tmp_path, quick_fresh):
+    # 15 s left after the first step: a static 10 s guess may really take 20 s, a measured
+    # 10 s step will take about 11 s
+    static = ctx_for(tmp_path, deadline=time.time() + 17, safety_s=1)
+    first = write_step("a", "a.out", "import time; time.sleep(1)")
+    second = Step("b", "initial", (py("open('b.out','w')", "b.log"),), outputs=("b.out",), estimate_s=10.0)
+    with pytest.raises(StopRequested, match="needs ~20 s"):
+        run_steps(static, [first, second], walltime_s=3600)
+    (tmp_path / "done" / "a.done.json").unlink()
+    measured = ctx_for(tmp_path, deadline=time.time() + 17, safety_s=1, estimates={"b": 10.0})
+    assert run_steps(measured, [first, second], walltime_s=3600) == ["a", "b"]
 
 
 def test_a_stop_request_stops_at_the_next_step_boundary(tmp_path):

@@ -202,3 +202,58 @@ def test_a_walltime_signal_before_the_last_step_still_requeues(
         _attempt(stage_job, tmp_path, monkeypatch, stopped)
     os.kill(os.getpid(), nodejob.WALLTIME_SIGNAL)
     assert stage_job._requeues == [nodejob.WALLTIME_SIGNAL]  # type: ignore[attr-defined]
+
+
+def _cut_while_running(job: StageJob, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str) -> Any:
+    """An attempt whose walltime signal comes while ``step`` runs: what checkpoint returns."""
+    out: dict[str, Any] = {}
+
+    def cut(ctx: RunContext, steps: list[Step], walltime_s: float) -> list[str]:
+        ctx.on_step(step, State.RUNNING, {})
+        out["delayed"] = job.checkpoint()
+        return []
+    _attempt(job, tmp_path, monkeypatch, cut)
+    return out["delayed"]
+
+
+def test_a_step_cut_twice_stops_the_stage_with_the_reason_instead_of_looping(
+        stage_job: StageJob, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import submitit
+    first = _cut_while_running(stage_job, tmp_path, monkeypatch, "b")
+    assert isinstance(first, submitit.helpers.DelayedSubmission)  # cut once: requeued
+    assert _stage(stage_job)["state"] == State.REQUEUED
+    assert _cut_while_running(stage_job, tmp_path, monkeypatch, "b") is None  # submitit: no requeue
+    s = _stage(stage_job)
+    assert s["state"] == State.FAILED and len(s["cuts"]["b"]) == 2
+    assert s["error"]["step"] == "b"
+    assert "step b was cut by the walltime 2 times" in s["error"]["message"]
+    assert "10 min" in s["error"]["message"] and "max_walltime" in s["error"]["detail"]
+    # submitit then raises in the job; the reason recorded by the handler is kept
+    stage_job.on_error(submitit.core.utils.UncompletedJobError("not requeued"))
+    assert _stage(stage_job)["error"]["step"] == "b"
+
+
+def test_cuts_of_different_steps_do_not_add_up(stage_job: StageJob, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _cut_while_running(stage_job, tmp_path, monkeypatch, "a") is not None
+    assert _cut_while_running(stage_job, tmp_path, monkeypatch, "b") is not None
+    assert _stage(stage_job)["state"] == State.REQUEUED
+
+
+def test_any_unit_signalled_after_its_work_ends_done_not_requeued(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    saved = signal.getsignal(nodejob.WALLTIME_SIGNAL)
+    requeues: list[int] = []
+    signal.signal(nodejob.WALLTIME_SIGNAL, lambda signum, frame: requeues.append(signum))
+    job = FileJob(str(tmp_path / "unit.json"))
+    try:
+        job.begin()
+        result = job.work()
+        job.work_complete()  # what __call__ does between work() and finished()
+        os.kill(os.getpid(), nodejob.WALLTIME_SIGNAL)
+        job.finished(**job.done_values(result))
+    finally:
+        signal.signal(nodejob.WALLTIME_SIGNAL, saved)
+    assert requeues == [] and job._late_signal  # type: ignore[attr-defined]
+    assert _doc(tmp_path / "unit.json")["state"] == State.DONE

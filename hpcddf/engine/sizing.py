@@ -1,0 +1,90 @@
+"""Stage requests sized from measured step durations, and stages split where they would not fit.
+
+Without measurements every stage asks for the site's maximum walltime. Once a site's work
+root has measured every step of a stage (an earlier field, or an earlier attempt of this one),
+the stage asks Slurm for what those steps take plus a margin: a shorter request starts sooner
+through backfill. A stage whose steps together would not fit in the site's maximum is split at
+step boundaries into several chained jobs, so the requeue that a walltime kill would force is
+planned instead, with no step cut and no time lost at the signal.
+
+Pure functions on the plan: ``--dry-run`` shows the sized plan a submission would queue.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Mapping, Sequence
+
+from hpcddf.engine.plan import Plan, Resources, Stage
+from hpcddf.engine.sites import Site
+
+MARGIN = 0.25  # measured steps may run this much longer (another field, a busier node)
+START_S = 60.0  # a job's own start-up: container, preflight, scratch, reading the state
+SLURM_SIGNAL_SLACK_S = 30  # slurmctld checks time limits every 30 s
+
+
+def lead_s(site: Site) -> float:
+    """Time at the end of a walltime in which no step may run (the signal comes that early)."""
+    slack = SLURM_SIGNAL_SLACK_S if site.scheduler == "slurm" else 0
+    return float(site.slurm.signal_delay_s + slack)
+
+
+def usable_s(site: Site, walltime_min: int) -> float:
+    """Seconds of step work a job of ``walltime_min`` can hold."""
+    return walltime_min * 60 - lead_s(site) - START_S
+
+
+def needed_minutes(site: Site, step_seconds: Sequence[float]) -> int:
+    """The walltime a job needs for steps measured at ``step_seconds``, in whole minutes."""
+    need = sum(step_seconds) * (1 + MARGIN) + lead_s(site) + START_S
+    return max(1, math.ceil(need / 60))
+
+
+def split_steps(site: Site, steps: Sequence[str], measured: Mapping[str, float]) -> list[list[str]]:
+    """Consecutive groups of ``steps`` each fitting the site's maximum walltime with the margin;
+    a step too long for any walltime is a group of its own (it runs at the start of its job)."""
+    room = usable_s(site, site.max_walltime_min) / (1 + MARGIN)
+    parts: list[list[str]] = [[]]
+    used = 0.0
+    for step in steps:
+        t = measured[step]
+        if parts[-1] and used + t > room:
+            parts.append([])
+            used = 0.0
+        parts[-1].append(step)
+        used += t
+    return parts
+
+
+def size_stage(site: Site, stage: Stage, measured: Mapping[str, float]) -> list[Stage]:
+    """The stage as one or more jobs, each asking for the walltime its measured steps need.
+
+    Unmeasured steps keep the stage as planned (the site's maximum); a stage that asked for a
+    custom walltime shorter than the maximum is left alone too."""
+    if stage.resources.walltime_min < site.max_walltime_min or any(s not in measured for s in stage.steps):
+        return [stage]
+    parts = split_steps(site, stage.steps, measured)
+    names = [stage.name] if len(parts) == 1 else [f"{stage.name}.{i + 1}" for i in range(len(parts))]
+    out: list[Stage] = []
+    for name, steps in zip(names, parts):
+        minutes = min(needed_minutes(site, [measured[s] for s in steps]), site.max_walltime_min)
+        deps = (out[-1].name,) if out else stage.depends_on
+        out.append(Stage(name, tuple(steps), _with_walltime(stage.resources, minutes), deps))
+    return out
+
+
+def size_plan(plan: Plan, site: Site, measured: Mapping[str, float]) -> Plan:
+    """Every stage sized from ``measured`` (step -> seconds); dependencies follow the splits."""
+    renamed: dict[str, str] = {}
+    stages: list[Stage] = []
+    for stage in plan.stages:
+        deps = tuple(renamed.get(d, d) for d in stage.depends_on)
+        parts = size_stage(site, replace(stage, depends_on=deps), measured)
+        renamed[stage.name] = parts[-1].name
+        stages.extend(parts)
+    return replace(plan, stages=tuple(stages))
+
+
+def _with_walltime(res: Resources, minutes: int) -> Resources:
+    return replace(res, walltime_min=minutes)
