@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from hpcddf.engine.durations import load_estimates, record_duration
+from hpcddf.engine.durations import load_estimates, load_speed, record_duration
 from hpcddf.engine.jobenv import job_id_from_env
 from hpcddf.engine.paths import unit_paths
 from hpcddf.engine.preflight import clean_stale_shm, pid_alive
@@ -146,6 +146,7 @@ class StageJob(UnitJob):
                          marker_dir=paths.done_dir, deadline=deadline,
                          safety_s=min(60.0, usable_s * 0.02),
                          estimates=load_estimates(Path(self.work_root)),
+                         speed=load_speed(Path(self.work_root)),
                          env=science_env(),
                          on_step=self._on_step, abort_event=self._abort)
         if contained:
@@ -298,7 +299,7 @@ class StageJob(UnitJob):
     def _on_step(self, step: str, what: str, info: dict[str, Any]) -> None:
         self._current = (step, time.time()) if what == State.RUNNING else None
         if what == State.DONE:
-            record_duration(Path(self.work_root), step, float(info["duration_s"]))
+            record_duration(Path(self.work_root), step, float(info["duration_s"]), info.get("estimate_s"))
 
         def change(state: dict[str, Any]) -> None:
             state.setdefault("steps", {})[step] = {"state": what, "at": now_iso(),

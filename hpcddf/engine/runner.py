@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import signal
+import statistics
 import subprocess
 import threading
 import time
@@ -109,6 +110,8 @@ class RunContext:
     launcher: Launcher = no_container
     env: Mapping[str, str] = field(default_factory=dict)
     estimates: Mapping[str, float] = field(default_factory=dict)
+    # measured / estimated of steps done on this site (earlier fields, and this run's steps)
+    speed: list[float] = field(default_factory=list)
     stop_event: threading.Event = field(default_factory=threading.Event)  # at the next step
     abort_event: threading.Event = field(default_factory=threading.Event)  # now, mid-command
     abort_reason: str = "interrupted"
@@ -137,12 +140,18 @@ def read_marker(ctx: RunContext, step: Step) -> dict[str, Any] | None:
 # the overrun would fit, so a wrong guess costs an early requeue, never redone work.
 STATIC_MARGIN = 1.0
 MEASURED_MARGIN = 0.1
+SPEED_KEEP = 20  # the site's speed is the median of this many recent ratios
 FRESH_TOLERANCE_S = 5.0  # steps that took less than this before a long one leave it "fresh"
 
 
 def expected_duration(ctx: RunContext, step: Step) -> float | None:
-    """Measured durations of this step (earlier attempts and fields) beat the static estimate."""
-    return ctx.estimates.get(step.name, step.estimate_s)
+    """Measured durations of this step (earlier attempts and fields) beat the static estimate,
+    which is scaled by how fast this site ran the steps it has measured (the median ratio)."""
+    if step.name in ctx.estimates:
+        return ctx.estimates[step.name]
+    if step.estimate_s is None or not ctx.speed:
+        return step.estimate_s
+    return step.estimate_s * statistics.median(ctx.speed[-SPEED_KEEP:])
 
 
 def needed_seconds(ctx: RunContext, step: Step) -> float | None:
@@ -217,9 +226,11 @@ def run_step(ctx: RunContext, step: Step) -> dict[str, Any]:
                          "", None, reason=f"commands succeeded but outputs are missing: {', '.join(missing)}")
     marker = {"step": step.name, "stage": step.stage, "finished": time.time(), "started": t0,
               "duration_s": time.time() - t0, "command_durations_s": durations,
-              "commands": ran, "outputs": list(step.outputs),
+              "commands": ran, "outputs": list(step.outputs), "estimate_s": step.estimate_s,
               "params": dict(step.params), "versions": {"hpcddf": __version__, **ctx.versions}}
     write_json_atomic(marker_path(ctx, step.name), marker)
+    if step.estimate_s:
+        ctx.speed.append(marker["duration_s"] / step.estimate_s)
     _notify(ctx, step.name, State.DONE, marker)
     log.info("step %s: done in %.1f s", step.name, marker["duration_s"])
     return marker

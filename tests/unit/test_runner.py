@@ -195,3 +195,25 @@ def test_other_failures_and_endless_races_are_not_rerun_forever(tmp_path):
         run_steps(ctx_for(tmp_path), [Step("b", "initial", (endless,), outputs=("ok.out",))])
     assert (tmp_path / "b").read_text() == str(START_RETRIES + 1)
     assert not (tmp_path / "done" / "b.done.json").exists()
+
+
+def test_a_first_field_learns_the_site_speed_from_its_own_steps(tmp_path, quick_fresh):
+    # the first step was estimated at 10 s and took ~1 s: the next step's static 100 s
+    # means ~10 s here, twice that fits the ~29 s left; without the lesson it would wait
+    first = Step("a", "initial", (py("import time; time.sleep(1); open('a.out','w')", "a.log"),),
+                 outputs=("a.out",), estimate_s=10.0)
+    second = Step("b", "initial", (py("open('b.out','w')", "b.log"),), outputs=("b.out",), estimate_s=100.0)
+    ctx = ctx_for(tmp_path, deadline=time.time() + 31, safety_s=1)
+    assert run_steps(ctx, [first, second], walltime_s=3600) == ["a", "b"]
+    assert 0.05 < ctx.speed[0] < 0.5
+    assert json.loads(marker_path(ctx, "a").read_text())["estimate_s"] == 10.0
+
+
+def test_measured_ratios_of_earlier_fields_scale_static_estimates(tmp_path):
+    from hpcddf.engine.durations import load_estimates, load_speed, record_duration
+    record_duration(tmp_path, "a", 30.0, estimate_s=60.0)
+    record_duration(tmp_path, "b", 50.0)  # no static estimate: no ratio
+    assert load_estimates(tmp_path) == {"a": 30.0, "b": 50.0} and load_speed(tmp_path) == [0.5]
+    ctx = ctx_for(tmp_path, estimates=load_estimates(tmp_path), speed=load_speed(tmp_path))
+    assert runner.expected_duration(ctx, Step("c", "initial", (), estimate_s=100.0)) == 50.0
+    assert runner.expected_duration(ctx, Step("a", "initial", (), estimate_s=100.0)) == 30.0
