@@ -47,6 +47,8 @@ class SlurmSection:
     signal_delay_s: int = 300
     # ask for the walltime measured step durations need (and split a stage that would not fit)
     size_from_measurements: bool = True
+    # cores for a job of light steps only (masks, catalogues, reports); 0: every stage a whole node
+    light_cpus: int = 0
     extra_sbatch: dict[str, str] = field(default_factory=dict)
 
 
@@ -255,8 +257,8 @@ def _check_values(site: Site) -> None:
         walltime_min = walltime_minutes(site.slurm.max_walltime)
     except ValueError as exc:
         raise bad(f"max_walltime: {exc}", "use Slurm's format, e.g. \"72:00:00\" or \"2-00:00:00\"")
-    if site.slurm.max_requeues < 0 or site.slurm.signal_delay_s < 0:
-        raise bad("max_requeues and signal_delay_s must be 0 or more", "fix [slurm]")
+    if site.slurm.max_requeues < 0 or site.slurm.signal_delay_s < 0 or site.slurm.light_cpus < 0:
+        raise bad("max_requeues, signal_delay_s and light_cpus must be 0 or more", "fix [slurm]")
     if site.slurm.signal_delay_s >= walltime_min * 60:
         raise bad(f"signal_delay_s = {site.slurm.signal_delay_s} is not below max_walltime "
                   f"{site.slurm.max_walltime}: the walltime signal would come before the job starts",

@@ -7,6 +7,10 @@ through backfill. A stage whose steps together would not fit in the site's maxim
 step boundaries into several chained jobs, so the requeue that a walltime kill would force is
 planned instead, with no step cut and no time lost at the signal.
 
+Likewise cores: where the site allows it (``[slurm] light_cpus``), the light steps that end a
+stage (the pipeline says which: masks, catalogues, reports) become a job of their own on a few
+cores, so the whole node is given back as soon as the heavy steps are done.
+
 Pure functions on the plan: ``--dry-run`` shows the sized plan a submission would queue.
 """
 
@@ -16,7 +20,7 @@ import math
 from dataclasses import replace
 from typing import Mapping, Sequence
 
-from hpcddf.engine.plan import Plan, Resources, Stage
+from hpcddf.engine.plan import Plan, Resources, Stage, fit_resources
 from hpcddf.engine.sites import Site
 
 MARGIN = 0.25  # measured steps may run this much longer (another field, a busier node)
@@ -74,13 +78,33 @@ def size_stage(site: Site, stage: Stage, measured: Mapping[str, float]) -> list[
     return out
 
 
-def size_plan(plan: Plan, site: Site, measured: Mapping[str, float]) -> Plan:
-    """Every stage sized from ``measured`` (step -> seconds); dependencies follow the splits."""
+def split_light_tail(site: Site, stage: Stage, light: frozenset[str]) -> list[Stage]:
+    """The stage's trailing light steps as a job of ``light_cpus`` cores after the heavy ones."""
+    cpus = site.slurm.light_cpus
+    cut = len(stage.steps)
+    while cut > 0 and stage.steps[cut - 1] in light:
+        cut -= 1
+    if cpus <= 0 or cut in (0, len(stage.steps)) or cpus >= site.cpus:
+        return [stage]
+    mem = max(1, site.mem_gb * cpus // site.cpus)
+    res = replace(fit_resources(site, cpus, mem, stage.resources.walltime_min), exclusive=False)
+    heavy = replace(stage, steps=stage.steps[:cut])
+    return [heavy, Stage(f"{stage.name}.light", stage.steps[cut:], res, (heavy.name,))]
+
+
+def size_plan(plan: Plan, site: Site, measured: Mapping[str, float],
+              light: frozenset[str] = frozenset()) -> Plan:
+    """Every stage sized from ``measured`` (step -> seconds), its light tail split off where
+    the site allows it; dependencies follow the splits."""
     renamed: dict[str, str] = {}
     stages: list[Stage] = []
     for stage in plan.stages:
         deps = tuple(renamed.get(d, d) for d in stage.depends_on)
-        parts = size_stage(site, replace(stage, depends_on=deps), measured)
+        parts: list[Stage] = []
+        for piece in split_light_tail(site, replace(stage, depends_on=deps), light):
+            if parts:
+                piece = replace(piece, depends_on=(parts[-1].name,))
+            parts.extend(size_stage(site, piece, measured))
         renamed[stage.name] = parts[-1].name
         stages.extend(parts)
     return replace(plan, stages=tuple(stages))

@@ -32,6 +32,7 @@ from hpcddf.lofar.config import (
     uses_catalog_token,
 )
 from hpcddf.lofar.plan import plan_reduction
+from hpcddf.lofar.steps import LIGHT_STEPS
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,10 @@ def prepare(site: Site, field_ids: Sequence[str], files: Sequence[str] = (),
 def sized_plan(cfg: PipelineConfig, site: Site, field_id: str, work_root: Path) -> Plan:
     """The field's plan, its stages sized from the step durations measured under the work root."""
     plan = plan_reduction(cfg, site, field_id)
-    if site.scheduler != "slurm" or not site.slurm.size_from_measurements:
+    if site.scheduler != "slurm":
         return plan
-    return size_plan(plan, site, load_estimates(work_root))
+    measured = load_estimates(work_root) if site.slurm.size_from_measurements else {}
+    return size_plan(plan, site, measured, LIGHT_STEPS)
 
 
 def measurement_sets(site: Site, job: FieldJob) -> list[Path]:

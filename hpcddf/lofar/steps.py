@@ -123,3 +123,8 @@ STEPS: tuple[StepSpec, ...] = (
 )
 
 STEP_NAMES: tuple[str, ...] = tuple(s.name for s in STEPS)
+
+# Steps that need a core or two, not a node (masks, catalogues, reports): where the site allows
+# it ([slurm] light_cpus), those ending a stage run as a small job of their own.
+LIGHT_STEPS: frozenset[str] = frozenset({"external_mask", "mask_diffuse", "cluster", "mask_phase1",
+                                         "offsets", "quality", "summary"})

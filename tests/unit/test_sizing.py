@@ -12,9 +12,10 @@ from hpcddf.engine.sites import SlurmSection, load_site
 from hpcddf.engine.sizing import needed_minutes, size_plan, usable_s
 
 
-def _site(max_walltime: str = "1:00:00"):
+def _site(max_walltime: str = "1:00:00", light_cpus: int = 0):
     local = load_site("local", None)
-    return replace(local, scheduler="slurm", slurm=SlurmSection(max_walltime=max_walltime, signal_delay_s=120))
+    return replace(local, scheduler="slurm", node=replace(local.node, cpus=16, mem_gb=64),
+                   slurm=SlurmSection(max_walltime=max_walltime, signal_delay_s=120, light_cpus=light_cpus))
 
 
 def _plan(site, *stages: tuple[str, tuple[str, ...]]) -> Plan:
@@ -65,3 +66,19 @@ def test_needed_minutes_round_up_and_never_ask_for_nothing():
     site = _site()
     assert needed_minutes(site, []) == 4  # lead + start-up alone
     assert needed_minutes(site, [1.0]) == 4
+
+
+def test_light_steps_ending_a_stage_run_on_a_few_cores_where_the_site_allows_it():
+    light = frozenset({"mask", "report"})
+    site = _site(light_cpus=2)
+    plan = size_plan(_plan(site, ("initial", ("image", "mask", "report")), ("dirin", ("image2",))),
+                     site, {}, light)
+    assert [(s.name, s.steps, s.depends_on) for s in plan.stages] == [
+        ("initial", ("image",), ()), ("initial.light", ("mask", "report"), ("initial",)),
+        ("dirin", ("image2",), ("initial.light",))]
+    small = plan.stages[1].resources
+    assert (small.cpus, small.mem_gb, small.exclusive) == (2, 8, False)
+    assert plan.stages[0].resources.cpus == 16
+    # a site without light_cpus, or a stage of light steps only, stays whole
+    assert len(size_plan(_plan(_site(), ("initial", ("image", "mask"))), _site(), {}, light).stages) == 1
+    assert len(size_plan(_plan(site, ("initial", ("mask", "report"))), site, {}, light).stages) == 1
