@@ -671,3 +671,15 @@ def test_mosaic_corrections_from_the_fields_products(run_cli, cli_error, tmp_pat
     assert "already done" in ok(run_cli(*common, "--apply-shifts", "--blank-bad-facets",
                                         "--scale-from-quality", "NVSS"))
     assert "already done" not in ok(run_cli(*common, "--apply-shifts", "--scale-from-quality", "NVSS"))
+
+
+def test_submit_dry_run_names_each_option_without_effect_once(run_cli, site_file, observed, tmp_path):
+    observed("L123456")
+    cfg = tmp_path / "lgps.cfg"
+    cfg.write_text("[data]\nmslist = mslist.txt\n[image]\nwscms_scales = [0, 4, 8]\n[control]\ndryrun = True\n")
+    proc = run_cli("submit", "L123456", "-c", str(cfg), "--dry-run", "--json", env={"HPCDDF_SITE": "testsite"})
+    assert json.loads(ok(proc))["stages"]
+    lines = [ln for ln in proc.stderr.splitlines() if "has no effect" in ln]
+    assert len(lines) == 2, proc.stderr
+    assert any("[control] dryrun" in ln and "hpcddf submit --dry-run" in ln for ln in lines)
+    assert any("[image] wscms_scales" in ln and "WSCMS" in ln for ln in lines)

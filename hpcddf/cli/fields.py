@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Sequence
 
 import click
 
@@ -56,6 +57,7 @@ def submit(args: tuple[str, ...], site: str | None, site_file: str | None, confi
     from hpcddf.lofar.submit import check_fields, submit_fields
     if dry_run:
         check_fields(s, jobs, recipe)  # exactly the checks a real submit makes before queueing
+        _warn_no_effect(jobs)
         doc = app.dry_run_document(s, jobs)
         if as_json:
             print_json(doc)
@@ -63,7 +65,17 @@ def submit(args: tuple[str, ...], site: str | None, site_file: str | None, confi
             from hpcddf.cli.report import plan_table
             out.print(plan_table(doc))
         return
-    print_result(submit_fields(s, jobs, recipe, progress), as_json)
+    result = submit_fields(s, jobs, recipe, progress)
+    _warn_no_effect(jobs)
+    print_result(result, as_json)
+
+
+def _warn_no_effect(jobs: Sequence[Any]) -> None:
+    """One line per option the configs set that has no effect here (after the checks: an
+    error stays the one line a refused submission prints)."""
+    from hpcddf.lofar.option_effects import no_effect_warnings
+    for line in dict.fromkeys(w for j in jobs for w in no_effect_warnings(j.config)):
+        click.echo(f"hpcddf: {line}", err=True)
 
 
 

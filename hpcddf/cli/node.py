@@ -61,6 +61,9 @@ def config_show(args: tuple[str, ...], site: str | None, site_file: str | None,
         s = choose_site(site, site_file, starts_jobs=False)
         catalog = str(s.catalog_dir) if s.catalog_dir else None
     cfg = load_config(files, overrides, catalog_dir=catalog)
+    from hpcddf.lofar.option_effects import no_effect_warnings
+    for line in no_effect_warnings(cfg):
+        click.echo(f"hpcddf: {line}", err=True)
     if as_json:
         print_json(cfg.to_dict())
     elif as_cfg:

@@ -1,0 +1,84 @@
+"""Options of ddf-pipeline's table that this hpcddf version reads but does not act on, and why.
+
+Users' configs must load unchanged, so every option of the table is accepted; but an option
+that changes nothing must not be silently ignored (an LGPS config's WSCMS settings, a tier1
+config's elliptical final beam). ``submit`` (and ``--dry-run``) and ``config show`` print one
+line per option that a config sets to something other than its default and that has no effect
+here. ``tests/unit/test_option_effects.py`` walks the whole table: every option is either used
+by the code or listed here, never both, so an option that gets implemented leaves this table.
+"""
+
+from __future__ import annotations
+
+from hpcddf.lofar.config import PipelineConfig
+from hpcddf.lofar.options import lookup
+
+_NOT_MADE = "this hpcddf version does not make it yet"
+_WIDE = "the wide-field image ([image] do_wide) is refused by this hpcddf version"
+_LOW = "the low-resolution chain (image_full_low's masks) does not use it in this hpcddf version"
+_VLOW = "the very-low-resolution QU image is not made by this hpcddf version"
+_WSCMS = ("WSCMS settings are not passed to DDFacet by this hpcddf version: with cleanmode WSCMS "
+          "DDFacet uses its own WSCMS defaults")
+_POL = "QU cubes ([control] polcubes) are refused by this hpcddf version"
+_EXTMASK = "the external mask is made from [masking] tgss, tgss_radius, tgss_flux and external_fits_mask only"
+
+NO_EFFECT: dict[tuple[str, str], str] = {
+    ("solutions", "sigma_clip"): "very slow solutions are not clipped or merged by this hpcddf version",
+    ("solutions", "normalize"): "killMS runs with its default solution normalisation in this hpcddf version",
+    ("solutions", "wtuv"): "data below uvmin get zero weight in killMS (its default) in this hpcddf version",
+    ("image", "wide_imsize"): _WIDE,
+    ("image", "wide_cell"): _WIDE,
+    ("image", "wide_robust"): _WIDE,
+    ("image", "wide_psf_arcsec"): _WIDE,
+    ("image", "final_psf_minor_arcsec"): "the final image is restored with a circular beam (final_psf_arcsec)",
+    ("image", "final_psf_pa_deg"): "the final image is restored with a circular beam (final_psf_arcsec)",
+    ("image", "vlow_psf_arcsec"): _VLOW,
+    ("image", "vlow_robust"): _VLOW,
+    ("image", "vlow_cell"): _VLOW,
+    ("image", "vlow_imsize"): _VLOW,
+    ("image", "HMPsize"): "DDFacet's HMP island size is its own default in this hpcddf version",
+    ("image", "centralfreqs"): "channel images at the central frequencies: " + _NOT_MADE,
+    ("image", "wscms_max_scale"): _WSCMS,
+    ("image", "wscms_scales"): _WSCMS,
+    ("image", "wscms_nsubminoriter"): _WSCMS,
+    ("image", "wscms_rms_factor"): _WSCMS,
+    ("image", "wscms_peakfactor"): _WSCMS,
+    ("masking", "low_threshold"): _LOW,
+    ("masking", "wide_threshold"): _WIDE,
+    ("masking", "tgss_extended"): _EXTMASK,
+    ("masking", "tgss_pointlike"): _EXTMASK,
+    ("masking", "region"): _EXTMASK,
+    ("masking", "extended_rms"): "the extended mask ([masking] extended_size) is refused by this hpcddf version",
+    ("masking", "rmsfacet"): "the extended rms maps are not made by this hpcddf version",
+    ("masking", "wscms_automask_rms_factor"): _WSCMS,
+    ("control", "quiet"): "hpcddf writes every command's output to its own log file, never to a terminal",
+    ("control", "nobar"): "hpcddf writes every command's output to its own log file, never to a terminal",
+    ("control", "dryrun"): "use hpcddf submit --dry-run",
+    ("control", "catch_signal"): "hpcddf always handles the walltime signal (requeue) and SIGUSR1 "
+                                 "(stop at the next step)",
+    ("control", "msss_mode"): "MSSS mode is not supported by this hpcddf version",
+    ("control", "remove_columns"): "hpcddf never removes columns from the measurement sets",
+    ("control", "pull"): "obsolete in ddf-pipeline too: hpcddf runs the installed versions",
+    ("control", "split_polcubes"): _POL,
+    ("control", "redo_DI_type"): "[control] redo_DI is refused by this hpcddf version",
+    ("compression", "compress_polcubes"): _POL,
+    ("compression", "fpack_q"): _POL,
+    ("compression", "delete_compressed"): _POL,
+    ("offsets", "mode"): "offsets always run in normal mode here",
+    ("spectra", "bright_threshold"): "dynamic spectra ([spectra] do_dynspec) are refused by this hpcddf version",
+    ("inputmodel", "basemaskname"): "starting from a previous model uses [inputmodel] basedicomodel only",
+    ("inputmodel", "baseimagename"): "starting from a previous model uses [inputmodel] basedicomodel only",
+}
+
+
+def no_effect_warnings(cfg: PipelineConfig) -> list[str]:
+    """One line for each option the config sets away from its default that has no effect here."""
+    lines = []
+    for (section, name), why in NO_EFFECT.items():
+        opt = lookup(section, name)
+        if opt is None or cfg.get(section, name) == opt.default:
+            continue
+        origin = cfg.origins.get(opt.key)
+        where = f" (set in {origin})" if origin else ""
+        lines.append(f"warning: [{section}] {name} has no effect{where}: {why}")
+    return lines

@@ -1,0 +1,65 @@
+"""No silent option: every option of ddf-pipeline's table is either used by hpcddf's code or
+listed with the reason it has no effect here (never both), and a config that sets such an
+option is told so, one line per option, by `config show` and `submit` (also --dry-run)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import hpcddf
+from hpcddf.lofar.config import load_config
+from hpcddf.lofar.option_effects import NO_EFFECT, no_effect_warnings
+from hpcddf.lofar.options import OPTIONS
+
+PACKAGE = Path(hpcddf.__file__).parent
+NOT_CODE = {"options.py", "option_effects.py"}  # the table and this list name every option
+
+
+def _code() -> str:
+    return "\n".join(p.read_text(encoding="utf-8") for p in PACKAGE.rglob("*.py") if p.name not in NOT_CODE)
+
+
+def _read_by_code(code: str, section: str, name: str) -> bool:
+    """The code reads the option: cfg.get("section", "name") or cfg["section"]["name"]."""
+    s, n = re.escape(section), re.escape(name)
+    return bool(re.search(rf"""["']{s}["']\s*,\s*["']{n}["']""", code)
+                or re.search(rf"""\[["']{s}["']\]\s*\[["']{n}["']\]""", code))
+
+
+def test_every_option_is_used_or_said_to_have_no_effect():
+    code = _code()
+    silent = [f"[{o.section}] {o.name}" for o in OPTIONS if not _read_by_code(code, *o.key) and o.key not in NO_EFFECT]
+    assert not silent, f"read by no code and not in option_effects.NO_EFFECT: {silent}"
+
+
+def test_an_option_that_is_used_is_not_also_said_to_have_no_effect():
+    code = _code()
+    both = [f"[{s}] {n}" for s, n in NO_EFFECT if _read_by_code(code, s, n)]
+    assert not both, f"used by the code yet listed in NO_EFFECT (remove them there): {both}"
+    keys = {o.key for o in OPTIONS}
+    assert set(NO_EFFECT) <= keys, set(NO_EFFECT) - keys
+
+
+def test_a_config_setting_an_option_without_effect_gets_one_line_naming_it(tmp_path: Path):
+    cfg_file = tmp_path / "lgps.cfg"
+    cfg_file.write_text("[image]\nwscms_max_scale = 20\nfinal_psf_minor_arcsec = 5.0\n"
+                        "[control]\nquiet = False\n")  # quiet's default: no effect either way
+    lines = no_effect_warnings(load_config([str(cfg_file)], ["--control-nobar=True"]))
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("warning: [image] final_psf_minor_arcsec has no effect (set in ")
+    assert any("[image] wscms_max_scale has no effect" in ln and "WSCMS" in ln for ln in lines)
+    assert any("[control] nobar has no effect (set in --control-nobar)" in ln for ln in lines)
+    assert no_effect_warnings(load_config([])) == []
+
+
+def test_config_show_prints_the_warnings_on_stderr(tmp_path: Path):
+    cfg_file = tmp_path / "t.cfg"
+    cfg_file.write_text("[masking]\nregion = my.reg\n")
+    out = subprocess.run([sys.executable, "-m", "hpcddf", "config", "show", str(cfg_file), "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("has no effect") == 1 and "[masking] region" in out.stderr
+    assert '"region": "my.reg"' in out.stdout
