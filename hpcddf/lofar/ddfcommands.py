@@ -55,7 +55,7 @@ class Image:
     colname: str
     majorcycles: int = 1
     robust: float = -0.15
-    psf_arcsec: float | None = None
+    psf_arcsec: float | tuple[float, float, float] | None = None  # circular, or (major, minor, PA)
     imsize: int | None = None
     cellsize: float | None = None
     uvrange: tuple[float, float] | None = None
@@ -76,6 +76,7 @@ class Image:
     nband: int = 2                 # frequency bands (the bootstrap's cube: one per subband)
     cubes: str | None = None       # also save these images as cubes (DDF --Output-Cubes codes)
     deconv_mode: str | None = None  # None: [image] cleanmode (the bootstrap cube always SSD)
+    global_norm: str | None = None  # DDFacet's --DDESolutions-GlobalNorm, with ddsols only
     extra: tuple[str, ...] = ()
 
 
@@ -153,7 +154,7 @@ def ddf_image(cfg: PipelineConfig, m: Machine, img: Image) -> Command:
     argv += _deconv(cfg, img)
     if img.ddsols:
         argv += _opts(DDESolutions_DDSols=img.ddsols, DDESolutions_DDModeGrid=img.apply,
-                      DDESolutions_DDModeDeGrid=img.apply)
+                      DDESolutions_DDModeDeGrid=img.apply, DDESolutions_GlobalNorm=img.global_norm)
     if img.predict_col:
         argv += _opts(Predict_ColName=img.predict_col)
     if img.init_dico:
@@ -190,7 +191,7 @@ def _deconv(cfg: PipelineConfig, img: Image) -> list[str]:
     out = _opts(Deconv_Mode=mode, Deconv_MaxMajorIter=img.majorcycles,
                 Deconv_PeakFactor=img.peakfactor, Deconv_RMSFactor=img.rms_factor,
                 Deconv_FluxThreshold=0.0, Deconv_MaxMinorIter=1000000,
-                GAClean_MinSizeInit=10,
+                GAClean_MinSizeInit=cfg.get("image", "HMPsize"),
                 Mask_External=None if img.cleanmask_optional else img.cleanmask)
     if mode.startswith("SSD"):
         out += _opts(SSDClean_SSDSolvePars="[S,Alpha]", SSDClean_BICFactor=0)
@@ -253,7 +254,10 @@ def kms(cfg: PipelineConfig, m: Machine, s: Solve, log_name: str) -> Command:
         argv += ["--PreApplySols", s.preapply_sols]
     if not s.update_weights:
         argv += ["--UpdateWeights", "0"]
-    if s.uvmin is not None:
+    wtuv = cfg.get("solutions", "wtuv")
+    if wtuv is not None:  # down-weight baselines outside the range instead of dropping them
+        argv += ["--WTUV", _fmt(wtuv), "--WeightUVMinMax", f"{_fmt(s.uvmin or 0.0)},{_fmt(s.uvmax)}"]
+    elif s.uvmin is not None:
         argv += ["--UVMinMax", f"{_fmt(s.uvmin)},{_fmt(s.uvmax)}"]
     if cfg.get("solutions", "robust") is not None:
         argv += ["--Weighting", "Briggs", "--Robust", _fmt(cfg.get("solutions", "robust"))]

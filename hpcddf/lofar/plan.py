@@ -41,12 +41,23 @@ def group_steps(cfg: PipelineConfig) -> list[tuple[str, list[str]]]:
 
 def plan_reduction(cfg: PipelineConfig, site: Site, field_id: str) -> Plan:
     """Split the reduction of ``field_id`` into chained stages sized for ``site``'s nodes."""
+    check_final_beam(cfg)
     res = stage_resources(site)
     stages: list[Stage] = []
     for name, steps in _apply_exitafter(group_steps(cfg), cfg.get("control", "exitafter")):
         deps = (stages[-1].name,) if stages else ()
         stages.append(Stage(name=name, steps=tuple(steps), resources=res, depends_on=deps))
     return Plan(field=field_id, site=site.name, stages=tuple(stages))
+
+
+def check_final_beam(cfg: PipelineConfig) -> None:
+    """An elliptical final beam needs its position angle (ddf-pipeline dies hours in without)."""
+    if cfg.get("image", "final_psf_minor_arcsec") is not None and cfg.get("image", "final_psf_pa_deg") is None:
+        raise PlanError("[image] final_psf_minor_arcsec is set without final_psf_pa_deg",
+                        "set [image] final_psf_pa_deg (degrees) for the elliptical beam, or unset the minor axis")
+    if cfg.get("image", "final_psf_minor_arcsec") is not None and cfg.get("image", "final_psf_arcsec") is None:
+        raise PlanError("[image] final_psf_minor_arcsec is set without final_psf_arcsec",
+                        "set [image] final_psf_arcsec (the major axis, arcsec)")
 
 
 def _apply_exitafter(groups: list[tuple[str, list[str]]],

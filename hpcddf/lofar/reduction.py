@@ -111,11 +111,22 @@ class Reduction:
         a = self.cfg.get("solutions", "apply_sols")
         return str(a[min(i, len(a) - 1)])
 
+    def norm(self, i: int) -> str | None:
+        """``[solutions] normalize[i]`` as DDFacet's GlobalNorm: [0] the self-cal images and
+        predicts, [1] the full-bandwidth and final images, [2] the low-resolution ones. 'None'
+        passes nothing; the old 'Abs...' spelling is DDFacet's 'MeanAbs...'."""
+        n = self.cfg.get("solutions", "normalize") or [None]
+        v = n[min(i, len(n) - 1)]
+        if v in (None, "None", ""):
+            return None
+        return f"Mean{v}" if str(v).startswith("Abs") else str(v)
+
     def image(self, name: str, **kw) -> Image:
         kw.setdefault("mslist", self.mslist)
         kw.setdefault("colname", self.img_col)
         kw.setdefault("robust", self.get("image", "robust"))
         kw.setdefault("psf_arcsec", self.get("image", "psf_arcsec"))
+        kw.setdefault("global_norm", self.norm(0))
         return Image(name=name, **kw)
 
 
@@ -416,7 +427,8 @@ def bootstrap(r: Reduction) -> Step:
         mask = f"{name}.mask.fits"
         img = r.image(name, mslist=lst, colname=r.col, majorcycles=5, automask_sigma=15.0,
                       clusterfile=CLUSTER_CAT, ddsols=applied(r, "DDS0"), apply=r.apply(6),
-                      nband=len(mss), cubes="Ii", cleanmask=mask, deconv_mode="SSD", **low_res(r))
+                      nband=len(mss), cubes="Ii", cleanmask=mask, deconv_mode="SSD", global_norm=None,
+                      **low_res(r))
         cmds += [ddf_image(r.cfg, r.m, dirty_of(replace(img, cleanmask=None, cubes=None))),
                  *_bootstrap_mask(r, name, mask), ddf_image(r.cfg, r.m, img)]
         factors = f"{obsid}-bootstrap-factors.json"
@@ -522,9 +534,20 @@ def DIS2_full(r: Reduction) -> Step:
 
 def _full_image(r: Reduction, name: str, **kw) -> Image:
     kw.setdefault("robust", r.get("image", "final_robust"))
-    kw.setdefault("psf_arcsec", r.get("image", "final_psf_arcsec"))
+    kw.setdefault("psf_arcsec", final_beam(r))
+    kw.setdefault("global_norm", r.norm(1))
     return r.image(name, mslist=r.full_mslist, clusterfile=CLUSTER_CAT,
                    imaging_weights=r.weights(3), **kw)
+
+
+def final_beam(r: Reduction) -> float | tuple[float, float, float] | None:
+    """The full-resolution images' restoring beam: circular (final_psf_arcsec), or elliptical
+    when [image] final_psf_minor_arcsec and final_psf_pa_deg are both set (as ddf-pipeline)."""
+    major = r.get("image", "final_psf_arcsec")
+    minor, pa = r.get("image", "final_psf_minor_arcsec"), r.get("image", "final_psf_pa_deg")
+    if major is None or minor is None:
+        return major
+    return (float(major), float(minor), float(pa))
 
 
 def image_full_ampphase_di(r: Reduction) -> Step:
@@ -579,7 +602,7 @@ def image_full_low(r: Reduction) -> Step:
     psf = r.get("image", "low_psf_arcsec")
     uvmax = 2.5 * 206.0 / psf
     img = _full_image(r, "image_full_low", majorcycles=2, automask_sigma=5.0,
-                      robust=r.get("image", "low_robust"), psf_arcsec=psf,
+                      robust=r.get("image", "low_robust"), psf_arcsec=psf, global_norm=r.norm(2),
                       imsize=r.get("image", "low_imsize") or r.get("image", "imsize"),
                       cellsize=r.get("image", "low_cell"),
                       uvrange=(r.get("image", "uvmin"), uvmax),

@@ -115,8 +115,9 @@ SIM_CONFIG: dict[str, dict[str, str]] = {
     # two 2-MHz subbands cannot separate a TEC from a phase offset: apply the raw solutions
     # an 8-minute observation has no room for ddf-pipeline's 43-minute very slow solutions
     # (killMS hangs solving a single interval)
+    # no GlobalNorm of the DD solutions, as every shipped production config (tier1, LGPS) says
     "solutions": {"ndir": "3", "NChanSols": "1", "dt_di": "1.0", "uvmin": "0.0",
-                  "smoothing": "False", "do_very_slow": "False"},
+                  "smoothing": "False", "do_very_slow": "False", "normalize": "['None','None','None']"},
     "masking": {"thresholds": "[10,10,6,6]", "tgss": "None"},
     "control": {"bootstrap": "False", "clearcache": "False", "polcubes": "False",
                 "stokesv": "False"},

@@ -292,3 +292,46 @@ def test_a_stage_with_killms_is_refused_on_cores_without_core_0(tmp_path):
     assert "exclusive = true" in err.value.hint
     check_killms_cores(with_kms, (0, 1))
     check_killms_cores(images, (3, 5))
+
+
+# --------------------------------------------------------------- options ddf-pipeline passes on
+
+def _argv(step: str, *overrides: str) -> list[str]:
+    """The step's DDF.py (or kMS.py) command: the first one of the step that runs it."""
+    cmds = BUILDERS[step](tier1(*overrides)).commands
+    return list(next(c for c in cmds if c.argv[0] in ("DDF.py", "kMS.py")).argv)
+
+
+def test_an_elliptical_final_beam_restores_the_full_resolution_images_only():
+    beam = ("--image-final_psf_arcsec=6", "--image-final_psf_minor_arcsec=4.5", "--image-final_psf_pa_deg=30")
+    for step in ("image_full_ampphase_di", "image_full_ampphase_di_m", "image_full_ampphase_di_m.NS"):
+        assert "--Output-RestoringBeam=[6,4.5,30]" in _argv(step, *beam), step
+    low = _argv("image_full_low", *beam, "--image-low_psf_arcsec=20")
+    assert "--Output-RestoringBeam=20" in low  # ddf-pipeline: the low-resolution image stays circular
+    assert "--Output-RestoringBeam=6" in _argv("image_full_ampphase_di", "--image-final_psf_arcsec=6")
+
+
+def test_a_minor_axis_without_its_position_angle_is_refused_at_plan_time():
+    cfg = load_config([TIER1], ["--image-final_psf_minor_arcsec=4.5"])
+    with pytest.raises(PlanError, match="final_psf_pa_deg"):
+        plan_reduction(cfg, load_site("local", None), "L1")
+
+
+def test_hmpsize_sets_ddfacets_initial_island_size():
+    assert "--GAClean-MinSizeInit=25" in _argv("image_phase1", "--image-HMPsize=25")
+
+
+def test_normalize_is_ddfacets_global_norm_by_the_reference_index_map():
+    norm = "--solutions-normalize=['AbsAnt', 'BLBased', 'SumBLBased']"
+    assert "--DDESolutions-GlobalNorm=MeanAbsAnt" in _argv("image_phase1", norm)  # [0], Abs -> MeanAbs
+    assert "--DDESolutions-GlobalNorm=BLBased" in _argv("image_full_ampphase_di_m.NS", norm)  # [1]
+    assert "--DDESolutions-GlobalNorm=SumBLBased" in _argv("image_full_low", norm, "--image-low_psf_arcsec=20")
+    # tier1's 'None' strings pass nothing; an image without DD solutions never gets it
+    assert not any(a.startswith("--DDESolutions-GlobalNorm") for a in _argv("image_phase1"))
+    assert not any(a.startswith("--DDESolutions-GlobalNorm") for a in _argv("image_dirin_SSD_m_c", norm))
+
+
+def test_wtuv_down_weights_baselines_outside_the_range_instead_of_dropping_them():
+    argv = _argv("DDS0", "--solutions-wtuv=0.05")
+    i = argv.index("--WTUV")
+    assert argv[i:i + 4] == ["--WTUV", "0.05", "--WeightUVMinMax", "0.1,1000"] and "--UVMinMax" not in argv
