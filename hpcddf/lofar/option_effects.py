@@ -20,7 +20,6 @@ _VLOW = "the very-low-resolution QU image is not made by this hpcddf version"
 _WSCMS = ("WSCMS settings are not passed to DDFacet by this hpcddf version: with cleanmode WSCMS "
           "DDFacet uses its own WSCMS defaults")
 _POL = "QU cubes ([control] polcubes) are refused by this hpcddf version"
-_EXTMASK = "the external mask is made from [masking] tgss, tgss_radius, tgss_flux and external_fits_mask only"
 
 NO_EFFECT: dict[tuple[str, str], str] = {
     ("solutions", "sigma_clip"): "very slow solutions are not clipped or merged by this hpcddf version",
@@ -40,9 +39,6 @@ NO_EFFECT: dict[tuple[str, str], str] = {
     ("image", "wscms_peakfactor"): _WSCMS,
     ("masking", "low_threshold"): _LOW,
     ("masking", "wide_threshold"): _WIDE,
-    ("masking", "tgss_extended"): _EXTMASK,
-    ("masking", "tgss_pointlike"): _EXTMASK,
-    ("masking", "region"): _EXTMASK,
     ("masking", "extended_rms"): "the extended mask ([masking] extended_size) is refused by this hpcddf version",
     ("masking", "rmsfacet"): "the extended rms maps are not made by this hpcddf version",
     ("masking", "wscms_automask_rms_factor"): _WSCMS,

@@ -251,12 +251,22 @@ def image_dirin_SSD_init(r: Reduction) -> Step:
     return _step("image_dirin_SSD_init", cmds, ["image_dirin_SSD_init.dirty.fits"], 60)
 
 
-def external_mask(r: Reduction) -> Step:
-    args = ["external-mask", "--template", "image_dirin_SSD_init.dirty.fits", "--out", EXT_MASK,
-            "--record", EXT_MASK_RECORD]
+def tgss_args(r: Reduction) -> list[str]:
+    """The external-mask tool's TGSS and region arguments, the same for every external mask."""
+    args: list[str] = []
     if r.get("masking", "tgss"):
         args += ["--tgss", r.get("masking", "tgss"), "--tgss-radius", str(r.get("masking", "tgss_radius")),
                  "--tgss-flux", str(r.get("masking", "tgss_flux"))]
+        if r.get("masking", "tgss_extended"):
+            args += ["--tgss-extended", "--tgss-pointlike", str(r.get("masking", "tgss_pointlike"))]
+    if r.get("masking", "region"):
+        args += ["--region", r.get("masking", "region")]
+    return args
+
+
+def external_mask(r: Reduction) -> Step:
+    args = ["external-mask", "--template", "image_dirin_SSD_init.dirty.fits", "--out", EXT_MASK,
+            "--record", EXT_MASK_RECORD, *tgss_args(r)]
     if r.get("masking", "external_fits_mask"):
         args += ["--fits", r.get("masking", "external_fits_mask")]
     return _step("external_mask", [hpcddf_tool(r.m, args, "external_mask.log")],
@@ -388,12 +398,11 @@ def _bootstrap_mask(r: Reduction, name: str, out: str) -> list[Command]:
     dirty = f"{name}.dirty.fits"
     cmds = [make_mask(r.m, dirty, r.thr(0), f"{name}.makemask.log")]
     optional = []
-    if r.get("masking", "tgss"):
+    if tgss_args(r):
         tgss = f"{name}.tgss_mask.fits"
         cmds.append(hpcddf_tool(r.m, [
             "external-mask", "--template", dirty, "--out", tgss, "--record", f"{name}.tgss_mask.json",
-            "--tgss", r.get("masking", "tgss"), "--tgss-radius", str(r.get("masking", "tgss_radius")),
-            "--tgss-flux", str(r.get("masking", "tgss_flux"))], f"{name}.tgss_mask.log"))
+            *tgss_args(r)], f"{name}.tgss_mask.log"))
         optional = ["--optional", tgss]  # not written when no TGSS source falls in the image
     cmds.append(hpcddf_tool(r.m, ["merge-masks", "--out", out, f"{dirty}.mask.fits", *optional],
                             f"{name}.mergemask.log"))

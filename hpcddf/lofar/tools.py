@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Sequence
@@ -69,9 +70,22 @@ def clear_cache(cache_dir: str, names: Sequence[str]) -> None:
 
 # ------------------------------------------------------------------------------ masks
 
-def external_mask(template: str, out: str, record: str, fits_mask: str | None, tgss: str | None,
-                  tgss_radius: float, tgss_flux_mjy: float) -> None:
-    """A mask on the template's grid from a given FITS mask and bright TGSS sources.
+@dataclass(frozen=True)
+class TgssMask:
+    """How TGSS sources are masked: discs of ``radius`` pixels around sources brighter than
+    ``min_flux`` mJy; with ``extended``, a source larger than ``pointlike`` arcsec gets an
+    ellipse of its own shape grown by the radius (ddf-pipeline's modify_mask)."""
+
+    catalogue: str
+    radius: float = 8.0
+    min_flux: float = 300.0
+    extended: bool = False
+    pointlike: float = 30.0
+
+
+def external_mask(template: str, out: str, record: str, fits_mask: str | None, tgss: TgssMask | None,
+                  region: str | None = None) -> None:
+    """A mask on the template's grid from a given FITS mask, bright TGSS sources and a ds9 region.
 
     DDFacet refuses an empty external mask, so the FITS file is written only when something is
     masked (and removed otherwise); ``record`` always says how many pixels were masked.
@@ -88,7 +102,9 @@ def external_mask(template: str, out: str, record: str, fits_mask: str | None, t
                              "regrid the external mask to the image")
         mask[other > 0] = 1
     if tgss:
-        _tgss_mask(mask, header, tgss, tgss_radius, tgss_flux_mjy)
+        _tgss_mask(mask, header, tgss)
+    if region:
+        _region_mask(mask, header, region)
     npix = int(mask.sum())
     if npix:
         _write_fits(Path(out), mask, header)
@@ -98,18 +114,46 @@ def external_mask(template: str, out: str, record: str, fits_mask: str | None, t
     print(f"{out}: {npix} masked pixels" + ("" if npix else " (not written: nothing to mask)"))
 
 
-def _tgss_mask(mask: np.ndarray, header: object, catalogue: str, radius: float, min_flux: float) -> None:
+def _tgss_mask(mask: np.ndarray, header: object, t: TgssMask) -> None:
     from astropy.table import Table
     from astropy.wcs import WCS
-    cat = Table.read(catalogue)
-    cat = cat[cat["Peak_flux"] > min_flux]
+    cat = Table.read(t.catalogue)
+    cat = cat[cat["Peak_flux"] > t.min_flux]
     wcs = WCS(header).celestial
     ny, nx = mask.shape[-2:]
     x, y = wcs.all_world2pix(np.asarray(cat["RA"]), np.asarray(cat["DEC"]), 0)
+    cell = abs(float(wcs.wcs.cdelt[1])) * 3600.0  # arcsec per pixel
     yy, xx = np.mgrid[0:ny, 0:nx]
-    for xi, yi in zip(x, y):
-        if -radius <= xi < nx + radius and -radius <= yi < ny + radius:
-            mask[..., (xx - xi) ** 2 + (yy - yi) ** 2 < radius ** 2] = 1
+    for i, (xi, yi) in enumerate(zip(x, y)):
+        if t.extended and float(cat["Maj"][i]) > t.pointlike:
+            a = float(cat["Maj"][i]) / cell + 2 * t.radius
+            b = float(cat["Min"][i]) / cell + 2 * t.radius
+            inside = _ellipse(xx - xi, yy - yi, a, b, float(cat["PA"][i]))
+        else:
+            inside = (xx - xi) ** 2 + (yy - yi) ** 2 < t.radius ** 2
+        mask[..., inside] = 1
+
+
+def _ellipse(dx: np.ndarray, dy: np.ndarray, a: float, b: float, pa_deg: float) -> np.ndarray:
+    """Pixels inside an ellipse of semi-axes a, b (pixels) whose major axis points PA degrees
+    from north through east (north is +y; east is -x on an image with RA growing leftwards)."""
+    pa = np.deg2rad(pa_deg)
+    along = dy * np.cos(pa) - dx * np.sin(pa)   # along the major axis
+    across = dy * np.sin(pa) + dx * np.cos(pa)
+    return (along / a) ** 2 + (across / b) ** 2 < 1.0
+
+
+def _region_mask(mask: np.ndarray, header: object, path: str) -> None:
+    """OR a ds9 region file (sky or image coordinates) into the mask, as ddf-pipeline does."""
+    from astropy.wcs import WCS
+    from regions import PixelRegion, Regions
+    wcs = WCS(header).celestial
+    ny, nx = mask.shape[-2:]
+    for reg in Regions.read(path, format="ds9"):
+        pix = reg if isinstance(reg, PixelRegion) else reg.to_pixel(wcs)
+        inside = pix.to_mask(mode="center").to_image((ny, nx))
+        if inside is not None:
+            mask[..., inside > 0] = 1
 
 
 def merge_masks(out: str, inputs: Sequence[str], optional: Sequence[str]) -> None:
@@ -244,6 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tgss")
     p.add_argument("--tgss-radius", type=float, default=8.0)
     p.add_argument("--tgss-flux", type=float, default=300.0)
+    p.add_argument("--tgss-extended", action="store_true", help="ellipses for sources larger than --tgss-pointlike")
+    p.add_argument("--tgss-pointlike", type=float, default=30.0, help="arcsec")
+    p.add_argument("--region", help="ds9 region file OR'd into the mask")
     p = sub.add_parser("merge-masks")
     p.add_argument("--out", required=True)
     p.add_argument("--optional", action="append", default=[])
@@ -304,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif a.cmd == "clear-cache":
         clear_cache(a.cache_dir, a.names)
     elif a.cmd == "external-mask":
-        external_mask(a.template, a.out, a.record, a.fits, a.tgss, a.tgss_radius, a.tgss_flux)
+        tgss = TgssMask(a.tgss, a.tgss_radius, a.tgss_flux, a.tgss_extended, a.tgss_pointlike) if a.tgss else None
+        external_mask(a.template, a.out, a.record, a.fits, tgss, a.region)
     elif a.cmd == "merge-masks":
         merge_masks(a.out, a.masks, a.optional)
     elif a.cmd == "cluster":

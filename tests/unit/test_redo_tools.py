@@ -151,3 +151,40 @@ def test_summary_lists_versions_and_every_option(tmp_path):
     text = (tmp_path / "summary.txt").read_text()
     assert "hpcddf = " in text and "DDFacet = " in text and "killMS = " in text
     assert "mslist = mslist.txt" in text and "[masking]" in text
+
+
+def _mask_of(tmp_path: Path, *args: str) -> np.ndarray:
+    tpl = tmp_path / "tpl.fits"  # 36" pixels, the reference pixel at 7 (0-based)
+    if not tpl.exists():
+        _fits(tpl, np.zeros((1, 1, 64, 64)))
+    proc = subprocess.run([sys.executable, "-m", "hpcddf.lofar.tools", "external-mask", "--template", str(tpl),
+                           "--out", "ext.fits", "--record", "ext.json", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return fits.getdata(tmp_path / "ext.fits")[0, 0]
+
+
+def test_tgss_extended_sources_get_their_own_elliptical_shape(tmp_path):
+    from astropy.table import Table
+    # a bright point source at the reference pixel and a 720"x180" source at PA 0 (north-south)
+    # 20 px north of it; 36" pixels, so its ellipse has semi-axes 20 + 2x2 and 5 + 2x2 px
+    Table({"RA": [180.0, 180.0], "DEC": [60.0, 60.2], "Peak_flux": [500.0, 500.0],
+           "Maj": [10.0, 720.0], "Min": [10.0, 180.0], "PA": [0.0, 0.0]}).write(tmp_path / "tgss.fits")
+    base = ["--tgss", "tgss.fits", "--tgss-radius", "2", "--tgss-flux", "300"]
+    discs = _mask_of(tmp_path, *base)
+    (tmp_path / "ext.fits").unlink()
+    shaped = _mask_of(tmp_path, *base, "--tgss-extended", "--tgss-pointlike", "30")
+    assert 16 <= discs.sum() <= 26  # two discs of radius 2 px
+    ys = np.flatnonzero(shaped[:, 7])
+    assert ys.max() - ys.min() >= 2 * 22  # long along north-south
+    across = np.flatnonzero(shaped[27])
+    assert 15 <= across.size <= 19 and abs(across.mean() - 7) < 1  # narrow east-west, centred
+    assert shaped[7, 7] == 1 and discs[7, 7] == 1  # the point source keeps its disc
+
+
+def test_a_ds9_region_is_ored_into_the_external_mask(tmp_path):
+    (tmp_path / "my.reg").write_text('# Region file format: DS9\nfk5\ncircle(180.0,60.1,108")\n'
+                                     "image\nbox(50,50,5,3,0)\n")
+    mask = _mask_of(tmp_path, "--region", "my.reg")
+    assert 20 < mask[12:24, 0:16].sum() <= 3.2 * 9 + 8  # a 3-pixel-radius circle ~10 px north of centre
+    assert mask[47:52, 47:53].sum() == 15  # the 5x3 image-coordinate box (1-based centre 50,50)

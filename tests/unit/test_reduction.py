@@ -335,3 +335,18 @@ def test_wtuv_down_weights_baselines_outside_the_range_instead_of_dropping_them(
     argv = _argv("DDS0", "--solutions-wtuv=0.05")
     i = argv.index("--WTUV")
     assert argv[i:i + 4] == ["--WTUV", "0.05", "--WeightUVMinMax", "0.1,1000"] and "--UVMinMax" not in argv
+
+
+def test_every_external_mask_gets_the_tgss_shapes_and_the_region():
+    opts = ("--masking-tgss=/cats/tgss.fits", "--masking-tgss_extended=True",
+            "--masking-tgss_pointlike=40", "--masking-region=field.reg")
+    ext = list(BUILDERS["external_mask"](tier1(*opts)).commands[0].argv)
+    assert ext[ext.index("--tgss-extended"):ext.index("--tgss-extended") + 3] == [
+        "--tgss-extended", "--tgss-pointlike", "40.0"]
+    assert ext[ext.index("--region") + 1] == "field.reg"
+    [step] = build(boot(*opts), "bootstrap", ["bootstrap"])
+    boot_ext = next(c.argv for c in step.commands if "external-mask" in c.argv)
+    assert "--tgss-extended" in boot_ext and "--region" in boot_ext
+    # a region alone (no TGSS) still makes the bootstrap's external mask
+    [step] = build(boot("--masking-tgss=None", "--masking-region=field.reg"), "bootstrap", ["bootstrap"])
+    assert any("external-mask" in c.argv and "--region" in c.argv for c in step.commands)
