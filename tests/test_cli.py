@@ -463,7 +463,8 @@ def test_dry_run_needs_a_catalogue_dir_for_dollar_dollar(run_cli, cli_error, dat
     (["--data-full_mslist=None"], DEFAULT_STAGES[:DEFAULT_STAGES.index("ampphase_di") + 1]),
     (["--control-skip_di=True"], [s for s in DEFAULT_STAGES if s not in ("dirin_di", "ampphase_di")]),
     (["--control-exitafter=phase"], DEFAULT_STAGES[:DEFAULT_STAGES.index("phase") + 1]),
-    (["--inputmodel-basedicomodel=m.DicoModel"], ["fullampphase", "final"]),
+    (["--inputmodel-basedicomodel=m", "--image-clusterfile=c.npy", "--inputmodel-baseimagename=m",
+      "--inputmodel-basemaskname=m.mask.fits"], ["fullampphase", "final"]),
 ])
 def test_dry_run_shapes(run_cli, site_file, overrides, expected, observed):
     observed("L123456")

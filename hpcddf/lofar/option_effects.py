@@ -57,8 +57,6 @@ NO_EFFECT: dict[tuple[str, str], str] = {
     ("compression", "delete_compressed"): _POL,
     ("offsets", "mode"): "offsets always run in normal mode here",
     ("spectra", "bright_threshold"): "dynamic spectra ([spectra] do_dynspec) are refused by this hpcddf version",
-    ("inputmodel", "basemaskname"): "starting from a previous model uses [inputmodel] basedicomodel only",
-    ("inputmodel", "baseimagename"): "starting from a previous model uses [inputmodel] basedicomodel only",
 }
 
 

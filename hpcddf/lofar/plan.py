@@ -42,6 +42,7 @@ def group_steps(cfg: PipelineConfig) -> list[tuple[str, list[str]]]:
 def plan_reduction(cfg: PipelineConfig, site: Site, field_id: str) -> Plan:
     """Split the reduction of ``field_id`` into chained stages sized for ``site``'s nodes."""
     check_final_beam(cfg)
+    check_inputmodel(cfg)
     res = stage_resources(site)
     stages: list[Stage] = []
     for name, steps in _apply_exitafter(group_steps(cfg), cfg.get("control", "exitafter")):
@@ -58,6 +59,18 @@ def check_final_beam(cfg: PipelineConfig) -> None:
     if cfg.get("image", "final_psf_minor_arcsec") is not None and cfg.get("image", "final_psf_arcsec") is None:
         raise PlanError("[image] final_psf_minor_arcsec is set without final_psf_arcsec",
                         "set [image] final_psf_arcsec (the major axis, arcsec)")
+
+
+def check_inputmodel(cfg: PipelineConfig) -> None:
+    """Starting from a previous model needs all of its parts (ddf-pipeline exits with code 4)."""
+    if not cfg.get("inputmodel", "basedicomodel"):
+        return
+    missing = [f"[{s}] {n}" for s, n in (("image", "clusterfile"), ("inputmodel", "baseimagename"),
+                                          ("inputmodel", "basemaskname")) if not cfg.get(s, n)]
+    if missing:
+        raise PlanError(f"[inputmodel] basedicomodel is set but {', '.join(missing)} is not",
+                        "set the previous run's cluster file, image and mask too (see ddf-pipeline's "
+                        "examples/tier1-rerun.cfg)")
 
 
 def _apply_exitafter(groups: list[tuple[str, list[str]]],

@@ -515,21 +515,56 @@ def _last_small_image(r: Reduction) -> str:
     return "image_ampphase1_di" if r.di else "image_ampphase1"
 
 
+def from_model(r: Reduction) -> bool:
+    """[inputmodel] basedicomodel: the run starts at DDS2_full from a previous run's model."""
+    return bool(r.get("inputmodel", "basedicomodel"))
+
+
+def base_dico(r: Reduction) -> str:
+    """The model the full-bandwidth calibration starts from: the last small image's masked
+    model, or the given previous model, unmasked (as ddf-pipeline does)."""
+    if from_model(r):
+        return f"{r.get('inputmodel', 'basedicomodel')}.DicoModel"
+    return f"{_last_small_image(r)}_masked.DicoModel"
+
+
+def base_image(r: Reduction) -> str:
+    """killMS's --BaseImageName for DDS2_full: the last small image, or [inputmodel] baseimagename."""
+    return r.get("inputmodel", "baseimagename") if from_model(r) else _last_small_image(r)
+
+
+def base_mask(r: Reduction) -> str:
+    """The first full-bandwidth image's clean mask: the last small image's, or [inputmodel]
+    basemaskname (copied to the external mask, which it also is in ddf-pipeline)."""
+    return EXT_MASK if from_model(r) else f"{_last_small_image(r)}.mask.fits"
+
+
+def _inputmodel_setup(r: Reduction) -> list[Command]:
+    """What the skipped steps would have left for DDS2_full: the imaging columns, the given
+    clusterfile as the cluster catalogue, the given mask as the external mask."""
+    return [hpcddf_tool(r.m, ["prepare-ms", "--colname", r.col, *sorted(set(r.mss + r.full_mss))],
+                        "prepare-ms.log"),
+            hpcddf_tool(r.m, ["cluster", "--copy", r.get("image", "clusterfile"), "--out", CLUSTER_CAT],
+                        "cluster.log"),
+            hpcddf_tool(r.m, ["merge-masks", "--out", EXT_MASK, r.get("inputmodel", "basemaskname")],
+                        "external_mask.log")]
+
+
 # ------------------------------------------------------------------------------ full mslist
 
 def DDS2_full(r: Reduction) -> Step:
-    base = _last_small_image(r)
-    solve = Solve(ms="", sols="", colname=r.col, dicomodel=f"{base}_masked.DicoModel",
-                  base_image=base, clusterfile=CLUSTER_CAT, dt_min=r.get("solutions", "dt_slow"),
+    solve = Solve(ms="", sols="", colname=r.col, dicomodel=base_dico(r),
+                  base_image=base_image(r), clusterfile=CLUSTER_CAT, dt_min=r.get("solutions", "dt_slow"),
                   niterkf=r.niterkf(4), covq=0.1, uvmin=r.get("solutions", "uvmin"))
     cmds, outs = _solve(r, "DDS2_full", r.full_mss, solve)
+    if from_model(r):
+        cmds, outs = _inputmodel_setup(r) + cmds, [CLUSTER_CAT, EXT_MASK] + outs
     return _step("DDS2_full", cmds, outs, 120)
 
 
 def Predict_DDS2(r: Reduction) -> Step:
-    base = _last_small_image(r)
     img = r.image("Predict_DDS2", mslist=r.full_mslist, colname=r.col, mode="Predict",
-                  clusterfile=CLUSTER_CAT, init_dico=f"{base}_masked.DicoModel",
+                  clusterfile=CLUSTER_CAT, init_dico=base_dico(r),
                   ddsols=applied(r, "DDS2_full"), apply=r.apply(3), predict_col="DD_PREDICT")
     return _step("Predict_DDS2", [ddf_image(r.cfg, r.m, img)], [], 60)
 
@@ -560,9 +595,8 @@ def final_beam(r: Reduction) -> float | tuple[float, float, float] | None:
 
 
 def image_full_ampphase_di(r: Reduction) -> Step:
-    base = _last_small_image(r)
     img = _full_image(r, "image_full_ampphase_di", majorcycles=0, automask_sigma=r.thr(2),
-                      init_dico=f"{base}_masked.DicoModel", cleanmask=f"{base}.mask.fits",
+                      init_dico=base_dico(r), cleanmask=base_mask(r),
                       ddsols=applied(r, "DDS2_full"), apply=r.apply(3))
     cmds = [ddf_image(r.cfg, r.m, img)]
     return _step("image_full_ampphase_di", cmds, [restored("image_full_ampphase_di")], 120)
@@ -573,9 +607,8 @@ def image_full_ampphase_di_m(r: Reduction) -> Step:
             hpcddf_tool(r.m, ["merge-masks", "--out", "image_full_ampphase_di.mask.fits",
                               f"{restored('image_full_ampphase_di')}.mask.fits", "--optional", EXT_MASK],
                         "image_full_ampphase_di.mergemask.log")]
-    base = _last_small_image(r)
     img = _full_image(r, "image_full_ampphase_di_m", majorcycles=1, automask_sigma=r.thr(2),
-                      init_dico=f"{base}_masked.DicoModel", cleanmask="image_full_ampphase_di.mask.fits",
+                      init_dico=base_dico(r), cleanmask="image_full_ampphase_di.mask.fits",
                       ddsols=applied(r, "DDS2_full"), apply=r.apply(3), reuse_psf=True,
                       reuse_dirty="forceresidual")
     cmds += [ddf_image(r.cfg, r.m, img)] + _masked(r, "image_full_ampphase_di_m", r.thr(2))

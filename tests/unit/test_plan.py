@@ -162,8 +162,14 @@ def test_exitafter_a_stage_this_config_does_not_have(plan_of):
         plan_of(None, "--control-exitafter=fulllow")
 
 
+# a previous run's model and everything that goes with it (ddf-pipeline's tier1-rerun.cfg)
+INPUTMODEL = ("--inputmodel-basedicomodel=prev/image_full_ampphase_di_m", "--image-clusterfile=prev/cat.npy",
+              "--inputmodel-baseimagename=prev/image_full_ampphase_di_m",
+              "--inputmodel-basemaskname=prev/image_full_ampphase_di_m.mask.fits")
+
+
 def test_input_model_starts_at_fullampphase(plan_of):
-    plan = plan_of("tier1-sep2024.cfg", "--inputmodel-basedicomodel=model.DicoModel")
+    plan = plan_of("tier1-sep2024.cfg", *INPUTMODEL)
     assert names(plan) == ["fullampphase", "fulllow", "final"]
     assert plan.stages[0].steps[0] == "DDS2_full"
     assert plan.stages[0].depends_on == ()
@@ -171,7 +177,12 @@ def test_input_model_starts_at_fullampphase(plan_of):
 
 def test_input_model_without_full_mslist_is_an_error(plan_of):
     with pytest.raises(PlanError, match="leaves no stage to run"):
-        plan_of(None, "--inputmodel-basedicomodel=m.DicoModel", "--data-full_mslist=None")
+        plan_of(None, *INPUTMODEL, "--data-full_mslist=None")
+
+
+def test_input_model_without_its_mask_image_or_clusters_is_refused(plan_of):
+    with pytest.raises(PlanError, match=r"basedicomodel is set but \[inputmodel\] basemaskname is not"):
+        plan_of(None, *INPUTMODEL[:3])
 
 
 def test_no_mslist_is_an_error(site):
@@ -186,7 +197,7 @@ def test_no_mslist_is_an_error(site):
     ("tier1-jul2018.cfg", ("--control-skip_di=True",)),
     ("lgps_optimized.cfg", ("--data-full_mslist=None",)),
     ("lgps_optimized.cfg", ("--control-redo_DI=True", "--control-spectral_restored=True")),
-    ("tier1-sep2024.cfg", ("--inputmodel-basedicomodel=m", "--solutions-do_very_slow=False")),
+    ("tier1-sep2024.cfg", (*INPUTMODEL, "--solutions-do_very_slow=False")),
     (None, ("--image-low_psf_arcsec=20", "--control-bootstrap=True")),
 ])
 def test_every_enabled_step_once_in_order(site, data_dir, cfg_name, overrides):

@@ -350,3 +350,24 @@ def test_every_external_mask_gets_the_tgss_shapes_and_the_region():
     # a region alone (no TGSS) still makes the bootstrap's external mask
     [step] = build(boot("--masking-tgss=None", "--masking-region=field.reg"), "bootstrap", ["bootstrap"])
     assert any("external-mask" in c.argv and "--region" in c.argv for c in step.commands)
+
+
+def test_a_run_from_a_previous_model_starts_dds2_full_from_it():
+    prev = ("--inputmodel-basedicomodel=prev/im", "--image-clusterfile=prev/cat.npy",
+            "--inputmodel-baseimagename=prev/im_img", "--inputmodel-basemaskname=prev/im.mask.fits")
+    step = BUILDERS["DDS2_full"](tier1(*prev))
+    tools = [c.argv[3:] for c in step.commands if c.argv[1:3] == ("-m", "hpcddf.lofar.tools")]
+    # what the skipped steps would have left: imaging columns, clusters, the external mask
+    assert tools[0][0] == "prepare-ms"
+    assert tools[1] == ("cluster", "--copy", "prev/cat.npy", "--out", "image_dirin_SSD_m.npy.ClusterCat.npy")
+    assert tools[2] == ("merge-masks", "--out", "external_mask.fits", "prev/im.mask.fits")
+    kms = next(c.argv for c in step.commands if c.argv[0] == "kMS.py")
+    assert kms[kms.index("--DicoModel") + 1] == "prev/im.DicoModel"  # unmasked, as ddf-pipeline
+    assert kms[kms.index("--BaseImageName") + 1] == "prev/im_img"
+    assert {"image_dirin_SSD_m.npy.ClusterCat.npy", "external_mask.fits"} <= set(step.outputs)
+    first = _argv("image_full_ampphase_di", *prev)
+    assert "--Predict-InitDicoModel=prev/im.DicoModel" in first
+    assert "--Mask-External=external_mask.fits" in first
+    assert "--Predict-InitDicoModel=prev/im.DicoModel" in _argv("Predict_DDS2", *prev)
+    # without it, the small images' last masked model as before
+    assert "--Predict-InitDicoModel=image_ampphase1_di_masked.DicoModel" in _argv("image_full_ampphase_di")
