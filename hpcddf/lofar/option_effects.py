@@ -22,7 +22,6 @@ _WSCMS = ("WSCMS settings are not passed to DDFacet by this hpcddf version: with
 _POL = "QU cubes ([control] polcubes) are refused by this hpcddf version"
 
 NO_EFFECT: dict[tuple[str, str], str] = {
-    ("solutions", "sigma_clip"): "very slow solutions are not clipped or merged by this hpcddf version",
     ("image", "wide_imsize"): _WIDE,
     ("image", "wide_cell"): _WIDE,
     ("image", "wide_robust"): _WIDE,

@@ -625,19 +625,51 @@ def DDS3_full(r: Reduction) -> Step:
     return _step("DDS3_full", cmds, outs, 120)
 
 
+SLOW_MERGED = "DDS3_full_slow_merged"
+
+
 def DDS3_full_slow(r: Reduction) -> Step:
+    """The very slow amplitude solutions on top of the fast smoothed ones (pre-applied to the
+    model), then merged per observation with outliers clipped, as ddf-pipeline does. kMS's
+    NIterKF here is its own 6, not the NIterKF list."""
     solve = Solve(ms="", sols="", colname=r.img_col, dicomodel="image_full_ampphase_di_m_masked.DicoModel",
                   base_image="image_full_ampphase_di_m", clusterfile=CLUSTER_CAT,
-                  dt_min=r.get("solutions", "dt_very_slow"), niterkf=r.niterkf(6), covq=0.1,
+                  dt_min=r.get("solutions", "dt_very_slow"), niterkf=6, covq=0.1,
                   uvmin=r.get("solutions", "uvmin_very_slow"),
                   preapply_sols=f"[{applied(r, 'DDS3_full')}]")
     cmds, outs = _solve(r, "DDS3_full_slow", r.full_mss, solve, smooth=False)
-    return _step("DDS3_full_slow", cmds, outs, 120)
+    merge_cmds, merge_outs = _merge_slow(r)
+    return _step("DDS3_full_slow", cmds + merge_cmds, outs + merge_outs, 120)
+
+
+def _merge_slow(r: Reduction) -> tuple[list[Command], list[str]]:
+    """MergeSols with ``--SigmaFilterOutliers [solutions] sigma_clip`` over each observation's
+    MSs (ddf-pipeline groups them by solution start time: one observation each), then per-MS
+    ``killMS.DDS3_full_slow_merged.sols.npz`` links for DDF. No SmoothSols."""
+    solsdir = r.get("solutions", "SolsDir")
+    cmds: list[Command] = []
+    for obsid, mss in group_by_obsid(r.full_mss).items():
+        lst, merged = f"solslist_DDS3_full_slow_{obsid}.txt", f"DDS3_full_slow_{obsid}_merged.npz"
+        files = [sols_file(r.cfg, ms, "DDS3_full_slow") for ms in mss]
+        merge = ["MergeSols.py", f"--SolsFilesIn={lst}", f"--SolFileOut={solsdir}/{merged}"]
+        if r.get("solutions", "sigma_clip") is not None:
+            merge += ["--SigmaFilterOutliers", _fmt_num(r.get("solutions", "sigma_clip"))]
+        cmds += [hpcddf_tool(r.m, ["write-list", "--out", lst, *files], f"DDS3_full_slow.{obsid}.list.log"),
+                 Command(tuple(merge), f"DDS3_full_slow.{obsid}.merge.log", timeout_s=r.m.timeout_s),
+                 hpcddf_tool(r.m, ["link-sols", "--solsdir", solsdir, "--sols", SLOW_MERGED,
+                                   "--target", merged, *mss], f"DDS3_full_slow.{obsid}.link.log")]
+    return cmds, [sols_file(r.cfg, ms, SLOW_MERGED) for ms in r.full_mss]
+
+
+def _fmt_num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else str(v)
 
 
 def final_sols(r: Reduction) -> str:
+    """The final images' solutions: the fast smoothed ones, times the merged very slow ones
+    (DDFacet multiplies the two sets per time, direction, station and channel)."""
     fast = applied(r, "DDS3_full")
-    return f"[{fast},DDS3_full_slow]" if r.get("solutions", "do_very_slow") else fast
+    return f"[{fast},{SLOW_MERGED}]" if r.get("solutions", "do_very_slow") else fast
 
 
 def image_full_low(r: Reduction) -> Step:

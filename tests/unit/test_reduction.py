@@ -93,7 +93,7 @@ def test_full_list_steps_use_the_full_list_and_final_sols_include_the_slow_ones(
     assert [c.argv[2] for c in BUILDERS["DDS2_full"](r).commands if c.argv[0] == "kMS.py"] == list(FULL)
     final = BUILDERS["image_full_ampphase_di_m.NS"](r).commands[0].argv
     assert "--Data-MS=big-mslist.txt" in final
-    assert "--DDESolutions-DDSols=[DDS3_full_smoothed,DDS3_full_slow]" in final
+    assert "--DDESolutions-DDSols=[DDS3_full_smoothed,DDS3_full_slow_merged]" in final
     assert "--Output-RestoringBeam=6" in final and "--Weight-Robust=-0.5" in final
     slow = BUILDERS["DDS3_full_slow"](r).commands[0].argv
     assert slow[slow.index("--PreApplySols") + 1] == "[DDS3_full_smoothed]"
@@ -371,3 +371,22 @@ def test_a_run_from_a_previous_model_starts_dds2_full_from_it():
     assert "--Predict-InitDicoModel=prev/im.DicoModel" in _argv("Predict_DDS2", *prev)
     # without it, the small images' last masked model as before
     assert "--Predict-InitDicoModel=image_ampphase1_di_masked.DicoModel" in _argv("image_full_ampphase_di")
+
+
+def test_very_slow_solutions_are_merged_per_observation_with_outliers_clipped():
+    r = Reduction(load_config([TIER1], ["--control-bootstrap=False", "--solutions-sigma_clip=4"],
+                              catalog_dir="/cats"), NODE, MS, ("L1_SB000.ms", "L1_SB001.ms", "L2_SB000.ms"))
+    step = BUILDERS["DDS3_full_slow"](r)
+    kms = step.commands[0].argv
+    assert kms[kms.index("--NIterKF") + 1] == "6"  # kMS's own default, not the NIterKF list
+    merges = [c.argv for c in step.commands if c.argv[0] == "MergeSols.py"]
+    assert merges == [("MergeSols.py", "--SolsFilesIn=solslist_DDS3_full_slow_L1.txt",
+                       "--SolFileOut=SOLSDIR/DDS3_full_slow_L1_merged.npz", "--SigmaFilterOutliers", "4"),
+                      ("MergeSols.py", "--SolsFilesIn=solslist_DDS3_full_slow_L2.txt",
+                       "--SolFileOut=SOLSDIR/DDS3_full_slow_L2_merged.npz", "--SigmaFilterOutliers", "4")]
+    assert "SmoothSols.py" not in [c.argv[0] for c in step.commands]
+    lists = [c.argv for c in step.commands if "write-list" in c.argv]
+    assert lists[0][-2:] == ("SOLSDIR/L1_SB000.ms/killMS.DDS3_full_slow.sols.npz",
+                             "SOLSDIR/L1_SB001.ms/killMS.DDS3_full_slow.sols.npz")
+    assert step.outputs[-3:] == tuple(f"SOLSDIR/{ms}/killMS.DDS3_full_slow_merged.sols.npz"
+                                      for ms in ("L1_SB000.ms", "L1_SB001.ms", "L2_SB000.ms"))
