@@ -227,6 +227,9 @@ class Solve:
     evolution_sols: str | None = None
     preapply_sols: str | None = None
     update_weights: bool = True
+    nchan: int | None = None          # NChanSols; None: [solutions] NChanSols, else 1
+    auto_dt: bool = False             # DI: dt from the data (hpcddf.lofar.solint), not dt_min
+    auto_nchan: bool = False          # DI: NChanSols from the data
     extra: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -237,7 +240,6 @@ def kms(cfg: PipelineConfig, m: Machine, s: Solve, log_name: str) -> Command:
             "--PolMode", "IFull" if s.di else "Scalar", "--InCol", s.colname,
             "--OutSolsName", s.sols, "--SolsDir", cfg.get("solutions", "SolsDir"),
             "--NCPU", str(m.ncpu_kms), "--DDFCacheDir", m.cache_dir, "--DoBar", "0",
-            "--dt", _fmt(s.dt_min), "--NChanSols", str(cfg.get("solutions", "NChanSols") or 1),
             "--BeamModel", beam]
     if beam != "None":
         argv += ["--LOFARBeamMode", "A", "--BeamAt", cfg.get("control", "beam_at")]
@@ -262,6 +264,13 @@ def kms(cfg: PipelineConfig, m: Machine, s: Solve, log_name: str) -> Command:
     if cfg.get("solutions", "robust") is not None:
         argv += ["--Weighting", "Briggs", "--Robust", _fmt(cfg.get("solutions", "robust"))]
     argv += list(s.extra)
+    nchan = s.nchan or cfg.get("solutions", "NChanSols") or 1
+    if s.auto_dt or s.auto_nchan:  # decided on the node from the MS's own data
+        auto = [m.python, "-m", "hpcddf.lofar.solint", "--ms", s.ms, "--col", s.colname]
+        auto += [] if s.auto_dt else ["--dt", _fmt(s.dt_min)]
+        auto += [] if s.auto_nchan else ["--nchan", str(nchan)]
+        return Command(tuple(auto + ["--", *argv]), log_name, timeout_s=m.timeout_s)
+    argv += ["--dt", _fmt(s.dt_min), "--NChanSols", str(nchan)]
     return Command(tuple(argv), log_name, timeout_s=m.timeout_s)
 
 

@@ -337,10 +337,17 @@ def image_dirin_SSD_m_c(r: Reduction) -> Step:
 
 # ------------------------------------------------------------------------------ dirin_di
 
+def di_solve(r: Reduction, **kw) -> Solve:
+    """A DI solve: its time interval [solutions] dt_di, its channels [solutions] NChanSols, each
+    worked out from the MS's data where the config leaves it None (ddf-pipeline's give_dt_dnu)."""
+    dt = r.get("solutions", "dt_di")
+    return Solve(ms="", sols="", colname=r.col, di=True, dt_min=dt or 0.0, auto_dt=dt is None,
+                 auto_nchan=r.get("solutions", "NChanSols") is None, **kw)
+
+
 def DIS0(r: Reduction) -> Step:
-    dt = r.get("solutions", "dt_di") or r.get("solutions", "dt_slow")
-    cmds, outs = _solve(r, "DIS0", r.mss, Solve(ms="", sols="", colname=r.col, di=True, dt_min=dt))
-    return _step("DIS0", cmds, outs, 60, dt_min=dt)
+    cmds, outs = _solve(r, "DIS0", r.mss, di_solve(r))
+    return _step("DIS0", cmds, outs, 60, dt_min=r.get("solutions", "dt_di") or "auto")
 
 
 def image_dirin_SSD_m_c_di(r: Reduction) -> Step:
@@ -495,9 +502,7 @@ def Predict_DI1(r: Reduction) -> Step:
 
 
 def DIS1(r: Reduction) -> Step:
-    dt = r.get("solutions", "dt_di") or r.get("solutions", "dt_slow")
-    cmds, outs = _solve(r, "DIS1", r.mss, Solve(ms="", sols="", colname=r.col, di=True, dt_min=dt,
-                                                update_weights=False))
+    cmds, outs = _solve(r, "DIS1", r.mss, di_solve(r, update_weights=False))
     return _step("DIS1", cmds, outs, 60)
 
 
@@ -570,9 +575,7 @@ def Predict_DDS2(r: Reduction) -> Step:
 
 
 def DIS2_full(r: Reduction) -> Step:
-    dt = r.get("solutions", "dt_di") or r.get("solutions", "dt_slow")
-    cmds, outs = _solve(r, "DIS2_full", r.full_mss, Solve(ms="", sols="", colname=r.col, di=True,
-                                                          dt_min=dt, update_weights=False))
+    cmds, outs = _solve(r, "DIS2_full", r.full_mss, di_solve(r, update_weights=False))
     return _step("DIS2_full", cmds, outs, 90)
 
 
@@ -620,7 +623,7 @@ def DDS3_full(r: Reduction) -> Step:
     solve = Solve(ms="", sols="", colname=r.img_col, dicomodel="image_full_ampphase_di_m_masked.DicoModel",
                   base_image="image_full_ampphase_di_m", clusterfile=CLUSTER_CAT,
                   dt_min=r.get("solutions", "dt_fast"), niterkf=r.niterkf(5), covq=0.1,
-                  uvmin=r.get("solutions", "uvmin"))
+                  uvmin=r.get("solutions", "uvmin"), nchan=1)
     cmds, outs = _solve(r, "DDS3_full", r.full_mss, solve)
     return _step("DDS3_full", cmds, outs, 120)
 
@@ -635,7 +638,7 @@ def DDS3_full_slow(r: Reduction) -> Step:
     solve = Solve(ms="", sols="", colname=r.img_col, dicomodel="image_full_ampphase_di_m_masked.DicoModel",
                   base_image="image_full_ampphase_di_m", clusterfile=CLUSTER_CAT,
                   dt_min=r.get("solutions", "dt_very_slow"), niterkf=6, covq=0.1,
-                  uvmin=r.get("solutions", "uvmin_very_slow"),
+                  uvmin=r.get("solutions", "uvmin_very_slow"), nchan=1,
                   preapply_sols=f"[{applied(r, 'DDS3_full')}]")
     cmds, outs = _solve(r, "DDS3_full_slow", r.full_mss, solve, smooth=False)
     merge_cmds, merge_outs = _merge_slow(r)

@@ -3,6 +3,7 @@ step declarations (ClipCal in the same step as its kMS, outputs, stages)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -58,12 +59,12 @@ def test_dds0_argv_for_tier1():
     assert list(step.commands[0].argv) == [
         "kMS.py", "--MSName", "L1_SB000.ms", "--SolverType", "KAFCA", "--PolMode", "Scalar",
         "--InCol", "DATA_DI_CORRECTED", "--OutSolsName", "DDS0", "--SolsDir", "SOLSDIR",
-        "--NCPU", "4", "--DDFCacheDir", "/scratch/c", "--DoBar", "0", "--dt", "1",
-        "--NChanSols", "1", "--BeamModel", "LOFAR", "--LOFARBeamMode", "A", "--BeamAt", "facet",
+        "--NCPU", "4", "--DDFCacheDir", "/scratch/c", "--DoBar", "0",
+        "--BeamModel", "LOFAR", "--LOFARBeamMode", "A", "--BeamAt", "facet",
         "--BaseImageName", "image_dirin_SSD_m_c_di_m",
         "--DicoModel", "image_dirin_SSD_m_c_di_m_masked.DicoModel",
         "--NodesFile", "image_dirin_SSD_m.npy.ClusterCat.npy", "--NIterKF", "6", "--CovQ", "0.02",
-        "--LambdaKF", "0.5", "--UVMinMax", "0.1,1000"]
+        "--LambdaKF", "0.5", "--UVMinMax", "0.1,1000", "--dt", "1", "--NChanSols", "1"]
     # one kMS per MS, then merge, smooth and link the smoothed solutions for DDF
     progs = [c.argv[0] for c in step.commands]
     assert progs == ["kMS.py", "kMS.py", "MergeSols.py", "SmoothSols.py", NODE.python]
@@ -76,10 +77,10 @@ def test_dds0_argv_for_tier1():
 
 def test_di_calibration_clipcal_runs_in_the_same_step_after_each_kms():
     step = BUILDERS["DIS0"](tier1())
-    progs = [(c.argv[0], c.argv[2]) for c in step.commands]
+    progs = [(_program(c.argv)[0], _program(c.argv)[2]) for c in step.commands]
     assert progs == [("kMS.py", "L1_SB000.ms"), ("ClipCal.py", "L1_SB000.ms"),
                      ("kMS.py", "L1_SB010.ms"), ("ClipCal.py", "L1_SB010.ms")]
-    kms = list(step.commands[0].argv)
+    kms = list(_program(step.commands[0].argv))
     for flag, value in (("--SolverType", "CohJones"), ("--PolMode", "IFull"),
                         ("--SkyModelCol", "DD_PREDICT"), ("--OutCol", "DATA_DI_CORRECTED"),
                         ("--InCol", "CORRECTED_DATA"), ("--ApplyToDir", "0")):
@@ -218,9 +219,16 @@ def test_bootstrap_needs_a_low_resolution_beam():
         build(boot("--image-low_psf_arcsec=None"), "bootstrap", ["bootstrap"])
 
 
+def _program(argv) -> tuple:
+    """The program a command runs: kMS.py behind hpcddf's solution-interval wrapper too."""
+    return tuple(argv[argv.index("--") + 1:]) if "hpcddf.lofar.solint" in argv else tuple(argv)
+
+
 def _col(step, prog="DDF.py", opt="--Data-ColName="):
     for c in step.commands:
-        if c.argv[0] == prog:
+        argv = _program(c.argv)
+        if argv[0] == prog:
+            c = replace(c, argv=argv)
             if prog == "kMS.py":
                 return c.argv[c.argv.index("--InCol") + 1]
             return next(a[len(opt):] for a in c.argv if a.startswith(opt))
@@ -390,3 +398,18 @@ def test_very_slow_solutions_are_merged_per_observation_with_outliers_clipped():
                              "SOLSDIR/L1_SB001.ms/killMS.DDS3_full_slow.sols.npz")
     assert step.outputs[-3:] == tuple(f"SOLSDIR/{ms}/killMS.DDS3_full_slow_merged.sols.npz"
                                       for ms in ("L1_SB000.ms", "L1_SB001.ms", "L2_SB000.ms"))
+
+
+def test_di_intervals_are_worked_out_from_the_data_unless_the_config_gives_them():
+    auto = BUILDERS["DIS0"](tier1()).commands[0].argv  # tier1: dt_di and NChanSols None
+    assert auto[:7] == (NODE.python, "-m", "hpcddf.lofar.solint", "--ms", "L1_SB000.ms", "--col", "CORRECTED_DATA")
+    assert auto[7] == "--" and auto[8] == "kMS.py" and "--dt" not in auto and "--NChanSols" not in auto
+    given = BUILDERS["DIS1"](tier1("--solutions-dt_di=0.2", "--solutions-NChanSols=2")).commands[0].argv
+    assert given[0] == "kMS.py" and given[-4:] == ("--dt", "0.2", "--NChanSols", "2")
+    half = BUILDERS["DIS2_full"](tier1("--solutions-dt_di=0.2")).commands[0].argv
+    assert half[7:10] == ("--dt", "0.2", "--") and "--nchan" not in half
+    # DD solves never go through it; DDS3 always solves one channel (as ddf-pipeline)
+    dd = BUILDERS["DDS3_full"](tier1("--solutions-NChanSols=4")).commands[0].argv
+    assert dd[0] == "kMS.py" and dd[dd.index("--NChanSols") + 1] == "1"
+    dds2 = BUILDERS["DDS2_full"](tier1("--solutions-NChanSols=4")).commands[0].argv
+    assert dds2[dds2.index("--NChanSols") + 1] == "4"
