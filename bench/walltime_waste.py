@@ -26,7 +26,7 @@ One survey is ~20 min of step work plus queueing and requeues: about 25-35 min. 
 --exitafter initial is a ~2 min check of the plumbing. --compare runs the old bench instead
 (one field, 10 s steps, 1-min walltime, noisy vs exact estimates, --runs per side: ~10 min a run).
 Ends with: RESULT waste=<redone/allocated> utilisation=<step s/allocated> attempts=<sacct rows>
-b1_... b2_... (the same per field) b1_jobs= b2_jobs= b2_walltime_min=<each B2 job's request>.
+b1_... b2_... (the same per field) b1_jobs= b2_jobs= b2_walltime_min=<STAGE:minutes of each B2 job, plan order>.
 """
 
 from __future__ import annotations
@@ -192,7 +192,8 @@ def run_field(root: Path, site: Path, field: str, exitafter: str, true: dict[str
     by_job.update({j: n for n, j in doc["fields"][field]["jobs"].items() if str(j) not in by_job})
     wait_for(lambda: not live_jobs(list(by_job)), 120)  # sacct's ElapsedRaw final
     time.sleep(2)
-    limits = {j: minutes(sacct(j, "JobID,Timelimit", attempts=False)[0][1]) for j in by_job}
+    by_job = dict(sorted(by_job.items(), key=lambda kv: int(kv[0])))  # submit order: the plan's
+    limits = {n: minutes(sacct(j, "JobID,Timelimit", attempts=False)[0][1]) for j, n in by_job.items()}
     allocated, attempts, per_attempt = 0.0, 0, []
     for job, stage in by_job.items():
         node_s, n = wait_for(lambda j=job: _if_recorded(attempts_node_seconds(j)), 60)
@@ -214,7 +215,7 @@ def run_field(root: Path, site: Path, field: str, exitafter: str, true: dict[str
               f"{a['steps']:.0f} step(s) done, start-up {a['startup']:4.0f} s, tail {a['tail']:3.0f} s",
               flush=True)
     return {"allocated": allocated, "step_s": step_s, "redone": redone, "attempts": attempts,
-            "jobs": len(by_job), "limits": list(limits.values()), "wall": wall,
+            "jobs": len(by_job), "limits": limits, "wall": wall,
             "failed": len(failed), "steps_done": len(done), "steps": len(true),
             "startup": [a["startup"] for a in per_attempt], "tail": [a["tail"] for a in per_attempt],
             "empty": sum(1 for a in per_attempt if a["steps"] == 0)}
@@ -260,7 +261,7 @@ def survey(a: argparse.Namespace) -> None:
                 f"{p}_redone_s={r['redone']:g}", f"{p}_startup_s={sum(r['startup']):.0f}",
                 f"{p}_tail_s={sum(r['tail']):.0f}", f"{p}_empty_attempts={r['empty']}",
                 f"{p}_wall_s={r['wall']:.0f}"]
-    out += ["b2_walltime_min=" + "+".join(f"{m:g}" for m in res["B2"]["limits"]),
+    out += ["b2_walltime_min=" + ",".join(f"{n}:{m:g}" for n, m in res["B2"]["limits"].items()),
             f"failed={tot['failed']}", f"error={a.error}", f"seed={a.seed}", f"exitafter={a.exitafter}",
             f"scale={a.scale:g}", f"walltime_min={WALLTIME_MIN}"]
     print("RESULT " + " ".join(out))
