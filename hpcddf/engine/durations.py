@@ -19,6 +19,7 @@ from hpcddf.engine.state import locked
 
 KEEP = 20  # most recent measurements kept per step
 SPEED_KEY = "_speed"  # measured / estimated, most recent first-hand ratios of any step
+STARTUP_KEY = "_startup"  # seconds from a job attempt's start to its first step
 
 
 def load_estimates(work_root: Path) -> dict[str, float]:
@@ -27,26 +28,42 @@ def load_estimates(work_root: Path) -> dict[str, float]:
         data = json.loads(durations_file(work_root).read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
-    return {step: float(statistics.median(v)) for step, v in data.items() if v and step != SPEED_KEY}
+    return {step: float(statistics.median(v)) for step, v in data.items() if v and not step.startswith("_")}
+
+
+def _load(work_root: Path) -> dict[str, list[float]]:
+    try:
+        return json.loads(durations_file(work_root).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
 
 
 def load_speed(work_root: Path) -> list[float]:
     """The recent measured / estimated ratios of the work root's steps (oldest first)."""
-    try:
-        data = json.loads(durations_file(work_root).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return []
-    return [float(r) for r in data.get(SPEED_KEY, [])]
+    return [float(r) for r in _load(work_root).get(SPEED_KEY, [])]
+
+
+def load_startup(work_root: Path) -> float | None:
+    """The median time a job attempt of this site took to reach its first step, if measured."""
+    values = _load(work_root).get(STARTUP_KEY, [])
+    return float(statistics.median(values)) if values else None
+
+
+def record_startup(work_root: Path, seconds: float) -> None:
+    """What sizing plans for a job's own start-up (container, preflight, scratch, state)."""
+    _append(work_root, STARTUP_KEY, round(seconds, 2))
 
 
 def record_duration(work_root: Path, step: str, seconds: float, estimate_s: float | None = None) -> None:
+    _append(work_root, step, round(seconds, 3))
+    if estimate_s:
+        _append(work_root, SPEED_KEY, round(seconds / estimate_s, 4))
+
+
+def _append(work_root: Path, key: str, value: float) -> None:
+    """Add one measurement under the work root's lock, keeping the most recent KEEP."""
     path = durations_file(work_root)
     with locked(work_root):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
-            data = {}
-        data[step] = (data.get(step, []) + [round(seconds, 3)])[-KEEP:]
-        if estimate_s:
-            data[SPEED_KEY] = (data.get(SPEED_KEY, []) + [round(seconds / estimate_s, 4)])[-KEEP:]
+        data = _load(work_root)
+        data[key] = (data.get(key, []) + [value])[-KEEP:]
         write_json_atomic(path, data)

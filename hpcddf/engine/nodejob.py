@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from hpcddf.engine.durations import load_estimates, load_speed, record_duration
+from hpcddf.engine.durations import load_estimates, load_speed, record_duration, record_startup
 from hpcddf.engine.jobenv import job_id_from_env
 from hpcddf.engine.paths import unit_paths
 from hpcddf.engine.preflight import clean_stale_shm, pid_alive
@@ -142,6 +142,7 @@ class StageJob(UnitJob):
         built = self.builder(self.stage, self.steps, node)
         steps = built.steps
         deadline, usable_s = self._deadline()
+        record_startup(Path(self.work_root), time.time() - self._job_start)
         ctx = RunContext(workdir=wd, log_dir=wd / built.log_dir,
                          marker_dir=paths.done_dir, deadline=deadline,
                          safety_s=min(60.0, usable_s * 0.02),
@@ -176,10 +177,12 @@ class StageJob(UnitJob):
         before the limit, checking only every ~30 s, so it may come up to 30 s earlier still.
         """
         end = self._started + self.walltime_min * 60
+        self._job_start = self._started  # the attempt's start as Slurm says (start-up measured from it)
         job = os.environ.get("SLURM_JOB_ID")
         if job and self.site.scheduler == "slurm":
-            from hpcddf.engine.slurm_query import job_end_time
-            end = job_end_time(job) or end
+            from hpcddf.engine.slurm_query import job_times
+            start, slurm_end = job_times(job)
+            end, self._job_start = slurm_end or end, min(start or self._started, self._started)
         lead = lead_s(self.site)
         usable = max(1.0, self.walltime_min * 60 - lead)
         return end - lead, usable

@@ -23,8 +23,9 @@ from typing import Mapping, Sequence
 from hpcddf.engine.plan import Plan, Resources, Stage, fit_resources
 from hpcddf.engine.sites import Site
 
-MARGIN = 0.25  # measured steps may run this much longer (another field, a busier node)
-START_S = 60.0  # a job's own start-up: container, preflight, scratch, reading the state
+MARGIN = 0.25  # a request keeps room for measured steps to run this much longer
+FIT_MARGIN = 0.1  # a split keeps what the runner keeps for a measured step (runner.MEASURED_MARGIN)
+START_S = 60.0  # a job's own start-up (container, preflight, scratch) until it was measured
 SLURM_SIGNAL_SLACK_S = 30  # slurmctld checks time limits every 30 s
 
 
@@ -34,21 +35,24 @@ def lead_s(site: Site) -> float:
     return float(site.slurm.signal_delay_s + slack)
 
 
-def usable_s(site: Site, walltime_min: int) -> float:
+def usable_s(site: Site, walltime_min: int, start_s: float = START_S) -> float:
     """Seconds of step work a job of ``walltime_min`` can hold."""
-    return walltime_min * 60 - lead_s(site) - START_S
+    return walltime_min * 60 - lead_s(site) - start_s
 
 
-def needed_minutes(site: Site, step_seconds: Sequence[float]) -> int:
+def needed_minutes(site: Site, step_seconds: Sequence[float], start_s: float = START_S) -> int:
     """The walltime a job needs for steps measured at ``step_seconds``, in whole minutes."""
-    need = sum(step_seconds) * (1 + MARGIN) + lead_s(site) + START_S
+    need = sum(step_seconds) * (1 + MARGIN) + lead_s(site) + start_s
     return max(1, math.ceil(need / 60))
 
 
-def split_steps(site: Site, steps: Sequence[str], measured: Mapping[str, float]) -> list[list[str]]:
-    """Consecutive groups of ``steps`` each fitting the site's maximum walltime with the margin;
-    a step too long for any walltime is a group of its own (it runs at the start of its job)."""
-    room = usable_s(site, site.max_walltime_min) / (1 + MARGIN)
+def split_steps(site: Site, steps: Sequence[str], measured: Mapping[str, float],
+                start_s: float = START_S) -> list[list[str]]:
+    """Consecutive groups of ``steps`` each fitting the site's maximum walltime as the runner
+    would fit them (a split that the runner would not need costs a queue wait, as a requeue
+    does); a step too long for any walltime is a group of its own (it runs at the start of
+    its job)."""
+    room = usable_s(site, site.max_walltime_min, start_s) / (1 + FIT_MARGIN)
     parts: list[list[str]] = [[]]
     used = 0.0
     for step in steps:
@@ -61,18 +65,18 @@ def split_steps(site: Site, steps: Sequence[str], measured: Mapping[str, float])
     return parts
 
 
-def size_stage(site: Site, stage: Stage, measured: Mapping[str, float]) -> list[Stage]:
+def size_stage(site: Site, stage: Stage, measured: Mapping[str, float], start_s: float = START_S) -> list[Stage]:
     """The stage as one or more jobs, each asking for the walltime its measured steps need.
 
     Unmeasured steps keep the stage as planned (the site's maximum); a stage that asked for a
     custom walltime shorter than the maximum is left alone too."""
     if stage.resources.walltime_min < site.max_walltime_min or any(s not in measured for s in stage.steps):
         return [stage]
-    parts = split_steps(site, stage.steps, measured)
+    parts = split_steps(site, stage.steps, measured, start_s)
     names = [stage.name] if len(parts) == 1 else [f"{stage.name}.{i + 1}" for i in range(len(parts))]
     out: list[Stage] = []
     for name, steps in zip(names, parts):
-        minutes = min(needed_minutes(site, [measured[s] for s in steps]), site.max_walltime_min)
+        minutes = min(needed_minutes(site, [measured[s] for s in steps], start_s), site.max_walltime_min)
         deps = (out[-1].name,) if out else stage.depends_on
         out.append(Stage(name, tuple(steps), _with_walltime(stage.resources, minutes), deps))
     return out
@@ -93,9 +97,11 @@ def split_light_tail(site: Site, stage: Stage, light: frozenset[str]) -> list[St
 
 
 def size_plan(plan: Plan, site: Site, measured: Mapping[str, float],
-              light: frozenset[str] = frozenset()) -> Plan:
-    """Every stage sized from ``measured`` (step -> seconds), its light tail split off where
-    the site allows it; dependencies follow the splits."""
+              light: frozenset[str] = frozenset(), start_s: float | None = None) -> Plan:
+    """Every stage sized from ``measured`` (step -> seconds) and the measured job start-up
+    (``start_s``; None: START_S), its light tail split off where the site allows it;
+    dependencies follow the splits."""
+    start = START_S if start_s is None else start_s
     renamed: dict[str, str] = {}
     stages: list[Stage] = []
     for stage in plan.stages:
@@ -104,7 +110,7 @@ def size_plan(plan: Plan, site: Site, measured: Mapping[str, float],
         for piece in split_light_tail(site, replace(stage, depends_on=deps), light):
             if parts:
                 piece = replace(piece, depends_on=(parts[-1].name,))
-            parts.extend(size_stage(site, piece, measured))
+            parts.extend(size_stage(site, piece, measured, start))
         renamed[stage.name] = parts[-1].name
         stages.extend(parts)
     return replace(plan, stages=tuple(stages))

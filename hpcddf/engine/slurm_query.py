@@ -103,11 +103,23 @@ def query_jobs(ids: Iterable[str]) -> dict[str, JobInfo]:
     return found
 
 
-def job_end_time(job_id: str) -> float | None:
-    """When Slurm will kill this job (epoch seconds), or None if Slurm does not say."""
+def job_times(job_id: str) -> tuple[float | None, float | None]:
+    """When this job (attempt) started and when Slurm will kill it (epoch seconds), each None
+    if Slurm does not say."""
     import datetime as dt
     try:
-        text = _run(["squeue", "-h", "-j", job_id, "-o", "%e"], timeout=20).strip()
-        return dt.datetime.fromisoformat(text).timestamp()
-    except (SubmissionError, ValueError):
-        return None
+        text = _run(["squeue", "-h", "-j", job_id, "-o", "%S|%e"], timeout=20).strip()
+    except SubmissionError:
+        return None, None
+    out: list[float | None] = []
+    for part in (text.split("|") + ["", ""])[:2]:
+        try:
+            out.append(dt.datetime.fromisoformat(part.strip()).timestamp())
+        except ValueError:
+            out.append(None)
+    return out[0], out[1]
+
+
+def job_end_time(job_id: str) -> float | None:
+    """When Slurm will kill this job (epoch seconds), or None if Slurm does not say."""
+    return job_times(job_id)[1]

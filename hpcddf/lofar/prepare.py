@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from hpcddf.engine.durations import load_estimates
+from hpcddf.engine.durations import load_estimates, load_startup
 from hpcddf.engine.fields import (
     Field,
     check_work_root,
@@ -109,8 +109,9 @@ def sized_plan(cfg: PipelineConfig, site: Site, field_id: str, work_root: Path) 
     plan = plan_reduction(cfg, site, field_id)
     if site.scheduler != "slurm":
         return plan
-    measured = load_estimates(work_root) if site.slurm.size_from_measurements else {}
-    return size_plan(plan, site, measured, LIGHT_STEPS)
+    if not site.slurm.size_from_measurements:
+        return size_plan(plan, site, {}, LIGHT_STEPS)
+    return size_plan(plan, site, load_estimates(work_root), LIGHT_STEPS, load_startup(work_root))
 
 
 def measurement_sets(site: Site, job: FieldJob) -> list[Path]:

@@ -210,10 +210,12 @@ def test_a_first_field_learns_the_site_speed_from_its_own_steps(tmp_path, quick_
 
 
 def test_measured_ratios_of_earlier_fields_scale_static_estimates(tmp_path):
-    from hpcddf.engine.durations import load_estimates, load_speed, record_duration
+    from hpcddf.engine.durations import load_estimates, load_speed, load_startup, record_duration, record_startup
     record_duration(tmp_path, "a", 30.0, estimate_s=60.0)
     record_duration(tmp_path, "b", 50.0)  # no static estimate: no ratio
+    record_startup(tmp_path, 3.0)
     assert load_estimates(tmp_path) == {"a": 30.0, "b": 50.0} and load_speed(tmp_path) == [0.5]
+    assert load_startup(tmp_path) == 3.0
     ctx = ctx_for(tmp_path, estimates=load_estimates(tmp_path), speed=load_speed(tmp_path))
     assert runner.expected_duration(ctx, Step("c", "initial", (), estimate_s=100.0)) == 50.0
     assert runner.expected_duration(ctx, Step("a", "initial", (), estimate_s=100.0)) == 30.0

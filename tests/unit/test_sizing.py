@@ -49,9 +49,17 @@ def test_a_stage_too_long_for_one_walltime_is_split_at_step_boundaries_and_recha
     assert names == ["initial.1", "initial.2", "dirin"]
     assert [s.steps for s in plan.stages] == [("a", "b"), ("c", "d"), ("e",)]
     assert [s.depends_on for s in plan.stages] == [(), ("initial.1",), ("initial.2",)]
-    for s in plan.stages:  # each part fits the site's walltime with its margin
+    for s in plan.stages:  # each part fits the site's walltime as the runner fits measured steps
         assert s.resources.walltime_min <= 60
-        assert sum(measured[x] for x in s.steps) * 1.25 <= usable_s(site, 60)
+        assert sum(measured[x] for x in s.steps) * 1.1 <= usable_s(site, 60)
+
+
+def test_a_measured_start_up_replaces_the_assumed_minute():
+    site = _site("0:05:00")  # 300 s - 150 s signal lead: room for steps depends on the start-up
+    plan = _plan(site, ("initial", ("a", "b")))
+    measured = {"a": 50.0, "b": 50.0}
+    assert len(size_plan(plan, site, measured).stages) == 2  # (300-150-60)/1.1 = 82 s < 100 s
+    assert len(size_plan(plan, site, measured, start_s=2.0).stages) == 1  # (300-150-2)/1.1 = 135 s
 
 
 def test_a_step_longer_than_any_walltime_is_a_job_of_its_own_at_the_site_maximum():
