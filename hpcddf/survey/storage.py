@@ -48,13 +48,16 @@ def default_database(site: Site) -> str:
 def database_url(text: str) -> Any:
     """The SQLAlchemy URL of ``text``: a path is a SQLite file; ``mysql://`` and ``mariadb://``
     use PyMySQL (the ``survey`` extra) with utf8mb4. ``$VARS`` are expanded (a password need not
-    stand in the site file). Other databases are refused."""
+    stand in the site file; one from a variable is taken as it is, special characters too).
+    Other databases are refused."""
     sa = sqlalchemy()
-    text = os.path.expandvars(text.strip())
+    text = text.strip()
     if "://" not in text:
-        return sa.engine.make_url(f"sqlite:///{Path(text).expanduser().absolute()}")
-    try:
+        return sa.engine.make_url(f"sqlite:///{Path(os.path.expandvars(text)).expanduser().absolute()}")
+    try:  # $VARS expanded per part: a password from a variable needs no URL-encoding
         url = sa.engine.make_url(text)
+        url = url.set(**{k: os.path.expandvars(getattr(url, k)) for k in ("username", "password", "host", "database")
+                         if getattr(url, k)})
     except sa.exc.ArgumentError:
         raise SurveyError(f"survey database {text.split('://')[0]}://... is not a database URL",
                           "give mysql+pymysql://USER:PASSWORD@HOST[:PORT]/DATABASE or a SQLite file path") from None

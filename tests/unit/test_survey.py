@@ -309,10 +309,12 @@ def test_sqlite_on_a_network_file_system_is_refused(tmp_path: Path) -> None:
     storage.check_local_disk(tmp_path / "s.sqlite")  # this machine's real /proc/mounts: a local disk
 
 
-def test_database_urls() -> None:
+def test_database_urls(monkeypatch: pytest.MonkeyPatch) -> None:
     assert storage.describe(storage.database_url("/var/tmp/s.sqlite")) == "/var/tmp/s.sqlite"
+    monkeypatch.setenv("HPCDDF_TEST_PW", "p@ss/w:rd")
     url = storage.database_url("mysql://lotss:${HPCDDF_TEST_PW}@db.example.org/lotss")
     assert url.drivername == "mysql+pymysql" and url.query["charset"] == "utf8mb4"
+    assert (url.username, url.password, url.host, url.database) == ("lotss", "p@ss/w:rd", "db.example.org", "lotss")
     assert "***" in storage.describe(url)
     for bad, why in [("postgresql://a@b/c", "not supported"), ("mysql+mysqldb://a@b/c", "driver"),
                      ("mysql+pymysql://a@b", "names no database")]:
@@ -355,3 +357,13 @@ def test_cli_init_status_json_and_png(run_cli, write_site, pointings: Path, data
 def test_cli_status_without_a_survey(run_cli, tmp_path: Path, cli_error) -> None:  # noqa: ANN001
     cli_error(run_cli("survey", "status", "--db", tmp_path / "none.sqlite"), "no survey database at",
               "hpcddf survey init")
+
+
+def test_the_site_survey_section_is_checked_like_every_other(write_site) -> None:  # noqa: ANN001
+    site = write_site("typo")
+    with site.open("a") as fh:
+        fh.write('\n[survey]\ndatabse = "/var/tmp/s.sqlite"\n')
+    with pytest.raises(Exception, match=r"unknown key 'databse'.*did you mean 'database'"):
+        load_site_file(site)
+    site.write_text(site.read_text().replace("databse", "database"))
+    assert storage.default_database(load_site_file(site)) == "/var/tmp/s.sqlite"
