@@ -14,9 +14,10 @@ why a field went back) is in the database, not in logs.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -127,7 +128,17 @@ class SurveyDB:
         return storage.describe(self.url)
 
     def begin(self) -> Any:
+        """A transaction that may write (on SQLite it takes the write lock at once)."""
         return self.engine.begin()
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Any]:
+        """A transaction that only reads: on SQLite a plain BEGIN, so a status never waits for
+        a tick's write lock (WAL readers see the last commit)."""
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(**{storage.READ_ONLY: True})
+            with conn.begin():
+                yield conn
 
     def close(self) -> None:
         self.engine.dispose()
@@ -162,14 +173,16 @@ def _sqlite_exists(url: Any) -> bool:
 
 def _check_schema(db: SurveyDB, create: bool) -> None:
     try:
-        with db.begin() as conn:
+        with (db.begin() if create else db.read()) as conn:
             tables = set(sa.inspect(conn).get_table_names())
             if "schema_version" not in tables:
                 _create_schema(conn, db, tables, create)
                 return
             found = conn.execute(sa.select(schema_version.c.version)).scalars().all()
     except sa.exc.OperationalError as exc:
-        raise SurveyError(f"cannot use the survey database {db.where}: {_first_line(exc)}",
+        why = _first_line(exc)
+        raise SurveyError(f"cannot use the survey database {db.where}: {why}",
+                          "another hpcddf holds it for longer than 30 s: try again" if "locked" in why else
                           "check the URL, the server and the credentials ([survey] database or --db)") from None
     if found != [SCHEMA_VERSION]:
         raise SurveyError(f"the survey database {db.where} has schema version {found or 'none'}; "

@@ -27,7 +27,7 @@ def survey_status(database: str, now: datetime | None = None) -> dict[str, Any]:
     first_day = (now - timedelta(days=WINDOW_DAYS - 1)).date()
     sdb = db.open_db(database)
     try:
-        with sdb.begin() as conn:
+        with sdb.read() as conn:
             settings = db.read_settings(conn)
             counts = db.counts(conn)
             hours = db.node_hours_total(conn)
@@ -46,7 +46,7 @@ def survey_status(database: str, now: datetime | None = None) -> dict[str, Any]:
 
 def done_per_day(done: list[tuple[str, datetime]], first_day: Any) -> dict[str, int]:
     """Fields that became done on each of the last days (UTC dates, oldest first, 0 included)."""
-    per = Counter(at.date() for _, at in done)
+    per = Counter(day for _, day in {(fid, at.date()) for fid, at in done})  # a field once a day
     days = [first_day + timedelta(days=k) for k in range(WINDOW_DAYS)]
     return {d.isoformat(): per.get(d, 0) for d in days}
 
@@ -83,7 +83,7 @@ def plot_sky(database: str, png: Path) -> Path:
         raise SurveyError("--png needs matplotlib, which is not installed", storage.INSTALL) from None
     sdb = db.open_db(database)
     try:
-        with sdb.begin() as conn:
+        with sdb.read() as conn:
             rows = db.fields(conn)
             name = db.read_settings(conn).get("name", "survey")
     finally:

@@ -25,6 +25,7 @@ NETWORK_FS = frozenset({
     "ocfs2", "gfs2", "wekafs", "orangefs", "pvfs2", "fuse.juicefs", "9p", "virtiofs",
 })
 MYSQL_SCHEMES = ("mysql", "mariadb")
+READ_ONLY = "hpcddf_read_only"  # execution option of connections that only read
 
 
 def sqlalchemy() -> ModuleType:
@@ -152,5 +153,6 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 def _sqlite_begin(conn: Any) -> None:
     """Take the write lock when a transaction begins (BEGIN IMMEDIATE), as MySQL's row locks
-    do: a tick's read-then-move cannot interleave with another writer's."""
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    do: a tick's read-then-move cannot interleave with another writer's. Read-only
+    transactions (``SurveyDB.read``) take none."""
+    conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")

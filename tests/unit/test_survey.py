@@ -10,6 +10,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -237,6 +238,20 @@ def test_status_of_a_young_survey_uses_its_age_and_none_without_progress(survey:
            (["L100001"], S.REDUCING, S.DONE, None))
     doc = survey_status(survey, now=db.utcnow() + timedelta(days=1))  # one day old, one field done
     assert doc["rate_per_day"] == pytest.approx(1.0, rel=0.01) and doc["eta_days"] == pytest.approx(3.0, rel=0.01)
+
+
+def test_status_reads_while_a_tick_holds_its_write_transaction(survey: str) -> None:
+    """A status during a tick neither waits for it nor sees its uncommitted moves."""
+    sdb = db.open_db(survey)
+    try:
+        with sdb.begin() as conn:
+            db.move_many(conn, ["L100001", "L100002"], S.NEW, S.READY)
+            t0 = time.monotonic()
+            doc = survey_status(survey)
+            assert time.monotonic() - t0 < 5 and doc["states"]["new"] == 4
+        assert survey_status(survey)["states"]["ready"] == 2
+    finally:
+        sdb.close()
 
 
 def test_png_is_a_real_png_written_atomically(survey: str, tmp_path: Path) -> None:
