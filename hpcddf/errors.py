@@ -91,3 +91,9 @@ class StepFailed(HpcddfError):
         self.returncode = returncode
         self.log_tail = log_tail
         self.log_path = log_path
+
+
+class SurveyError(HpcddfError):
+    """A survey's database, pointings or settings cannot be used as given."""
+
+    exit_code = ExitCode.CONFIG

@@ -149,3 +149,33 @@ def _note(stage: dict[str, Any]) -> str:
     if isinstance(err, dict):
         return str(err.get("message", ""))
     return str(err or stage.get("note") or "")
+
+
+def survey_summary(doc: dict[str, Any]) -> str:
+    """The lines above the tables of ``hpcddf survey status`` (too long for a table title)."""
+    eta = doc["eta"] or "- (nothing done in the last week)"
+    return (f"survey {doc['survey'].get('name', '?')} ({doc['database']}): {doc['fields']} fields, "
+            f"{doc['node_hours']:.1f} node-hours\n"
+            f"{doc['rate_per_day']:.1f} fields/day, {doc['remaining']} to go, ETA {eta}")
+
+
+def survey_tables(doc: dict[str, Any]) -> list[Table]:
+    """``hpcddf survey status``: fields per state, done per day (UTC), the failed fields."""
+    t = Table(title="fields per state")
+    t.add_column("state")
+    t.add_column("fields", justify="right")
+    for state, n in doc["states"].items():
+        t.add_row(state, str(n))
+    days = Table(title="done per day (UTC)")
+    for day in doc["done_per_day"]:
+        days.add_column(day[5:], justify="right")
+    days.add_row(*(str(n) for n in doc["done_per_day"].values()))
+    tables = [t, days]
+    if doc["failed"]:
+        f = Table(title=f"failed fields ({len(doc['failed'])})")
+        for col in ("field", "attempts", "since", "error"):
+            f.add_column(col, overflow="fold")
+        for r in doc["failed"]:
+            f.add_row(r["field"], str(r["attempts"]), r["since"], r["error"] or "-")
+        tables.append(f)
+    return tables

@@ -94,6 +94,15 @@ class FieldsSection:
 
 
 @dataclass(frozen=True)
+class SurveySection:
+    # The survey ledger (`hpcddf survey`): a MySQL/MariaDB URL for shared operation
+    # ("mysql+pymysql://user:${PASSWORD_VAR}@host/db"), or the path of a SQLite file on a LOCAL
+    # disk of the machine that runs the tick (SQLite's locking is unreliable on NFS/Lustre).
+    # $VARS are expanded when used. None: $XDG_STATE_HOME/hpcddf/survey-<site>.sqlite.
+    database: str | None = None
+
+
+@dataclass(frozen=True)
 class Site:
     """A cluster (or this machine) as hpcddf needs to know it."""
 
@@ -107,6 +116,7 @@ class Site:
     container: ContainerSection = field(default_factory=ContainerSection)
     paths: PathsSection = field(default_factory=PathsSection)
     fields: FieldsSection = field(default_factory=FieldsSection)
+    survey: SurveySection = field(default_factory=SurveySection)
 
     @property
     def cpus(self) -> int:
