@@ -301,6 +301,8 @@ class StageJob(UnitJob):
 
     def _on_step(self, step: str, what: str, info: dict[str, Any]) -> None:
         self._current = (step, time.time()) if what == State.RUNNING else None
+        if what == State.DONE and step == self.steps[-1]:
+            self.work_complete()  # the last marker is written: a signal from now on is late
         if what == State.DONE:
             record_duration(Path(self.work_root), step, float(info["duration_s"]), info.get("estimate_s"))
 

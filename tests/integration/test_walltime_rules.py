@@ -1,9 +1,10 @@
 """The walltime rules on the real local Slurm, with the scaled pipeline: a step that would not
 fit waits for a fresh attempt and is never cut; a step longer than a whole walltime stops the
-stage after its second cut instead of looping; measured durations make the next field's stages
-ask for shorter walltimes and split a stage too long for one.
+stage after its second cut instead of looping; a signal after the last step ends the stage done;
+measured durations make the next field's stages ask for shorter walltimes and split a stage too
+long for one.
 
-The four scenarios run at once (each in its own work root: measured durations are per work
+The scenarios run at once (each in its own work root: measured durations are per work
 root), so the module costs about its longest scenario, two one-minute walltimes."""
 
 from __future__ import annotations
@@ -97,9 +98,29 @@ def learned_split(root: Path) -> dict[str, Any]:
     return {"jobs": jobs, "state": _ended(root, "F6", 300), "runs": _runs(root, "F6")}
 
 
+def signal_after_last_step(root: Path) -> dict[str, Any]:
+    """The walltime signal between the last step's done-marker and the stage's end: the test
+    holds the field's lock while the last step runs, so the job, its marker written, waits to
+    record it; the signal is sent then, and the lock released."""
+    from hpcddf.engine.state import locked
+    site = _site(root, "10")
+    jobs = _submit(root, site, "F7", "--pipeline-opt", "seconds=1", "--pipeline-opt", "seconds.image_dirin_SSD_m=4")
+    wd = root / "work" / "F7"
+    marker = wd / ".hpcddf" / "done" / "image_dirin_SSD_m.done.json"
+    wait_for(lambda: read_state(root / "work", "F7")["stages"]["initial"].get("current_step") == INITIAL[-1],
+             120, "the last step to start", every=0.2)
+    with locked(wd):
+        wait_for(marker.is_file, 60, "the last step's marker", every=0.1)
+        subprocess.run(["scancel", "--signal=USR2", jobs["initial"]], check=True, timeout=30)
+        wait_for(lambda: "walltime signal after the work was done" in
+                 (wd / "logs" / "hpcddf-initial.log").read_text(), 60, "the job to log the late signal")
+    return {"state": _ended(root, "F7", 120), "sacct": _sacct(jobs["initial"], "ExitCode")}
+
+
 SCENARIOS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "late_step": late_step, "endless_step": endless_step,
-    "learned_walltime": learned_walltime, "learned_split": learned_split}
+    "learned_walltime": learned_walltime, "learned_split": learned_split,
+    "signal_after_last_step": signal_after_last_step}
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +189,11 @@ def test_a_stage_too_long_for_one_walltime_is_split_into_two_chained_jobs(outcom
     assert plan == [("initial.1", []), ("initial.2", ["initial.1"])]
     parts = [s["steps"] for s in r["state"]["plan"]["stages"]]
     assert parts[0] + parts[1] == INITIAL and len(parts[0]) in (3, 4)  # 4 x ~5.1 s fit ~21 s
+
+
+def test_a_walltime_signal_after_the_last_step_ends_the_stage_done_in_one_attempt(outcomes):
+    r = _result(outcomes, "signal_after_last_step")
+    stage = r["state"]["stages"]["initial"]
+    assert stage["state"] == "done" and stage["attempts"] == 1, stage
+    assert "the walltime signal came after the last step: not requeued" in stage["note"]
+    assert [row[0].split()[0] for row in r["sacct"]] == ["COMPLETED"], r["sacct"]  # never requeued
