@@ -14,6 +14,7 @@ runs a command or writes a file, so every class is unit-tested on pasted sacct o
 
 from __future__ import annotations
 
+import re
 import signal
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, Sequence
@@ -213,9 +214,11 @@ def unknown(record: dict[str, Any]) -> Classification:
 
 # ---------------------------------------------------------------- the same failure again
 def failure_signature(error: dict[str, Any]) -> str:
-    """What makes two failures "the same": the step, the return code and the log's last line."""
+    """What makes two failures "the same": the step, the return code and the log's last line
+    with its numbers blanked (a time stamp or a progress count must not make them differ)."""
     tail = str(error.get("log_tail") or "").strip().splitlines()
-    return f"{error.get('step')}|{error.get('returncode')}|{tail[-1] if tail else error.get('message')}"
+    last = re.sub(r"\d+", "#", tail[-1] if tail else str(error.get("message")))
+    return f"{error.get('step')}|{error.get('returncode')}|{last}"
 
 
 def _repeated(found: Classification, record: dict[str, Any]) -> Classification:

@@ -65,10 +65,15 @@ def unfinished(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def asked(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The records sacct is asked about: those not final, and the failed ones (Slurm may know
-    better than the node what killed a command, e.g. its cgroup's out-of-memory kill)."""
+    """The records Slurm is asked about: those not final, and those whose command the node
+    saw killed by a signal (Slurm may know better: its cgroup's out-of-memory kill). Every
+    other final record's class is the node's, which Slurm cannot improve."""
     return [r for r in records if r.get("job_id") and (r.get("state") not in FINAL
-                                                       or r.get("state") == State.FAILED)]
+                                                       or _class_name(r) == "killed_by_signal")]
+
+
+def _class_name(r: dict[str, Any]) -> str | None:
+    return r["class"].get("name") if isinstance(r.get("class"), dict) else None
 
 
 def refresh_records(records: Sequence[dict[str, Any]]) -> str | None:

@@ -181,6 +181,15 @@ def test_same_transient_failure_twice_is_permanent():
     assert (c.name, c.transient) == ("permanent", False) and "killed_by_signal" in c.reason
 
 
+def test_signatures_ignore_numbers_in_the_last_log_line():
+    """Two real SIGBUS deaths of the scaled step external_mask: their last lines differ only
+    in the time stamp."""
+    first = {"step": "external_mask", "returncode": -7, "log_tail": "tick 1796540600.20\n"}
+    again = {"step": "external_mask", "returncode": -7, "log_tail": "tick 1796540913.71\n"}
+    assert failure_signature(first) == failure_signature(again) == "external_mask|-7|tick #.#"
+    assert failure_signature(first) != failure_signature({**again, "returncode": -9})
+
+
 def test_different_failures_stay_transient():
     rec = step_failed(-9, "step image_dirin failed: DDF.py (exit code -9)")
     rec["failures"] = ["other_step|-9|x", failure_signature(rec["error"])]
@@ -227,13 +236,16 @@ def test_status_refresh_classes_every_ended_record_with_one_squeue_and_one_sacct
         return "" if argv[0] == "squeue" else CAPTURED + WRITTEN
     monkeypatch.setattr(slurm_query, "_run", answer)
     killed = step_failed(-9, "step image_dirin failed: DDF.py (exit code -9)", job_id="41000004")
+    killed["class"] = ended_class(killed)  # as the node job stores it: killed_by_signal
+    failed = step_failed(3, "step cluster failed: python (exit code 3)", job_id="35607801")
     records = [running(job_id="35607640"), {"state": "queued", "job_id": "35607650"},
                killed, {"state": "running", "job_id": "999"}, {"state": "done", "job_id": "35607645"},
-               {"state": "cancelled", "job_id": "35607642", "note": "cancelled by hpcddf cancel"}]
+               {"state": "cancelled", "job_id": "35607642", "note": "cancelled by hpcddf cancel"}, failed]
     assert refresh_records(records) is None
     assert [c[0] for c in calls] == ["squeue", "sacct"]
-    assert "35607645" not in calls[1][calls[1].index("-j") + 1]  # done: not asked
+    asked = calls[1][calls[1].index("-j") + 1].split(",")
+    assert "41000004" in asked and not {"35607645", "35607642", "35607801"} & set(asked)  # final
     assert [r.get("class", {}).get("name") for r in records] == [
-        "timeout", "cancelled", "out_of_memory", "unknown", None, "cancelled"]
+        "timeout", "cancelled", "out_of_memory", "unknown", None, "cancelled", "permanent"]
     assert records[0]["state"] == "failed" and records[1]["state"] == "cancelled"
     assert records[3]["state"] == "running"  # Slurm has no word of it: unknown, never failed
