@@ -19,6 +19,8 @@ import signal
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, Sequence
 
+from hpcddf.engine.slurm_query import ACTIVE
+
 # the classes, and whether another attempt (with a remedy) may pass
 TRANSIENT = {"walltime_requeued": True, "timeout": True, "node_fail": True, "preempted": True,
              "boot_fail": True, "out_of_memory": True, "killed_by_signal": True,
@@ -75,8 +77,9 @@ def classify(runs: Sequence[Run], record: dict[str, Any]) -> Classification | No
 
 
 def _live(state: str) -> bool:
-    return state in ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "COMPLETING",
-                     "CONFIGURING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT")
+    """A run not ended. PREEMPTED counts as live for the queue (Slurm requeues it), but as a
+    run's state it ended: a requeued job's next run is a row of its own."""
+    return state in ACTIVE and state != "PREEMPTED"
 
 
 def _nodes(run: Run | None, record: dict[str, Any]) -> list[str]:

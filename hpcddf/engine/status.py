@@ -56,7 +56,7 @@ def _add_scheduler_states(states: list[dict[str, Any]]) -> None:
             st["stale"] = f"{stale}: states as last recorded"
 
 
-DEAD = ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")  # Slurm ended the job on a failure
+DEAD = ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")  # Slurm ended the job on a failure
 
 
 def unfinished(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
