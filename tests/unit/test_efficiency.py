@@ -97,3 +97,9 @@ def test_cells_without_accounting_say_so():
         "cancelled: its dependency failed; fix: hpcddf resubmit FIELD when wanted"
     assert "\\[nodes" in class_text({"name": "out_of_memory", "transient": True, "nodes": ["n1"],
                                       "reason": "r", "fix": "f"})  # escaped for rich
+
+
+def test_efficiency_without_slurm_is_a_one_line_error_not_ignored(run_cli, site_file, cli_error):
+    cli_error(run_cli("status", "--site-file", str(site_file), "--efficiency"),
+              "--efficiency needs a Slurm site", "drop --efficiency")
+    cli_error(run_cli("status", "--phangs", "keys", "--efficiency"), "not --phangs")
