@@ -127,15 +127,23 @@ def logs(field: str, site: str | None, site_file: str | None, work_root: Path | 
 @click.option("--mosaics", "only_mosaics", is_flag=True, help="Show only the mosaics.")
 @click.option("--phangs", "phangs_dir", type=click.Path(path_type=Path), metavar="KEYDIR",
               help="Show the tasks of this PHANGS project instead (as `hpcddf phangs status`).")
+@click.option("--efficiency", is_flag=True,
+              help="Add each stage's CPU efficiency and peak memory (one sacct call); under 50 %% is flagged.")
 @click.option("--json", "as_json", is_flag=True, help="Print the states as JSON.")
 def status(fields: tuple[str, ...], site: str | None, site_file: str | None,
-           work_root: Path | None, only_mosaics: bool, phangs_dir: Path | None, as_json: bool) -> None:
+           work_root: Path | None, only_mosaics: bool, phangs_dir: Path | None, efficiency: bool,
+           as_json: bool) -> None:
     """Show the stages, job ids, states and attempts of FIELD(s) (default: all fields, then
-    the mosaics), or of a PHANGS project's tasks."""
+    the mosaics), or of a PHANGS project's tasks. An ended stage shows its class (why it
+    ended, whether a retry may pass, the fix)."""
     from hpcddf.cli.report import phangs_table, status_table
     from hpcddf.engine.status import collect_status
     from hpcddf.mosaic.jobs import collect_mosaic_status
     if phangs_dir is not None:
+        if efficiency:
+            from hpcddf.errors import ConfigError
+            raise ConfigError("--efficiency is for fields and mosaics, not --phangs",
+                              "drop --efficiency, or drop --phangs to see fields")
         from hpcddf.phangs.submit import phangs_status
         rows = phangs_status(phangs_dir)
         if as_json:
@@ -147,13 +155,25 @@ def status(fields: tuple[str, ...], site: str | None, site_file: str | None,
     from hpcddf.lofar.quality import status_of
     states = [] if only_mosaics else collect_status(the_site, fields, work_root, products=status_of)
     mosaics = collect_mosaic_status(the_site, work_root) if only_mosaics or not fields else []
+    if efficiency:
+        _add_efficiency(the_site, states + mosaics)
     if as_json:
         print_json(states + [{**m, "kind": "mosaic"} for m in mosaics])
         return
     if states or not mosaics:
-        out.print(status_table(states))
+        out.print(status_table(states, efficiency=efficiency))
     if mosaics:
-        out.print(status_table(mosaics, title="mosaics"))
+        out.print(status_table(mosaics, title="mosaics", efficiency=efficiency))
+
+
+def _add_efficiency(site: Any, states: list[dict[str, Any]]) -> None:
+    """Only Slurm keeps the accounting --efficiency reads: elsewhere say so, never ignore it."""
+    from hpcddf.engine.status import add_efficiency
+    if getattr(site, "scheduler", None) != "slurm":
+        from hpcddf.errors import SiteError
+        raise SiteError("--efficiency needs a Slurm site (it reads sacct's accounting)",
+                        "choose a site whose scheduler is slurm, or drop --efficiency")
+    add_efficiency(states)
 
 
 @cli.command()

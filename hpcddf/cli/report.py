@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from rich.markup import escape
 from rich.table import Table
 
 from hpcddf.engine.sites import Site
@@ -94,18 +95,40 @@ def _toml(v: Any) -> str:
 
 
 RECORD_COLUMNS = ("job", "state", "attempts", "elapsed", "node-hours", "note")
+EFFICIENCY_COLUMNS = ("cpu eff", "peak mem")
 
 
 def records_table(title: str, keys: Sequence[str],
-                  rows: Sequence[tuple[Sequence[str], dict[str, Any]]]) -> Table:
+                  rows: Sequence[tuple[Sequence[str], dict[str, Any]]],
+                  efficiency: bool = False) -> Table:
     """The one status table of every pipeline: each unit's identifying columns (``keys``),
-    then what its record says (job, state and the scheduler's word for it, attempts, time)."""
+    then what its record says (job, state and the scheduler's word for it, attempts, time),
+    and with ``efficiency`` its CPU efficiency and peak memory (``status --efficiency``)."""
     t = Table(title=title)
-    for col in (*keys, *RECORD_COLUMNS):
+    extra = EFFICIENCY_COLUMNS if efficiency else ()
+    for col in (*keys, *RECORD_COLUMNS[:-1], *extra, RECORD_COLUMNS[-1]):
         t.add_column(col, overflow="fold")
     for ids, record in rows:
-        t.add_row(*ids, *_record_cells(record))
+        cells = _record_cells(record)
+        t.add_row(*ids, *cells[:-1], *(efficiency_cells(record) if efficiency else ()), cells[-1])
     return t
+
+
+def efficiency_cells(s: dict[str, Any]) -> tuple[str, str]:
+    """CPU efficiency (flagged under 50 %) and peak memory of a record's job, or "-"."""
+    eff = s.get("efficiency") or {}
+    cpu = eff.get("cpu_efficiency")
+    cpu_text = "-" if cpu is None else f"{cpu * 100:.0f} %" + (" [red]LOW[/red]" if eff.get("low_efficiency") else "")
+    return cpu_text, size(eff.get("max_rss_bytes"))
+
+
+def size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GB", 1024 ** 3), ("MB", 1024 ** 2), ("kB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def _record_cells(s: dict[str, Any]) -> tuple[str, ...]:
@@ -121,7 +144,8 @@ def _stale_title(title: str, records: Sequence[dict[str, Any]]) -> str:
     return title + (f" — {stale}" if stale else "")
 
 
-def status_table(states: Sequence[dict[str, Any]], title: str = "fields") -> Table:
+def status_table(states: Sequence[dict[str, Any]], title: str = "fields",
+                 efficiency: bool = False) -> Table:
     """Fields (a row per stage) or mosaics (a row per product)."""
     keys = ("field", "stage") if title == "fields" else ("centre", "product")
     rows: list[tuple[Sequence[str], dict[str, Any]]] = []
@@ -135,7 +159,7 @@ def status_table(states: Sequence[dict[str, Any]], title: str = "fields") -> Tab
         rows += [((st["field"] if i == 0 else "", name), s) for i, (name, s) in enumerate(ranked)]
         if st.get("quality"):
             rows.append((("", "quality"), {"state": "done", "note": st["quality"]["summary"]}))
-    return records_table(_stale_title(title, states), keys, rows)
+    return records_table(_stale_title(title, states), keys, rows, efficiency)
 
 
 def phangs_table(rows: Sequence[dict[str, Any]]) -> Table:
@@ -145,6 +169,10 @@ def phangs_table(rows: Sequence[dict[str, Any]]) -> Table:
 
 
 def _note(stage: dict[str, Any]) -> str:
+    """Why the unit ended (its class, reason and fix) when it has a class, else its note."""
+    cls = stage.get("class")
+    if isinstance(cls, dict) and cls.get("name"):
+        return class_text(cls)
     err = stage.get("error")
     if isinstance(err, dict):
         return str(err.get("message", ""))
@@ -179,3 +207,13 @@ def survey_tables(doc: dict[str, Any]) -> list[Table]:
             f.add_row(r["field"], str(r["attempts"]), r["since"], r["error"] or "-")
         tables.append(f)
     return tables
+
+
+def class_text(cls: dict[str, Any]) -> str:
+    """``class (transient): reason [nodes]; fix: ...`` — one line a person can act on."""
+    head = f"{cls['name']} (transient)" if cls.get("transient") else cls["name"]
+    nodes = f" [nodes {', '.join(cls['nodes'])}]" if cls.get("nodes") and cls["name"] in _NODE_CLASSES else ""
+    return escape(f"{head}: {cls.get('reason', '')}{nodes}; fix: {cls.get('fix', '')}")  # "[node] mem_gb" is text
+
+
+_NODE_CLASSES = ("node_fail", "boot_fail", "out_of_memory", "killed_by_signal")

@@ -28,7 +28,7 @@ from hpcddf.engine.sites import Site
 from hpcddf.engine.sizing import lead_s
 from hpcddf.engine.staging import clean_scratch, prepare_scratch
 from hpcddf.engine.state import State, now_iso, update_state
-from hpcddf.engine.unitjob import WALLTIME_SIGNAL, UnitJob, check_node
+from hpcddf.engine.unitjob import WALLTIME_SIGNAL, UnitJob, check_node, record_class
 from hpcddf.errors import HpcddfError, StepFailed
 
 log = logging.getLogger("hpcddf.job")
@@ -233,6 +233,7 @@ class StageJob(UnitJob):
         def change(s: dict[str, Any]) -> None:
             self.elapsed(s)
             s.update(state=State.FAILED, ended=now_iso(), error=self._loop_error)
+            record_class(s)
         self.record(change, timeout=5.0)
 
     def _early_requeue(self, reason: str, attempt: int) -> None:
@@ -278,6 +279,7 @@ class StageJob(UnitJob):
                 s.setdefault("ended", now_iso())
                 return
             s.update(state=State.INTERRUPTED, ended=now_iso(), note=reason, error=None)
+            record_class(s)
         self.record(change, timeout=10.0)
         log.warning("stage %s: %s", self.stage, reason)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 from hpcddf.errors import SubmissionError
@@ -28,6 +28,10 @@ class JobInfo:
     nodes: int | None = None
     node_list: str = ""
     reason: str = ""
+    exit_code: str = ""  # sacct's "code:signal" of the batch script
+    derived_exit_code: str = ""  # the highest of the job's steps (srun), same form
+    start: str = ""
+    runs: tuple["JobInfo", ...] = ()  # sacct -D: every run of the job, oldest first, this one last
 
     @property
     def active(self) -> bool:
@@ -39,8 +43,11 @@ def squeue_argv(ids: Sequence[str]) -> list[str]:
 
 
 def sacct_argv(ids: Sequence[str]) -> list[str]:
-    return ["sacct", "-X", "-n", "-P", "-j", ",".join(ids),
-            "-o", "JobID,State,ElapsedRaw,NNodes,NodeList,Reason"]
+    """Every run of each job (-D: a requeued job keeps its id and each run its row), with what
+    ``classify`` needs. Explicit ids (-j) make sacct's default start time the epoch (man sacct,
+    Slurm 22.05): no --starttime is needed for jobs that ended before midnight."""
+    return ["sacct", "-X", "-D", "-n", "-P", "-j", ",".join(ids),
+            "-o", "JobID,State,ElapsedRaw,NNodes,NodeList,Reason,ExitCode,DerivedExitCode,Start"]
 
 
 def parse_elapsed(text: str) -> int | None:
@@ -62,18 +69,27 @@ def parse_elapsed(text: str) -> int | None:
 
 
 def parse_jobs(text: str) -> dict[str, JobInfo]:
-    """Lines ``id|state|elapsed|nodes|nodelist|reason`` (squeue -o or sacct -P)."""
-    jobs = {}
+    """Lines ``id|state|elapsed|nodes|nodelist|reason`` (squeue -o or sacct -P), and for sacct
+    ``|exitcode|derived|start``. A job with several runs (sacct -D) is its latest run, with
+    every run in ``runs``."""
+    runs: dict[str, list[JobInfo]] = {}
     for line in text.splitlines():
         parts = line.strip().split("|")
         if len(parts) < 2 or not parts[0]:
             continue
-        state = parts[1].split()[0] if parts[1] else "UNKNOWN"  # "CANCELLED by 0"
-        nodes = parts[3] if len(parts) > 3 else ""
-        jobs[parts[0]] = JobInfo(parts[0], state, parse_elapsed(parts[2]) if len(parts) > 2 else None,
-                                 int(nodes) if nodes.isdigit() else None,
-                                 parts[4] if len(parts) > 4 else "", parts[5] if len(parts) > 5 else "")
+        runs.setdefault(parts[0], []).append(_job_row(parts + [""] * (9 - len(parts))))
+    jobs = {}
+    for job_id, rows in runs.items():
+        ordered = sorted(rows, key=lambda r: r.start if r.start[:1].isdigit() else "9")
+        jobs[job_id] = replace(ordered[-1], runs=tuple(ordered))
     return jobs
+
+
+def _job_row(parts: list[str]) -> JobInfo:
+    state = parts[1].split()[0] if parts[1] else "UNKNOWN"  # "CANCELLED by 0"
+    return JobInfo(parts[0], state, parse_elapsed(parts[2]),
+                   int(parts[3]) if parts[3].isdigit() else None, parts[4], parts[5],
+                   parts[6], parts[7], parts[8])
 
 
 def _run(argv: list[str], timeout: float = 60) -> str:
@@ -123,3 +139,8 @@ def job_times(job_id: str) -> tuple[float | None, float | None]:
 def job_end_time(job_id: str) -> float | None:
     """When Slurm will kill this job (epoch seconds), or None if Slurm does not say."""
     return job_times(job_id)[1]
+
+
+def run_sacct(argv: list[str]) -> str:
+    """sacct's answer to ``argv`` (built here or in ``efficiency``); SubmissionError if none."""
+    return _run(argv)

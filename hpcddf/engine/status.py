@@ -6,8 +6,10 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from hpcddf.engine.classify import classify, unknown
 from hpcddf.engine.fields import field_for
 from hpcddf.engine.sites import Site
+from hpcddf.engine.slurm_query import JobInfo
 from hpcddf.engine.state import FINAL, State, empty_state, find_fields, read_state
 from hpcddf.errors import SubmissionError
 
@@ -54,7 +56,7 @@ def _add_scheduler_states(states: list[dict[str, Any]]) -> None:
             st["stale"] = f"{stale}: states as last recorded"
 
 
-DEAD = ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")  # Slurm ended the job on a failure
+DEAD = ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")  # Slurm ended the job on a failure
 
 
 def unfinished(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -62,29 +64,72 @@ def unfinished(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r.get("job_id") and r.get("state") not in FINAL]
 
 
+def asked(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records Slurm is asked about: those not final, and those whose command the node
+    saw killed by a signal (Slurm may know better: its cgroup's out-of-memory kill). Every
+    other final record's class is the node's, which Slurm cannot improve."""
+    return [r for r in records if r.get("job_id") and (r.get("state") not in FINAL
+                                                       or _class_name(r) == "killed_by_signal")]
+
+
+def _class_name(r: dict[str, Any]) -> str | None:
+    return r["class"].get("name") if isinstance(r.get("class"), dict) else None
+
+
 def refresh_records(records: Sequence[dict[str, Any]]) -> str | None:
     """The one status refresher: live Slurm states of the records (stages of fields and
     mosaics, PHANGS tasks) not final yet, in one squeue (+ sacct) call. Each gets
     ``slurm_state`` and Slurm's reason as its note; a job Slurm cancelled or ended on a
-    failure, which could not record it itself, is shown cancelled or failed. Returns why the
-    scheduler did not answer (the records then stay as recorded), else None."""
+    failure, which could not record it itself, is shown cancelled or failed. Every ended
+    record gets its ``class`` (``classify``). Shown, not written: the node job stores the
+    class of what it records itself. Returns why the scheduler did not answer (the records
+    then stay as recorded), else None."""
     from hpcddf.engine.slurm_query import query_jobs
-    pending = unfinished(records)
-    if not pending:
-        return None
+    pending = asked(records)
     try:
-        info = query_jobs([str(r["job_id"]) for r in pending])
+        info = query_jobs([str(r["job_id"]) for r in pending]) if pending else {}
     except SubmissionError as exc:
+        _classify_all(records, {})
         return f"scheduler not reachable ({exc.message})"
-    for r in pending:
+    for r in unfinished(pending):
         job = info.get(str(r["job_id"]))
-        if job is None:
-            continue
-        r["slurm_state"] = job.state
-        if r.get("state") in (State.QUEUED, State.REQUEUED) and job.state == "CANCELLED":
-            r["state"] = State.CANCELLED
-        if not job.active and job.state in DEAD:
-            r["state"] = State.FAILED
-        if job.reason and job.reason not in ("None", "(null)"):
-            r["note"] = job.reason
+        if job is not None:
+            _apply_job(r, job)
+    _classify_all(records, info, answered=True)
     return None
+
+
+def _apply_job(r: dict[str, Any], job: JobInfo) -> None:
+    r["slurm_state"] = job.state
+    if r.get("state") in (State.QUEUED, State.REQUEUED) and job.state == "CANCELLED":
+        r["state"] = State.CANCELLED
+    if not job.active and job.state in DEAD:
+        r["state"] = State.FAILED
+    if job.reason and job.reason not in ("None", "(null)"):
+        r["note"] = job.reason
+
+
+def _classify_all(records: Sequence[dict[str, Any]], info: dict[str, JobInfo],
+                  answered: bool = False) -> None:
+    """The class of each ended record, from its job's runs when Slurm answered for it. A
+    record not final whose job Slurm has no word of is *unknown*, never failed."""
+    for r in records:
+        job = info.get(str(r.get("job_id") or ""))
+        if job is None and answered and r.get("job_id") and r.get("state") not in FINAL:
+            r["class"] = unknown(r).to_dict()
+            continue
+        found = classify(job.runs or (job,) if job is not None else (), r)
+        if found is not None:
+            r["class"] = found.to_dict()
+        elif r.get("state") == State.DONE:
+            r.pop("class", None)
+
+
+def add_efficiency(states: Sequence[dict[str, Any]]) -> None:
+    """``hpcddf status --efficiency``: every stage's CPU efficiency and peak memory, from one
+    sacct call for every field shown."""
+    from hpcddf.engine.efficiency import add_efficiency as add
+    why = add([s for st in states for s in st.get("stages", {}).values()])
+    if why:
+        for st in states:
+            st["stale"] = "; ".join(x for x in (st.get("stale"), why) if x)

@@ -138,7 +138,9 @@ def _record_queued(fj: FieldJob, site: Site, stages: Sequence[Stage], ids: dict[
                                        "node_hours": old.get("node_hours"),
                                        # sums over every attempt survive a resubmission
                                        "attempts_total": old.get("attempts_total"),
-                                       "steps_run": old.get("steps_run")}
+                                       "steps_run": old.get("steps_run"),
+                                       # the same failure again after a resubmission is permanent
+                                       "failures": old.get("failures")}
     update_state_unlocked(fj.field.workdir, fj.field.id, change)
 
 

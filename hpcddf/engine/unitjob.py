@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import submitit
 
+from hpcddf.engine.classify import ended_class, failure_signature
 from hpcddf.engine.jobenv import job_id_from_env
 from hpcddf.engine.preflight import run_preflight
 from hpcddf.engine.sites import Site
@@ -39,6 +40,7 @@ Change = Callable[[dict[str, Any]], Any]
 log = logging.getLogger("hpcddf.job")
 # submitit's walltime/preemption signal (its --signal=USR2@delay), also sent for early requeue
 WALLTIME_SIGNAL = signal.SIGUSR2
+KEPT_FAILURES = 5  # signatures of the latest failures a record keeps
 
 
 def error_doc(exc: BaseException) -> dict[str, Any]:
@@ -51,6 +53,16 @@ def error_doc(exc: BaseException) -> dict[str, Any]:
             doc["log_tail"] = tail[-2000:]
         return doc
     return {"message": f"{type(exc).__name__}: {exc}"}
+
+
+def record_class(s: dict[str, Any]) -> None:
+    """A failure the node job records itself keeps its class in the record (``classify``), and
+    its signature in ``failures`` (the last few, surviving resubmissions): the same failure
+    again makes it permanent."""
+    if s.get("state") == State.FAILED and isinstance(s.get("error"), dict):
+        s["failures"] = [*(s.get("failures") or [])[-(KEPT_FAILURES - 1):],
+                         failure_signature(s["error"])]
+    s["class"] = ended_class(s)
 
 
 def check_node(site: Site, scratch: Path | None = None) -> tuple[int, ...]:
@@ -132,6 +144,7 @@ class UnitJob(submitit.helpers.Checkpointable):
             s["attempts_total"] = int(s.get("attempts_total") or before) + s["attempts"] - before
             s.update({self.host_key: socket.gethostname()}, state=State.RUNNING, started=now_iso(),
                      ended=None, error=None, job_id=job_id_from_env() or s.get("job_id"))
+            s.pop("class", None)
             out["attempt"] = s["attempts"]
         self.record(change)
         return out["attempt"]
@@ -145,7 +158,8 @@ class UnitJob(submitit.helpers.Checkpointable):
     def finished(self, **values: Any) -> None:
         def change(s: dict[str, Any]) -> None:
             self.elapsed(s)
-            s.update(state=State.DONE, ended=now_iso(), error=None, **values)
+            s.update(state=State.DONE, ended=now_iso(), error=None, failures=[], **values)
+            s.pop("class", None)
             s.update(self.done_summary(s))
         self.record(change)
 
@@ -156,6 +170,7 @@ class UnitJob(submitit.helpers.Checkpointable):
             cancelled = s.get("state") == State.CANCELLED
             s.update(state=State.CANCELLED if cancelled else State.FAILED, ended=now_iso(),
                      error=error, **values)
+            record_class(s)
         self.record(change)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:

@@ -86,9 +86,16 @@ def test_failing_stage_cancels_dependents_and_records_the_error(slurm_site, tmp_
                       60, "sacct records")
     assert states[ids["dirin"]] == "FAILED"
     assert states[ids["dirin_di"]] == "CANCELLED"  # kill_on_invalid_dep, not pending forever
-    status = hpcddf("status", "F2", "--site-file", str(site), "--json")
+    status = hpcddf("status", "F2", "--site-file", str(site), "--json", "--efficiency")
     shown = json.loads(status.stdout)[0]["stages"]
     assert shown["dirin_di"]["state"] == "cancelled"
+    # every ended stage classed: Slurm's word for the dependent, the node's for the command
+    assert (shown["dirin_di"]["class"]["name"], shown["dirin_di"]["class"]["reason"]) == \
+        ("cancelled", "its dependency failed")
+    assert (shown["dirin"]["class"]["name"], shown["dirin"]["class"]["transient"]) == ("permanent", False)
+    assert "step cluster failed" in shown["dirin"]["class"]["reason"]
+    assert "class" not in shown["initial"]
+    assert {"cpu_efficiency", "max_rss_bytes", "low_efficiency"} <= set(shown["initial"]["efficiency"])
 
 
 def test_three_field_array_chain_with_aftercorr(slurm_site, tmp_path):

@@ -231,6 +231,7 @@ def test_a_step_cut_twice_stops_the_stage_with_the_reason_instead_of_looping(
     # submitit then raises in the job; the reason recorded by the handler is kept
     stage_job.on_error(submitit.core.utils.UncompletedJobError("not requeued"))
     assert _stage(stage_job)["error"]["step"] == "b"
+    assert _stage(stage_job)["class"]["name"] == "step_too_long"
 
 
 def test_cuts_of_different_steps_do_not_add_up(stage_job: StageJob, tmp_path: Path,
@@ -257,3 +258,25 @@ def test_any_unit_signalled_after_its_work_ends_done_not_requeued(tmp_path: Path
         signal.signal(nodejob.WALLTIME_SIGNAL, saved)
     assert requeues == [] and job._late_signal  # type: ignore[attr-defined]
     assert _doc(tmp_path / "unit.json")["state"] == State.DONE
+
+
+def test_a_killed_command_is_classed_on_the_node_and_the_same_kill_twice_is_permanent(
+        stage_job: StageJob, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DDFacet's out-of-memory death (SIGBUS): transient once, permanent the second time the
+    same step dies the same way (the signature survives the next attempt's start)."""
+    from hpcddf.errors import StepFailed
+    bus = StepFailed("image_dirin", ["DDF.py", "x.parset"], -7, "...\nBus error\n", "/w/l.log")
+    for _ in range(2):
+        stage_job.begin()
+        assert "class" not in _stage(stage_job)
+        stage_job.on_error(bus)
+        s = _stage(stage_job)
+        assert s["state"] == State.FAILED
+        if len(s["failures"]) == 1:
+            assert (s["class"]["name"], s["class"]["transient"]) == ("killed_by_signal", True)
+            assert "SIGBUS" in s["class"]["reason"]
+    assert (s["class"]["name"], s["class"]["transient"]) == ("permanent", False)
+    assert _record_cells(s)[-1].startswith("permanent: step image_dirin: DDF.py killed by SIGBUS")
+    stage_job.begin()
+    stage_job.finished()
+    assert "class" not in _stage(stage_job) and _stage(stage_job)["failures"] == []
