@@ -184,3 +184,31 @@ def test_a_command_that_is_missing_is_one_line() -> None:
     with pytest.raises(SubmissionError) as err:
         sc.run_once(["hpcddf-no-such-slurm-command"], 5)
     assert err.value.message == "hpcddf-no-such-slurm-command not found"
+
+
+class _Unit:
+    """What the hold-back looks at of a unit: its id (a user limit cannot be set on the shared
+    test cluster, so the limits below stand in for a site's association)."""
+
+    def __init__(self, fid: str) -> None:
+        self.field = type("F", (), {"id": fid})()
+
+
+def test_units_beyond_the_users_limit_are_held_back_and_said_so(monkeypatch) -> None:
+    from hpcddf.engine import submission
+    from hpcddf.engine.sites import load_site
+    site = load_site("local", None)
+    limits = sc.ClusterLimits(max_array_size=1001, max_submit_jobs=10, queued_mine=3)
+    monkeypatch.setattr(submission, "read_limits", lambda: limits)
+    units = [(_Unit(f"F{i}"), ["initial", "dirin", "dirin_di"]) for i in range(4)]
+    said: list[str] = []
+    result: dict = {"fields": {}}
+    kept, cap = submission._within_limits(site, units, result, said.append)  # type: ignore[arg-type]
+    assert [u.field.id for u, _ in kept] == ["F0", "F1"] and cap == 1001
+    assert result["fields"] == {"F2": {"status": "held back", "jobs": {}},
+                                "F3": {"status": "held back", "jobs": {}}}
+    assert said == ["2 of 4 fields held back (F2 F3): the cluster lets you queue 7 more jobs now "
+                    "(MaxSubmitJobs/MaxJobCount); run the same `hpcddf submit` again later to queue them"]
+    monkeypatch.setattr(submission, "read_limits", lambda: sc.ClusterLimits(max_submit_jobs=2))
+    with pytest.raises(SubmissionError, match="nothing queued: 4 of 4 fields held back"):
+        submission._within_limits(site, units, {"fields": {}}, said.append)  # type: ignore[arg-type]
