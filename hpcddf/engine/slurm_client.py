@@ -169,13 +169,18 @@ def find_submitted(token: str, name: str | None, since: dt.datetime, timeout_s: 
     MinJobAge, as accounting records arrive seconds late), then in accounting (a job that ended
     longer ago). None when neither has it. Neither answering raises: resubmitting blind could
     queue the job twice."""
-    squeue = ["squeue", "--me", "-h", "-t", "all", "-o", "%F|%k"]
+    squeue = ["squeue", "-u", _user(), "-h", "-t", "all", "-o", "%F|%k"]  # --me: Slurm 20.11+ only
     found = parse_squeue_tokens(run(squeue, timeout_s, retry, sleep), token)
     if found or not name:
         return found
     argv = ["sacct", "-X", "-n", "-P", "--name", name, "-S", since.strftime("%Y-%m-%dT%H:%M:%S"),
             "-o", "JobID,Comment,Submit"]
     return parse_sacct_tokens(run(argv, timeout_s, retry, sleep), token, since)
+
+
+def _user() -> str:
+    """This user's name ($USER may be unset, e.g. under cron)."""
+    return pwd.getpwuid(os.getuid()).pw_name
 
 
 def sbatch(script_path: Path, retry: Retry = DEFAULT_RETRY, timeout_s: float = SBATCH_TIMEOUT_S,
@@ -279,10 +284,9 @@ def read_limits(timeout_s: float = 30.0, retry: Retry = DEFAULT_RETRY) -> Cluste
     """The cluster's limits and this user's use of them now (three quick calls, once per
     submission). Accounting may be off: then no association limit is known."""
     config = parse_config(run(["scontrol", "show", "config"], timeout_s, retry))
-    user = pwd.getpwuid(os.getuid()).pw_name
     try:
-        submit = parse_submit_limit(run(["sacctmgr", "show", "assoc", f"user={user}", "format=MaxSubmitJobs,GrpSubmitJobs",
-                                         "-P", "-n"], timeout_s, retry))
+        submit = parse_submit_limit(run(["sacctmgr", "show", "assoc", f"user={_user()}",
+                                         "format=MaxSubmitJobs,GrpSubmitJobs", "-P", "-n"], timeout_s, retry))
     except SubmissionError as exc:
         log.info("no association limits (%s)", exc.message)
         submit = None
