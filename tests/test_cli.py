@@ -152,7 +152,9 @@ def test_one_rule_for_the_site(run_cli, cli_error, site_file, tmp_path, tree):
     ("[node]\nscratch_min_free_gb = nan\n", ("scratch_min_free_gb = nan has the wrong type",)),
     ("[preflight]\nshm_min_fraction = inf\n", ("shm_min_fraction = inf has the wrong type",)),
     ("[slurm]\nextra_sbatch = { constraint = \"a\\nb\" }\n", ("extra_sbatch constraint contains '\\n'",)),
-    ("[slurm]\nextra_sbatch = { comment = 'x; rm -rf $HOME' }\n", ("extra_sbatch comment contains", "';'")),
+    ("[slurm]\nextra_sbatch = { mail_user = 'x; rm -rf $HOME' }\n", ("extra_sbatch mail_user contains", "';'")),
+    ("[slurm]\nextra_sbatch = { comment = 'x' }\n", ("extra_sbatch may not set 'comment'",)),  # the token
+    ("[slurm]\nmax_array_size = -1\n", ("max_array_size must be 0 or more",)),
 ])
 def test_malformed_site_file(run_cli, cli_error, tmp_path: Path, tree, text, needles):
     path = tmp_path / "bad.toml"

@@ -13,9 +13,11 @@ first, so no task can start before its dependencies are set.
 Local calls: one call as a submitit local job, run in the foreground; Ctrl-C, SIGTERM and
 SIGHUP stop the job and its processes before the caller hears of it, so nothing is orphaned.
 
-Every Slurm command here has a timeout: scontrol and scancel directly, sbatch (which submitit
-runs, without one of its own) through coreutils' ``timeout`` in the submission command, the hook
-submitit's executors provide for it. ``slurm_query`` only asks Slurm about jobs.
+Every Slurm command here goes through ``slurm_client``: timeouts, retries with backoff on a
+busy controller's transient answers, and an sbatch that is never made twice (submitit runs
+``slurm_client``'s sbatch command instead of sbatch itself, through the hook its executors
+provide for it). Arrays larger than the cluster (or the site) allows are split into several.
+``slurm_query`` only asks Slurm about jobs.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import submitit
+import submitit.slurm.slurm as submitit_slurm
 
+from hpcddf.engine import slurm_client
 from hpcddf.engine.plan import Resources, Stage
 from hpcddf.engine.preflight import pid_alive
 from hpcddf.engine.runner import TERM_GRACE_S
@@ -44,8 +48,11 @@ if TYPE_CHECKING:  # the node job's modules are not needed to submit it (pipelin
 log = logging.getLogger(__name__)
 
 SCONTROL_TIMEOUT_S = 60.0
-SBATCH_TIMEOUT_S = 120.0  # sbatch answers in well under a second; a busy controller may take tens
-TIMED_OUT = (124, 137)  # coreutils timeout: the command timed out / had to be killed
+SBATCH_TIMEOUT_S = slurm_client.SBATCH_TIMEOUT_S
+SBATCH_RETRY = slurm_client.DEFAULT_RETRY
+# cancel runs while another error is on its way: one retry, soon
+CANCEL_RETRY = slurm_client.Retry(attempts=2, first_delay_s=1.0)
+TIMED_OUT = (slurm_client.TIMED_OUT, 137)  # the command timed out / had to be killed
 CANCEL_TIMEOUT_S = 30.0
 STOP_GRACE_S = TERM_GRACE_S + 20.0  # a stage job stops its science command within TERM_GRACE_S
 # for calls that do not act on SIGTERM (in a submitit job it is only logged): no use waiting long
@@ -181,8 +188,9 @@ def array_id(job_id: str) -> str:
 
 def submit_held_array(site: Site, folder: Path, resources: Resources, name: str,
                       calls: Sequence[Callable[[], Any]], max_running: int | None = None,
-                      what: str | None = None) -> list[str]:
+                      what: str | None = None, max_array: int | None = None) -> list[str]:
     """ONE held submission of ``calls`` (an array, a plain job for one call); their job ids.
+    More calls than ``max_array`` are submitted as several arrays of at most that many tasks.
 
     Held, with ``kill_on_invalid_dep``: nothing starts before :func:`release`, and a task whose
     dependency fails is cancelled rather than left pending forever.
@@ -190,7 +198,10 @@ def submit_held_array(site: Site, folder: Path, resources: Resources, name: str,
     params = slurm_parameters(site, resources, name, None, True, len(calls))
     params["additional_parameters"].update(hold=True, kill_on_invalid_dep="yes")
     params["array_parallelism"] = max(1, min(max_running or site.fields.max_running, len(calls)))
-    return _sbatch(site, folder, params, calls, what or name)
+    ids: list[str] = []
+    for part in slurm_client.chunks(calls, max_array or len(calls)):
+        ids += _sbatch(site, folder, params, part, what or name)
+    return ids
 
 
 def add_afterok(job_id: str, wait_ids: Sequence[str], status_command: str = "hpcddf status") -> None:
@@ -211,10 +222,10 @@ def cancel(job_ids: Iterable[str], timeout_s: float = CANCEL_TIMEOUT_S, strict: 
     if not ids:
         return True
     try:
-        out = subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=timeout_s, check=False)
-        problem = out.stderr.strip()[:300] if out.returncode != 0 else ""
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        problem = str(exc)
+        slurm_client.run(["scancel", *ids], timeout_s, slurm_client.DEFAULT_RETRY if strict else CANCEL_RETRY)
+        problem = ""
+    except SubmissionError as exc:
+        problem = exc.message[:300]
     if problem and strict:
         raise SubmissionError(f"scancel {' '.join(ids)} failed: {problem}", "check the cluster with `hpcddf status`")
     if problem:
@@ -238,11 +249,12 @@ def submit_arrays_with_dependencies(
     """
     job_ids: list[str] = []
     arrays_ids: list[str] = []
+    cap = submission_limits(site, sum(len(a.calls) for a in arrays))
     try:
         for a in arrays:
-            ids = submit_held_array(site, folder, a.resources, a.name, a.calls, a.max_running, a.what)
+            ids = submit_held_array(site, folder, a.resources, a.name, a.calls, a.max_running, a.what, cap)
             job_ids += ids
-            arrays_ids.append(array_id(ids[0]))
+            arrays_ids += [i for i in dict.fromkeys(array_id(j) for j in ids) if i not in arrays_ids]
         for job_id, waits in zip(job_ids, waits_for(list(job_ids)), strict=True):
             if waits:
                 add_afterok(job_id, waits, status_command)
@@ -256,26 +268,70 @@ def submit_arrays_with_dependencies(
     return job_ids
 
 
+def submission_limits(site: Site, jobs: int) -> int:
+    """The most tasks one array of this submission may have; a SubmissionError, before
+    anything is queued, when its ``jobs`` (array tasks) do not fit what the cluster lets this
+    user queue now (a dependency graph cannot be queued in part)."""
+    limits = slurm_client.read_limits()
+    free = limits.free_jobs()
+    if free is not None and jobs > free:
+        raise SubmissionError(f"this submission needs {jobs} jobs but the cluster lets you queue "
+                              f"{free} more now (MaxSubmitJobs/MaxJobCount)",
+                              "submit again when some of your jobs have ended")
+    return slurm_client.array_cap(limits, site.slurm.max_array_size)
+
+
 def _sbatch(site: Site, folder: Path, params: dict[str, Any], calls: Sequence[Callable[[], Any]],
             what: str) -> list[str]:
-    """One sbatch through submitit's executor (an array for several calls); the job ids."""
-    ex = _TimedSlurmExecutor(folder=folder / "%j", max_num_timeout=site.slurm.max_requeues)
+    """One sbatch through submitit's executor (an array for several calls); the job ids.
+
+    The submission carries a unique token, so a retry after an unclear answer finds it. It is
+    queued held and released once submitit has written the job's folder and pickle: a job
+    whose answer was lost is found only seconds later, and started before its log folder
+    existed it would fail at once. (A submission the caller holds, the caller releases.)"""
+    extra = dict(params.get("additional_parameters") or {})
+    caller_holds = bool(extra.get("hold"))
+    ex = _ClientSlurmExecutor(folder=folder / "%j", max_num_timeout=site.slurm.max_requeues)
     ex._throttling = 0.0  # one sbatch per submission: no need for submitit's pause between calls
-    ex.update_parameters(**params)
+    ex.update_parameters(**{**params, "additional_parameters": {**extra, "hold": True}},
+                         comment=slurm_client.new_token())
     try:
         with ex.batch():
             jobs = [ex.submit(c) for c in calls]
     except Exception as exc:  # submitit raises plain errors with sbatch's stderr
         raise _sbatch_error(exc, what) from None
-    return [str(j.job_id) for j in jobs]
+    ids = [str(j.job_id) for j in jobs]
+    if not caller_holds:
+        _release_or_cancel(array_id(ids[0]), what)
+    return ids
 
 
-class _TimedSlurmExecutor(submitit.SlurmExecutor):
-    """submitit's Slurm executor, its sbatch bounded by a timeout (submitit sets none)."""
+def _release_or_cancel(job_id: str, what: str) -> None:
+    """Release a submission; one that cannot be released is cancelled (it would wait forever)."""
+    try:
+        release(job_id)
+    except SubmissionError as exc:
+        cancel([job_id])
+        raise SubmissionError(f"{what}: {exc.message}; the job was cancelled", exc.hint) from None
+
+
+class _ClientSlurmExecutor(submitit.SlurmExecutor):
+    """submitit's Slurm executor, its sbatch run by ``slurm_client`` (timeouts, retries, the
+    token look-up); submitit runs plain sbatch, without a timeout."""
 
     def _make_submission_command(self, submission_file_path: Path) -> list[str]:
-        return ["timeout", "--kill-after=5", f"{SBATCH_TIMEOUT_S:.0f}",
-                *super()._make_submission_command(submission_file_path)]
+        return slurm_client.sbatch_command(submission_file_path, SBATCH_RETRY, SBATCH_TIMEOUT_S)
+
+    def _internal_process_submissions(self, delayed_submissions: Any) -> Any:
+        # submitit submits an array through a fresh executor of its module's SlurmExecutor
+        # class: for the duration of this call that class is this one, so arrays go through
+        # slurm_client too (they would otherwise run plain sbatch)
+        plain = submitit_slurm.SlurmExecutor
+        submitit_slurm.SlurmExecutor = _ClientSlurmExecutor  # type: ignore[misc]
+        try:
+            return super()._internal_process_submissions(delayed_submissions)
+        finally:
+            submitit_slurm.SlurmExecutor = plain  # type: ignore[misc]
 
 
 def _sbatch_error(exc: BaseException, what: str) -> SubmissionError:
@@ -285,22 +341,25 @@ def _sbatch_error(exc: BaseException, what: str) -> SubmissionError:
         return SubmissionError(f"sbatch of {what} failed: no answer from Slurm in {SBATCH_TIMEOUT_S:.0f} s",
                                "check the controller with `sinfo`, then `squeue --me` for a job "
                                "that may have been queued after all, and submit again")
+    if slurm_client.is_transient(str(exc)):
+        return SubmissionError(f"sbatch of {what} failed: the Slurm controller is busy "
+                               f"({str(exc).strip()[:200]}), after {SBATCH_RETRY.attempts} attempts",
+                               "check `squeue --me` for a job that may have been queued after all, "
+                               "then submit again later")
     return SubmissionError(f"sbatch refused {what}: {str(exc).strip()[:400]}",
                            "check the site's partition/account/qos with `hpcddf sites show`")
 
 
 def _scontrol(args: Sequence[str], status_command: str) -> None:
+    """scontrol update/release: both are safe to repeat, so transient failures are retried."""
     what = f"scontrol {' '.join(args)}"
     hint = f"check the cluster with `{status_command}`"
     try:
-        out = subprocess.run(["scontrol", *args], capture_output=True, text=True,
-                             timeout=SCONTROL_TIMEOUT_S, check=False)
-    except FileNotFoundError:
-        raise SubmissionError(f"{what} failed: scontrol not found", hint) from None
-    except subprocess.TimeoutExpired:
-        raise SubmissionError(f"{what} failed: no answer in {SCONTROL_TIMEOUT_S:.0f} s", hint) from None
-    if out.returncode != 0:
-        raise SubmissionError(f"{what} failed: {out.stderr.strip()[:300]}", hint)
+        slurm_client.run(["scontrol", *args], SCONTROL_TIMEOUT_S)
+    except slurm_client.SlurmCommandFailed as exc:
+        raise SubmissionError(f"{what} failed: {exc.stderr.strip()[:300]}", hint) from None
+    except SubmissionError as exc:
+        raise SubmissionError(f"{what} failed: {exc.message}", hint) from None
 
 
 # ------------------------------------------------------------------------------ local calls

@@ -32,7 +32,7 @@ RUNTIMES = ("apptainer", "singularity", "charliecloud", "none")
 # sbatch options hpcddf sets itself; a site may not override them through extra_sbatch
 MANAGED_SBATCH = ("job-name", "output", "error", "array", "dependency", "time", "partition",
                   "account", "qos", "nodes", "ntasks", "cpus-per-task", "mem", "exclusive",
-                  "signal", "requeue", "kill-on-invalid-dep", "open-mode", "wrap", "chdir")
+                  "signal", "requeue", "kill-on-invalid-dep", "open-mode", "wrap", "chdir", "comment")
 _WALLTIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d{1,2}))?(?::(\d{1,2}))?$")
 
 
@@ -49,6 +49,8 @@ class SlurmSection:
     size_from_measurements: bool = True
     # cores for a job of light steps only (masks, catalogues, reports); 0: every stage a whole node
     light_cpus: int = 0
+    # most tasks in one job array (0: the cluster's MaxArraySize); larger submissions are split
+    max_array_size: int = 0
     extra_sbatch: dict[str, str] = field(default_factory=dict)
 
 
@@ -267,8 +269,9 @@ def _check_values(site: Site) -> None:
         walltime_min = walltime_minutes(site.slurm.max_walltime)
     except ValueError as exc:
         raise bad(f"max_walltime: {exc}", "use Slurm's format, e.g. \"72:00:00\" or \"2-00:00:00\"")
-    if site.slurm.max_requeues < 0 or site.slurm.signal_delay_s < 0 or site.slurm.light_cpus < 0:
-        raise bad("max_requeues, signal_delay_s and light_cpus must be 0 or more", "fix [slurm]")
+    if min(site.slurm.max_requeues, site.slurm.signal_delay_s, site.slurm.light_cpus,
+           site.slurm.max_array_size) < 0:
+        raise bad("max_requeues, signal_delay_s, light_cpus and max_array_size must be 0 or more", "fix [slurm]")
     if site.slurm.signal_delay_s >= walltime_min * 60:
         raise bad(f"signal_delay_s = {site.slurm.signal_delay_s} is not below max_walltime "
                   f"{site.slurm.max_walltime}: the walltime signal would come before the job starts",

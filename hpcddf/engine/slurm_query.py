@@ -1,16 +1,18 @@
 """Ask Slurm about jobs (squeue, sacct, scancel): argv builders, parsers, and thin runners.
 
-Parsers are pure so they are unit-tested on real output; the runners are the only place in
-hpcddf's login-node code that calls these Slurm commands.
+Parsers are pure so they are unit-tested on real output; the runners call these Slurm commands
+through ``slurm_client`` (timeouts, retries on a busy controller). A status refresh is one
+squeue and one sacct whatever the number of fields; sacct given ``-j`` looks back to the epoch
+(its default window then), so jobs that ended before midnight are found.
 """
 
 from __future__ import annotations
 
 import logging
-import subprocess
 from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
+from hpcddf.engine import slurm_client
 from hpcddf.errors import SubmissionError
 
 log = logging.getLogger(__name__)
@@ -92,16 +94,19 @@ def _job_row(parts: list[str]) -> JobInfo:
                    parts[6], parts[7], parts[8])
 
 
+# a query only informs (the records stay as recorded if it fails): a short patience
+QUERY_RETRY = slurm_client.Retry(attempts=3, first_delay_s=1.0, max_delay_s=4.0)
+
+
 def _run(argv: list[str], timeout: float = 60) -> str:
+    """The command's output through ``slurm_client`` (retried while the controller is busy)."""
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    except FileNotFoundError:
-        raise SubmissionError(f"{argv[0]} not found", "run hpcddf on a node where Slurm's commands are on PATH") from None
-    except subprocess.TimeoutExpired:
-        raise SubmissionError(f"{argv[0]} did not answer in {timeout:.0f} s", "the Slurm controller may be busy: retry") from None
-    if done.returncode != 0:
-        raise SubmissionError(f"{argv[0]} failed: {done.stderr.strip()[:300]}", None)
-    return done.stdout
+        return slurm_client.run(argv, timeout, QUERY_RETRY)
+    except slurm_client.SlurmCommandFailed as exc:
+        if exc.timed_out:
+            raise SubmissionError(f"{argv[0]} did not answer in {timeout:.0f} s",
+                                  "the Slurm controller may be busy: retry") from None
+        raise
 
 
 def query_jobs(ids: Iterable[str]) -> dict[str, JobInfo]:

@@ -27,6 +27,7 @@ from hpcddf.engine.paths import arrays_dir, unit_paths
 from hpcddf.engine.plan import Plan, Stage
 from hpcddf.engine.preflight import pid_alive
 from hpcddf.engine.sites import Site
+from hpcddf.engine.slurm_client import array_cap, chunks, fields_within, read_limits
 from hpcddf.engine.slurm_query import query_jobs
 from hpcddf.engine.state import (
     LIVE,
@@ -160,10 +161,14 @@ def submit_units(site: Site, jobs: Sequence[FieldJob], hooks: SubmitHooks,
         for fj in jobs:
             stages = _stages_to_run(site, fj, hooks, new_submission, result, progress)
             if stages:
-                hooks.prepare(site, fj, inputs.get(fj.field.id))
                 to_run.append((fj, stages))
+        max_array = 0
+        if site.scheduler == "slurm" and to_run:
+            to_run, max_array = _within_limits(site, to_run, result, progress)
+        for fj, _ in to_run:
+            hooks.prepare(site, fj, inputs.get(fj.field.id))
         if site.scheduler == "slurm":
-            _submit_slurm(site, to_run, hooks, result)
+            _submit_slurm(site, to_run, hooks, result, max_array)
         else:
             for fj, stages in to_run:
                 _record_queued(fj, site, stages, {}, hooks.recipe)
@@ -195,9 +200,31 @@ def _chains(to_run: Sequence[tuple[FieldJob, list[Stage]]]) -> list[list[tuple[F
     return list(groups.values())
 
 
+def _within_limits(site: Site, to_run: list[tuple[FieldJob, list[Stage]]], result: dict[str, Any],
+                   progress: Callable[[str], None]) -> tuple[list[tuple[FieldJob, list[Stage]]], int]:
+    """The units the cluster lets this user queue now (each costs one job per stage; those
+    beyond are held back, to be queued by a later submit) and the most tasks of one array.
+    Nothing fits: a SubmissionError, before anything is queued."""
+    limits = read_limits()
+    n = fields_within([len(stages) for _, stages in to_run], limits.free_jobs())
+    held = [fj.field.id for fj, _ in to_run[n:]]
+    for fid in held:
+        result["fields"][fid] = {"status": "held back", "jobs": {}}
+    if held:
+        why = (f"{len(held)} of {len(to_run)} fields held back ({' '.join(held)}): the cluster lets "
+               f"you queue {limits.free_jobs()} more jobs now (MaxSubmitJobs/MaxJobCount)")
+        if not n:
+            raise SubmissionError(f"nothing queued: {why}", "run the same `hpcddf submit` again when "
+                                  "some of your jobs have ended")
+        progress(f"{why}; run the same `hpcddf submit` again later to queue them")
+    return to_run[:n], array_cap(limits, site.slurm.max_array_size)
+
+
 def _submit_slurm(site: Site, to_run: Sequence[tuple[FieldJob, list[Stage]]],
-                  hooks: SubmitHooks, result: dict[str, Any]) -> None:
-    for chain in _chains(to_run):
+                  hooks: SubmitHooks, result: dict[str, Any], max_array: int) -> None:
+    """One chain per group of units of the same plan shape, split so that no array has more
+    than ``max_array`` tasks (each piece a chain of its own: task i of each stage is field i)."""
+    for chain in [part for group in _chains(to_run) for part in chunks(group, max_array or len(group))]:
         stages = chain[0][1]
         members = [_stage_jobs(site, fj, st, hooks) for fj, st in chain]
         folder = (unit_paths(chain[0][0].field.workdir).jobs if len(chain) == 1

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hpcddf.engine import backend
+from hpcddf.engine import backend, slurm_client
 from hpcddf.engine.backend import (
     LocalCallFailed,
     LocalCallInterrupted,
@@ -108,9 +108,11 @@ def test_cancel_gives_up_after_its_timeout(tmp_path: Path, monkeypatch: pytest.M
 
 def test_sbatch_that_does_not_answer_is_a_one_line_error(site, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """submitit runs sbatch without a timeout; ours bounds it and says what to check."""
+    """submitit runs sbatch without a timeout; ours bounds it (each of its attempts: a timeout
+    may hide a queued job, so it is retried after a look-up) and says what to check."""
     _fake_on_path(tmp_path, monkeypatch, "sbatch", "sleep 60")
     monkeypatch.setattr(backend, "SBATCH_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(backend, "SBATCH_RETRY", slurm_client.Retry(attempts=2, first_delay_s=0.1))
     t0 = time.time()
     with pytest.raises(SubmissionError) as err:
         backend._sbatch(site, tmp_path / "jobs", {"time": 5}, [functools.partial(math.sqrt, 4.0)],
