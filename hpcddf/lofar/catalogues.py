@@ -23,6 +23,7 @@ says how its tiles differ).
 
 from __future__ import annotations
 
+import http.client
 import math
 import urllib.error
 import urllib.request
@@ -198,13 +199,15 @@ def _fetch(url: str, out: Path, timeout_s: float, max_bytes: int) -> int:
                 if size > max_bytes:
                     raise _too_big(url, size, max_bytes)
                 fh.write(chunk)
+            if length and length.isdigit() and size != int(length):
+                raise ConfigError(f"downloading {url} ended after {size} of {length} bytes", hint)
             return size
     except urllib.error.HTTPError as exc:
         raise ConfigError(f"downloading {url} failed: HTTP {exc.code} {exc.reason}", hint) from None
     except urllib.error.URLError as exc:
         raise ConfigError(f"downloading {url} failed: {exc.reason}", hint) from None
-    except (TimeoutError, OSError) as exc:
-        raise ConfigError(f"downloading {url} failed: {exc}", hint) from None
+    except (TimeoutError, OSError, http.client.HTTPException) as exc:
+        raise ConfigError(f"downloading {url} failed: {type(exc).__name__} {exc}".rstrip(), hint) from None
 
 
 def _too_big(url: str, size: int, max_bytes: int) -> ConfigError:
@@ -229,7 +232,8 @@ def check_table(path: Path, columns: tuple[tuple[str, ...], ...], what: str) -> 
     """The table's column names holding each of ``columns``; a one-line error if it is not a
     table or lacks one."""
     try:
-        names = list(read_table(path).colnames)  # type: ignore[attr-defined]
+        table = read_table(path)
+        names = list(table.colnames)  # type: ignore[attr-defined]
     except ImportError:
         raise ConfigError("checking a downloaded catalogue needs astropy",
                           "pip install 'hpcddf[science]' on the login node") from None
@@ -242,7 +246,18 @@ def check_table(path: Path, columns: tuple[tuple[str, ...], ...], what: str) -> 
         want = " or ".join(columns[found.index(None)])
         raise ConfigError(f"{what} has no {want} column (has {', '.join(names[:8])})",
                           "check the URL in the site's [catalogues]: it must return the catalogue the step reads")
+    for name in found:
+        _numeric(table, str(name), what)
     return [str(f) for f in found]
+
+
+def _numeric(table: object, name: str, what: str) -> None:
+    import numpy as np
+    try:
+        np.asarray(table[name], dtype=float)  # type: ignore[index]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: column {name} is not numeric",
+                          "check the URL in the site's [catalogues]: it must return the catalogue the step reads") from None
 
 
 def merge_tiles(tiles: Sequence[Path], out: Path) -> int:
@@ -265,6 +280,8 @@ def merge_tiles(tiles: Sequence[Path], out: Path) -> int:
 def run_fetch(site: Site, fetch: Fetch) -> str:
     """Download what ``fetch`` names (tiles already there are kept) and put the catalogue in
     place; returns what was done, for the submit's progress line."""
+    if fetch.need.path.is_file():  # another field of this submission needed it too
+        return f"the {fetch.need.label} is in place at {fetch.need.path}"
     timeout, cap = site.catalogues.timeout_s, site.catalogues.max_mb * 2**20
     columns = SKY_COLUMNS if fetch.need.panstarrs else fetch.need.columns
     got = sum(download(url, dest, columns, timeout, cap) for url, dest in fetch.parts if not dest.is_file())
@@ -274,28 +291,27 @@ def run_fetch(site: Site, fetch: Fetch) -> str:
     return f"downloaded the {fetch.need.label} ({got} bytes) into {fetch.need.path}"
 
 
-def describe(fetch: Fetch) -> str:
-    """What a real submit would download (``--dry-run`` prints it and downloads nothing)."""
+def describe(fetch: Fetch, now: bool = False) -> str:
+    """What a real submit downloads (``now``) or would download (``--dry-run`` prints it and
+    downloads nothing)."""
     count = f"{len(fetch.parts)} cone(s) of {TILE_RADIUS_DEG:g} deg" if fetch.need.panstarrs else "one file"
-    return f"would download the {fetch.need.label} into {fetch.need.path} ({count} from {fetch.origin})"
+    verb = "downloading" if now else "would download"
+    return f"{verb} the {fetch.need.label} into {fetch.need.path} ({count} from {fetch.origin})"
 
 
-def ensure(site: Site, cfg: object, workdir: Path, steps: Sequence[str],
-           first_ms: Callable[[], Path], fetch: bool, report: Callable[[str], None]) -> set[str]:
-    """Every catalogue the field's steps read is present, downloaded now (``fetch``) or, for
-    ``--dry-run``, said to be downloaded by a real submit; returns the paths still to come."""
+def plan_fetches(site: Site, cfg: object, workdir: Path, steps: Sequence[str],
+                 first_ms: Callable[[], Path]) -> list[Fetch]:
+    """The downloads that put every missing catalogue of the field's steps in place; a one-line
+    error for one the site cannot download. Nothing is fetched yet: the submit makes its other
+    checks first, and ``--dry-run`` only says what would be fetched (``describe``)."""
     get = cfg.get  # type: ignore[attr-defined]
     width = float(get("image", "imsize")) * float(get("image", "cellsize")) / 3600.0
-    pending: set[str] = set()
+    fetches = []
     for need in needs(cfg, workdir, steps):
         if need.path.is_file():
             continue
         plan = fetch_for(site, need, lambda: field_centre(first_ms()), width)
         if plan is None:
             raise missing_error(need)
-        if fetch:
-            report(run_fetch(site, plan))
-        else:
-            report(describe(plan))
-            pending.add(str(need.path))
-    return pending
+        fetches.append(plan)
+    return fetches

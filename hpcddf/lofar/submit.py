@@ -43,19 +43,29 @@ def check_fields(site: Site, jobs: Sequence[FieldJob], recipe: dict[str, Any], f
                  report: Callable[[str], None] = lambda msg: None) -> dict[str, list[Path]]:
     """Every check a submission of these fields makes before queueing; each field's MSs.
 
-    The catalogues each field's steps read must be present: missing ones the site can download
-    are downloaded here, on the login node (``fetch``), or (``--dry-run``) reported as what a
-    real submit would download, and their contents are checked once they are in place."""
+    The catalogues each field's steps read must be present. Missing ones the site can download
+    are downloaded here, on the login node, after every other check passed (``fetch``; their
+    contents are then checked as a present file's), or, for ``--dry-run``, named in one line
+    each as what a real submit would download."""
     if recipe["name"] != "ddf":
         return {j.field.id: [] for j in jobs}
-    from hpcddf.lofar.catalogues import ensure
+    from hpcddf.lofar.catalogues import describe, plan_fetches, run_fetch
     from hpcddf.lofar.reduction import check_inputs as check_step_inputs
     check_supported(jobs)
+    fetches = {fj.field.id: plan_fetches(site, fj.config, fj.field.workdir, _steps(fj),
+                                         lambda fj=fj: first_ms(site, fj)) for fj in jobs}
     for fj in jobs:
-        pending = ensure(site, fj.config, fj.field.workdir, _steps(fj), lambda fj=fj: first_ms(site, fj),
-                         fetch, lambda msg, fid=fj.field.id: report(f"field {fid}: {msg}"))
+        pending = {str(f.need.path) for f in fetches[fj.field.id]}
         check_step_inputs(fj.config, _steps(fj), fj.field.workdir, pending)
-    return check_inputs(site, jobs)
+    found = check_inputs(site, jobs)
+    for fj in jobs:
+        for f in fetches[fj.field.id]:
+            report(f"field {fj.field.id}: {describe(f, now=fetch)}")
+            if fetch:
+                report(f"field {fj.field.id}: {run_fetch(site, f)}")
+        if fetch and fetches[fj.field.id]:
+            check_step_inputs(fj.config, _steps(fj), fj.field.workdir)
+    return found
 
 
 def first_ms(site: Site, fj: FieldJob) -> Path:

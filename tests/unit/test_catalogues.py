@@ -35,10 +35,11 @@ class Server:
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 outer.requests.append(self.path)
                 status, body = next((v for k, v in outer.routes.items() if self.path.startswith(k)), (404, b"no"))
-                self.send_response(status)
+                cut = status < 0  # promise the whole body, send a tenth of it, hang up
+                self.send_response(-status if cut else status)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(body[:len(body) // 10] if cut else body)
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -81,6 +82,14 @@ def make_ms(path: Path, ra: float = 150.0, dec: float = 55.0) -> Path:
 def _cfg(*overrides: str):
     from hpcddf.lofar.config import load_config
     return load_config([], ["--image-imsize=2000", "--image-cellsize=1.5", *overrides])
+
+
+def _ensure(site, cfg, workdir: Path, steps, ms, fetch: bool, report) -> set[str]:
+    """As ``check_fields`` runs the catalogue half of the checks for one field."""
+    fetches = cat.plan_fetches(site, cfg, workdir, steps, ms)
+    for f in fetches:
+        report(cat.run_fetch(site, f) if fetch else cat.describe(f))
+    return set() if fetch else {str(f.need.path) for f in fetches}
 
 
 def _leftovers(d: Path) -> list[str]:
@@ -168,7 +177,7 @@ def test_panstarrs_is_downloaded_once_per_tile_then_merged_and_a_second_run_down
     site, ms, workdir = _panstarrs(tmp_path, server)
     said: list[str] = []
     cfg = _cfg("--offsets-method=panstarrs", "--image-imsize=3000")  # 1.25 deg: 2 x 2 tiles
-    assert cat.ensure(site, cfg, workdir, ["offsets"], lambda: ms, True, said.append) == set()
+    assert _ensure(site, cfg, workdir, ["offsets"], lambda: ms, True, said.append) == set()
     assert len(server.requests) == 4 and all("radius=0.5" in r for r in server.requests)
     assert "ra=150.0" not in " ".join(server.requests)  # tile centres, not the field centre
     merged = Table.read(workdir / cat.PANSTARRS_MERGED)
@@ -176,7 +185,7 @@ def test_panstarrs_is_downloaded_once_per_tile_then_merged_and_a_second_run_down
     assert said == [f"downloaded the PanSTARRS catalogue ([offsets] method=panstarrs) (4 tiles, 3 sources) "
                     f"into {workdir / cat.PANSTARRS_MERGED}"]
     assert _leftovers(workdir / "panstarrs") == [f"panstarrs-{i}.vo" for i in range(4)] + ["panstarrs.fits"]
-    cat.ensure(site, cfg, workdir, ["offsets"], lambda: ms, True, said.append)
+    _ensure(site, cfg, workdir, ["offsets"], lambda: ms, True, said.append)
     assert len(server.requests) == 4 and len(said) == 1
 
 
@@ -184,7 +193,7 @@ def test_a_dry_run_says_what_it_would_download_and_downloads_nothing(tmp_path, s
     server.routes["/ps"] = (200, CSV)
     site, ms, workdir = _panstarrs(tmp_path, server)
     said: list[str] = []
-    pending = cat.ensure(site, _cfg("--offsets-method=panstarrs"), workdir, ["offsets"], lambda: ms, False, said.append)
+    pending = _ensure(site, _cfg("--offsets-method=panstarrs"), workdir, ["offsets"], lambda: ms, False, said.append)
     assert pending == {str(workdir / cat.PANSTARRS_MERGED)}
     assert said == [f"would download the PanSTARRS catalogue ([offsets] method=panstarrs) into "
                     f"{workdir / cat.PANSTARRS_MERGED} (1 cone(s) of 0.5 deg from [catalogues] panstarrs_url)"]
@@ -193,6 +202,8 @@ def test_a_dry_run_says_what_it_would_download_and_downloads_nothing(tmp_path, s
 
 @pytest.mark.parametrize("reply,needle", [
     ((500, b"oops"), "HTTP 500"),
+    ((-200, CSV + b"4,150.2,55.2\n" * 500), "ended after"),
+    ((200, CSV * 2), "is not numeric"),
     ((200, b""), "gave an empty file"),
     ((200, b"<html>Please try again</html>\n"), "download of"),
     ((200, b"x" * 4096), "is not a FITS, VOTable or CSV table|has no"),
@@ -201,7 +212,7 @@ def test_a_failed_download_is_one_line_and_leaves_no_file(tmp_path, server, repl
     server.routes["/ps"] = reply
     site, ms, workdir = _panstarrs(tmp_path, server)
     with pytest.raises(ConfigError) as exc:
-        cat.ensure(site, _cfg("--offsets-method=panstarrs"), workdir, ["offsets"], lambda: ms, True, print)
+        _ensure(site, _cfg("--offsets-method=panstarrs"), workdir, ["offsets"], lambda: ms, True, print)
     assert any(n in str(exc.value) for n in needle.split("|")) and "\n" not in str(exc.value)
     assert _leftovers(workdir / "panstarrs") == []
 
@@ -221,8 +232,11 @@ def test_a_catalogue_in_the_catalogue_dir_is_fetched_from_the_sites_files_table_
     cats = tmp_path / "cats"
     site = _site(tmp_path, f'files = {{ "TGSS.fits" = "{server.url}/tgss" }}', catalog_dir=cats)
     cfg = _cfg(f"--masking-tgss={cats}/TGSS.fits")
-    for _ in range(2):
-        cat.ensure(site, cfg, tmp_path / "L1", [], lambda: Path("unused"), True, print)
+    # two fields of one submission need it: planned for both, downloaded once
+    first, second = (cat.plan_fetches(site, cfg, tmp_path / f, [], lambda: Path("unused")) for f in ("L1", "L2"))
+    assert cat.run_fetch(site, first[0]).startswith("downloaded the TGSS catalogue")
+    assert cat.run_fetch(site, second[0]).endswith(f"is in place at {cats}/TGSS.fits")
+    assert cat.plan_fetches(site, cfg, tmp_path / "L3", [], lambda: Path("unused")) == []  # a later submit
     assert server.requests == ["/tgss"] and len(Table.read(cats / "TGSS.fits")) == 1
 
 
@@ -232,7 +246,7 @@ def test_a_dry_run_leaves_a_catalogue_still_to_come_unread_by_the_step_checks(tm
     site = _site(tmp_path, f'files = {{ "VLSS.fits" = "{server.url}/vlss" }}', catalog_dir=cats)
     cfg = _cfg(f"--bootstrap-catalogues=['{cats}//VLSS.fits']", "--bootstrap-frequencies=[74e6]")
     said: list[str] = []
-    pending = cat.ensure(site, cfg, tmp_path, ["bootstrap"], lambda: Path("x"), False, said.append)
+    pending = _ensure(site, cfg, tmp_path, ["bootstrap"], lambda: Path("x"), False, said.append)
     assert said == [f"would download the bootstrap catalogue into {cats}/VLSS.fits (one file from "
                     "[catalogues] files 'VLSS.fits')"]
     check_inputs(cfg, ["bootstrap"], tmp_path, pending)  # not read: it is still to come
@@ -244,10 +258,10 @@ def test_a_dry_run_leaves_a_catalogue_still_to_come_unread_by_the_step_checks(tm
 def test_a_missing_catalogue_without_a_url_is_one_line_naming_the_fix(tmp_path):
     site = _site(tmp_path, "")
     with pytest.raises(ConfigError) as exc:
-        cat.ensure(site, _cfg(f"--masking-tgss={tmp_path}/TGSS.fits"), tmp_path, [], lambda: Path("x"), True, print)
+        _ensure(site, _cfg(f"--masking-tgss={tmp_path}/TGSS.fits"), tmp_path, [], lambda: Path("x"), True, print)
     assert "TGSS catalogue ([masking] tgss)" in str(exc.value) and "[catalogues] files" in str(exc.value)
     with pytest.raises(ConfigError) as exc:
-        cat.ensure(site, _cfg("--offsets-method=panstarrs"), tmp_path, ["offsets"], lambda: Path("x"), True, print)
+        _ensure(site, _cfg("--offsets-method=panstarrs"), tmp_path, ["offsets"], lambda: Path("x"), True, print)
     assert "panstarrs_url" in str(exc.value) and "\n" not in str(exc.value)
 
 
@@ -270,9 +284,10 @@ def test_submits_checks_download_and_the_offsets_step_reads_the_download(tmp_pat
     assert server.requests == [] and "would download the PanSTARRS catalogue" in said[0]
     check_fields(site, jobs, {"name": "ddf", "options": {}}, fetch=True, report=said.append)
     n = len(server.requests)
-    assert n > 0 and "downloaded the PanSTARRS catalogue" in said[1]
+    assert n > 0 and said[1].startswith("field L123456: downloading the PanSTARRS catalogue")
+    assert said[2].startswith("field L123456: downloaded the PanSTARRS catalogue")
     check_fields(site, jobs, {"name": "ddf", "options": {}}, fetch=True, report=said.append)
-    assert len(server.requests) == n and len(said) == 2
+    assert len(server.requests) == n and len(said) == 3
     monkeypatch.chdir(workdir)
     ra, _ = read_reference(reference_catalogue(jobs[0].config))
     assert len(ra) == 3
