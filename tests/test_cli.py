@@ -543,10 +543,40 @@ TIER1_RUNNABLE = ("--masking-extended_size=None", "--control-polcubes=False", "-
 
 def test_a_missing_bootstrap_catalogue_is_refused_before_anything_is_queued(run_cli, data_dir, write_site, tmp_path):
     write_site("nocats", catalog_dir=str(tmp_path / "cats"))  # VLSS.fits is not there
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "TGSSADR1_7sigma_catalog.fits").touch()  # only present files are not read
     proc = run_cli("submit", "L123456", "--site", "nocats", "-c", data_dir / "tier1-sep2024.cfg", *TIER1_RUNNABLE)
     assert proc.returncode == 2, proc.stderr
     assert "bootstrap catalogue" in proc.stderr and "VLSS.fits does not exist" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_missing_tgss_catalogue_without_a_url_is_refused_naming_the_site_key(run_cli, data_dir, write_site, tmp_path):
+    write_site("nocats", catalog_dir=str(tmp_path / "cats"))
+    proc = run_cli("submit", "L123456", "--site", "nocats", "-c", data_dir / "tier1-sep2024.cfg", *TIER1_RUNNABLE)
+    assert proc.returncode == 2, proc.stderr
+    assert "TGSS catalogue ([masking] tgss)" in proc.stderr and "[catalogues] files" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_submit_dry_run_names_the_panstarrs_download_and_downloads_nothing(run_cli, write_site, work_root, tmp_path):
+    """The site's PanSTARRS URL points at a server that counts requests: the dry run reads the
+    field centre from the MS and says what a real submit would download, in one line."""
+    from tests.unit.test_catalogues import Server, make_ms
+    server = Server()
+    try:
+        path = write_site("ps")
+        path.write_text(path.read_text() + f'\n[catalogues]\npanstarrs_url = "{server.url}/ps?ra={{ra}}&dec={{dec}}&r={{radius}}"\n')
+        make_ms(work_root / "L123456" / "L123456_SB000.ms")
+        proc = run_cli("submit", "L123456", "--site", "ps", "--offsets-method=panstarrs", "--image-imsize=2000",
+                       "--dry-run", env={"no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1"})
+    finally:
+        server.httpd.shutdown()
+        server.httpd.server_close()
+    assert proc.returncode == 0, proc.stderr
+    said = [ln for ln in proc.stderr.splitlines() if "would download" in ln]
+    assert len(said) == 1 and "PanSTARRS catalogue" in said[0] and "1 cone(s) of 0.5 deg" in said[0]
+    assert server.requests == [] and not (work_root / "L123456" / "panstarrs").exists()
 
 
 def test_an_offsets_method_without_a_local_catalogue_is_refused(run_cli, data_dir, write_site):

@@ -56,7 +56,9 @@ def submit(args: tuple[str, ...], site: str | None, site_file: str | None, confi
     jobs = app.prepare(s, fields, configs, overrides, work_root)
     from hpcddf.lofar.submit import check_fields, submit_fields
     if dry_run:
-        check_fields(s, jobs, recipe)  # exactly the checks a real submit makes before queueing
+        # exactly the checks a real submit makes before queueing; catalogues it would download
+        # are named, not downloaded
+        check_fields(s, jobs, recipe, fetch=False, report=progress)
         _warn_no_effect(jobs)
         doc = app.dry_run_document(s, jobs)
         if as_json:

@@ -90,6 +90,19 @@ class PathsSection:
 
 
 @dataclass(frozen=True)
+class CataloguesSection:
+    """Where the login node may download a catalogue a configuration needs and nobody has put
+    in place (compute nodes often have no network). URLs are the site's data, never hpcddf's."""
+
+    # one cone query per PanSTARRS tile: {ra} and {dec} its centre, {radius} its radius (degrees)
+    panstarrs_url: str | None = None
+    # whole catalogues by their file name in [paths] catalog_dir (TGSS, VLSS, WENSS, ...) -> URL
+    files: dict[str, str] = field(default_factory=dict)
+    timeout_s: int = 300
+    max_mb: int = 2000
+
+
+@dataclass(frozen=True)
 class FieldsSection:
     pattern: str = r"L[0-9]{5,7}"
     max_running: int = 10
@@ -117,6 +130,7 @@ class Site:
     preflight: PreflightSection = field(default_factory=PreflightSection)
     container: ContainerSection = field(default_factory=ContainerSection)
     paths: PathsSection = field(default_factory=PathsSection)
+    catalogues: CataloguesSection = field(default_factory=CataloguesSection)
     fields: FieldsSection = field(default_factory=FieldsSection)
     survey: SurveySection = field(default_factory=SurveySection)
 
@@ -286,6 +300,7 @@ def _check_values(site: Site) -> None:
         re.compile(site.fields.pattern)
     except re.error as exc:
         raise bad(f"[fields] pattern is not a regular expression: {exc}", "fix the pattern")
+    _check_catalogues(site.catalogues, bad)
     for key in site.slurm.extra_sbatch:
         # submitit writes "job_name" as --job-name, and sbatch accepts unambiguous prefixes
         flag = key.lstrip("-").replace("_", "-")
@@ -296,6 +311,33 @@ def _check_values(site: Site) -> None:
         if bad_chars:
             raise bad(f"extra_sbatch {key} contains {''.join(map(repr, bad_chars))}: it would reach the batch "
                       "script as it is", "use a plain sbatch value (constraints may use & and |)")
+
+
+TILE_FIELDS = ("ra", "dec", "radius")
+
+
+def _check_catalogues(cat: CataloguesSection, bad: Any) -> None:
+    """URLs are http(s); the PanSTARRS template names only {ra}, {dec} and {radius}; the file
+    names are plain names inside the catalogue directory."""
+    import string
+    urls = ([("panstarrs_url", cat.panstarrs_url)] if cat.panstarrs_url else []) + \
+        [(f"files {name!r}", url) for name, url in cat.files.items()]
+    for key, url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise bad(f"[catalogues] {key} = {url!r} is not an http(s) URL", "give the full URL, http:// or https://")
+    if cat.panstarrs_url:
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(cat.panstarrs_url) if f is not None}
+        except ValueError as exc:
+            raise bad(f"[catalogues] panstarrs_url is not a template: {exc}", "write {ra}, {dec} and {radius}; double other braces")
+        if names - set(TILE_FIELDS):
+            raise bad(f"[catalogues] panstarrs_url names {{{sorted(names - set(TILE_FIELDS))[0]}}}",
+                      "use only {ra}, {dec} and {radius} (degrees)")
+    for name in cat.files:
+        if not name or "/" in name or name in (".", ".."):
+            raise bad(f"[catalogues] files: {name!r} is not a file name", "give the name in [paths] catalog_dir, e.g. \"VLSS.fits\"")
+    if cat.timeout_s < 1 or cat.max_mb < 1:
+        raise bad("[catalogues] timeout_s and max_mb must be at least 1", "fix [catalogues]")
 
 
 def load_site_file(path: str | os.PathLike[str], name: str | None = None) -> Site:

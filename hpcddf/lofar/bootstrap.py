@@ -28,7 +28,7 @@ Differences from ddf-pipeline's bootstrap, on purpose:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,8 +102,9 @@ class FitResult:
 
 # ---------------------------------------------------------------- catalogues
 
-def catalogues_from_config(cfg: Any, catalog_dir: str | None = None) -> list[Catalogue]:
-    """The [bootstrap] catalogues, checked (files, columns, list lengths) before anything runs."""
+def catalogues_from_config(cfg: Any, catalog_dir: str | None = None, pending: Collection[str] = ()) -> list[Catalogue]:
+    """The [bootstrap] catalogues, checked (files, columns, list lengths) before anything runs;
+    a path in ``pending`` is still to be downloaded (``--dry-run``), so not read."""
     paths = cfg.get("bootstrap", "catalogues") or []
     freqs = cfg.get("bootstrap", "frequencies") or []
     if not paths:
@@ -119,7 +120,8 @@ def catalogues_from_config(cfg: Any, catalog_dir: str | None = None) -> list[Cat
     cats = []
     for p, f, r, n, g in zip(paths, freqs, radii, names, groups):
         path = str(p).replace("$$", catalog_dir or "$$")
-        check_catalogue(path)
+        if str(Path(path)) not in pending:
+            check_catalogue(path)
         cats.append(Catalogue(str(n), path, float(f), float(r), int(g)))
     return cats
 

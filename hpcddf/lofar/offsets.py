@@ -22,8 +22,9 @@ Differences from ddf-pipeline's offsets.py, on purpose:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -260,17 +261,23 @@ def _column(names: Sequence[str], colnames: Sequence[str]) -> str | None:
     return next((lower[n.lower()] for n in names if n.lower() in lower), None)
 
 
-def reference_catalogue(cfg: object) -> str:
-    """The local reference catalogue of ``[offsets]``, checked before anything is queued."""
-    from pathlib import Path
-
+def reference_catalogue(cfg: object, workdir: Path | None = None, pending: Collection[str] = ()) -> str:
+    """The reference catalogue of ``[offsets]``, checked before anything is queued: ``[offsets]
+    catalogue``, else for ``method=panstarrs`` the one the login node downloaded into the field
+    directory at submit (``panstarrs/panstarrs.fits``; relative: the step runs in the field
+    directory). A path in ``pending`` is still to be downloaded (``--dry-run``): not read."""
     from hpcddf.errors import ConfigError
+    from hpcddf.lofar.catalogues import PANSTARRS_MERGED
     method = cfg.get("offsets", "method")  # type: ignore[attr-defined]
     path = cfg.get("offsets", "catalogue")  # type: ignore[attr-defined]
+    if not path and method == "panstarrs":
+        path = str(workdir / PANSTARRS_MERGED) if workdir is not None else PANSTARRS_MERGED
     if not path:
         raise ConfigError(f"[offsets] method={method} needs a local reference catalogue",
                           "set [offsets] catalogue to a FITS/CSV file with RA and Dec columns "
-                          "(hpcddf downloads nothing)")
+                          "(hpcddf downloads only method=panstarrs, from the site's [catalogues] panstarrs_url)")
+    if str(Path(path)) in pending:
+        return str(path)
     if not Path(path).is_file():
         raise ConfigError(f"offsets reference catalogue {path} does not exist",
                           "fix [offsets] catalogue ($$ is the site's catalogue dir)")
@@ -298,8 +305,6 @@ def read_reference(path: str) -> tuple[np.ndarray, np.ndarray]:
 def lofar_catalogue(root: str, out: str) -> object:
     """PyBDSF on ``<root>.int.restored.fits``, detecting on the apparent image (ddf-pipeline's
     offsets parameters: thresh 4/5, rms box (150,15), adaptive (60,15) above 150, no wavelets)."""
-    from pathlib import Path
-
     import bdsf
     from astropy.table import Table
 

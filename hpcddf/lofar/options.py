@@ -176,7 +176,8 @@ OPTIONS: tuple[Option, ...] = (
     _o("offsets", "method", "str", None, "Optical catalogue for offsets (pslocal, panstarrs, ...)"),
     _o("offsets", "fit", "str", "mcmc", "Histogram fit method", choices=("mcmc", "chi2")),
     _o("offsets", "catalogue", "str", None,
-       "Local reference catalogue (FITS/CSV with RA and Dec columns; $$ = catalogue dir); hpcddf's addition: nothing is downloaded"),
+       "Local reference catalogue (FITS/CSV with RA and Dec columns; $$ = catalogue dir); hpcddf's addition: "
+       "without it, method=panstarrs is downloaded at submit from the site's [catalogues] panstarrs_url"),
     _o("offsets", "mode", "str", "normal", "normal or test", choices=("normal", "test")),
     # [spectra]
     _o("spectra", "do_dynspec", "bool", False, "Make dynamic spectra (DynSpecMS)"),

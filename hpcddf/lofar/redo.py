@@ -29,7 +29,7 @@ DIRIN_KEEP = ("image_dirin_SSD_init.*", "image_dirin_SSD.*", "image_dirin_SSD_m.
               "MaskDiffuse*", "Noise*.fits", "external_mask.*")
 DIRIN_STEPS = ("image_dirin_SSD_init", "external_mask", "image_dirin_SSD", "mask_diffuse",
                "image_dirin_SSD_m")
-ALWAYS_KEEP = ("*.ms", "*.MS", "*.cfg", HIDDEN, "hpcddf.cfg")
+ALWAYS_KEEP = ("*.ms", "*.MS", "*.cfg", HIDDEN, "hpcddf.cfg", "panstarrs")  # panstarrs: downloaded at submit
 
 
 def _keep_patterns(cfg: PipelineConfig, point: str) -> list[str]:

@@ -12,6 +12,7 @@ them, so a kill between two sub-commands reruns the whole step instead of skippi
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -143,18 +144,26 @@ def group_by_obsid(mss: tuple[str, ...] | list[str]) -> dict[str, list[str]]:
     return groups
 
 
-def check_inputs(cfg: PipelineConfig, step_names: list[str] | tuple[str, ...]) -> None:
+def check_inputs(cfg: PipelineConfig, step_names: list[str] | tuple[str, ...],
+                 workdir: Path | None = None, pending: Collection[str] = ()) -> None:
     """Refuse, before anything is queued, a step whose external inputs are missing or wrong:
-    the bootstrap's catalogues (files and PyBDSM columns) and the offsets' reference catalogue."""
+    the bootstrap's catalogues (files and PyBDSM columns) and the offsets' reference catalogue
+    (``workdir``: the field directory a downloaded one lives in). ``pending`` catalogues are
+    still to be downloaded (``--dry-run``): their files are not read."""
     try:  # the full check reads the tables (astropy); a bare login-node install checks the files
         from hpcddf.lofar.bootstrap import catalogues_from_config
         from hpcddf.lofar.offsets import reference_catalogue
     except ImportError:
-        catalogues_from_config = reference_catalogue = _files_exist
+        _files_exist(cfg, pending)
+        return _check_quality(cfg, step_names)
     if "bootstrap" in step_names:
-        catalogues_from_config(cfg)
+        catalogues_from_config(cfg, pending=pending)
     if "offsets" in step_names:
-        reference_catalogue(cfg)
+        reference_catalogue(cfg, workdir, pending)
+    _check_quality(cfg, step_names)
+
+
+def _check_quality(cfg: PipelineConfig, step_names: list[str] | tuple[str, ...]) -> None:
     if "quality" in step_names:
         try:
             from hpcddf.lofar.quality import check_comparisons, parse_comparison
@@ -163,11 +172,11 @@ def check_inputs(cfg: PipelineConfig, step_names: list[str] | tuple[str, ...]) -
         check_comparisons([parse_comparison(str(c)) for c in cfg.get("control", "quality")])
 
 
-def _files_exist(cfg: PipelineConfig) -> None:
+def _files_exist(cfg: PipelineConfig, pending: Collection[str] = ()) -> None:
     from hpcddf.errors import ConfigError
     paths = list(cfg.get("bootstrap", "catalogues") or []) + [cfg.get("offsets", "catalogue") or ""]
     for p in paths:
-        if p and not Path(str(p)).is_file():
+        if p and str(Path(str(p))) not in pending and not Path(str(p)).is_file():
             raise ConfigError(f"catalogue {p} does not exist", "fix the path in the config ($$ is the site's catalogue dir)")
 
 
@@ -423,8 +432,9 @@ def bootstrap(r: Reduction) -> Step:
 
     As in ddf-pipeline, a dirty image comes first and the clean is masked. The mask is the
     ``[masking] tgss`` catalogue's sources drawn on the dirty image's grid (ddf-pipeline's
-    bootstrap mask; hpcddf reads the file, it downloads nothing), OR'd with MakeMask's mask of
-    that dirty image at the first masking threshold, which is all there is without a TGSS file.
+    bootstrap mask; the node reads the file, downloaded at submit if missing and the site names
+    its URL), OR'd with MakeMask's mask of that dirty image at the first masking threshold,
+    which is all there is without a TGSS file.
     A source outside the mask is left to the 15-sigma automask, whose noise on a dirty,
     sidelobe-limited image is high: it stays uncleaned, and PyBDSF then fits it with the
     narrower dirty beam and finds a third of its flux against the restoring beam (measured on

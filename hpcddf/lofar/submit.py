@@ -18,7 +18,7 @@ from hpcddf.engine.sites import Site
 from hpcddf.engine.state import read_state
 from hpcddf.engine.submission import SubmitHooks, submit_units
 from hpcddf.errors import FieldError, PlanError
-from hpcddf.lofar.prepare import FieldJob, check_inputs, materialise
+from hpcddf.lofar.prepare import FieldJob, check_inputs, materialise, measurement_sets
 from hpcddf.lofar.recipes import ReductionSteps
 from hpcddf.lofar.redo import apply_restart_policy
 
@@ -27,23 +27,59 @@ DEFAULT_RECIPE: dict[str, Any] = {"name": "ddf", "options": {}}
 
 def check_supported(jobs: Sequence[FieldJob]) -> None:
     """Refuse, before queueing, a config that switches on a step hpcddf cannot run yet."""
-    from hpcddf.lofar.reduction import check_inputs as check_step_inputs
     from hpcddf.lofar.reduction import unsupported
     for fj in jobs:
-        names = [s for st in fj.plan.stages for s in st.steps]
-        missing = unsupported(names)
+        missing = unsupported(_steps(fj))
         if missing:
             raise PlanError(f"field {fj.field.id}: this hpcddf version cannot run {missing[0]} yet",
                             f"switch it off ({missing[0]}=False/None) in the config or on the command line")
-        check_step_inputs(fj.config, names)
 
 
-def check_fields(site: Site, jobs: Sequence[FieldJob], recipe: dict[str, Any]) -> dict[str, list[Path]]:
-    """Every check a submission of these fields makes before queueing; each field's MSs."""
+def _steps(fj: FieldJob) -> list[str]:
+    return [s for st in fj.plan.stages for s in st.steps]
+
+
+def check_fields(site: Site, jobs: Sequence[FieldJob], recipe: dict[str, Any], fetch: bool = True,
+                 report: Callable[[str], None] = lambda msg: None) -> dict[str, list[Path]]:
+    """Every check a submission of these fields makes before queueing; each field's MSs.
+
+    The catalogues each field's steps read must be present. Missing ones the site can download
+    are downloaded here, on the login node, after every other check passed (``fetch``; their
+    contents are then checked as a present file's), or, for ``--dry-run``, named in one line
+    each as what a real submit would download."""
     if recipe["name"] != "ddf":
         return {j.field.id: [] for j in jobs}
+    from hpcddf.lofar.catalogues import describe, plan_fetches, run_fetch
+    from hpcddf.lofar.reduction import check_inputs as check_step_inputs
     check_supported(jobs)
-    return check_inputs(site, jobs)
+    fetches = {fj.field.id: plan_fetches(site, fj.config, fj.field.workdir, _steps(fj),
+                                         lambda fj=fj: first_ms(site, fj)) for fj in jobs}
+    for fj in jobs:
+        pending = {str(f.need.path) for f in fetches[fj.field.id]}
+        check_step_inputs(fj.config, _steps(fj), fj.field.workdir, pending)
+    found = check_inputs(site, jobs)
+    for fj in jobs:
+        for f in fetches[fj.field.id]:
+            report(f"field {fj.field.id}: {describe(f, now=fetch)}")
+            if fetch:
+                report(f"field {fj.field.id}: {run_fetch(site, f)}")
+        if fetch and fetches[fj.field.id]:
+            check_step_inputs(fj.config, _steps(fj), fj.field.workdir)
+    return found
+
+
+def first_ms(site: Site, fj: FieldJob) -> Path:
+    """The field's first MS (its MS list's first, else the first found): the phase centre
+    ddf-pipeline images about."""
+    listed = fj.config.get("data", "mslist")
+    if listed and (fj.field.workdir / listed).is_file():
+        names = [ln.strip() for ln in (fj.field.workdir / listed).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if names:
+            return fj.field.workdir / names[0]
+    found = measurement_sets(site, fj)
+    if not found:
+        check_inputs(site, [fj])  # the one-line error for a field without MSs
+    return sorted(found)[0]
 
 
 def _prepare(site: Site, fj: FieldJob, ms: list[Path] | None) -> None:
@@ -55,9 +91,10 @@ def _prepare(site: Site, fj: FieldJob, ms: list[Path] | None) -> None:
     write_text_atomic(paths.frozen_config, fj.config.to_cfg_text())
 
 
-def reduction_hooks(recipe: dict[str, Any]) -> SubmitHooks:
-    """The reduction's checks, restart policy, preparation and node step builder."""
-    return SubmitHooks(check=lambda site, jobs: check_fields(site, jobs, recipe),
+def reduction_hooks(recipe: dict[str, Any], progress: Callable[[str], None] = lambda msg: None) -> SubmitHooks:
+    """The reduction's checks (catalogue downloads said through ``progress``), restart policy,
+    preparation and node step builder."""
+    return SubmitHooks(check=lambda site, jobs: check_fields(site, jobs, recipe, True, progress),
                        restart=lambda fj: apply_restart_policy(fj.field.workdir, fj.config),
                        prepare=_prepare, builder=ReductionSteps(recipe), recipe=recipe)
 
@@ -70,7 +107,7 @@ def submit_fields(site: Site, jobs: Sequence[FieldJob], recipe: dict[str, Any] |
     Only a new submission applies ``redofrom``/``restart=False``; a resubmission (which reads
     the frozen config, redofrom included) never does.
     """
-    hooks = reduction_hooks(recipe or DEFAULT_RECIPE)
+    hooks = reduction_hooks(recipe or DEFAULT_RECIPE, progress)
     return submit_units(site, jobs, hooks, progress, new_submission)
 
 

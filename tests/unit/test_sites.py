@@ -131,7 +131,7 @@ def test_work_root_expands_variables(write_site, monkeypatch: pytest.MonkeyPatch
 def test_to_dict_round_trips_every_section():
     d = load_site("spider").to_dict()
     assert set(d) == {"name", "path", "scheduler", "description", "slurm", "node", "preflight",
-                      "container", "paths", "fields", "survey"}
+                      "container", "paths", "catalogues", "fields", "survey"}
     assert d["node"]["cpus"] == 32
 
 
