@@ -140,8 +140,8 @@ def test_machine_cpus_come_from_the_allocation_unless_the_config_says(tmp_path):
 def test_every_step_of_the_plan_has_a_builder_and_outputs():
     site = load_site("local")
     cfg = load_config([TIER1], ["--control-bootstrap=False", "--control-polcubes=False",
-                                "--control-stokesv=False", "--spectra-do_dynspec=False",
-                                "--compression-compress_ms=False"], catalog_dir="/cats")
+                                "--control-stokesv=False", "--spectra-do_dynspec=False"],
+                     catalog_dir="/cats")
     plan = plan_reduction(cfg, site, "L1")
     r = Reduction(cfg, NODE, MS, FULL)
     for stage in plan.stages:
@@ -159,8 +159,7 @@ def test_unsupported_steps_are_named_before_anything_runs():
     plan = plan_reduction(load_config([TIER1], catalog_dir="/cats"), site, "L1")
     names = [n for st in plan.stages for n in st.steps]
     assert unsupported(names) == ["[masking] extended_size (needs the bootstrap)",
-                                  "[control] polcubes", "[control] stokesv", "[spectra] do_dynspec",
-                                  "[compression] compress_ms"]
+                                  "[control] polcubes", "[control] stokesv", "[spectra] do_dynspec"]
     with pytest.raises(PlanError, match="extended_size"):
         build(tier1(), "ampphase", ["extended_mask"])
 
@@ -239,6 +238,18 @@ def test_after_the_bootstrap_steps_read_the_scaled_columns():
     assert _col(on["DIS1"], "kMS.py") == "SCALED_DATA"  # DIS1 rewrites DATA_DI_CORRECTED from it
     assert _col(on["image_ampphase1_di"]) == "DATA_DI_CORRECTED"
     assert _col(on["DDS2_full"], "kMS.py") == "SCALED_DATA"
+
+
+def test_compress_ms_archives_the_final_images_column_of_every_ms_of_the_full_list():
+    """The archive's DATA is the column image_full_ampphase_di_m.NS imaged (its DDF --Data-ColName)."""
+    for r in (tier1(), boot(), tier1("--control-skip_di=True")):
+        [final, step] = build(r, "final", ["image_full_ampphase_di_m.NS", "compress_ms"])
+        col = _col(final)
+        assert step.commands[0].argv[1:5] == ("-m", "hpcddf.lofar.compress", "--column", col)
+        assert step.commands[0].argv[5:] == FULL and step.params["column"] == col
+        assert step.outputs == tuple(f"{ms}.archive" for ms in FULL)
+    assert _col(build(boot(), "final", ["image_full_ampphase_di_m.NS"])[0]) == "DATA_DI_CORRECTED"
+    assert build(tier1("--control-skip_di=True"), "final", ["compress_ms"])[0].params["column"] == "CORRECTED_DATA"
 
 
 def test_build_steps_reads_the_ms_lists_of_the_field(tmp_path):
