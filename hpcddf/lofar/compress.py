@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import numpy as np
+# numpy and casacore are imported where used: the planner imports archive_name on a login node
+# that has neither (the science stack runs on the nodes)
 
 ARCHIVE_SUFFIX = ".archive"
 
@@ -126,8 +127,9 @@ def write_archive(ms: Path, tmp: Path, column: str, chunk_rows: int = CHUNK_ROWS
 
 # ------------------------------------------------------------------------------ verification
 
-def _data_error(ref: np.ndarray, got: np.ndarray) -> float:
+def _data_error(ref: Any, got: Any) -> float:
     """Relative rms error of the finite source values (flagged NaNs carry no data)."""
+    import numpy as np
     ok = np.isfinite(ref)
     if not np.all(np.isfinite(got[ok])):
         return float("inf")
@@ -138,10 +140,11 @@ def _data_error(ref: np.ndarray, got: np.ndarray) -> float:
     return float(np.sqrt(err / power))
 
 
-def _weights_ok(ref: np.ndarray, got: np.ndarray) -> bool:
+def _weights_ok(ref: Any, got: Any) -> bool:
     """Dysco stores, per row and channel, the smallest weight of the polarisations in
     weightBitCount bits scaled to the row's largest weight: rounding keeps it within half a
     quantisation step (measured), one step is allowed."""
+    import numpy as np
     smallest = ref.min(axis=-1, keepdims=True)
     scale = ref.reshape(ref.shape[0], -1).max(axis=1).reshape(-1, 1, 1)
     step = scale / (2 ** DYSCO_SPEC["weightBitCount"] - 1)
@@ -171,6 +174,7 @@ def _nrows(keyword: str) -> int:
 
 
 def _check_chunk(src: Any, arc: Any, column: str, start: int, n: int, exact: list[str]) -> float:
+    import numpy as np
     ref, got = src.getcol(column, start, n), arc.getcol("DATA", start, n)
     if ref.shape != got.shape:
         raise ArchiveError(f"DATA cells are {got.shape[1:]}, {column}'s are {ref.shape[1:]}")

@@ -303,3 +303,13 @@ def test_a_stage_with_killms_is_refused_on_cores_without_core_0(tmp_path):
     assert "exclusive = true" in err.value.hint
     check_killms_cores(with_kms, (0, 1))
     check_killms_cores(images, (3, 5))
+
+
+def test_the_planner_imports_no_numpy_for_compress_ms():
+    """The login node plans without the science stack: the archive names come from a module
+    whose numpy and casacore imports wait until the node tool runs."""
+    import subprocess
+    import sys
+    code = "import sys, hpcddf.lofar.reduction; assert 'numpy' not in sys.modules, 'numpy imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
