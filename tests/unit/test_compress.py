@@ -162,3 +162,25 @@ def test_a_missing_column_is_one_line_and_leaves_nothing(ms: Path):
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"error: {ms} has no column NOPE to archive"
     assert sorted(p.name for p in ms.parent.iterdir()) == [ms.name]
+
+
+def test_the_compress_ms_step_runs_through_the_engine_in_the_field_directory(ms: Path):
+    """The step as the final stage builds it: its command, run by the engine's runner in the
+    field directory, writes the outputs the step declares; the marker comes after them."""
+    from hpcddf.engine.runner import RunContext, marker_path, run_step
+    from hpcddf.lofar.config import load_config
+    from hpcddf.lofar.ddfcommands import Machine
+    from hpcddf.lofar.reduction import Reduction, build
+    wd = ms.parent
+    cfg = load_config([], ["--control-skip_di=True", "--data-colname=CORRECTED_DATA"])
+    m = Machine(ncpu_ddf=1, ncpu_kms=1, cache_dir=str(wd / "cache"), timeout_s=300.0, python=sys.executable)
+    [step] = build(Reduction(cfg, m, (ms.name,), (ms.name,)), "final", ["compress_ms"])
+    ctx = RunContext(workdir=wd, log_dir=wd / "logs", marker_dir=wd / "done",
+                     env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+    ctx.log_dir.mkdir()  # the node job makes both
+    ctx.marker_dir.mkdir()
+    marker = run_step(ctx, step)
+    assert marker["outputs"] == [f"{ms.name}.archive"] and marker["params"] == {"column": COLUMN}
+    assert marker_path(ctx, "compress_ms").is_file()
+    assert verify(ms, wd / f"{ms.name}.archive", COLUMN) < 0.005
+    assert ": written;" in (wd / "logs" / "compress_ms.log").read_text()
