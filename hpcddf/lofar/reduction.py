@@ -20,6 +20,7 @@ from typing import Callable
 from hpcddf.engine.paths import FROZEN_CONFIG_REL
 from hpcddf.engine.runner import Command, Step
 from hpcddf.errors import PlanError
+from hpcddf.lofar.compress import archive_name
 from hpcddf.lofar.config import PipelineConfig
 from hpcddf.lofar.ddfcommands import (
     Image,
@@ -45,7 +46,6 @@ UNSUPPORTED = {
     "polcubes": "[control] polcubes",
     "stokesv": "[control] stokesv",
     "dynspec": "[spectra] do_dynspec",
-    "compress_ms": "[compression] compress_ms",
 }
 
 CLUSTER_CAT = "image_dirin_SSD_m.npy.ClusterCat.npy"
@@ -735,6 +735,21 @@ def quality(r: Reduction) -> Step:
                  ["quality/quality.json", "quality/quality.txt"], 120)
 
 
+def compress_ms(r: Reduction) -> Step:
+    """A Dysco-compressed ``<ms>.archive`` of every MS of the full list (ddf-pipeline's
+    ``archivems``), each verified against its MS before it gets its name; the MSs are only read.
+
+    The archive's DATA is the column the final image was made from (``img_col`` after the
+    final stage's column switch): DATA_DI_CORRECTED when DI calibration runs (bootstrap-scaled,
+    as DIS1/DIS2_full rewrite it from SCALED_DATA), else the calibration's input column
+    (SCALED_DATA after the bootstrap, [data] colname without it). ddf-pipeline archives
+    DATA_DI_CORRECTED, the same column in its default configuration."""
+    mss = r.full_mss or r.mss
+    cmd = Command((r.m.python, "-m", "hpcddf.lofar.compress", "--column", r.img_col, *mss),
+                  "compress_ms.log", timeout_s=r.m.timeout_s)
+    return _step("compress_ms", [cmd], [archive_name(ms) for ms in mss], 30 * len(mss), column=r.img_col)
+
+
 def summary(r: Reduction) -> Step:
     cmds = [hpcddf_tool(r.m, ["summary", "--config", FROZEN_CONFIG_REL, "--out", "summary.txt"],
                         "summary.log")]
@@ -750,7 +765,7 @@ BUILDERS: dict[str, Callable[[Reduction], Step]] = {
         cluster, image_dirin_SSD_m_c, DIS0, image_dirin_SSD_m_c_di, image_dirin_SSD_m_c_di_m,
         DDS0, bootstrap, image_phase1, mask_phase1, DDS1, image_ampphase1, Predict_DI1, DIS1,
         image_ampphase1_di, DDS2_full, Predict_DDS2, DIS2_full, image_full_ampphase_di,
-        image_full_ampphase_di_m, DDS3_full, DDS3_full_slow, image_full_low, offsets, quality, summary)
+        image_full_ampphase_di_m, DDS3_full, DDS3_full_slow, image_full_low, offsets, compress_ms, quality, summary)
 }
 BUILDERS["image_full_ampphase_di_m.NS"] = image_full_ampphase_di_m_NS
 

@@ -141,8 +141,8 @@ def test_machine_cpus_come_from_the_allocation_unless_the_config_says(tmp_path):
 def test_every_step_of_the_plan_has_a_builder_and_outputs():
     site = load_site("local")
     cfg = load_config([TIER1], ["--control-bootstrap=False", "--control-polcubes=False",
-                                "--control-stokesv=False", "--spectra-do_dynspec=False",
-                                "--compression-compress_ms=False"], catalog_dir="/cats")
+                                "--control-stokesv=False", "--spectra-do_dynspec=False"],
+                     catalog_dir="/cats")
     plan = plan_reduction(cfg, site, "L1")
     r = Reduction(cfg, NODE, MS, FULL)
     for stage in plan.stages:
@@ -160,8 +160,7 @@ def test_unsupported_steps_are_named_before_anything_runs():
     plan = plan_reduction(load_config([TIER1], catalog_dir="/cats"), site, "L1")
     names = [n for st in plan.stages for n in st.steps]
     assert unsupported(names) == ["[masking] extended_size (needs the bootstrap)",
-                                  "[control] polcubes", "[control] stokesv", "[spectra] do_dynspec",
-                                  "[compression] compress_ms"]
+                                  "[control] polcubes", "[control] stokesv", "[spectra] do_dynspec"]
     with pytest.raises(PlanError, match="extended_size"):
         build(tier1(), "ampphase", ["extended_mask"])
 
@@ -247,6 +246,18 @@ def test_after_the_bootstrap_steps_read_the_scaled_columns():
     assert _col(on["DIS1"], "kMS.py") == "SCALED_DATA"  # DIS1 rewrites DATA_DI_CORRECTED from it
     assert _col(on["image_ampphase1_di"]) == "DATA_DI_CORRECTED"
     assert _col(on["DDS2_full"], "kMS.py") == "SCALED_DATA"
+
+
+def test_compress_ms_archives_the_final_images_column_of_every_ms_of_the_full_list():
+    """The archive's DATA is the column image_full_ampphase_di_m.NS imaged (its DDF --Data-ColName)."""
+    for r in (tier1(), boot(), tier1("--control-skip_di=True")):
+        [final, step] = build(r, "final", ["image_full_ampphase_di_m.NS", "compress_ms"])
+        col = _col(final)
+        assert step.commands[0].argv[1:5] == ("-m", "hpcddf.lofar.compress", "--column", col)
+        assert step.commands[0].argv[5:] == FULL and step.params["column"] == col
+        assert step.outputs == tuple(f"{ms}.archive" for ms in FULL)
+    assert _col(build(boot(), "final", ["image_full_ampphase_di_m.NS"])[0]) == "DATA_DI_CORRECTED"
+    assert build(tier1("--control-skip_di=True"), "final", ["compress_ms"])[0].params["column"] == "CORRECTED_DATA"
 
 
 def test_build_steps_reads_the_ms_lists_of_the_field(tmp_path):
@@ -413,3 +424,13 @@ def test_di_intervals_are_worked_out_from_the_data_unless_the_config_gives_them(
     assert dd[0] == "kMS.py" and dd[dd.index("--NChanSols") + 1] == "1"
     dds2 = BUILDERS["DDS2_full"](tier1("--solutions-NChanSols=4")).commands[0].argv
     assert dds2[dds2.index("--NChanSols") + 1] == "4"
+
+
+def test_the_planner_imports_no_numpy_for_compress_ms():
+    """The login node plans without the science stack: the archive names come from a module
+    whose numpy and casacore imports wait until the node tool runs."""
+    import subprocess
+    import sys
+    code = "import sys, hpcddf.lofar.reduction; assert 'numpy' not in sys.modules, 'numpy imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
