@@ -51,9 +51,23 @@ def collect_unit_status(site: Site, dirs: Sequence[Path]) -> list[dict[str, Any]
 def _add_scheduler_states(states: list[dict[str, Any]]) -> None:
     """One squeue (+ sacct) call for every job of every field shown."""
     stale = refresh_records([s for st in states for s in st.get("stages", {}).values()])
-    if stale:
-        for st in states:
+    for st in states:
+        _after_failure(st)
+        if stale:
             st["stale"] = f"{stale}: states as last recorded"
+
+
+def _after_failure(state: dict[str, Any]) -> None:
+    """A stage cancelled after an earlier stage of the field failed was cancelled by Slurm for
+    its dependency (kill_on_invalid_dep), whatever reason sacct kept (a job still held at
+    submission says JobHeldUser): say so."""
+    order = [s["name"] for s in (state.get("plan") or {}).get("stages", [])] or list(state.get("stages", {}))
+    failed = False
+    for name in order:
+        rec = state.get("stages", {}).get(name, {})
+        if failed and rec.get("state") == State.CANCELLED and _class_name(rec) == "cancelled":
+            rec["class"] = {**rec["class"], "reason": "its dependency failed"}
+        failed = failed or rec.get("state") == State.FAILED
 
 
 DEAD = ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")  # Slurm ended the job on a failure

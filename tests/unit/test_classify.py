@@ -249,3 +249,14 @@ def test_status_refresh_classes_every_ended_record_with_one_squeue_and_one_sacct
         "timeout", "cancelled", "out_of_memory", "unknown", None, "cancelled", "permanent"]
     assert records[0]["state"] == "failed" and records[1]["state"] == "cancelled"
     assert records[3]["state"] == "running"  # Slurm has no word of it: unknown, never failed
+
+
+def test_a_stage_cancelled_after_a_failed_one_was_cancelled_for_its_dependency():
+    from hpcddf.engine.status import _after_failure
+    cancelled = {"name": "cancelled", "transient": False, "reason": "JobHeldUser", "fix": "-", "nodes": []}
+    state = {"plan": {"stages": [{"name": "a"}, {"name": "b"}, {"name": "c"}]},
+             "stages": {"a": {"state": "cancelled", "class": dict(cancelled)}, "b": {"state": "failed"},
+                        "c": {"state": "cancelled", "class": dict(cancelled)}}}
+    _after_failure(state)
+    assert state["stages"]["c"]["class"]["reason"] == "its dependency failed"
+    assert state["stages"]["a"]["class"]["reason"] == "JobHeldUser"  # before the failure: as recorded
