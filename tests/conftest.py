@@ -205,12 +205,13 @@ def plain_user() -> bool:
 UNIT_SECONDS = {  # measured 2026-12-05 in `.ci/run`, both workers busy
     "local-reduction": 890,                       # the demo reduction (720), then the restart tests
     "tests/science/test_bootstrap_reduction.py": 840,
-    "tests/science/test_slurm_reduction.py": 600,  # 370 s alone; the reduction as Slurm jobs
+    "tests/science/test_slurm_reduction.py": 450,  # 253 s alone (walltime rules: 9 attempts, was 17)
     "tests/science/test_phangs_postprocess.py": 500,
     "tests/science/test_offsets_reduction.py": 330,
     "tests/integration/test_phangs_slurm_chain.py": 190,
     "tests/integration/test_slurm_engine.py": 170,
-    "tests/integration/test_walltime_rules.py": 130,  # 4 scenarios at once, two 1-min walltimes (113 s alone)
+    "tests/integration/test_walltime_rules.py": 130,  # 5 scenarios at once, two 1-min walltimes (106 s alone)
+    "tests/integration/test_busy_controller.py": 40,  # 3 scenarios at once (30 s alone)
     "tests/integration/test_phangs_chunks_slurm.py": 50,  # chunk arrays, a requeue (40 s), local (9 s)
     "tests/science/test_phangs_engine.py": 130,
     "tests/science/test_phangs_casa.py": 145,      # + the key clean mask test (17 s alone), + 63 s: the cube in 3 chunks
