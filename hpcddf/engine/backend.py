@@ -120,6 +120,16 @@ def submit_slurm_chain(site: Site, stages: Sequence[Stage], members: Sequence[Ch
     return ids
 
 
+def submit_guard(site: Site, folder: Path, resources: Resources, name: str, call: Callable[[], Any],
+                 dependency: str) -> str:
+    """One small job that starts only if ``dependency`` (``afternotok`` on a chain's stages) is
+    met; ``kill_on_invalid_dep`` has Slurm cancel it when the chain succeeds. Never requeued."""
+    params = slurm_parameters(site, resources, name, None, False, 1)
+    params["additional_parameters"].update(dependency=dependency, kill_on_invalid_dep="yes")
+    params["additional_parameters"].pop("requeue", None)
+    return _sbatch(site, folder, params, [call], "the recovery guard")[0]
+
+
 def run_local_chain(site: Site, stages: Sequence[Stage], member: ChainMember, folder: Path,
                     progress: Callable[[str], None],
                     watch: Callable[[], list[str]] = lambda: []) -> dict[str, str]:

@@ -51,6 +51,10 @@ class SlurmSection:
     light_cpus: int = 0
     # most tasks in one job array (0: the cluster's MaxArraySize); larger submissions are split
     max_array_size: int = 0
+    # a guard job per chain resubmits a field whose stage failed transiently (recovery.py);
+    # off by default: the site's compute nodes must be allowed to run sbatch
+    auto_recover: bool = False
+    max_retries: int = 2  # automatic resubmissions per stage
     extra_sbatch: dict[str, str] = field(default_factory=dict)
 
 
@@ -284,8 +288,9 @@ def _check_values(site: Site) -> None:
     except ValueError as exc:
         raise bad(f"max_walltime: {exc}", "use Slurm's format, e.g. \"72:00:00\" or \"2-00:00:00\"")
     if min(site.slurm.max_requeues, site.slurm.signal_delay_s, site.slurm.light_cpus,
-           site.slurm.max_array_size) < 0:
-        raise bad("max_requeues, signal_delay_s, light_cpus and max_array_size must be 0 or more", "fix [slurm]")
+           site.slurm.max_array_size, site.slurm.max_retries) < 0:
+        raise bad("max_requeues, signal_delay_s, light_cpus, max_array_size and max_retries must be 0 or more",
+                  "fix [slurm]")
     if site.slurm.signal_delay_s >= walltime_min * 60:
         raise bad(f"signal_delay_s = {site.slurm.signal_delay_s} is not below max_walltime "
                   f"{site.slurm.max_walltime}: the walltime signal would come before the job starts",

@@ -20,12 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
-from hpcddf.engine.backend import ChainMember, cancel, run_local_chain, submit_slurm_chain
+from hpcddf.engine.backend import (
+    ChainMember,
+    array_id,
+    cancel,
+    job_name,
+    run_local_chain,
+    submit_guard,
+    submit_slurm_chain,
+)
 from hpcddf.engine.fields import Field
 from hpcddf.engine.nodejob import StageJob, StepBuilder
 from hpcddf.engine.paths import arrays_dir, unit_paths
 from hpcddf.engine.plan import Plan, Stage
 from hpcddf.engine.preflight import pid_alive
+from hpcddf.engine.recovery import Guard, Resubmit, guard_dependency, guard_resources, remedied
 from hpcddf.engine.sites import Site
 from hpcddf.engine.slurm_client import array_cap, chunks, fields_within, read_limits
 from hpcddf.engine.slurm_query import query_jobs
@@ -59,13 +68,15 @@ class SubmitHooks:
     pipeline's restart policy under the unit's lock and returns a note for the user;
     ``prepare`` readies a unit that will run (inputs staged, configuration frozen);
     ``builder`` is pickled into every stage job and gives it its steps on the node;
-    ``recipe`` is recorded in the unit's state (what a resubmission runs again)."""
+    ``recipe`` is recorded in the unit's state (what a resubmission runs again);
+    ``resubmit`` (picklable) resubmits units from a guard job (``[slurm] auto_recover``)."""
 
     check: Callable[[Site, Sequence[Any]], dict[str, Any]]
     restart: Callable[[Any], str | None]
     prepare: Callable[[Site, Any, Any], None]
     builder: StepBuilder
     recipe: dict[str, Any]
+    resubmit: Resubmit | None = None
 
 
 def stage_done(workdir: Path, stage: Stage) -> bool:
@@ -141,7 +152,15 @@ def _record_queued(fj: FieldJob, site: Site, stages: Sequence[Stage], ids: dict[
                                        "attempts_total": old.get("attempts_total"),
                                        "steps_run": old.get("steps_run"),
                                        # the same failure again after a resubmission is permanent
-                                       "failures": old.get("failures")}
+                                       "failures": old.get("failures"),
+                                       # automatic resubmissions so far (recovery.py)
+                                       "retries": old.get("retries")}
+    update_state_unlocked(fj.field.workdir, fj.field.id, change)
+
+
+def _record_guard(fj: FieldJob, guard: str | None) -> None:
+    def change(state: dict[str, Any]) -> None:
+        state["guard"] = guard
     update_state_unlocked(fj.field.workdir, fj.field.id, change)
 
 
@@ -206,7 +225,8 @@ def _within_limits(site: Site, to_run: list[tuple[FieldJob, list[Stage]]], resul
     beyond are held back, to be queued by a later submit) and the most tasks of one array.
     Nothing fits: a SubmissionError, before anything is queued."""
     limits = read_limits()
-    n = fields_within([len(stages) for _, stages in to_run], limits.free_jobs())
+    guard = 1 if site.slurm.auto_recover else 0  # a guard per chain: at most one per unit
+    n = fields_within([len(stages) + guard for _, stages in to_run], limits.free_jobs())
     held = [fj.field.id for fj, _ in to_run[n:]]
     for fid in held:
         result["fields"][fid] = {"status": "held back", "jobs": {}}
@@ -225,16 +245,33 @@ def _submit_slurm(site: Site, to_run: Sequence[tuple[FieldJob, list[Stage]]],
     """One chain per group of units of the same plan shape, split so that no array has more
     than ``max_array`` tasks (each piece a chain of its own: task i of each stage is field i)."""
     for chain in [part for group in _chains(to_run) for part in chunks(group, max_array or len(group))]:
-        stages = chain[0][1]
+        remedies = [(read_state(fj.field.workdir) or {}).get("recovery") or {} for fj, _ in chain]
+        stages = [remedied(s, remedies, site.mem_gb) for s in chain[0][1]]
         members = [_stage_jobs(site, fj, st, hooks) for fj, st in chain]
         folder = (unit_paths(chain[0][0].field.workdir).jobs if len(chain) == 1
                   else arrays_dir(chain[0][0].field.workdir.parent))
         ids = submit_slurm_chain(site, stages, members, folder)
+        guard = _submit_guard(site, chain, hooks, ids, folder)
         for fj, st in chain:
             if len(chain) > 1:
                 _link_array_logs(fj.field.workdir, folder, ids[fj.field.id].values())
             _record_queued(fj, site, st, ids[fj.field.id], hooks.recipe)
+            _record_guard(fj, guard)
             result["fields"][fj.field.id] = {"status": "submitted", "jobs": ids[fj.field.id]}
+            if guard:
+                result["fields"][fj.field.id]["guard"] = guard
+
+
+def _submit_guard(site: Site, chain: Sequence[tuple[FieldJob, list[Stage]]], hooks: SubmitHooks,
+                  ids: dict[str, dict[str, str]], folder: Path) -> str | None:
+    """The chain's recovery guard (``[slurm] auto_recover``): one job for every field of it,
+    woken by any stage ending not-ok, cancelled by Slurm when every stage succeeded."""
+    if not site.slurm.auto_recover or hooks.resubmit is None:
+        return None
+    stage_ids = [array_id(j) for fid in ids for j in ids[fid].values()]
+    call = Guard(site, tuple((fj.field.id, str(fj.field.workdir)) for fj, _ in chain), hooks.resubmit)
+    name = job_name([fj.field.id for fj, _ in chain], "guard")
+    return submit_guard(site, folder, guard_resources(site), name, call, guard_dependency(stage_ids))
 
 
 def _link_array_logs(workdir: Path, folder: Path, job_ids: Any) -> None:
@@ -309,6 +346,9 @@ def cancel_fields(site: Site, fields: Sequence[Field]) -> dict[str, list[str]]:
         with locked(f.workdir):
             state = read_state(f.workdir)
             ids = live_jobs(site, state)
+            if state and state.get("guard") and site.scheduler == "slurm":
+                # first, or the cancelled stages would wake it; it may have ended: best-effort
+                cancel([str(state["guard"])])
             if state:
                 update_state_unlocked(f.workdir, f.id, _mark_cancelled)
         if site.scheduler == "slurm":

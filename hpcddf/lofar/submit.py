@@ -9,6 +9,7 @@ that frozen configuration and builds the stage's steps.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -91,12 +92,22 @@ def _prepare(site: Site, fj: FieldJob, ms: list[Path] | None) -> None:
     write_text_atomic(paths.frozen_config, fj.config.to_cfg_text())
 
 
+@dataclass(frozen=True)
+class Resubmit:
+    """The reduction's resubmission, as a recovery guard job calls it (plain data: pickled)."""
+
+    def __call__(self, site: Site, field_ids: Sequence[str], work_root: Path) -> dict[str, Any]:
+        from hpcddf.lofar.prepare import prepare_resubmit
+        return resubmit_fields(site, prepare_resubmit(site, field_ids, work_root))
+
+
 def reduction_hooks(recipe: dict[str, Any], progress: Callable[[str], None] = lambda msg: None) -> SubmitHooks:
     """The reduction's checks (catalogue downloads said through ``progress``), restart policy,
     preparation and node step builder."""
     return SubmitHooks(check=lambda site, jobs: check_fields(site, jobs, recipe, True, progress),
                        restart=lambda fj: apply_restart_policy(fj.field.workdir, fj.config),
-                       prepare=_prepare, builder=ReductionSteps(recipe), recipe=recipe)
+                       prepare=_prepare, builder=ReductionSteps(recipe), recipe=recipe,
+                       resubmit=Resubmit())
 
 
 def submit_fields(site: Site, jobs: Sequence[FieldJob], recipe: dict[str, Any] | None = None,
