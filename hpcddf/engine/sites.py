@@ -287,10 +287,11 @@ def _check_values(site: Site) -> None:
         walltime_min = walltime_minutes(site.slurm.max_walltime)
     except ValueError as exc:
         raise bad(f"max_walltime: {exc}", "use Slurm's format, e.g. \"72:00:00\" or \"2-00:00:00\"")
-    if min(site.slurm.max_requeues, site.slurm.signal_delay_s, site.slurm.light_cpus,
-           site.slurm.max_array_size, site.slurm.max_retries) < 0:
-        raise bad("max_requeues, signal_delay_s, light_cpus, max_array_size and max_retries must be 0 or more",
-                  "fix [slurm]")
+    negative = [k for k in ("max_requeues", "signal_delay_s", "light_cpus", "max_array_size", "max_retries")
+                if getattr(site.slurm, k) < 0]
+    if negative:
+        raise bad(f"{negative[0]} must be 0 or more (it is {getattr(site.slurm, negative[0])})",
+                  f"fix [slurm] {negative[0]}")
     if site.slurm.signal_delay_s >= walltime_min * 60:
         raise bad(f"signal_delay_s = {site.slurm.signal_delay_s} is not below max_walltime "
                   f"{site.slurm.max_walltime}: the walltime signal would come before the job starts",
