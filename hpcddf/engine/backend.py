@@ -28,6 +28,7 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
@@ -401,6 +402,18 @@ class LocalDone:
     result: Any
 
 
+def _local_job_folder(folder: Path) -> Path:
+    """A new folder for one local job, named by when it started (sorts like the runs did).
+
+    Not submitit's ``%j``: its local controller opens the log in ``<folder>/<pid>/`` as soon as
+    it starts, but the submitting process creates that folder only after the controller has
+    started; on a loaded node the controller won and the job died before running anything. A
+    folder known before the start is created by the controller itself.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"local-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
 def run_local_call(site: Site, folder: Path, call: Callable[[], Any], timeout_min: int, *,
                    signal_delay_s: int | None = None, stop_grace_s: float = STOP_GRACE_S,
                    started: Callable[[str], None] = _nothing, poll: Callable[[], None] = _nothing,
@@ -415,7 +428,7 @@ def run_local_call(site: Site, folder: Path, call: Callable[[], Any], timeout_mi
     and stops the job in order (submitit's local controller would SIGKILL it 1 s later and
     orphan the commands it started).
     """
-    ex = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=site.slurm.max_requeues)
+    ex = submitit.LocalExecutor(folder=_local_job_folder(folder), max_num_timeout=site.slurm.max_requeues)
     ex.update_parameters(timeout_min=timeout_min,
                          **({} if signal_delay_s is None else {"signal_delay_s": signal_delay_s}))
     with _foreground_signals():

@@ -54,8 +54,24 @@ def test_a_local_call_returns_its_result_and_reports_its_job(site, tmp_path: Pat
     assert done.result == 4.0
     assert started == [done.job_id] and done.job_id.isdigit()
     assert polls, "poll runs at least once, after the job ended"
-    assert (tmp_path / done.job_id).is_dir()  # submitit's job folder, named by the job id
+    assert len(list(tmp_path.glob(f"local-*/{done.job_id}_0_log.out"))) == 1  # one folder per job
     assert _handlers() == before
+
+
+def test_a_local_call_survives_a_slow_submitting_process(site, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a loaded node the job's controller can start before the submitting process files the
+    job: it must find its log folder anyway (with submitit's ``%j`` folder it died at once)."""
+    from submitit.core import utils
+
+    original = utils.JobPaths.move_temporary_file
+
+    def slow(self, *args, **kwargs):
+        time.sleep(3)  # the controller opens its log well within this
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(utils.JobPaths, "move_temporary_file", slow)
+    assert run_local_call(site, tmp_path, functools.partial(math.sqrt, 9.0), 5).result == 3.0
 
 
 def test_a_failing_call_gives_the_line_of_its_error(site, tmp_path: Path) -> None:
@@ -111,6 +127,8 @@ def test_sbatch_that_does_not_answer_is_a_one_line_error(site, tmp_path: Path,
     """submitit runs sbatch without a timeout; ours bounds it (each of its attempts: a timeout
     may hide a queued job, so it is retried after a look-up) and says what to check."""
     _fake_on_path(tmp_path, monkeypatch, "sbatch", "sleep 60")
+    for lookup in ("squeue", "sacct"):  # the look-up finds no such job
+        _fake_on_path(tmp_path, monkeypatch, lookup, "exit 0")
     monkeypatch.setattr(backend, "SBATCH_TIMEOUT_S", 1.0)
     monkeypatch.setattr(backend, "SBATCH_RETRY", slurm_client.Retry(attempts=2, first_delay_s=0.1))
     t0 = time.time()
