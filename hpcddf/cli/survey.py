@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from hpcddf.cli.app import choose_site, cli, out, print_json, site_options
+from hpcddf.cli.app import choose_site, cli, out, print_json, progress, site_options
 
 _db_option = click.option(
     "--db", "database", metavar="URL|PATH",
@@ -27,6 +27,8 @@ def survey() -> None:
 
     \b
       hpcddf survey init --pointings lotss.csv --site spider -c tier1.cfg
+      hpcddf survey tick --site spider        # one round: fetch, submit, recover, mosaic
+      hpcddf survey run --site spider         # a tick every [survey] tick_minutes, as Slurm jobs
       hpcddf survey status --site spider --png survey.png
     """
 
@@ -41,14 +43,21 @@ def survey() -> None:
               help="Where the field directories live. Default: the site's work root.")
 @_db_option
 @click.option("--name", help="The survey's name. Default: the pointings file's name.")
+@click.option("--pipeline", default="ddf", show_default=True, type=click.Choice(["ddf", "scaled"]),
+              help="ddf: the DDFacet/killMS reduction; scaled: seconds-long stand-in steps to test a site.")
+@click.option("--pipeline-opt", "pipeline_opts", multiple=True, metavar="KEY=VALUE",
+              help="Option of the scaled pipeline, e.g. seconds=2 (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def survey_init(pointings: str, site: str | None, site_file: str | None, configs: tuple[str, ...],
-                work_root: Path | None, database: str | None, name: str | None, as_json: bool) -> None:
+                work_root: Path | None, database: str | None, name: str | None, pipeline: str,
+                pipeline_opts: tuple[str, ...], as_json: bool) -> None:
     """Create the survey database from the pointings table, or add the table's new pointings to
     it (fields already in it keep their state and history)."""
+    from hpcddf.lofar.recipes import make_recipe
     from hpcddf.survey.setup import init_survey
     s = choose_site(site, site_file)
-    doc = init_survey(s, pointings, configs, work_root or s.work_root, _database(s, database), name)
+    doc = init_survey(s, pointings, configs, work_root or s.work_root, _database(s, database), name,
+                      make_recipe(pipeline, pipeline_opts))
     if as_json:
         print_json(doc)
         return
@@ -82,3 +91,53 @@ def survey_status(site: str | None, site_file: str | None, database: str | None,
         out.print(table)
     if png is not None:
         click.echo(f"sky plot: {png}")
+
+
+@survey.command("tick")
+@site_options
+@_db_option
+@click.option("--json", "as_json", is_flag=True, help="Print what the tick did as JSON.")
+def survey_tick(site: str | None, site_file: str | None, database: str | None, as_json: bool) -> None:
+    """One round: reducing fields reconciled from their states (failures recovered or failed),
+    new fields fetched and unpacked, ready fields submitted up to [survey] max_queued, mosaics
+    queued for complete neighbourhoods."""
+    from hpcddf.survey.tick import tick
+    s = choose_site(site, site_file)
+    doc = tick(s, _database(s, database), progress)
+    if as_json:
+        print_json(doc)
+        return
+    for move, ids in doc["moves"].items():
+        click.echo(f"{move}: {len(ids)} field(s): {' '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
+    for note in doc["notes"]:
+        click.echo(note)
+    if not doc["moves"]:
+        click.echo("nothing moved")
+
+
+@survey.command("run")
+@site_options
+@_db_option
+@click.option("--stop", is_flag=True, help="Cancel the scheduled tick: the survey stops moving.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def survey_run(site: str | None, site_file: str | None, database: str | None, stop: bool, as_json: bool) -> None:
+    """Keep the survey moving without anyone logged in: on Slurm, a tick job that queues its
+    successor every [survey] tick_minutes (needs the survey on MySQL/MariaDB); on the local
+    site, ticks in the foreground until every field is done, mosaicked or failed."""
+    from hpcddf.survey import run
+    s = choose_site(site, site_file)
+    db = _database(s, database)
+    if stop:
+        doc = run.stop(db)
+        msg = f"cancelled tick job {doc['cancelled']}" if doc["cancelled"] else "no tick job was scheduled"
+    elif s.scheduler == "slurm":
+        doc = run.start(s, db)
+        msg = (f"tick job {doc['tick_job']} queued; it queues the next one every {s.survey.tick_minutes} min"
+               if doc["started"] else f"already running: tick job {doc['tick_job']}")
+    else:
+        doc = run.run_foreground(s, db, progress)
+        msg = f"{doc['ticks']} tick(s); every field is done, mosaicked or failed"
+    if as_json:
+        print_json(doc)
+    else:
+        click.echo(msg)

@@ -125,10 +125,19 @@ def submit_guard(site: Site, folder: Path, resources: Resources, name: str, call
                  dependency: str) -> str:
     """One small job that starts only if ``dependency`` (``afternotok`` on a chain's stages) is
     met; ``kill_on_invalid_dep`` has Slurm cancel it when the chain succeeds. Never requeued."""
+    return submit_call(site, folder, resources, name, call, "the recovery guard",
+                       dependency=dependency, kill_on_invalid_dep="yes")
+
+
+def submit_call(site: Site, folder: Path, resources: Resources, name: str, call: Callable[[], Any],
+                what: str, **sbatch: str) -> str:
+    """One small job running ``call``, never requeued (it is short, and whatever it does is
+    decided again by its next run); ``sbatch``: further options, e.g. ``begin="now+15minutes"``
+    for a job that starts later without anything waiting for it on the login node."""
     params = slurm_parameters(site, resources, name, None, False, 1)
-    params["additional_parameters"].update(dependency=dependency, kill_on_invalid_dep="yes")
+    params["additional_parameters"].update(sbatch)
     params["additional_parameters"].pop("requeue", None)
-    return _sbatch(site, folder, params, [call], "the recovery guard")[0]
+    return _sbatch(site, folder, params, [call], what)[0]
 
 
 def run_local_chain(site: Site, stages: Sequence[Stage], member: ChainMember, folder: Path,

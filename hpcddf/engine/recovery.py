@@ -162,7 +162,12 @@ def _settled(workdir: Path, timeout_s: float) -> dict[str, JobInfo]:
 
 def recover(site: Site, workdir: Path, field_id: str, settle_s: float = SETTLE_TIMEOUT_S) -> Decision:
     """Decide for one field and record the decision; the caller resubmits."""
-    jobs = _settled(workdir, settle_s)
+    return decide_and_record(site, workdir, field_id, _settled(workdir, settle_s))
+
+
+def decide_and_record(site: Site, workdir: Path, field_id: str, jobs: Mapping[str, JobInfo]) -> Decision:
+    """Decide for one field whose jobs have all ended (``jobs``: their Slurm records) and
+    record the decision in its state: the guard and ``survey tick`` decide alike."""
     with locked(workdir):
         state = read_state(workdir) or {}
         d = decide(state, jobs, site.slurm.max_retries, site.mem_gb)

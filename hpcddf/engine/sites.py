@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Callable, get_args, get_origin, get_type_hints
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -119,6 +119,17 @@ class SurveySection:
     # disk of the machine that runs the tick (SQLite's locking is unreliable on NFS/Lustre).
     # $VARS are expanded when used. None: $XDG_STATE_HOME/hpcddf/survey-<site>.sqlite.
     database: str | None = None
+    # How `survey tick` brings a field's data: an argv run on the login node through the
+    # runner, {field} the field id and {dest} the directory its files go to (archive tarballs
+    # there are unpacked, as ddf-pipeline's unpack does), e.g.
+    # ["rsync", "-a", "archive:/lofar/{field}/", "{dest}/"]. Empty: the data is put in the field
+    # directory (or under [paths] data_root) by other means, and a field without it waits.
+    fetch: list[str] = field(default_factory=list)
+    fetch_timeout_s: int = 3600
+    fetch_per_tick: int = 4   # fields one tick fetches (one after another, on the login node)
+    fetch_retries: int = 3    # failed fetches of a field before it is failed
+    max_queued: int = 50      # fields queued or reducing at once; a tick submits up to it
+    tick_minutes: int = 15    # `survey run`: minutes between the start of one tick and the next
 
 
 @dataclass(frozen=True)
@@ -259,6 +270,17 @@ def _build(cls: type, data: dict[str, Any], where: str, fixed: dict[str, Any] | 
     return cls(**kwargs)
 
 
+def _check_survey(site: Site, bad: Callable[[str, str], SiteError]) -> None:
+    sv = site.survey
+    small = [k for k in ("fetch_timeout_s", "fetch_per_tick", "max_queued", "tick_minutes")
+             if getattr(sv, k) < 1] + (["fetch_retries"] if sv.fetch_retries < 0 else [])
+    if small:
+        raise bad(f"[survey] {small[0]} = {getattr(sv, small[0])} is impossible", f"make {small[0]} larger")
+    if sv.fetch and not any("{field}" in a for a in sv.fetch):
+        raise bad("[survey] fetch does not name {field}: every field would fetch the same data",
+                  'put {field} (and {dest}) in its arguments, e.g. ["rsync", "-a", "src/{field}/", "{dest}/"]')
+
+
 def _check_values(site: Site) -> None:
     """Impossible values, each with what to do about it."""
     def bad(msg: str, hint: str) -> SiteError:
@@ -296,6 +318,7 @@ def _check_values(site: Site) -> None:
         raise bad(f"signal_delay_s = {site.slurm.signal_delay_s} is not below max_walltime "
                   f"{site.slurm.max_walltime}: the walltime signal would come before the job starts",
                   "make signal_delay_s a few minutes, well below max_walltime")
+    _check_survey(site, bad)
     scratch = site.node.scratch_dir.strip()
     if not scratch.startswith(("/", "$", "~")):
         raise bad(f"[node] scratch_dir = {scratch!r} is a relative path",

@@ -21,7 +21,7 @@ from hpcddf.mosaic.pointings import Pointing
 from hpcddf.survey import storage
 
 # the settings that give the recorded states their meaning: a second init must repeat them
-FIXED_SETTINGS = ("site", "work_root", "configs")
+FIXED_SETTINGS = ("site", "work_root", "configs", "recipe")
 SAME_POSITION_DEG = 1.0 / 3600.0
 
 
@@ -52,10 +52,11 @@ def check_configs(configs: Sequence[str], site: Site) -> list[str]:
 
 
 def survey_settings(site: Site, pointings: str | Path, configs: list[str], work_root: Path,
-                    name: str | None) -> dict[str, Any]:
+                    name: str | None, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+    from hpcddf.lofar.submit import DEFAULT_RECIPE
     return {"name": name or Path(pointings).stem, "site": site.name,
             "work_root": str(work_root.expanduser().absolute()), "configs": configs,
-            "pointings": str(Path(pointings).absolute())}
+            "pointings": str(Path(pointings).absolute()), "recipe": recipe or DEFAULT_RECIPE}
 
 
 def _compare(have: dict[str, Any], want: dict[str, Any], where: str) -> None:
@@ -72,10 +73,11 @@ def _moved(p: Pointing, ra: float, dec: float) -> bool:
 
 
 def init_survey(site: Site, pointings_path: str | Path, configs: Sequence[str], work_root: Path,
-                database: str, name: str | None = None) -> dict[str, Any]:
-    """Create the survey database, or add the table's new pointings to it; returns what was done."""
+                database: str, name: str | None = None, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Create the survey database, or add the table's new pointings to it; returns what was done.
+    ``recipe``: the pipeline every field runs (``--pipeline``; the reduction by default)."""
     pointings = read_survey_pointings(pointings_path, site)
-    settings = survey_settings(site, pointings_path, check_configs(configs, site), work_root, name)
+    settings = survey_settings(site, pointings_path, check_configs(configs, site), work_root, name, recipe)
     check_work_root(Path(settings["work_root"]))
     from hpcddf.survey import db
     sdb = db.open_db(database, create=True)
