@@ -15,6 +15,8 @@ from typing import Callable
 
 import pytest
 
+pytest_plugins = ["tests._mariadb"]  # mariadb_url: a throwaway database on the cluster's MariaDB
+
 DATA = Path(__file__).parent / "data"
 HPCDDF = Path(sys.executable).parent / "hpcddf"
 # environment variables that would let the developer's own setup leak into a test

@@ -52,10 +52,11 @@ class Decision:
     remedy: dict[str, Any] = field(default_factory=dict)
 
 
-def _failed_stage(stages: Mapping[str, dict[str, Any]], jobs: Mapping[str, JobInfo]
-                  ) -> tuple[str, Classification] | None:
+def _failed_stage(state: Mapping[str, Any], jobs: Mapping[str, JobInfo]) -> tuple[str, Classification] | None:
     """The first stage (plan order) that ended for a reason other than its dependency failing."""
-    for name, rec in stages.items():
+    stages = state.get("stages") or {}
+    for name in _plan_order(state):
+        rec = stages[name]
         job = jobs.get(str(rec.get("job_id") or ""))
         found = classify(job.runs or (job,) if job is not None else (), rec)
         if found is None or (found.name == "cancelled" and "dependency" in found.reason):
@@ -64,10 +65,17 @@ def _failed_stage(stages: Mapping[str, dict[str, Any]], jobs: Mapping[str, JobIn
     return None
 
 
+def _plan_order(state: Mapping[str, Any]) -> list[str]:
+    """The field's stages in plan order (the state file keeps them sorted by name)."""
+    stages = state.get("stages") or {}
+    planned = [s["name"] for s in (state.get("plan") or {}).get("stages", []) if s.get("name") in stages]
+    return planned + [n for n in stages if n not in planned]
+
+
 def decide(state: dict[str, Any], jobs: Mapping[str, JobInfo], max_retries: int,
            node_mem_gb: int) -> Decision:
     """The decision for one field from its state and its jobs' sacct rows (pure)."""
-    failed = _failed_stage(state.get("stages") or {}, jobs)
+    failed = _failed_stage(state, jobs)
     if failed is None:
         return Decision("nothing", note="no stage failed")
     name, found = failed

@@ -129,7 +129,7 @@ class SurveySection:
     fetch_per_tick: int = 4   # fields one tick fetches (one after another, on the login node)
     fetch_retries: int = 3    # failed fetches of a field before it is failed
     max_queued: int = 50      # fields queued or reducing at once; a tick submits up to it
-    tick_minutes: int = 15    # `survey run`: minutes between the start of one tick and the next
+    tick_minutes: float = 15.0  # `survey run`: minutes between the start of one tick and the next
 
 
 @dataclass(frozen=True)
@@ -272,8 +272,9 @@ def _build(cls: type, data: dict[str, Any], where: str, fixed: dict[str, Any] | 
 
 def _check_survey(site: Site, bad: Callable[[str, str], SiteError]) -> None:
     sv = site.survey
-    small = [k for k in ("fetch_timeout_s", "fetch_per_tick", "max_queued", "tick_minutes")
-             if getattr(sv, k) < 1] + (["fetch_retries"] if sv.fetch_retries < 0 else [])
+    small = [k for k in ("fetch_timeout_s", "fetch_per_tick", "max_queued") if getattr(sv, k) < 1]
+    small += [k for k in ("fetch_retries",) if sv.fetch_retries < 0]
+    small += [k for k in ("tick_minutes",) if sv.tick_minutes <= 0]
     if small:
         raise bad(f"[survey] {small[0]} = {getattr(sv, small[0])} is impossible", f"make {small[0]} larger")
     if sv.fetch and not any("{field}" in a for a in sv.fetch):

@@ -51,6 +51,8 @@ from hpcddf.errors import RunInterrupted, SubmissionError
 
 log = logging.getLogger(__name__)
 
+AFTER_FAILURE_NOTE = "an earlier stage failed (its dependency)"  # recovery looks past "dependency"
+
 
 class FieldJob(Protocol):
     """A unit ready to submit, as the engine sees it: where it lives and its plan."""
@@ -335,7 +337,7 @@ def _cancel_queued(state: dict[str, Any]) -> None:
     for s in state.get("stages", {}).values():
         if s.get("state") == State.QUEUED:
             s["state"] = State.CANCELLED
-            s["note"] = "an earlier stage failed"
+            s["note"] = AFTER_FAILURE_NOTE
 
 
 def cancel_fields(site: Site, fields: Sequence[Field]) -> dict[str, list[str]]:

@@ -82,8 +82,12 @@ def _unpack_one(archive: Path, dest: Path) -> list[str]:
         try:
             with tarfile.open(archive) as tf:
                 tf.extractall(tmp, filter="data")
+        except tarfile.ReadError:
+            raise FetchFailed(f"archive {archive.name} cannot be unpacked: not a readable tar file",
+                              transient=False) from None
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise FetchFailed(f"archive {archive.name} cannot be unpacked: {exc}", transient=False) from None
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise FetchFailed(f"archive {archive.name} cannot be unpacked: {why}", transient=False) from None
         found = measurement_sets_in(Path(tmp))
         if not found:
             raise FetchFailed(f"archive {archive.name} holds no Measurement Set (no directory with "

@@ -68,7 +68,7 @@ def settled(database: str) -> bool:
 
 def tick_resources(site: Site) -> Resources:
     s = site.slurm
-    return Resources(cpus=1, mem_gb=2, walltime_min=TICK_WALLTIME_MIN, exclusive=False,
+    return Resources(cpus=1, mem_gb=min(2, site.mem_gb), walltime_min=TICK_WALLTIME_MIN, exclusive=False,
                      partition=s.partition, account=s.account, qos=s.qos)
 
 
@@ -82,13 +82,13 @@ def check_reachable(site: Site, database: str) -> None:
                           "`hpcddf survey tick` from cron on this machine")
 
 
-def schedule(site: Site, database: str, minutes: int) -> str:
+def schedule(site: Site, database: str, minutes: float) -> str:
     """Queue one tick job starting in ``minutes`` (0: now); its id, kept in the database."""
     from hpcddf.engine.backend import submit_call
     folder = Path(_settings(database)["work_root"]) / ".survey-jobs"
     folder.mkdir(parents=True, exist_ok=True)
     job_id = submit_call(site, folder, tick_resources(site), "hpcddf-survey-tick", TickJob(site, database),
-                         "the survey tick", begin=f"now+{minutes}minutes" if minutes else "now")
+                         "the survey tick", begin=f"now+{round(minutes * 60)}" if minutes else "now")  # seconds
     _set_tick_job(database, job_id)
     return job_id
 

@@ -48,7 +48,9 @@ class TickReport:
     slurm_calls: int = 0
 
     def moved(self, old: FieldState, new: FieldState, ids: Iterable[str]) -> None:
-        self.moves.setdefault(f"{old}->{new}", []).extend(ids)
+        ids = list(ids)
+        if ids:
+            self.moves.setdefault(f"{old}->{new}", []).extend(ids)
 
     def document(self, started: float) -> dict[str, Any]:
         return {"moves": self.moves, "notes": self.notes, "seconds": round(time.monotonic() - started, 3)}
@@ -126,7 +128,7 @@ def reconcile(site: Site, sdb: Any, work_root: Path, report: TickReport) -> None
     if not rows:
         return
     states = {r.id: read_state(work_root / r.id) for r in rows}
-    jobs = _jobs_of(site, states.values(), report)
+    jobs = _jobs_of(site, [st for st in states.values() if not _all_done(st)], report)
     outcomes = {fid: field_outcome(site, work_root / fid, fid, st, jobs) for fid, st in states.items()}
     with sdb.begin() as conn:
         db.set_node_hours(conn, {fid: node_hours(st) for fid, st in states.items() if st})
@@ -137,6 +139,12 @@ def reconcile(site: Site, sdb: Any, work_root: Path, report: TickReport) -> None
             _apply(sdb, S.REDUCING, S.READY, ids, reason, report)
         elif kind == "failed":
             _apply(sdb, S.REDUCING, S.FAILED, ids, reason, report)
+
+
+def _all_done(state: Mapping[str, Any] | None) -> bool:
+    """Every stage recorded done: nothing to ask Slurm about this field."""
+    stages = (state or {}).get("stages") or {}
+    return bool(stages) and all(s.get("state") == State.DONE for s in stages.values())
 
 
 def _grouped(outcomes: Mapping[str, Outcome]) -> dict[tuple[str, str], list[str]]:

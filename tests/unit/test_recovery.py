@@ -100,3 +100,16 @@ def test_remedies_reach_the_next_submission():
 
 def test_the_guard_wakes_on_any_stage_ending_not_ok():
     assert guard_dependency(["5", "6", "6"]) == "afternotok:5?afternotok:6"
+
+
+def test_the_failed_stage_is_found_in_plan_order_past_the_stages_cancelled_after_it():
+    """A local run records no Slurm jobs, and the state file keeps stages sorted by name: the
+    stage that failed is found by the plan's order, not mistaken for a cancel by a person."""
+    from hpcddf.engine.submission import AFTER_FAILURE_NOTE
+    err = {"message": "step x failed with exit code 3", "step": "x", "returncode": 3, "log": "/l"}
+    state = {"plan": {"stages": [{"name": "initial", "resources": {"mem_gb": 8}},
+                                 {"name": "dirin", "resources": {"mem_gb": 8}}]},
+             "stages": {"dirin": {"state": "cancelled", "note": AFTER_FAILURE_NOTE},
+                        "initial": {"state": "failed", "error": err}}}
+    d = decide(state, {}, 2, 64)
+    assert (d.action, d.stage) == ("stop", "initial") and "exit code 3" in d.note

@@ -5,19 +5,16 @@ need no database (network file systems, URLs, the move rules)."""
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
+import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from tests._require import missing, need
+from tests._require import need
 
 need("sqlalchemy", "survey")
 need("pymysql", "survey")
@@ -30,48 +27,11 @@ from hpcddf.survey.setup import init_survey  # noqa: E402
 from hpcddf.survey.status import plot_sky, survey_status  # noqa: E402
 
 S = db.FieldState
-SLURM_DIR = Path(os.environ.get("HPCDDF_SLURM_DIR", "/var/tmp/hpcddf-slurm"))
-SOCKET = SLURM_DIR / "run" / "mysql" / "mysqld.sock"
-MARIADB_PORT = 3307  # slurm/start_slurm.sh's private MariaDB
 
 POINTINGS = "id,ra,dec\nL100001,180.0,50.0\nL100002,182.0,50.0\nL100003,181.0,51.5\nL100004,179.0,48.5\n"
 
 
 # ------------------------------------------------------------------ the two back ends
-
-def _root_sql(sql: str) -> subprocess.CompletedProcess[str]:
-    """Run SQL as MariaDB's root, who logs in through the unix socket (we are root)."""
-    return subprocess.run(["mariadb", f"--socket={SOCKET}", "--batch", "-e", sql],
-                          capture_output=True, text=True, timeout=30)
-
-
-def _mariadb_unusable() -> str | None:
-    if shutil.which("mariadb") is None:
-        return "no mariadb client"
-    if not SOCKET.exists():
-        return f"no MariaDB socket {SOCKET}"
-    proc = _root_sql("SELECT 1")
-    return None if proc.returncode == 0 else f"MariaDB refuses root on {SOCKET}: {proc.stderr.strip()[:200]}"
-
-
-@pytest.fixture
-def mariadb_url() -> Iterator[str]:
-    """A throwaway database and user (random names and password) on the local cluster's
-    MariaDB, dropped afterwards; skipped without it, a failure under HPCDDF_REQUIRE_SLURM=1."""
-    why = _mariadb_unusable()
-    if why:
-        missing("HPCDDF_REQUIRE_SLURM", f"the local cluster's MariaDB is not usable ({why}); "
-                                        "start it with slurm/start_slurm.sh")
-    tag = secrets.token_hex(4)
-    name, user, password = f"hpcddf_survey_{tag}", f"hs_{tag}", secrets.token_urlsafe(16)
-    proc = _root_sql(f"CREATE DATABASE {name}; CREATE USER '{user}'@'127.0.0.1' IDENTIFIED BY '{password}'; "
-                     f"GRANT ALL ON {name}.* TO '{user}'@'127.0.0.1';")
-    assert proc.returncode == 0, proc.stderr
-    try:
-        yield f"mysql+pymysql://{user}:{password}@127.0.0.1:{MARIADB_PORT}/{name}"
-    finally:
-        _root_sql(f"DROP DATABASE IF EXISTS {name}; DROP USER IF EXISTS '{user}'@'127.0.0.1';")
-
 
 @pytest.fixture(params=["sqlite", "mariadb"])
 def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
@@ -382,3 +342,17 @@ def test_the_site_survey_section_is_checked_like_every_other(write_site) -> None
         load_site_file(site)
     site.write_text(site.read_text().replace("databse", "database"))
     assert storage.default_database(load_site_file(site)) == "/var/tmp/s.sqlite"
+
+
+@pytest.mark.parametrize("keys, needle", [
+    ('fetch = ["rsync", "-a", "lta:/data/", "{dest}/"]', "does not name {field}"),
+    ("tick_minutes = 0", "tick_minutes = 0.0 is impossible"),
+    ("fetch_per_tick = 0", "fetch_per_tick = 0 is impossible"),
+    ("fetch_retries = -1", "fetch_retries = -1 is impossible"),
+    ("max_queued = 0", "max_queued = 0 is impossible")])
+def test_impossible_tick_settings_are_refused_with_the_key(write_site, keys: str, needle: str) -> None:  # noqa: ANN001
+    site = write_site("ticks")
+    with site.open("a") as fh:
+        fh.write(f"\n[survey]\n{keys}\n")
+    with pytest.raises(Exception, match=re.escape(needle)):
+        load_site_file(site)

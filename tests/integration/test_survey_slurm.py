@@ -1,0 +1,142 @@
+"""`hpcddf survey run` on the real local Slurm with the survey on its real MariaDB: the tick is
+a Slurm job that fetches, unpacks and submits, and queues its successor with --begin; nothing
+runs on the login node. A five-field survey (data in place, fetched, a fetch that fails once,
+an archive that is not a tarball, a reduction that fails) settles by itself, the chain of tick
+jobs ends, and the database agrees with every field's state file. A second `survey run` finds
+the chain instead of starting another, and `--stop` cancels it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from tests._require import need
+from tests.integration.conftest import hpcddf, wait_for
+
+need("sqlalchemy", "survey")
+need("pymysql", "survey")
+need("astropy", "survey")
+
+from hpcddf.survey import db  # noqa: E402
+from tests._survey import FETCH_SCRIPT, SHORT_CFG, make_archive  # noqa: E402
+
+SURVEY = """
+[survey]
+database = "{url}"
+fetch = ["{python}", "{root}/fetch.py", "{{field}}", "{{dest}}"]
+fetch_retries = 2
+fetch_per_tick = 10
+tick_minutes = {tick_minutes}
+"""
+
+
+def _site(slurm_site: Callable[..., Path], tmp_path: Path, url: str, tick_minutes: float) -> Path:
+    path = slurm_site()
+    path.write_text(path.read_text() + SURVEY.format(url=url, python=sys.executable, root=tmp_path,
+                                                     tick_minutes=tick_minutes))
+    return path
+
+
+def _rows(url: str) -> dict[str, db.FieldRow]:
+    sdb = db.open_db(url)
+    try:
+        with sdb.read() as conn:
+            return {r.id: r for r in db.fields(conn)}
+    finally:
+        sdb.close()
+
+
+def _tick_job(url: str) -> str | None:
+    sdb = db.open_db(url)
+    try:
+        with sdb.read() as conn:
+            return db.read_settings(conn).get("tick_job")
+    finally:
+        sdb.close()
+
+
+def _queued_ticks() -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-n", "hpcddf-survey-tick", "-o", "%i %T"],
+                         capture_output=True, text=True, timeout=30).stdout
+    return out.split()[::2]
+
+
+def _init(site: Path, tmp_path: Path, fields: dict[str, str], *opts: str) -> None:
+    rows = [f"{fid},{150 + 0.5 * i},{50 + 0.3 * i}" for i, fid in enumerate(fields)]
+    (tmp_path / "pointings.csv").write_text("id,ra,dec\n" + "\n".join(rows) + "\n")
+    (tmp_path / "short.cfg").write_text(SHORT_CFG)
+    (tmp_path / "fetch.py").write_text(FETCH_SCRIPT)
+    hpcddf("survey", "init", "--site-file", str(site), "--pointings", str(tmp_path / "pointings.csv"),
+           "-c", str(tmp_path / "short.cfg"), "--pipeline", "scaled", "--pipeline-opt", "seconds=0.05", *opts)
+
+
+@pytest.fixture
+def no_ticks_left() -> Any:
+    yield
+    left = _queued_ticks()
+    if left:
+        subprocess.run(["scancel", *left], check=False)
+
+
+def test_a_survey_runs_itself_on_slurm_and_settles(slurm_site, mariadb_url: str, tmp_path: Path,  # noqa: ANN001
+                                                   no_ticks_left: None) -> None:
+    site = _site(slurm_site, tmp_path, mariadb_url, tick_minutes=0.1)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for fid in ("F2", "F3", "F5"):
+        make_archive(archive / f"{fid}.tar", f"{fid}_SB000_uv.MS")
+    (archive / "F3.flaky").touch()
+    (archive / "F4.tar").write_text("<html>not found</html>")
+    ms = tmp_path / "work" / "F1" / "F1_SB000_uv.MS"
+    ms.mkdir(parents=True)
+    (ms / "table.dat").touch()
+    _init(site, tmp_path, dict.fromkeys(["F1", "F2", "F3", "F4", "F5"], ""),
+          "--pipeline-opt", "fail=image_dirin_SSD", "--pipeline-opt", "fail_fields=F5")
+
+    first = json.loads(hpcddf("survey", "run", "--site-file", str(site), "--json").stdout)
+    assert first["started"] and first["tick_job"]
+    again = json.loads(hpcddf("survey", "run", "--site-file", str(site), "--json").stdout)
+    assert not again["started"]  # the chain is found, not doubled
+
+    settled = {"done", "failed", "mosaicked"}
+    wait_for(lambda: all(str(r.state) in settled for r in _rows(mariadb_url).values()), 400,
+             "every field to settle")
+    wait_for(lambda: not _queued_ticks() and _tick_job(mariadb_url) is None, 120,
+             "the chain of tick jobs to end by itself")
+
+    rows = _rows(mariadb_url)
+    assert {f: str(r.state) for f, r in rows.items()} == {
+        "F1": "done", "F2": "done", "F3": "done", "F4": "failed", "F5": "failed"}
+    assert "F4.tar cannot be unpacked" in rows["F4"].last_error
+    assert "image_dirin_SSD" in rows["F5"].last_error and "exit code 3" in rows["F5"].last_error
+    work = tmp_path / "work"
+    for fid in ("F1", "F2", "F3"):
+        state = json.loads((work / fid / ".hpcddf" / "state.json").read_text())
+        assert {s["state"] for s in state["stages"].values()} == {"done"}
+        assert rows[fid].node_hours > 0 and rows[fid].attempts == 1  # submitted once, never twice
+    ticks = sorted((work / ".survey-jobs").glob("*/*_result.pkl"))
+    assert len(ticks) >= 2  # the first tick job queued at least one successor
+
+
+def test_a_second_run_finds_the_chain_and_stop_cancels_it(slurm_site, mariadb_url: str, tmp_path: Path,  # noqa: ANN001
+                                                          no_ticks_left: None) -> None:
+    site = _site(slurm_site, tmp_path, mariadb_url, tick_minutes=30)
+    (tmp_path / "archive").mkdir()
+    (tmp_path / "archive" / "F7.flaky").touch()  # its fetch fails: the survey cannot settle yet
+    _init(site, tmp_path, {"F7": ""})
+    first = json.loads(hpcddf("survey", "run", "--site-file", str(site), "--json").stdout)["tick_job"]
+    successor = wait_for(lambda: (_tick_job(mariadb_url) or first) != first and _tick_job(mariadb_url), 120,
+                         "the first tick to queue its successor")
+    assert first not in _queued_ticks() and successor in _queued_ticks()  # waiting for its --begin
+    again = json.loads(hpcddf("survey", "run", "--site-file", str(site), "--json").stdout)
+    assert again == {"tick_job": successor, "started": False}
+    assert str(_rows(mariadb_url)["F7"].state) == "new"  # fetch failed once: tried again later
+    stopped = json.loads(hpcddf("survey", "run", "--site-file", str(site), "--stop", "--json").stdout)
+    assert stopped == {"cancelled": successor}
+    wait_for(lambda: not _queued_ticks(), 60, "the cancelled tick to leave the queue")
+    assert _tick_job(mariadb_url) is None
