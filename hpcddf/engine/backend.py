@@ -84,6 +84,9 @@ def slurm_parameters(site: Site, res: Resources, name: str, after: str | None,
                      array: bool, ntasks: int) -> dict[str, Any]:
     """submitit SlurmExecutor parameters for one stage submission."""
     extra: dict[str, Any] = {"requeue": True, **res.extra}
+    avoid = _excluded_nodes(site, res)
+    if avoid:
+        extra["exclude"] = avoid
     if res.account:
         extra["account"] = res.account
     if res.qos:
@@ -102,6 +105,13 @@ def slurm_parameters(site: Site, res: Resources, name: str, after: str | None,
     if res.partition:
         params["partition"] = res.partition
     return params
+
+
+def _excluded_nodes(site: Site, res: Resources) -> str:
+    """The stage's own ``--exclude`` (a recovery remedy) and the nodes the site avoids now."""
+    from hpcddf.engine.exclusions import excluded
+    own = [n for n in str(res.extra.get("exclude") or "").split(",") if n]
+    return ",".join(sorted(set(own) | set(excluded(site))))
 
 
 def submit_slurm_chain(site: Site, stages: Sequence[Stage], members: Sequence[ChainMember],

@@ -180,7 +180,10 @@ def decide_and_record(site: Site, workdir: Path, field_id: str, jobs: Mapping[st
         state = read_state(workdir) or {}
         d = decide(state, jobs, site.slurm.max_retries, site.mem_gb)
         update_state_unlocked(workdir, field_id, lambda st: record(st, d))
-    log.warning("field %s: %s %s", field_id, d.action, d.note)
+    if d.found is not None and d.found.name in NODE_CLASSES:  # every job of the site avoids it
+        from hpcddf.engine.exclusions import remember
+        remember(site, d.found.nodes)
+    log.info("field %s: %s %s", field_id, d.action, d.note)
     return d
 
 

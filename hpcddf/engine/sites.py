@@ -55,6 +55,8 @@ class SlurmSection:
     # off by default: the site's compute nodes must be allowed to run sbatch
     auto_recover: bool = False
     max_retries: int = 2  # automatic resubmissions per stage
+    # hours every job of the site avoids a node that failed under one (exclusions.py); 0: never
+    exclude_node_hours: float = 24.0
     extra_sbatch: dict[str, str] = field(default_factory=dict)
 
 
@@ -310,7 +312,8 @@ def _check_values(site: Site) -> None:
         walltime_min = walltime_minutes(site.slurm.max_walltime)
     except ValueError as exc:
         raise bad(f"max_walltime: {exc}", "use Slurm's format, e.g. \"72:00:00\" or \"2-00:00:00\"")
-    negative = [k for k in ("max_requeues", "signal_delay_s", "light_cpus", "max_array_size", "max_retries")
+    negative = [k for k in ("max_requeues", "signal_delay_s", "light_cpus", "max_array_size", "max_retries",
+                            "exclude_node_hours")
                 if getattr(site.slurm, k) < 0]
     if negative:
         raise bad(f"{negative[0]} must be 0 or more (it is {getattr(site.slurm, negative[0])})",
