@@ -45,6 +45,9 @@ class NodeInfo:
     field_id: str = ""
     python: str = sys.executable
     workdir: Path = Path(".")
+    # parallel workers a step should start (None: one per CPU); fewer after a memory death on a
+    # whole node (recovery's remedy), each worker holding its own buffers
+    workers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class StageJob(UnitJob):
     builder: StepBuilder
     walltime_min: int
     last_stage: bool = False
+    workers_fraction: float = 1.0  # recovery's memory remedy on a whole node (plan.Resources)
     # a local run: the pid of the foreground ``hpcddf`` this job must not outlive
     foreground_pid: int | None = None
     _stop: bool = field(default=False, repr=False)
@@ -95,6 +99,13 @@ class StageJob(UnitJob):
         if self.foreground_pid:
             self._guard_foreground(self.foreground_pid)
         return self._attempt
+
+    def _workers(self, ncpu: int) -> int | None:
+        if self.workers_fraction >= 1.0:
+            return None
+        n = max(1, int(ncpu * self.workers_fraction))
+        log.info("memory remedy: steps start %d parallel workers on %d CPUs", n, ncpu)
+        return n
 
     def work(self) -> dict[str, Any]:
         """Scratch, preflight, then the stage's steps not yet done."""
@@ -138,7 +149,7 @@ class StageJob(UnitJob):
         paths = unit_paths(wd)
         contained = self.site.container.runtime != "none"
         node = NodeInfo(cpus=cpus, cache_dir=cache_dir, field_id=self.field_id, workdir=wd,
-                        python="python3" if contained else sys.executable)
+                        python="python3" if contained else sys.executable, workers=self._workers(len(cpus)))
         built = self.builder(self.stage, self.steps, node)
         steps = built.steps
         deadline, usable_s = self._deadline()

@@ -26,6 +26,9 @@ class Resources:
     account: str | None = None
     qos: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    # the share of the CPUs a step may start parallel workers on: a memory remedy for a job that
+    # already has the whole node (fewer workers, fewer per-worker buffers); 1.0: one per CPU
+    workers_fraction: float = 1.0
 
 
 @dataclass(frozen=True)

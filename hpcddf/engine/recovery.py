@@ -98,30 +98,39 @@ def _remedy(found: Classification, stage: str, state: dict[str, Any], node_mem_g
     fault; the remedies of earlier retries kept."""
     old = dict(state.get("recovery") or {})
     mem = dict(old.get("mem_gb") or {})
+    workers = dict(old.get("workers") or {})
     exclude = list(old.get("exclude") or [])
     if found.name in MEMORY_CLASSES:
-        asked = _asked_mem(state, stage)
-        mem[stage] = min(node_mem_gb, max(asked * 2, int(mem.get(stage) or 0)))
+        asked, whole = _asked_mem(state, stage)
+        had = max(asked, int(mem.get(stage) or 0))
+        if whole or had >= node_mem_gb:  # no more memory to give: fewer workers share it
+            workers[stage] = float(workers.get(stage, 1.0)) / 2
+        else:
+            mem[stage] = min(node_mem_gb, max(asked * 2, had))
     if found.name in NODE_CLASSES:
         exclude += [n for n in found.nodes if n not in exclude]
-    return {"mem_gb": mem, "exclude": exclude}
+    return {"mem_gb": mem, "workers": workers, "exclude": exclude}
 
 
-def _asked_mem(state: dict[str, Any], stage: str) -> int:
+def _asked_mem(state: dict[str, Any], stage: str) -> tuple[int, bool]:
+    """The memory the stage's plan asks for, and whether it has the whole node."""
     for s in (state.get("plan") or {}).get("stages", []):
         if s.get("name") == stage:
-            return int(s["resources"]["mem_gb"])
-    return 1
+            return int(s["resources"]["mem_gb"]), bool(s["resources"].get("exclusive"))
+    return 1, False
 
 
 def remedied(stage: Stage, remedies: Sequence[dict[str, Any]], node_mem_gb: int) -> Stage:
     """The stage with the recorded remedies of its fields (several in an array chain: the most
-    memory any asks for, every node any excludes)."""
+    memory any asks for, the fewest workers, every node any excludes)."""
     mem = max([int((r.get("mem_gb") or {}).get(stage.name) or 0) for r in remedies] or [0])
+    workers = min([float((r.get("workers") or {}).get(stage.name) or 1.0) for r in remedies] or [1.0])
     exclude = sorted({n for r in remedies for n in r.get("exclude") or []})
     res = stage.resources
     if mem > res.mem_gb and not res.exclusive:
         res = replace(res, mem_gb=min(mem, node_mem_gb))
+    if workers < res.workers_fraction:
+        res = replace(res, workers_fraction=workers)
     if exclude:
         res = replace(res, extra={**res.extra, "exclude": ",".join(exclude)})
     return replace(stage, resources=res)

@@ -128,6 +128,7 @@ def _stage_jobs(site: Site, fj: FieldJob, stages: Sequence[Stage], hooks: Submit
                           work_root=str(fj.field.workdir.parent), stage=s.name, steps=s.steps,
                           builder=hooks.builder, walltime_min=s.resources.walltime_min,
                           last_stage=(s.name == fj.plan.stages[-1].name),
+                          workers_fraction=s.resources.workers_fraction,
                           foreground_pid=os.getpid() if site.scheduler == "local" else None)
                  for s in stages)
     return ChainMember(fj.field.id, fj.field.workdir, jobs)
@@ -249,7 +250,8 @@ def _submit_slurm(site: Site, to_run: Sequence[tuple[FieldJob, list[Stage]]],
     for chain in [part for group in _chains(to_run) for part in chunks(group, max_array or len(group))]:
         remedies = [(read_state(fj.field.workdir) or {}).get("recovery") or {} for fj, _ in chain]
         stages = [remedied(s, remedies, site.mem_gb) for s in chain[0][1]]
-        members = [_stage_jobs(site, fj, st, hooks) for fj, st in chain]
+        members = [_stage_jobs(site, fj, [remedied(s, remedies, site.mem_gb) for s in st], hooks)
+                   for fj, st in chain]
         folder = (unit_paths(chain[0][0].field.workdir).jobs if len(chain) == 1
                   else arrays_dir(chain[0][0].field.workdir.parent))
         ids = submit_slurm_chain(site, stages, members, folder)

@@ -111,10 +111,16 @@ def machine(cfg: PipelineConfig, node: NodeInfo, options: Mapping[str, Any]) -> 
     cache_dir = Path(os.path.expandvars(os.path.expanduser(cache))) if cache else node.cache_dir
     cache_dir.mkdir(parents=True, exist_ok=True)  # DDF 0.9.1 does not create --Cache-Dir
     timeout = float(options.get("timeout", DEFAULT_COMMAND_TIMEOUT_S))
-    return Machine(ncpu_ddf=cfg.get("machine", "NCPU_DDF") or ncpu,
-                   ncpu_kms=cfg.get("machine", "NCPU_killms") or ncpu,
+    return Machine(ncpu_ddf=_workers(cfg.get("machine", "NCPU_DDF") or ncpu, node),
+                   ncpu_kms=_workers(cfg.get("machine", "NCPU_killms") or ncpu, node),
                    cache_dir=str(cache_dir.resolve()), cpus=tuple(node.cpus), timeout_s=timeout,
                    python=node.python)
+
+
+def _workers(ncpu: int, node: NodeInfo) -> int:
+    """DDFacet's and killMS's worker count: each DDFacet worker grids its own facets, so after a
+    memory death on a whole node the engine's remedy (``node.workers``) halves them."""
+    return min(ncpu, node.workers) if node.workers else ncpu
 
 
 def _ddf_steps(recipe: Mapping[str, Any], cfg: PipelineConfig, stage: str,

@@ -113,3 +113,29 @@ def test_the_failed_stage_is_found_in_plan_order_past_the_stages_cancelled_after
                         "initial": {"state": "failed", "error": err}}}
     d = decide(state, {}, 2, 64)
     assert (d.action, d.stage) == ("stop", "initial") and "exit code 3" in d.note
+
+
+def test_a_memory_death_on_a_whole_node_halves_the_workers_instead():
+    """No more memory to give a job that has the node: fewer parallel workers share it."""
+    whole = {"stages": [{"name": "a", "resources": {"mem_gb": 64, "exclusive": True}}]}
+    err = {"message": "step x failed", "step": "x", "returncode": -9, "argv": ["DDF.py"]}
+    state = {"plan": whole, "stages": {"a": {"job_id": "1", "state": "failed", "error": err}}}
+    d = decide(state, {"1": _job("FAILED", "1:0")}, 2, 64)
+    assert d.action == "resubmit" and d.remedy["workers"] == {"a": 0.5} and d.remedy["mem_gb"] == {}
+    record(state, d)
+    state["stages"]["a"]["error"] = {**err, "returncode": -7}  # SIGBUS this time: not the same failure
+    d2 = decide(state, {"1": _job("FAILED", "1:0")}, 2, 64)
+    assert d2.remedy["workers"] == {"a": 0.25}
+    stage = Stage("a", ("x",), Resources(cpus=32, mem_gb=64, walltime_min=60, exclusive=True))
+    assert remedied(stage, [d2.remedy], 64).resources.workers_fraction == 0.25
+
+
+def test_memory_is_doubled_first_then_workers_halved_once_the_node_is_full():
+    plan = {"stages": [{"name": "a", "resources": {"mem_gb": 8, "exclusive": False}}]}
+    err = {"message": "step x failed", "step": "x", "returncode": -9, "argv": ["DDF.py"]}
+    state = {"plan": plan, "stages": {"a": {"job_id": "1", "state": "failed", "error": err}}}
+    d = decide(state, {"1": _job("FAILED", "1:0")}, 3, 16)
+    assert d.remedy["mem_gb"] == {"a": 16} and d.remedy["workers"] == {}
+    record(state, d)
+    state["stages"]["a"]["error"] = {**err, "returncode": -7}
+    assert decide(state, {"1": _job("FAILED", "1:0")}, 3, 16).remedy["workers"] == {"a": 0.5}

@@ -138,6 +138,17 @@ def test_machine_cpus_come_from_the_allocation_unless_the_config_says(tmp_path):
     assert m3.cache_dir == str(own) and own.is_dir()
 
 
+def test_the_memory_remedy_halves_ddfacet_and_killms_workers(tmp_path):
+    """After a memory death on a whole node the engine passes fewer workers (NodeInfo.workers):
+    DDFacet's Parallel-NCPU and killMS's NCPU follow, a config's smaller count stays."""
+    node = NodeInfo(cpus=tuple(range(8)), cache_dir=tmp_path / "cache", workdir=tmp_path, workers=4)
+    m = machine(load_config([TIER1]), node, {})
+    assert (m.ncpu_ddf, m.ncpu_kms) == (4, 4)
+    assert "--Parallel-NCPU=4" in BUILDERS["image_dirin_SSD"](Reduction(load_config([TIER1]), m, MS, FULL)).commands[0].argv
+    m2 = machine(load_config([TIER1], ["--machine-NCPU_DDF=2"]), node, {})
+    assert (m2.ncpu_ddf, m2.ncpu_kms) == (2, 4)
+
+
 def test_every_step_of_the_plan_has_a_builder_and_outputs():
     site = load_site("local")
     cfg = load_config([TIER1], ["--control-bootstrap=False", "--control-polcubes=False",

@@ -5,6 +5,7 @@ Slurm is in tests/integration (a reduction stage and a PHANGS task)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -280,3 +281,20 @@ def test_a_killed_command_is_classed_on_the_node_and_the_same_kill_twice_is_perm
     stage_job.begin()
     stage_job.finished()
     assert "class" not in _stage(stage_job) and _stage(stage_job)["failures"] == []
+
+
+def test_the_workers_remedy_reaches_the_step_builder(stage_job: StageJob, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node job gives the builder the remedy's share of the allocation's CPUs (at least 1)."""
+    seen: list[Any] = []
+
+    def builder(stage: str, steps: Any, node: Any) -> Any:
+        seen.append(node.workers)
+        return _no_steps(stage, steps, node)
+    full = dataclasses.replace(stage_job, builder=builder)
+    half = dataclasses.replace(stage_job, builder=builder, workers_fraction=0.5)
+    tiny = dataclasses.replace(stage_job, builder=builder, workers_fraction=0.01)
+    for job in (full, half, tiny):
+        job.begin()
+        job.work()
+    ncpu = len(os.sched_getaffinity(0))
+    assert seen == [None, max(1, ncpu // 2), 1]
