@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 TICK_JOB_KEY = "tick_job"
 TICK_WALLTIME_MIN = 60
 SETTLED = ("done", "failed", "mosaicked")
+KEEP_TICK_LOGS_DAYS = 7.0
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,23 @@ def schedule(site: Site, database: str, minutes: float) -> str:
     from hpcddf.engine.backend import submit_call
     folder = Path(_settings(database)["work_root"]) / ".survey-jobs"
     folder.mkdir(parents=True, exist_ok=True)
+    prune_old(folder)
     job_id = submit_call(site, folder, tick_resources(site), "hpcddf-survey-tick", TickJob(site, database),
                          "the survey tick", begin=f"now+{round(minutes * 60)}" if minutes else "now")  # seconds
     _set_tick_job(database, job_id)
     return job_id
+
+
+def prune_old(folder: Path, days: float = KEEP_TICK_LOGS_DAYS) -> None:
+    """Tick jobs' folders (logs, pickles) older than ``days``: a survey ticks thousands of times."""
+    import shutil
+    limit = time.time() - days * 86400
+    for job_dir in folder.iterdir():
+        try:
+            if job_dir.is_dir() and job_dir.stat().st_mtime < limit:
+                shutil.rmtree(job_dir)
+        except OSError:
+            continue
 
 
 def _settings(database: str) -> dict[str, Any]:

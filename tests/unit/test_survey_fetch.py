@@ -103,3 +103,18 @@ def test_a_fetch_command_that_cannot_start_is_permanent(fetch_site, tmp_path: Pa
     with pytest.raises(FetchFailed, match="cannot run") as exc:
         run_fetch(site, "L100003", tmp_path)
     assert not exc.value.transient
+
+
+def test_old_tick_job_folders_are_pruned(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from hpcddf.survey.run import prune_old
+    old, new = tmp_path / "1001", tmp_path / "1002"
+    for d in (old, new):
+        d.mkdir()
+        (d / "1001_log.out").write_text("tick")
+    week_ago = time.time() - 8 * 86400
+    os.utime(old, (week_ago, week_ago))
+    prune_old(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["1002"]
