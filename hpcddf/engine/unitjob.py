@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -75,6 +76,15 @@ def check_node(site: Site, scratch: Path | None = None) -> tuple[int, ...]:
     return tuple(report.cpus)
 
 
+def requeue_underway(exc: BaseException) -> bool:
+    """submitit's ``scontrol requeue`` (run from the walltime signal handler) killed by a signal:
+    the requeue itself ends this job step and its processes, scontrol among them when it has not
+    exited yet (seen on a loaded node). Slurm has the requeue: the attempt is not a failure, and
+    the record keeps the REQUEUED the checkpoint wrote."""
+    return (isinstance(exc, subprocess.CalledProcessError) and exc.returncode is not None
+            and exc.returncode < 0 and list(exc.cmd or [])[:2] == ["scontrol", "requeue"])
+
+
 class UnitJob(submitit.helpers.Checkpointable):
     """One unit of work on the node; a walltime kill requeues it and records that it did."""
 
@@ -113,7 +123,10 @@ class UnitJob(submitit.helpers.Checkpointable):
         try:
             result = self.work()
         except Exception as exc:
-            self.on_error(exc)
+            if requeue_underway(exc):
+                log.warning("the requeue ended this attempt before scontrol returned: requeued")
+            else:
+                self.on_error(exc)
             raise
         self.work_complete()
         self.finished(**self.done_values(result))

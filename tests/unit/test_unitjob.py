@@ -11,6 +11,7 @@ import logging
 import os
 import pickle
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from hpcddf.engine.nodejob import NodeInfo, NodeSteps, StageJob
 from hpcddf.engine.runner import RunContext, Step, StopRequested
 from hpcddf.engine.sites import load_site
 from hpcddf.engine.state import State, read_state
-from hpcddf.engine.unitjob import UnitJob, error_doc
+from hpcddf.engine.unitjob import UnitJob, error_doc, requeue_underway
 from hpcddf.errors import HpcddfError
 
 
@@ -298,3 +299,22 @@ def test_the_workers_remedy_reaches_the_step_builder(stage_job: StageJob, monkey
         job.work()
     ncpu = len(os.sched_getaffinity(0))
     assert seen == [None, max(1, ncpu // 2), 1]
+
+
+class RequeueKilledJob(FileJob):
+    """The walltime handler ran submitit's `scontrol requeue`, which Slurm's requeue itself
+    killed before it returned (seen on a loaded node)."""
+
+    def work(self) -> dict[str, Any]:
+        self.checkpoint()
+        raise subprocess.CalledProcessError(-15, ["scontrol", "requeue", "11778395"])
+
+
+def test_a_requeue_that_kills_its_own_scontrol_is_not_a_failure(tmp_path: Path) -> None:
+    path = tmp_path / "unit.json"
+    with pytest.raises(subprocess.CalledProcessError):
+        RequeueKilledJob(str(path))()
+    doc = _doc(path)
+    assert doc["state"] == State.REQUEUED and not doc.get("error")
+    assert not requeue_underway(subprocess.CalledProcessError(1, ["scontrol", "requeue", "1"]))
+    assert not requeue_underway(subprocess.CalledProcessError(-9, ["DDF.py"]))
