@@ -214,6 +214,8 @@ UNIT_SECONDS = {  # measured 2026-12-05 in `.ci/run`, both workers busy
     "tests/integration/test_slurm_engine.py": 170,
     "tests/integration/test_walltime_rules.py": 130,  # 5 scenarios at once, two 1-min walltimes (106 s alone)
     "tests/integration/test_busy_controller.py": 40,  # 3 scenarios at once (30 s alone)
+    "tests/integration/test_survey_slurm.py": 60,  # a survey run by tick jobs, start/stop (28 s alone)
+    "tests/test_survey_local.py": 45,               # six fields through survey tick/run locally (20 s alone)
     "tests/integration/test_phangs_chunks_slurm.py": 50,  # chunk arrays, a requeue (40 s), local (9 s)
     "tests/science/test_phangs_engine.py": 130,
     "tests/science/test_phangs_casa.py": 145,      # + the key clean mask test (17 s alone), + 63 s: the cube in 3 chunks

@@ -220,6 +220,13 @@ def write_settings(conn: Any, values: Mapping[str, Any]) -> None:
         conn.execute(settings_table.insert(), new)
 
 
+def set_setting(conn: Any, key: str, value: Any) -> None:
+    """Replace one operational setting (the next tick job's id): unlike the survey's own
+    settings, it changes as the survey runs."""
+    conn.execute(settings_table.delete().where(settings_table.c.key == key))
+    conn.execute(settings_table.insert(), [{"key": key, "value": json.dumps(value, sort_keys=True)}])
+
+
 # ------------------------------------------------------------------ bulk reads
 
 def _row(r: Any) -> FieldRow:

@@ -122,7 +122,7 @@ def _set_tick_job(database: str, job_id: str | None) -> None:
     sdb = db.open_db(database)
     try:
         with sdb.begin() as conn:
-            db.write_settings(conn, {TICK_JOB_KEY: job_id})
+            db.set_setting(conn, TICK_JOB_KEY, job_id)
     finally:
         sdb.close()
 

@@ -356,3 +356,17 @@ def test_impossible_tick_settings_are_refused_with_the_key(write_site, keys: str
         fh.write(f"\n[survey]\n{keys}\n")
     with pytest.raises(Exception, match=re.escape(needle)):
         load_site_file(site)
+
+
+def test_an_operational_setting_is_replaced_while_the_survey_settings_are_kept(survey: str) -> None:
+    sdb = db.open_db(survey)
+    try:
+        for value in ("101", "102", None):
+            with sdb.begin() as conn:
+                db.set_setting(conn, "tick_job", value)
+                db.write_settings(conn, {"site": "elsewhere"})  # init's settings never change
+            with sdb.read() as conn:
+                settings = db.read_settings(conn)
+            assert settings["tick_job"] == value and settings["site"] == "testsite"
+    finally:
+        sdb.close()
