@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from _common import site_file
@@ -88,8 +89,9 @@ def per_field(site_path: Path, work: Path, ids: list[str]) -> None:
         field_outcome(site, work / fid, fid, state, query_jobs(_job_ids(state)))
 
 
-def counted(calls: Path) -> int:
-    n = len(calls.read_text().split()) if calls.exists() else 0
+def counted(calls: Path) -> Counter[str]:
+    """Slurm calls since the last count, by command."""
+    n = Counter(calls.read_text().split()) if calls.exists() else Counter()
     calls.unlink(missing_ok=True)
     return n
 
@@ -119,10 +121,10 @@ def main() -> None:
         finally:
             subprocess.run(["scancel", *live_ids], check=False)
     moves = {k: len(v) for k, v in doc["moves"].items()}
-    print(f"tick over {n} fields: {tick_s:.2f} s, {tick_calls} Slurm calls, moves {moves}")
-    print(f"per-field polling of the same fields: {base_s:.2f} s, {base_calls} Slurm calls")
-    print(f"RESULT tick_s={tick_s:.2f} tick_slurm_calls={tick_calls} per_field_s={base_s:.2f} "
-          f"per_field_slurm_calls={base_calls} fields={n}")
+    print(f"tick over {n} fields: {tick_s:.2f} s, Slurm calls {dict(tick_calls)}, moves {moves}")
+    print(f"per-field polling of the same fields: {base_s:.2f} s, Slurm calls {dict(base_calls)}")
+    print(f"RESULT tick_s={tick_s:.2f} tick_slurm_calls={sum(tick_calls.values())} per_field_s={base_s:.2f} "
+          f"per_field_slurm_calls={sum(base_calls.values())} fields={n}")
 
 
 if __name__ == "__main__":

@@ -150,7 +150,10 @@ def neighbour_status(site: Site, work_root: Path, fid: str, product: str) -> tup
     if (wd / p.int_image).is_file() and (wd / p.app_image).is_file():
         return "done", None
     state = read_state(wd)
-    if state and site.scheduler == "slurm" and live_jobs(site, state):
+    # only a field whose record says a stage may still run is asked about (one squeue + sacct
+    # each): a survey's tick plans the mosaics of hundreds of finished fields
+    recorded_live = any(s.get("state") in LIVE for s in ((state or {}).get("stages") or {}).values())
+    if recorded_live and site.scheduler == "slurm" and live_jobs(site, state):
         stages = [s["name"] for s in (state.get("plan") or {}).get("stages", [])]
         last = state["stages"].get(stages[-1], {}) if stages else {}
         if last.get("job_id"):
