@@ -61,8 +61,9 @@ def queue_survey_mosaics(site: Site, pointings: Sequence[Pointing], centres: Seq
     ready = [p for p in ready if f"{p.id}-{product}" not in out.left]
     if not ready:
         return out
-    check_mosaic_stack()
     plan = plan_mosaics(site, pointings, ready, [product], work_root, exclude=excluded)
+    if plan.tasks:  # the mosaic stack (reproject, dask: ~1 s of imports) only to make some
+        check_mosaic_stack()
     out.made = [name.removesuffix(f"-{product}") for name in plan.done]
     out.left.update({name: f"needs {', '.join(missing)}" for name, missing in plan.blocked.items()})
     if plan.tasks and site.scheduler == "slurm":
