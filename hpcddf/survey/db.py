@@ -57,6 +57,7 @@ FORWARD: dict[FieldState, frozenset[FieldState]] = {
 # moves back, each only with a reason (recorded in the event and as the last error)
 BACKWARD: dict[FieldState, frozenset[FieldState]] = {
     S.FETCHING: frozenset({S.NEW}),       # a transient fetch failure: fetch again
+    S.READY: frozenset({S.NEW}),          # its data went missing before it was submitted
     S.REDUCING: frozenset({S.READY}),     # a transient failure (node, walltime): submit again
     S.FAILED: frozenset({S.NEW, S.READY}),  # retried after a person looked
     S.DONE: frozenset({S.READY}),         # reduced again (redo)

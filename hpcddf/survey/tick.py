@@ -309,15 +309,25 @@ def submit_ready(site: Site, sdb: Any, settings: Mapping[str, Any], report: Tick
     if ready and not room:
         report.notes.append(f"{len(ready)} ready field(s) wait: {queued} are queued or reducing "
                             f"([survey] max_queued = {site.survey.max_queued})")
-    ids = _apply(sdb, S.READY, S.REDUCING, [r.id for r in ready[:room]], None, report)
+    work_root = Path(settings["work_root"])
+    ids = _with_data(site, sdb, work_root, [r.id for r in ready[:room]], report)
+    ids = _apply(sdb, S.READY, S.REDUCING, ids, None, report)
     if not ids:
         return
-    work_root = Path(settings["work_root"])
     again = [f for f in ids if read_state(work_root / f) is not None]
     fresh = [f for f in ids if f not in again]
     for group, new in ((fresh, True), (again, False)):
         if group:
             _submit_group(site, sdb, settings, group, new, report, progress)
+
+
+def _with_data(site: Site, sdb: Any, work_root: Path, ids: list[str], report: TickReport) -> list[str]:
+    """The fields whose MSs are still in place; the others go back to be fetched again (a
+    submission would refuse them all together)."""
+    from hpcddf.survey.fetch import has_data
+    gone = [f for f in ids if not has_data(site, work_root / f, f)]
+    _apply(sdb, S.READY, S.NEW, gone, "its measurement sets are no longer in place: fetched again", report)
+    return [f for f in ids if f not in gone]
 
 
 def _submit_group(site: Site, sdb: Any, settings: Mapping[str, Any], ids: list[str], new: bool,

@@ -370,3 +370,19 @@ def test_an_operational_setting_is_replaced_while_the_survey_settings_are_kept(s
             assert settings["tick_job"] == value and settings["site"] == "testsite"
     finally:
         sdb.close()
+
+
+def test_a_ready_field_whose_data_went_missing_is_fetched_again_not_submitted(site, survey: str) -> None:  # noqa: ANN001
+    from hpcddf.survey.tick import TickReport, submit_ready
+    _moves(survey, (["L100001"], S.NEW, S.READY, None))
+    sdb = db.open_db(survey)
+    try:
+        with sdb.read() as conn:
+            settings = db.read_settings(conn)
+        report = TickReport()
+        submit_ready(site, sdb, settings, report, lambda m: None)
+    finally:
+        sdb.close()
+    assert report.moves == {"ready->new": ["L100001"]}
+    row = _read(survey)["L100001"]
+    assert row.state is S.NEW and "no longer in place" in row.last_error
