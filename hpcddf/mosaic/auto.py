@@ -29,11 +29,13 @@ SURVEY_PRODUCT = "full"
 
 @dataclass
 class AutoMosaics:
-    """Centres whose mosaic is made, mosaics queued now, and mosaics left alone with why."""
+    """Centres whose mosaic is made, mosaics queued now or before and still to be made, and
+    mosaics left alone with why."""
 
     made: list[str] = field(default_factory=list)
     queued: list[str] = field(default_factory=list)
     left: dict[str, str] = field(default_factory=dict)
+    running: list[str] = field(default_factory=list)  # queued by an earlier tick, not made yet
 
 
 def complete(centre: Pointing, pointings: Sequence[Pointing], finished: set[str],
@@ -65,6 +67,7 @@ def queue_survey_mosaics(site: Site, pointings: Sequence[Pointing], centres: Seq
     if plan.tasks:  # the mosaic stack (reproject, dask: ~1 s of imports) only to make some
         check_mosaic_stack()
     out.made = [name.removesuffix(f"-{product}") for name in plan.done]
+    out.running = list(plan.queued)
     out.left.update({name: f"needs {', '.join(missing)}" for name, missing in plan.blocked.items()})
     if plan.tasks and site.scheduler == "slurm":
         submit_mosaic_array(site, plan.tasks, work_root)

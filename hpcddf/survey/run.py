@@ -6,7 +6,7 @@ chain of short jobs that survives logouts, login-node reboots and a tick that fa
 database outage costs one round, not the survey). The id of the next tick job is kept in the
 survey database, so a second ``survey run`` finds the chain instead of starting another, and
 ``survey run --stop`` cancels it. The chain ends by itself when no field can move any more
-(every field done, mosaicked or failed).
+(every field done, mosaicked or failed) and no mosaic it queued is still to be made.
 
 Such a job runs on a compute node, which cannot open a SQLite file on the login node's local
 disk: on Slurm, ``survey run`` needs the survey on MySQL/MariaDB (``[survey] database``). On
@@ -46,8 +46,10 @@ class TickJob:
         try:
             doc = tick(self.site, self.database, progress=log.info)
             log.info("tick: %s", doc)
+            if doc.get("mosaics_pending"):
+                log.info("%d mosaic(s) queued or running: another tick will mark them", doc["mosaics_pending"])
         finally:  # a failed tick must not end the chain: the next one may well succeed
-            if not settled(self.database):
+            if not settled(self.database) or doc.get("mosaics_pending"):
                 log.info("next tick: job %s", schedule(self.site, self.database, self.site.survey.tick_minutes))
             else:
                 log.info("every field is done, mosaicked or failed: no further tick")

@@ -46,6 +46,7 @@ class TickReport:
     moves: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     slurm_calls: int = 0
+    mosaics_pending: int = 0  # queued or running: a later tick marks their centres mosaicked
 
     def moved(self, old: FieldState, new: FieldState, ids: Iterable[str]) -> None:
         ids = list(ids)
@@ -53,7 +54,8 @@ class TickReport:
             self.moves.setdefault(f"{old}->{new}", []).extend(ids)
 
     def document(self, started: float) -> dict[str, Any]:
-        return {"moves": self.moves, "notes": self.notes, "seconds": round(time.monotonic() - started, 3)}
+        return {"moves": self.moves, "notes": self.notes, "mosaics_pending": self.mosaics_pending,
+                "seconds": round(time.monotonic() - started, 3)}
 
 
 @dataclass(frozen=True)
@@ -395,4 +397,5 @@ def queue_mosaics(site: Site, sdb: Any, work_root: Path, report: TickReport, pro
         return
     _apply(sdb, S.DONE, S.MOSAICKED, auto.made, None, report)
     report.notes += [f"mosaic {name}: queued" for name in auto.queued]
+    report.mosaics_pending = len(auto.queued) + len(auto.running)
     report.notes += [f"mosaic {name}: not queued, {why}" for name, why in auto.left.items()]

@@ -1,9 +1,11 @@
 """`hpcddf survey run` on the real local Slurm with the survey on its real MariaDB: the tick is
-a Slurm job that fetches, unpacks and submits, and queues its successor with --begin; nothing
-runs on the login node. A five-field survey (data in place, fetched, a fetch that fails once,
-an archive that is not a tarball, a reduction that fails) settles by itself, the chain of tick
-jobs ends, and the database agrees with every field's state file. A second `survey run` finds
-the chain instead of starting another, and `--stop` cancels it."""
+a Slurm job that fetches, unpacks and submits, queues the mosaics of complete neighbourhoods,
+and queues its successor with --begin; nothing runs on the login node. A seven-field hexagon
+(data in place, fetched, a fetch that fails once, an archive that is not a tarball, a reduction
+that fails) settles by itself: five fields reduced (scaled pipeline) and mosaicked (real
+mosaics of the stand-in final images each field directory holds), two failed with their reasons;
+the chain of tick jobs ends, and the database agrees with every field's state file. A second
+`survey run` finds the chain instead of starting another, and `--stop` cancels it."""
 
 from __future__ import annotations
 
@@ -22,8 +24,16 @@ need("sqlalchemy", "survey")
 need("pymysql", "survey")
 need("astropy", "survey")
 
+from astropy.io import fits  # noqa: E402
+
+from hpcddf.mosaic.combine import PRODUCTS  # noqa: E402
+from hpcddf.mosaic.pointings import Pointing  # noqa: E402
+from hpcddf.mosaic.survey_sim import FieldSpec, SkySource, hex_grid, write_field  # noqa: E402
 from hpcddf.survey import db  # noqa: E402
 from tests._survey import FETCH_SCRIPT, SHORT_CFG, make_archive  # noqa: E402
+
+IMAGES = FieldSpec(cell_arcsec=6.0, resolution_arcsec=24.0, npix=128, pb_fwhm_deg=0.15, noise=1e-3)
+FULL = PRODUCTS["full"]
 
 SURVEY = """
 [survey]
@@ -66,8 +76,8 @@ def _queued_ticks() -> list[str]:
     return out.split()[::2]
 
 
-def _init(site: Path, tmp_path: Path, fields: dict[str, str], *opts: str) -> None:
-    rows = [f"{fid},{150 + 0.5 * i},{50 + 0.3 * i}" for i, fid in enumerate(fields)]
+def _init(site: Path, tmp_path: Path, pts: list[Pointing], *opts: str) -> None:
+    rows = [f"{p.id},{p.ra!r},{p.dec!r}" for p in pts]
     (tmp_path / "pointings.csv").write_text("id,ra,dec\n" + "\n".join(rows) + "\n")
     (tmp_path / "short.cfg").write_text(SHORT_CFG)
     (tmp_path / "fetch.py").write_text(FETCH_SCRIPT)
@@ -86,41 +96,55 @@ def no_ticks_left() -> Any:
 def test_a_survey_runs_itself_on_slurm_and_settles(slurm_site, mariadb_url: str, tmp_path: Path,  # noqa: ANN001
                                                    no_ticks_left: None) -> None:
     site = _site(slurm_site, tmp_path, mariadb_url, tick_minutes=0.1)
+    pts = hex_grid(210.0, 54.0, 0.1, 1, prefix="F")  # F000 (the centre) .. F006
+    ids = [p.id for p in pts]
+    work = tmp_path / "work"
+    sources = [SkySource(p.ra, p.dec, 0.5) for p in pts]
+    for i, p in enumerate(pts):  # what the reduction leaves: the scaled pipeline makes no images
+        write_field(work / p.id, p, IMAGES, sources, FULL.int_image, FULL.app_image, seed=i)
     archive = tmp_path / "archive"
     archive.mkdir()
-    for fid in ("F2", "F3", "F5"):
+    for fid in ("F001", "F002", "F003", "F005", "F006"):
         make_archive(archive / f"{fid}.tar", f"{fid}_SB000_uv.MS")
-    (archive / "F3.flaky").touch()
-    (archive / "F4.tar").write_text("<html>not found</html>")
-    ms = tmp_path / "work" / "F1" / "F1_SB000_uv.MS"
+    (archive / "F003.flaky").touch()
+    (archive / "F004.tar").write_text("<html>not found</html>")
+    ms = work / "F000" / "F000_SB000_uv.MS"
     ms.mkdir(parents=True)
     (ms / "table.dat").touch()
-    _init(site, tmp_path, dict.fromkeys(["F1", "F2", "F3", "F4", "F5"], ""),
-          "--pipeline-opt", "fail=image_dirin_SSD", "--pipeline-opt", "fail_fields=F5")
+    _init(site, tmp_path, pts, "--pipeline-opt", "fail=image_dirin_SSD", "--pipeline-opt", "fail_fields=F005")
 
     first = json.loads(hpcddf("survey", "run", "--site-file", str(site), "--json").stdout)
     assert first["started"] and first["tick_job"]
     again = json.loads(hpcddf("survey", "run", "--site-file", str(site), "--json").stdout)
     assert not again["started"]  # the chain is found, not doubled
 
-    settled = {"done", "failed", "mosaicked"}
-    wait_for(lambda: all(str(r.state) in settled for r in _rows(mariadb_url).values()), 400,
-             "every field to settle")
+    settled = {"failed", "mosaicked"}
+    wait_for(lambda: all(str(r.state) in settled for r in _rows(mariadb_url).values()), 600,
+             "every field to be mosaicked or failed")
     wait_for(lambda: not _queued_ticks() and _tick_job(mariadb_url) is None, 120,
              "the chain of tick jobs to end by itself")
 
     rows = _rows(mariadb_url)
     assert {f: str(r.state) for f, r in rows.items()} == {
-        "F1": "done", "F2": "done", "F3": "done", "F4": "failed", "F5": "failed"}
-    assert "F4.tar cannot be unpacked" in rows["F4"].last_error
-    assert "image_dirin_SSD" in rows["F5"].last_error and "exit code 3" in rows["F5"].last_error
-    work = tmp_path / "work"
-    for fid in ("F1", "F2", "F3"):
+        **dict.fromkeys(ids, "mosaicked"), "F004": "failed", "F005": "failed"}
+    assert "F004.tar cannot be unpacked" in rows["F004"].last_error
+    assert "image_dirin_SSD" in rows["F005"].last_error and "exit code 3" in rows["F005"].last_error
+    for fid in ("F000", "F001", "F002", "F003", "F006"):
         state = json.loads((work / fid / ".hpcddf" / "state.json").read_text())
         assert {s["state"] for s in state["stages"].values()} == {"done"}
         assert rows[fid].node_hours > 0 and rows[fid].attempts == 1  # submitted once, never twice
-    ticks = sorted((work / ".survey-jobs").glob("*/*_result.pkl"))
-    assert len(ticks) >= 2  # the first tick job queued at least one successor
+        mosaic = work / "mosaics" / fid / f"{fid}-full-mosaic.fits"
+        with fits.open(mosaic) as h:
+            assert h[0].header["OBJECT"] == f"{fid}-full" and h[0].data.size
+        # the failed fields were left out, not waited for
+        assert sorted(_inputs(work, fid)) == ["F000", "F001", "F002", "F003", "F006"]
+    assert len(list((work / ".survey-jobs").glob("*/*_result.pkl"))) >= 3
+
+
+def _inputs(work: Path, centre: str) -> list[str]:
+    """The fields the mosaic's done-marker says it was made from."""
+    marker = next((work / "mosaics" / centre / ".hpcddf" / "done").glob("*.done.json"))
+    return [str(i) for i in json.loads(marker.read_text())["inputs"]]
 
 
 def test_a_second_run_finds_the_chain_and_stop_cancels_it(slurm_site, mariadb_url: str, tmp_path: Path,  # noqa: ANN001
@@ -128,7 +152,7 @@ def test_a_second_run_finds_the_chain_and_stop_cancels_it(slurm_site, mariadb_ur
     site = _site(slurm_site, tmp_path, mariadb_url, tick_minutes=30)
     (tmp_path / "archive").mkdir()
     (tmp_path / "archive" / "F7.flaky").touch()  # its fetch fails: the survey cannot settle yet
-    _init(site, tmp_path, {"F7": ""})
+    _init(site, tmp_path, [Pointing("F7", 210.0, 54.0)])
     first = json.loads(hpcddf("survey", "run", "--site-file", str(site), "--json").stdout)["tick_job"]
     successor = wait_for(lambda: (_tick_job(mariadb_url) or first) != first and _tick_job(mariadb_url), 120,
                          "the first tick to queue its successor")
