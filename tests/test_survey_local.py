@@ -125,3 +125,21 @@ def test_a_survey_on_the_local_site_settles_with_every_field_where_it_belongs(ru
     status = run_cli("survey", "status", "--site", "tiny", "--json")
     counts = json.loads(status.stdout)["states"]
     assert counts["done"] == 4 and counts["failed"] == 2
+
+
+def test_a_failed_field_is_retried_by_a_person_and_refusals_are_one_line(run_cli, survey_dir: Path,  # noqa: ANN001
+                                                                         cli_error) -> None:  # noqa: ANN001
+    init = run_cli("survey", "init", "--site", "tiny", "--pointings", survey_dir / "pointings.csv",
+                   "-c", survey_dir / "short.cfg", "--pipeline", "scaled", "--pipeline-opt", "seconds=0.05")
+    assert init.returncode == 0, init.stderr
+    database = survey_dir / "db" / "survey.sqlite"
+    sdb = db.open_db(str(database))
+    with sdb.begin() as conn:
+        db.move_many(conn, ["L100001", "L100005"], S.NEW, S.FAILED, "bad archive")
+    sdb.close()
+    out = run_cli("survey", "retry", "L100001", "L100005", "--site", "tiny", "--reason", "archive fixed", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["moves"] == {"failed->ready": ["L100001"], "failed->new": ["L100005"]}
+    assert _fields(database)["L100001"].last_error == "retried: archive fixed"
+    cli_error(run_cli("survey", "retry", "L100002", "--site", "tiny", "--reason", "x"), "is new, not failed")
+    cli_error(run_cli("survey", "retry", "L999999", "--site", "tiny", "--reason", "x"), "not in the survey")

@@ -30,6 +30,7 @@ def survey() -> None:
       hpcddf survey tick --site spider        # one round: fetch, submit, recover, mosaic
       hpcddf survey run --site spider         # a tick every [survey] tick_minutes, as Slurm jobs
       hpcddf survey status --site spider --png survey.png
+      hpcddf survey retry L123456 --site spider --reason "bad station flagged"
     """
 
 
@@ -141,3 +142,23 @@ def survey_run(site: str | None, site_file: str | None, database: str | None, st
         print_json(doc)
     else:
         click.echo(msg)
+
+
+@survey.command("retry")
+@click.argument("fields", nargs=-1, required=True)
+@site_options
+@_db_option
+@click.option("--reason", required=True, help="Why it may pass now (kept in the field's history).")
+@click.option("--json", "as_json", is_flag=True, help="Print the moves as JSON.")
+def survey_retry(fields: tuple[str, ...], site: str | None, site_file: str | None, database: str | None,
+                 reason: str, as_json: bool) -> None:
+    """Put failed fields back once their cause is fixed: to ready if their data is in place (the
+    next tick resumes each from its first stage not done), else to new (fetched again)."""
+    from hpcddf.survey.tick import retry_failed
+    s = choose_site(site, site_file, starts_jobs=False)
+    doc = retry_failed(s, _database(s, database), fields, reason)
+    if as_json:
+        print_json(doc)
+        return
+    for move, ids in doc["moves"].items():
+        click.echo(f"{move}: {' '.join(ids)}")

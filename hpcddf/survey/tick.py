@@ -399,3 +399,38 @@ def queue_mosaics(site: Site, sdb: Any, work_root: Path, report: TickReport, pro
     report.notes += [f"mosaic {name}: queued" for name in auto.queued]
     report.mosaics_pending = len(auto.queued) + len(auto.running)
     report.notes += [f"mosaic {name}: not queued, {why}" for name, why in auto.left.items()]
+
+
+# ------------------------------------------------------------------ a person's retry
+
+def retry_failed(site: Site, database: str, ids: Sequence[str], reason: str) -> dict[str, Any]:
+    """Failed fields back into the survey after a person looked (``survey retry``): to ready
+    when their data is in place (the next tick resumes them from their first stage not done),
+    else to new (fetched again). ``reason`` is kept in each field's history."""
+    from hpcddf.survey import db
+    sdb = db.open_db(database)
+    report = TickReport()
+    try:
+        with sdb.read() as conn:
+            settings = db.read_settings(conn)
+            rows = {r.id: r for r in db.fields(conn)}
+        check_settings(site, settings, sdb.where)
+        _check_failed(ids, rows, sdb.where)
+        work_root = Path(settings["work_root"])
+        ready = [f for f in ids if _data_in_place(site, work_root / f, f)]
+        _apply(sdb, S.FAILED, S.READY, ready, f"retried: {reason}", report)
+        _apply(sdb, S.FAILED, S.NEW, [f for f in ids if f not in ready], f"retried: {reason}", report)
+    finally:
+        sdb.close()
+    return report.document(time.monotonic())
+
+
+def _check_failed(ids: Sequence[str], rows: Mapping[str, FieldRow], where: str) -> None:
+    unknown = [f for f in ids if f not in rows]
+    if unknown:
+        raise SurveyError(f"field {unknown[0]} is not in the survey in {where}", "check the id (survey status)")
+    not_failed = [f for f in ids if rows[f].state is not S.FAILED]
+    if not_failed:
+        f = not_failed[0]
+        raise SurveyError(f"field {f} is {rows[f].state}, not failed: only failed fields are retried",
+                          "leave it: the ticks move it on by themselves")
