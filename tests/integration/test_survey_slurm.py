@@ -18,7 +18,7 @@ from typing import Any, Callable
 import pytest
 
 from tests._require import need
-from tests.integration.conftest import hpcddf, wait_for
+from tests.integration.conftest import hpcddf, sacct_states, wait_for
 
 need("sqlalchemy", "survey")
 need("pymysql", "survey")
@@ -132,6 +132,9 @@ def test_a_survey_runs_itself_on_slurm_and_settles(slurm_site, mariadb_url: str,
     for fid in ("F000", "F001", "F002", "F003", "F006"):
         state = json.loads((work / fid / ".hpcddf" / "state.json").read_text())
         assert {s["state"] for s in state["stages"].values()} == {"done"}
+        jobs = [str(s["job_id"]) for s in state["stages"].values()]
+        assert set(wait_for(lambda: sacct_states(jobs) if len(sacct_states(jobs)) == len(jobs) else None,
+                            60, "sacct to know the field's jobs").values()) == {"COMPLETED"}  # Slurm agrees
         assert rows[fid].node_hours > 0 and rows[fid].attempts == 1  # submitted once, never twice
         mosaic = work / "mosaics" / fid / f"{fid}-full-mosaic.fits"
         with fits.open(mosaic) as h:
