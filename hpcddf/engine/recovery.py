@@ -25,7 +25,7 @@ from hpcddf.engine.classify import Classification, classify
 from hpcddf.engine.plan import Resources, Stage
 from hpcddf.engine.sites import Site
 from hpcddf.engine.slurm_query import JobInfo, query_jobs
-from hpcddf.engine.state import State, locked, now_iso, read_state, update_state_unlocked
+from hpcddf.engine.state import State, locked, now_iso, read_state, stage_order, update_state_unlocked
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class Decision:
 def _failed_stage(state: Mapping[str, Any], jobs: Mapping[str, JobInfo]) -> tuple[str, Classification] | None:
     """The first stage (plan order) that ended for a reason other than its dependency failing."""
     stages = state.get("stages") or {}
-    for name in _plan_order(state):
+    for name in [n for n in stage_order(state) if n in stages]:
         rec = stages[name]
         job = jobs.get(str(rec.get("job_id") or ""))
         found = classify(job.runs or (job,) if job is not None else (), rec)
@@ -63,13 +63,6 @@ def _failed_stage(state: Mapping[str, Any], jobs: Mapping[str, JobInfo]) -> tupl
             continue
         return name, found
     return None
-
-
-def _plan_order(state: Mapping[str, Any]) -> list[str]:
-    """The field's stages in plan order (the state file keeps them sorted by name)."""
-    stages = state.get("stages") or {}
-    planned = [s["name"] for s in (state.get("plan") or {}).get("stages", []) if s.get("name") in stages]
-    return planned + [n for n in stages if n not in planned]
 
 
 def decide(state: dict[str, Any], jobs: Mapping[str, JobInfo], max_retries: int,

@@ -16,7 +16,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from hpcddf.engine.atomic import write_json_atomic
 from hpcddf.engine.paths import unit_paths, units_under
@@ -44,6 +44,14 @@ FINAL = (State.DONE, State.FAILED, State.CANCELLED, State.INTERRUPTED)  # nothin
 
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def stage_order(state: Mapping[str, Any]) -> list[str]:
+    """The unit's stage names in plan order (the state file keeps its stages sorted by name),
+    then any recorded stage the plan does not name."""
+    recorded = list(state.get("stages") or {})
+    planned = [s["name"] for s in (state.get("plan") or {}).get("stages", [])]
+    return planned + [n for n in recorded if n not in planned]
 
 
 def state_path(workdir: Path) -> Path:

@@ -10,7 +10,7 @@ from hpcddf.engine.classify import classify, unknown
 from hpcddf.engine.fields import field_for
 from hpcddf.engine.sites import Site
 from hpcddf.engine.slurm_query import JobInfo
-from hpcddf.engine.state import FINAL, State, empty_state, find_fields, read_state
+from hpcddf.engine.state import FINAL, State, empty_state, find_fields, read_state, stage_order
 from hpcddf.errors import SubmissionError
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,8 @@ def _after_failure(state: dict[str, Any]) -> None:
     """A stage cancelled after an earlier stage of the field failed was cancelled by Slurm for
     its dependency (kill_on_invalid_dep), whatever reason sacct kept (a job still held at
     submission says JobHeldUser): say so."""
-    order = [s["name"] for s in (state.get("plan") or {}).get("stages", [])] or list(state.get("stages", {}))
     failed = False
-    for name in order:
+    for name in stage_order(state):
         rec = state.get("stages", {}).get(name, {})
         if failed and rec.get("state") == State.CANCELLED and _class_name(rec) == "cancelled":
             rec["class"] = {**rec["class"], "reason": "its dependency failed"}

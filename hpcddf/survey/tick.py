@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from hpcddf.engine.sites import Site
 from hpcddf.engine.slurm_query import JobInfo
-from hpcddf.engine.state import LIVE, State, read_state
+from hpcddf.engine.state import LIVE, State, read_state, stage_order
 from hpcddf.errors import HpcddfError, SurveyError
 from hpcddf.survey.db import FieldRow, FieldState, TransitionError
 
@@ -45,7 +45,6 @@ class TickReport:
 
     moves: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    slurm_calls: int = 0
     mosaics_pending: int = 0  # queued or running: a later tick marks their centres mosaicked
 
     def moved(self, old: FieldState, new: FieldState, ids: Iterable[str]) -> None:
@@ -70,9 +69,8 @@ def tick(site: Site, database: str, progress: Progress = lambda m: None) -> dict
     """One round over the whole survey; returns what it did."""
     from hpcddf.survey import db
     started = time.monotonic()
-    sdb = db.open_db(database)
     report = TickReport()
-    try:
+    with db.opened(database) as sdb:
         with sdb.read() as conn:
             settings = db.read_settings(conn)
         check_settings(site, settings, sdb.where)
@@ -83,8 +81,6 @@ def tick(site: Site, database: str, progress: Progress = lambda m: None) -> dict
         if site.scheduler == "local":  # the fields submitted have run by now: see how they ended
             reconcile(site, sdb, work_root, report)
         queue_mosaics(site, sdb, work_root, report, progress)
-    finally:
-        sdb.close()
     return report.document(started)
 
 
@@ -144,9 +140,9 @@ def reconcile(site: Site, sdb: Any, work_root: Path, report: TickReport) -> None
 
 
 def _all_done(state: Mapping[str, Any] | None) -> bool:
-    """Every stage recorded done: nothing to ask Slurm about this field."""
-    stages = (state or {}).get("stages") or {}
-    return bool(stages) and all(s.get("state") == State.DONE for s in stages.values())
+    """Every stage of the plan recorded done: the field is done, nothing to ask Slurm about."""
+    recs = [((state or {}).get("stages") or {}).get(n, {}) for n in stage_order(state or {})]
+    return bool(recs) and all(r.get("state") == State.DONE for r in recs)
 
 
 def _grouped(outcomes: Mapping[str, Outcome]) -> dict[tuple[str, str], list[str]]:
@@ -169,7 +165,6 @@ def _jobs_of(site: Site, states: Iterable[Mapping[str, Any] | None], report: Tic
     ids = [j for st in states for j in _job_ids(st)]
     if site.scheduler != "slurm" or not ids:
         return {}
-    report.slurm_calls += 1
     try:
         return query_jobs(ids)
     except HpcddfError as exc:
@@ -187,12 +182,11 @@ def field_outcome(site: Site, workdir: Path, field_id: str, state: dict[str, Any
     """Where one reducing field stands; a failure is decided (and recorded) as the guard would."""
     if state is None:
         return Outcome("retry", "its submission left no state file")
-    stages = [s["name"] for s in (state.get("plan") or {}).get("stages", [])] or list(state.get("stages", {}))
-    recs = [state.get("stages", {}).get(n, {}) for n in stages]
-    if recs and all(r.get("state") == State.DONE for r in recs):
+    if _all_done(state):
         return Outcome("done")
     if "*unanswered*" in jobs or _live(state, jobs):
         return Outcome("running")
+    recs = [state.get("stages", {}).get(n, {}) for n in stage_order(state)]
     stopped = [r.get("note", "") for r in recs if str(r.get("note", "")).startswith("stopped: ")]
     if stopped:  # the recovery guard already stopped it
         return Outcome("failed", stopped[0].removeprefix("stopped: "))
@@ -408,9 +402,9 @@ def retry_failed(site: Site, database: str, ids: Sequence[str], reason: str) -> 
     when their data is in place (the next tick resumes them from their first stage not done),
     else to new (fetched again). ``reason`` is kept in each field's history."""
     from hpcddf.survey import db
-    sdb = db.open_db(database)
+    started = time.monotonic()
     report = TickReport()
-    try:
+    with db.opened(database) as sdb:
         with sdb.read() as conn:
             settings = db.read_settings(conn)
             rows = {r.id: r for r in db.fields(conn)}
@@ -420,9 +414,7 @@ def retry_failed(site: Site, database: str, ids: Sequence[str], reason: str) -> 
         ready = [f for f in ids if _data_in_place(site, work_root / f, f)]
         _apply(sdb, S.FAILED, S.READY, ready, f"retried: {reason}", report)
         _apply(sdb, S.FAILED, S.NEW, [f for f in ids if f not in ready], f"retried: {reason}", report)
-    finally:
-        sdb.close()
-    return report.document(time.monotonic())
+    return report.document(started)
 
 
 def _check_failed(ids: Sequence[str], rows: Mapping[str, FieldRow], where: str) -> None:
