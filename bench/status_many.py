@@ -55,14 +55,25 @@ def held_jobs(n: int) -> list[str]:
     return ids
 
 
-def record(work: Path, fid: str, job_ids: list[str], live: bool) -> None:
+ERROR = {"message": "step image_dirin_SSD failed: DDF.py (exit code 1)", "step": "image_dirin_SSD",
+         "returncode": 1, "log": "logs/image_dirin_SSD.log"}
+
+
+def record(work: Path, fid: str, job_ids: list[str], kind: str) -> None:
+    """The field's state file as a submission and its jobs leave it: ``kind`` done (every stage
+    done), live (first stage running, the rest queued) or failed (the first stage with a step
+    error, the rest cancelled)."""
     def change(st: dict) -> None:
         st["site"] = "bench"
-        st["plan"] = {"field": fid, "site": "bench", "stages": [{"name": s, "steps": [s]} for s in STAGES]}
+        st["plan"] = {"field": fid, "site": "bench", "stages": [
+            {"name": s, "steps": [s], "resources": {"mem_gb": 1}} for s in STAGES]}
         for k, s in enumerate(STAGES):
-            state = (State.RUNNING if k == 0 else State.QUEUED) if live else State.DONE
+            state = {"done": State.DONE, "live": State.RUNNING if k == 0 else State.QUEUED,
+                     "failed": State.FAILED if k == 0 else State.CANCELLED}[kind]
             st["stages"][s] = {"state": state, "job_id": job_ids[k], "attempts": 1,
                                "submitted": now_iso(), "elapsed_s": 100.0, "node_hours": 0.1}
+            if kind == "failed" and k == 0:
+                st["stages"][s]["error"] = ERROR
     update_state(work / fid, fid, change)
 
 
@@ -87,7 +98,7 @@ def main() -> None:
                 fid = f"B{i:05d}"
                 live = i % (n // 10 or 1) == 0
                 ids = live_ids if live else [str(9_000_000 + i * len(STAGES) + k) for k in range(len(STAGES))]
-                record(work, fid, ids, live)
+                record(work, fid, ids, "live" if live else "done")
             calls = root / "calls.txt"
             wrap_slurm(root / "bin", calls)
             env = {**os.environ, "PATH": f"{root / 'bin'}:{os.environ['PATH']}"}

@@ -28,17 +28,13 @@ from collections import Counter
 from pathlib import Path
 
 from _common import site_file
-from status_many import STAGES, held_jobs, wrap_slurm
+from status_many import STAGES, held_jobs, record, wrap_slurm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hpcddf.engine.sites import load_site_file  # noqa: E402
-from hpcddf.engine.state import State, now_iso, read_state, update_state  # noqa: E402
+from hpcddf.engine.state import read_state  # noqa: E402
 from hpcddf.survey import db  # noqa: E402
 from hpcddf.survey.setup import init_survey  # noqa: E402
-
-ERROR = {"message": "step image_dirin_SSD failed: DDF.py (exit code 1)", "step": "image_dirin_SSD",
-         "returncode": 1, "log": "logs/image_dirin_SSD.log"}
-
 
 # per 100 fields: (database state, what its state file records); a tick reconciles the
 # reducing ones, finds the new ones without data, leaves the fetching and the ready ones (the
@@ -50,21 +46,6 @@ PATHS = {"fetching": ["new", "fetching"], "ready": ["new", "ready"],
          "reducing": ["new", "ready", "reducing"], "done": ["new", "ready", "reducing", "done"],
          "failed": ["new", "ready", "reducing", "failed"],
          "mosaicked": ["new", "ready", "reducing", "done", "mosaicked"]}
-
-
-def record(work: Path, fid: str, kind: str, job_ids: list[str]) -> None:
-    def change(st: dict) -> None:
-        st["site"] = "bench"
-        st["plan"] = {"field": fid, "site": "bench", "stages": [
-            {"name": s, "steps": [s], "resources": {"mem_gb": 1}} for s in STAGES]}
-        for k, s in enumerate(STAGES):
-            state = {"done": State.DONE, "live": State.RUNNING if k == 0 else State.QUEUED,
-                     "failed": State.FAILED if k == 0 else State.CANCELLED}[kind]
-            st["stages"][s] = {"state": state, "job_id": job_ids[k], "attempts": 1,
-                               "submitted": now_iso(), "elapsed_s": 100.0, "node_hours": 0.1}
-            if kind == "failed" and k == 0:
-                st["stages"][s]["error"] = ERROR
-    update_state(work / fid, fid, change)
 
 
 def _move_along(database: str, kinds: dict[str, tuple[str, str | None]]) -> None:
@@ -90,7 +71,7 @@ def make_survey(root: Path, site: Path, n: int, live_ids: list[str]) -> tuple[st
         if recorded:
             jobs = live_ids if recorded == "live" else [str(9_000_000 + i * len(STAGES) + k)
                                                         for k in range(len(STAGES))]
-            record(root / "work", fid, recorded, jobs)
+            record(root / "work", fid, jobs, recorded)
     return database, [f for f, (state, _) in kinds.items() if state == "reducing"]
 
 

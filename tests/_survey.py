@@ -1,11 +1,12 @@
 """Helpers of the survey tests: LOFAR-like archive tarballs, the site's fetch command (a
-copy from an archive directory that can fail once for a field), a short cfg."""
+copy from an archive directory that can fail once for a field), a short cfg, the rows."""
 
 from __future__ import annotations
 
 import io
 import tarfile
 from pathlib import Path
+from typing import Any
 
 # [survey] fetch = [python, "<dir>/fetch.py", "{field}", "{dest}"]: copies archive/<field>.tar;
 # fails once (exit 1) where archive/<field>.flaky exists, as a busy LTA staging service does
@@ -33,3 +34,10 @@ def make_archive(path: Path, *members: str, fmt: str = "w") -> Path:
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
     return path
+
+
+def fields_by_id(database: str | Path) -> dict[str, Any]:
+    """Every field row of the survey database, by id."""
+    from hpcddf.survey import db
+    with db.opened(str(database)) as sdb, sdb.read() as conn:
+        return {r.id: r for r in db.fields(conn)}

@@ -18,7 +18,7 @@ need("sqlalchemy", "survey")
 need("astropy", "survey")
 
 from hpcddf.survey import db  # noqa: E402
-from tests._survey import FETCH_SCRIPT, SHORT_CFG, make_archive  # noqa: E402
+from tests._survey import FETCH_SCRIPT, SHORT_CFG, fields_by_id, make_archive  # noqa: E402
 
 S = db.FieldState
 FIELDS = {  # id: how its data comes
@@ -66,15 +66,6 @@ def survey_dir(tmp_path: Path, user_sites_dir: Path, observed) -> Path:  # noqa:
     return tmp_path
 
 
-def _fields(database: Path) -> dict[str, db.FieldRow]:
-    sdb = db.open_db(str(database))
-    try:
-        with sdb.read() as conn:
-            return {r.id: r for r in db.fields(conn)}
-    finally:
-        sdb.close()
-
-
 def _history(database: Path, fid: str) -> list[tuple[str, str]]:
     sdb = db.open_db(str(database))
     try:
@@ -101,7 +92,7 @@ def test_a_survey_on_the_local_site_settles_with_every_field_where_it_belongs(ru
     assert "every field is done, mosaicked or failed" in run.stdout
 
     database = survey_dir / "db" / "survey.sqlite"
-    rows = _fields(database)
+    rows = fields_by_id(database)
     assert {f: str(r.state) for f, r in rows.items()} == {
         "L100001": "done", "L100002": "done", "L100003": "failed", "L100004": "done",
         "L100005": "failed", "L100006": "done"}
@@ -140,6 +131,6 @@ def test_a_failed_field_is_retried_by_a_person_and_refusals_are_one_line(run_cli
     out = run_cli("survey", "retry", "L100001", "L100005", "--site", "tiny", "--reason", "archive fixed", "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["moves"] == {"failed->ready": ["L100001"], "failed->new": ["L100005"]}
-    assert _fields(database)["L100001"].last_error == "retried: archive fixed"
+    assert fields_by_id(database)["L100001"].last_error == "retried: archive fixed"
     cli_error(run_cli("survey", "retry", "L100002", "--site", "tiny", "--reason", "x"), "is new, not failed")
     cli_error(run_cli("survey", "retry", "L999999", "--site", "tiny", "--reason", "x"), "not in the survey")

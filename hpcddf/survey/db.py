@@ -152,6 +152,17 @@ def utcnow() -> datetime:
 
 # ------------------------------------------------------------------ opening, schema version
 
+@contextlib.contextmanager
+def opened(text: str, *, create: bool = False) -> Iterator[SurveyDB]:
+    """``open_db`` for the length of a ``with`` block: its connections closed after, whatever
+    happened (a tick job or a status must not leave a MySQL connection open)."""
+    sdb = open_db(text, create=create)
+    try:
+        yield sdb
+    finally:
+        sdb.close()
+
+
 def open_db(text: str, *, create: bool = False) -> SurveyDB:
     """The survey database at ``text`` (a SQLite path or a MySQL URL). ``create``: make the
     schema in an empty database; otherwise a database without a survey is an error. A schema

@@ -60,12 +60,8 @@ class TickJob:
 def settled(database: str) -> bool:
     """No field can move by itself any more."""
     from hpcddf.survey import db
-    sdb = db.open_db(database)
-    try:
-        with sdb.read() as conn:
-            counts = db.counts(conn)
-    finally:
-        sdb.close()
+    with db.opened(database) as sdb, sdb.read() as conn:
+        counts = db.counts(conn)
     return all(n == 0 for s, n in counts.items() if str(s) not in SETTLED)
 
 
@@ -111,22 +107,14 @@ def prune_old(folder: Path, days: float = KEEP_TICK_LOGS_DAYS) -> None:
 
 def _settings(database: str) -> dict[str, Any]:
     from hpcddf.survey import db
-    sdb = db.open_db(database)
-    try:
-        with sdb.read() as conn:
-            return db.read_settings(conn)
-    finally:
-        sdb.close()
+    with db.opened(database) as sdb, sdb.read() as conn:
+        return db.read_settings(conn)
 
 
 def _set_tick_job(database: str, job_id: str | None) -> None:
     from hpcddf.survey import db
-    sdb = db.open_db(database)
-    try:
-        with sdb.begin() as conn:
-            db.set_setting(conn, TICK_JOB_KEY, job_id)
-    finally:
-        sdb.close()
+    with db.opened(database) as sdb, sdb.begin() as conn:
+        db.set_setting(conn, TICK_JOB_KEY, job_id)
 
 
 def scheduled_tick(database: str) -> str | None:

@@ -80,17 +80,13 @@ def init_survey(site: Site, pointings_path: str | Path, configs: Sequence[str], 
     settings = survey_settings(site, pointings_path, check_configs(configs, site), work_root, name, recipe)
     check_work_root(Path(settings["work_root"]))
     from hpcddf.survey import db
-    sdb = db.open_db(database, create=True)
-    try:
-        with sdb.begin() as conn:
-            have = db.read_settings(conn)
-            _compare(have, settings, sdb.where)
-            db.write_settings(conn, {**settings, "created_at": db.utcnow().isoformat(timespec="seconds")})
-            added, kept = _add_new(conn, pointings, sdb.where)
-            settings = db.read_settings(conn)
-            total = sum(db.counts(conn).values())
-    finally:
-        sdb.close()
+    with db.opened(database, create=True) as sdb, sdb.begin() as conn:
+        have = db.read_settings(conn)
+        _compare(have, settings, sdb.where)
+        db.write_settings(conn, {**settings, "created_at": db.utcnow().isoformat(timespec="seconds")})
+        added, kept = _add_new(conn, pointings, sdb.where)
+        settings = db.read_settings(conn)
+        total = sum(db.counts(conn).values())
     table_ids = {p.id for p in pointings}
     return {"database": sdb.where, "survey": settings, "added": added, "kept": kept, "fields": total,
             "not_in_table": total - len(table_ids)}

@@ -25,16 +25,12 @@ def survey_status(database: str, now: datetime | None = None) -> dict[str, Any]:
     from hpcddf.survey import db
     now = now or db.utcnow()
     first_day = (now - timedelta(days=WINDOW_DAYS - 1)).date()
-    sdb = db.open_db(database)
-    try:
-        with sdb.read() as conn:
-            settings = db.read_settings(conn)
-            counts = db.counts(conn)
-            hours = db.node_hours_total(conn)
-            done = db.arrivals(conn, db.FieldState.DONE, now - timedelta(days=WINDOW_DAYS))
-            failed = db.fields(conn, [db.FieldState.FAILED])
-    finally:
-        sdb.close()
+    with db.opened(database) as sdb, sdb.read() as conn:
+        settings = db.read_settings(conn)
+        counts = db.counts(conn)
+        hours = db.node_hours_total(conn)
+        done = db.arrivals(conn, db.FieldState.DONE, now - timedelta(days=WINDOW_DAYS))
+        failed = db.fields(conn, [db.FieldState.FAILED])
     doc = {"database": sdb.where, "survey": settings, "states": {str(s): n for s, n in counts.items()},
            "fields": sum(counts.values()), "node_hours": round(hours, 3),
            "done_per_day": done_per_day(done, first_day),
@@ -81,13 +77,9 @@ def plot_sky(database: str, png: Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise SurveyError("--png needs matplotlib, which is not installed", storage.INSTALL) from None
-    sdb = db.open_db(database)
-    try:
-        with sdb.read() as conn:
-            rows = db.fields(conn)
-            name = db.read_settings(conn).get("name", "survey")
-    finally:
-        sdb.close()
+    with db.opened(database) as sdb, sdb.read() as conn:
+        rows = db.fields(conn)
+        name = db.read_settings(conn).get("name", "survey")
     fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
     for state in db.FieldState:
         mine = [r for r in rows if r.state is state]

@@ -30,7 +30,7 @@ from hpcddf.mosaic.combine import PRODUCTS  # noqa: E402
 from hpcddf.mosaic.pointings import Pointing  # noqa: E402
 from hpcddf.mosaic.survey_sim import FieldSpec, SkySource, hex_grid, write_field  # noqa: E402
 from hpcddf.survey import db  # noqa: E402
-from tests._survey import FETCH_SCRIPT, SHORT_CFG, make_archive  # noqa: E402
+from tests._survey import FETCH_SCRIPT, SHORT_CFG, fields_by_id, make_archive  # noqa: E402
 
 IMAGES = FieldSpec(cell_arcsec=6.0, resolution_arcsec=24.0, npix=128, pb_fwhm_deg=0.15, noise=1e-3)
 FULL = PRODUCTS["full"]
@@ -50,15 +50,6 @@ def _site(slurm_site: Callable[..., Path], tmp_path: Path, url: str, tick_minute
     path.write_text(path.read_text() + SURVEY.format(url=url, python=sys.executable, root=tmp_path,
                                                      tick_minutes=tick_minutes))
     return path
-
-
-def _rows(url: str) -> dict[str, db.FieldRow]:
-    sdb = db.open_db(url)
-    try:
-        with sdb.read() as conn:
-            return {r.id: r for r in db.fields(conn)}
-    finally:
-        sdb.close()
 
 
 def _tick_job(url: str) -> str | None:
@@ -119,12 +110,12 @@ def test_a_survey_runs_itself_on_slurm_and_settles(slurm_site, mariadb_url: str,
     assert not again["started"]  # the chain is found, not doubled
 
     settled = {"failed", "mosaicked"}
-    wait_for(lambda: all(str(r.state) in settled for r in _rows(mariadb_url).values()), 600,
+    wait_for(lambda: all(str(r.state) in settled for r in fields_by_id(mariadb_url).values()), 600,
              "every field to be mosaicked or failed")
     wait_for(lambda: not _queued_ticks() and _tick_job(mariadb_url) is None, 120,
              "the chain of tick jobs to end by itself")
 
-    rows = _rows(mariadb_url)
+    rows = fields_by_id(mariadb_url)
     assert {f: str(r.state) for f, r in rows.items()} == {
         **dict.fromkeys(ids, "mosaicked"), "F004": "failed", "F005": "failed"}
     assert "F004.tar cannot be unpacked" in rows["F004"].last_error
@@ -162,7 +153,7 @@ def test_a_second_run_finds_the_chain_and_stop_cancels_it(slurm_site, mariadb_ur
     assert first not in _queued_ticks() and successor in _queued_ticks()  # waiting for its --begin
     again = json.loads(hpcddf("survey", "run", "--site-file", str(site), "--json").stdout)
     assert again == {"tick_job": successor, "started": False}
-    assert str(_rows(mariadb_url)["F7"].state) == "new"  # fetch failed once: tried again later
+    assert str(fields_by_id(mariadb_url)["F7"].state) == "new"  # fetch failed once: tried again later
     stopped = json.loads(hpcddf("survey", "run", "--site-file", str(site), "--stop", "--json").stdout)
     assert stopped == {"cancelled": successor}
     wait_for(lambda: not _queued_ticks(), 60, "the cancelled tick to leave the queue")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests._require import need
+from tests._survey import fields_by_id
 
 need("sqlalchemy", "survey")
 need("pymysql", "survey")
@@ -70,15 +71,6 @@ def _moves(database: str, *moves: tuple[list[str], db.FieldState, db.FieldState,
         sdb.close()
 
 
-def _read(database: str) -> dict[str, db.FieldRow]:
-    sdb = db.open_db(database)
-    try:
-        with sdb.begin() as conn:
-            return {r.id: r for r in db.fields(conn)}
-    finally:
-        sdb.close()
-
-
 def _sql(database: str, statement: str) -> None:
     sdb = db.open_db(database)
     try:
@@ -98,7 +90,7 @@ def test_init_is_idempotent_and_adds_only_new_pointings(site, pointings: Path, s
     pointings.write_text(POINTINGS + "L100005,183.0,51.5\n")
     more = init_survey(site, pointings, [], work_root, survey)
     assert more["added"] == ["L100005"] and more["fields"] == 5
-    rows = _read(survey)
+    rows = fields_by_id(survey)
     assert rows["L100001"].state is S.REDUCING and rows["L100001"].attempts == 1  # not reset
     assert rows["L100005"].state is S.NEW and (rows["L100005"].ra, rows["L100005"].dec) == (183.0, 51.5)
     assert more["survey"]["work_root"] == str(work_root) and more["survey"]["site"] == "testsite"
@@ -111,7 +103,7 @@ def test_init_refuses_another_work_root_and_a_moved_pointing(site, pointings: Pa
     pointings.write_text(POINTINGS.replace("L100002,182.0", "L100002,182.5"))
     with pytest.raises(SurveyError, match="pointing L100002 is at 182.50000"):
         init_survey(site, pointings, [], work_root, survey)
-    assert _read(survey)["L100002"].ra == 182.0
+    assert fields_by_id(survey)["L100002"].ra == 182.0
 
 
 def test_init_refuses_ids_the_site_refuses_before_writing(site, tmp_path: Path, work_root: Path) -> None:  # noqa: ANN001
@@ -139,7 +131,7 @@ def test_moves_forward_back_with_a_reason_and_never_twice(survey: str) -> None:
     # L100002 is ready, not reducing: the whole move is refused and nothing moves
     with pytest.raises(db.TransitionError, match="1 of 2 field"):
         _moves(survey, (["L100001", "L100002"], S.REDUCING, S.DONE, None))
-    rows = _read(survey)
+    rows = fields_by_id(survey)
     assert rows["L100001"].state is S.REDUCING and rows["L100001"].attempts == 2
     assert rows["L100001"].last_error == "node lost" and rows["L100002"].state is S.READY
     sdb = db.open_db(survey)
@@ -384,5 +376,5 @@ def test_a_ready_field_whose_data_went_missing_is_fetched_again_not_submitted(si
     finally:
         sdb.close()
     assert report.moves == {"ready->new": ["L100001"]}
-    row = _read(survey)["L100001"]
+    row = fields_by_id(survey)["L100001"]
     assert row.state is S.NEW and "no longer in place" in row.last_error
