@@ -71,7 +71,7 @@ if [ "$KEEP_JOBS" = 0 ] && alive "$RUN/slurmctld.pid" slurmctld; then
     done
   fi
 fi
-stop_pid "$RUN/slurmd.pid" slurmd
+for f in "$RUN"/slurmd*.pid; do stop_pid "$f" slurmd; done
 stop_pid "$RUN/slurmctld.pid" slurmctld
 stop_pid "$RUN/slurmdbd.pid" slurmdbd
 stop_pid "$RUN/mysql/mysqld.pid" mariadbd

@@ -1,7 +1,8 @@
 """The Slurm client on the real local Slurm, with the scaled pipeline: an sbatch that queues the
 job and then answers "Socket timed out" (as a busy controller does) gives no second chain, for
-a plain job and for an array; arrays larger than ``[slurm] max_array_size`` are split into
-several chains and every field completes.
+a plain job and for an array; arrays larger than the cluster's MaxArraySize (10 in the local
+cluster's slurm.conf, read from ``scontrol show config``) are split into several chains and
+every field completes.
 
 The busy controller is an ``sbatch`` first on PATH that runs the real sbatch, then prints the
 controller's time-out and exits 1 on its first call: the job is really queued, the answer is
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -105,7 +107,7 @@ SPLIT_FIELDS = [f"F93{i}" for i in range(100, 125)]
 
 
 def split_arrays(root: Path) -> dict[str, Any]:
-    _site(root, "max_array_size = 10\n")
+    _site(root)  # no [slurm] max_array_size: the cluster's own limit is read
     fields = _submit(root, SPLIT_FIELDS, "--control-exitafter=initial")
     return {"fields": fields, "states": _done(root, SPLIT_FIELDS, 300)}
 
@@ -166,6 +168,8 @@ def test_a_lost_sbatch_answer_for_an_array_gives_one_array(outcomes) -> None:
 
 
 def test_arrays_beyond_max_array_size_are_split_and_all_complete(outcomes) -> None:
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60).stdout
+    assert re.search(r"^MaxArraySize\s*=\s*10$", config, re.M), "start_slurm.sh sets MaxArraySize=10"
     r = _result(outcomes, "split")
     ids = [r["fields"][f]["jobs"]["initial"] for f in SPLIT_FIELDS]
     arrays: dict[str, list[int]] = {}
