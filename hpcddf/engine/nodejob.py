@@ -11,7 +11,6 @@ import logging
 import os
 import pwd
 import signal
-import socket
 import sys
 import threading
 import time
@@ -28,7 +27,7 @@ from hpcddf.engine.sites import Site
 from hpcddf.engine.sizing import lead_s
 from hpcddf.engine.staging import clean_scratch, prepare_scratch
 from hpcddf.engine.state import State, now_iso, update_state
-from hpcddf.engine.unitjob import WALLTIME_SIGNAL, UnitJob, check_node, record_class
+from hpcddf.engine.unitjob import WALLTIME_SIGNAL, UnitJob, check_node, node_name, record_class
 from hpcddf.errors import HpcddfError, StepFailed
 
 log = logging.getLogger("hpcddf.job")
@@ -92,8 +91,7 @@ class StageJob(UnitJob):
         the guard that stops it with the foreground ``hpcddf``."""
         _log_to(Path(self.workdir) / "logs" / f"hpcddf-{self.stage}.log")
         self._attempt = super().begin()
-        log.info("stage %s of %s: attempt %d on %s", self.stage, self.field_id, self._attempt,
-                 socket.gethostname())
+        log.info("stage %s of %s: attempt %d on %s", self.stage, self.field_id, self._attempt, node_name())
         signal.signal(signal.SIGUSR1, self._on_usr1)
         self._abort = threading.Event()
         if self.foreground_pid:

@@ -71,9 +71,14 @@ def check_node(site: Site, scratch: Path | None = None) -> tuple[int, ...]:
     fail the work hours later (shm, hugepages, scratch, cores) stops it now. The usable cores."""
     report = run_preflight(site, scratch=scratch)
     if not report.ok:
-        raise PreflightError(f"node {socket.gethostname()} failed preflight: "
+        raise PreflightError(f"node {node_name()} failed preflight: "
                              + "; ".join(c.name for c in report.failed()), report.text())
     return tuple(report.cpus)
+
+
+def node_name() -> str:
+    """Slurm's name of this node (what --exclude takes); the host name outside Slurm."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def requeue_underway(exc: BaseException) -> bool:
@@ -152,15 +157,27 @@ class UnitJob(submitit.helpers.Checkpointable):
 
         def change(s: dict[str, Any]) -> None:
             before = int(s.get("attempts") or 0)
+            if s.get("state") == State.RUNNING and restarts:
+                self.note_lost_attempt(s, before)
             s["attempts"] = max(before + 1, restarts + 1)
             # every attempt of every submission: the count beside the summed time and steps
             s["attempts_total"] = int(s.get("attempts_total") or before) + s["attempts"] - before
-            s.update({self.host_key: socket.gethostname()}, state=State.RUNNING, started=now_iso(),
+            s.update({self.host_key: node_name()}, state=State.RUNNING, started=now_iso(),
                      ended=None, error=None, job_id=job_id_from_env() or s.get("job_id"))
             s.pop("class", None)
             out["attempt"] = s["attempts"]
         self.record(change)
         return out["attempt"]
+
+    def note_lost_attempt(self, s: dict[str, Any], attempt: int) -> None:
+        """The last attempt never recorded its end and Slurm restarted the job: its node died
+        under it (NODE_FAIL) or it was preempted, and Slurm requeued it. Kept, so that the
+        stage's history (and a person reading status) knows why it ran again."""
+        node = s.get(self.host_key)
+        s["lost_attempts"] = [*s.get("lost_attempts", []), {"attempt": attempt, "node": node,
+                                                             "started": s.get("started")}]
+        s["note"] = (f"attempt {attempt} on {node} ended without a word (node failure or preemption); "
+                     "Slurm requeued the job")
 
     def elapsed(self, s: dict[str, Any]) -> None:
         """Add this attempt's time to the unit's total and node-hours (requeues included)."""

@@ -119,6 +119,26 @@ def test_attempts_are_counted_over_resubmissions_too(tmp_path: Path,
     assert (_doc(path)["attempts"], _doc(path)["attempts_total"]) == (1, 3)
 
 
+def test_an_attempt_slurm_restarted_without_a_word_is_kept_as_lost(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node that dies takes the attempt with it: nothing records its end, Slurm requeues
+    the job, and the next attempt finds the record still running on the dead node."""
+    path = tmp_path / "unit.json"
+    path.write_text(json.dumps({"state": State.RUNNING, "attempts": 1, "host": "node07",
+                                "started": "2026-12-06T10:00:00"}))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    monkeypatch.setenv("SLURMD_NODENAME", "node08")
+    FileJob(str(path))()
+    doc = _doc(path)
+    assert (doc["state"], doc["attempts"], doc["host"]) == (State.DONE, 2, "node08")
+    assert doc["lost_attempts"] == [{"attempt": 1, "node": "node07", "started": "2026-12-06T10:00:00"}]
+    assert "attempt 1 on node07 ended without a word" in doc["note"]
+    # a record that said how its attempt ended (a walltime requeue) loses nothing
+    path.write_text(json.dumps({"state": State.REQUEUED, "attempts": 1, "host": "node07"}))
+    FileJob(str(path))()
+    assert "lost_attempts" not in _doc(path)
+
+
 # ---------------------------------------------------------------- the reduction's stage job
 def _no_steps(stage: str, names: Any, node: NodeInfo) -> NodeSteps:
     return NodeSteps(steps=[])
