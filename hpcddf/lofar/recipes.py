@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -56,7 +57,7 @@ def make_recipe(name: str, options: Sequence[str] = ()) -> dict[str, Any]:
 
 # --pipeline-opt keys each pipeline reads, and what their values must be
 _NUMBER_KEYS = {"ddf": ("timeout",), "scaled": ("seconds", "estimate")}
-_OTHER_KEYS = {"ddf": (), "scaled": ("fail", "fail_times", "fail_fields")}
+_OTHER_KEYS = {"ddf": (), "scaled": ("fail", "fail_times", "fail_fields", "fail_signal")}
 
 
 def _check_option(pipeline: str, key: str, value: str) -> None:
@@ -66,18 +67,22 @@ def _check_option(pipeline: str, key: str, value: str) -> None:
     base, _, step = key.partition(".")
     known = _NUMBER_KEYS[pipeline] + _OTHER_KEYS[pipeline]
     per_step = pipeline == "scaled" and base in _NUMBER_KEYS["scaled"]  # seconds.STEP, estimate.STEP
-    if base not in known or (step and not per_step):
-        accepted = ", ".join(known) + (" (seconds.STEP, estimate.STEP per step)" if pipeline == "scaled" else "")
+    per_field = pipeline == "scaled" and base == "fail_times"  # fail_times.FIELD
+    if base not in known or (step and not (per_step or per_field)):
+        accepted = ", ".join(known) + (" (seconds.STEP, estimate.STEP per step, fail_times.FIELD per field)"
+                                       if pipeline == "scaled" else "")
         raise PlanError(f"--pipeline-opt {key} is not an option of the {pipeline} pipeline",
                         f"use one of: {accepted}")
-    if step and step not in STEP_NAMES:
+    if step and per_step and step not in STEP_NAMES:
         raise PlanError(f"--pipeline-opt {key}: {step!r} is not a step", "`hpcddf submit FIELD --dry-run` lists the steps")
     if base in _NUMBER_KEYS[pipeline]:
         _check_number(key, value, positive=(base == "timeout"))
     elif base == "fail" and value not in STEP_NAMES:
         raise PlanError(f"--pipeline-opt fail={value}: not a step", "name a step of the plan")
     elif base == "fail_times" and not value.isdigit():
-        raise PlanError(f"--pipeline-opt fail_times={value} is not a whole number >= 0", "e.g. fail_times=1")
+        raise PlanError(f"--pipeline-opt {key}={value} is not a whole number >= 0", "e.g. fail_times=1")
+    elif base == "fail_signal" and f"SIG{value.upper()}" not in signal.Signals.__members__:
+        raise PlanError(f"--pipeline-opt fail_signal={value}: not a signal", "e.g. fail_signal=KILL")
 
 
 def _check_number(key: str, value: str, positive: bool) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -30,9 +31,10 @@ def build_scaled_steps(stage: str, step_names: Sequence[str], opts: Mapping[str,
                        python: str, field_id: str = "") -> list[Step]:
     """Steps that sleep ``seconds`` (or ``seconds.<step>``) and write ``scaled/<step>.out``.
 
-    ``fail=<step>`` makes that step exit 3 (``fail_times=N``: only its first N runs;
-    ``fail_fields=F1+F2``: only in those fields), ``estimate=<s>`` sets the runner's duration
-    estimate (default: the sleep time).
+    ``fail=<step>`` makes that step exit 3 (``fail_times=N``: only its first N runs, or
+    ``fail_times.<field>=N`` in one field; ``fail_fields=F1+F2``: only in those fields;
+    ``fail_signal=KILL``: die by that signal instead, as DDFacet dies out of memory),
+    ``estimate=<s>`` sets the runner's duration estimate (default: the sleep time).
     """
     fail_fields = [f for f in str(opts.get("fail_fields", "")).split("+") if f]
     steps = []
@@ -41,8 +43,10 @@ def build_scaled_steps(stage: str, step_names: Sequence[str], opts: Mapping[str,
         out = f"{OUT_DIR}/{name}.out"
         argv = [python, "-m", "hpcddf.lofar.scaled", name, "--seconds", str(secs), "--out", out]
         if opts.get("fail") == name and (not fail_fields or field_id in fail_fields):
-            argv += ["--fail", "--fail-times", str(opts.get("fail_times", 0)),
-                     "--count-file", f"{OUT_DIR}/{name}.runs"]
+            times = opts.get(f"fail_times.{field_id}", opts.get("fail_times", 0))
+            argv += ["--fail", "--fail-times", str(times), "--count-file", f"{OUT_DIR}/{name}.runs"]
+            if opts.get("fail_signal"):
+                argv += ["--fail-signal", str(opts["fail_signal"])]
         est = float(opts.get(f"estimate.{name}", opts.get("estimate", secs)))
         steps.append(Step(name=name, stage=stage,
                           commands=(Command(tuple(argv), f"{name}.log", timeout_s=secs * 5 + 120),),
@@ -58,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--fail", action="store_true", help="exit 3 instead of writing the output")
     ap.add_argument("--fail-times", type=int, default=0, help="fail only the first N runs (0: always)")
     ap.add_argument("--count-file", help="where runs are counted for --fail-times")
+    ap.add_argument("--fail-signal", help="fail by this signal (e.g. KILL) instead of exit 3")
     a = ap.parse_args(argv)
     print(f"scaled step {a.step}: pid {os.getpid()}, python {sys.executable}, "
           f"sleeping {a.seconds} s", flush=True)
@@ -71,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cf.write_text(str(runs + 1))
         if a.fail_times == 0 or runs < a.fail_times:
             print(f"scaled step {a.step}: failing on purpose (run {runs + 1})", flush=True)
+            if a.fail_signal:
+                os.kill(os.getpid(), signal.Signals[f"SIG{a.fail_signal.upper()}"])
             return 3
     end = time.time() + a.seconds
     while (left := end - time.time()) > 0:  # one tick a second: benches measure interrupted work
