@@ -15,7 +15,10 @@ from typing import Callable
 
 import pytest
 
-pytest_plugins = ["tests._mariadb"]  # mariadb_url: a throwaway database on the cluster's MariaDB
+pytest_plugins = [
+    "tests._mariadb",  # mariadb_url: a throwaway database on the cluster's MariaDB
+    "tests._phangs_chain",  # phangs_chain: the PHANGS chain on Slurm, run once for two modules
+]
 
 DATA = Path(__file__).parent / "data"
 HPCDDF = Path(sys.executable).parent / "hpcddf"
@@ -210,14 +213,14 @@ UNIT_SECONDS = {  # measured 2026-12-05 in `.ci/run`, both workers busy
     "tests/science/test_slurm_reduction.py": 450,  # 253 s alone (walltime rules: 9 attempts, was 17)
     "tests/science/test_phangs_postprocess.py": 500,
     "tests/science/test_offsets_reduction.py": 330,
-    "tests/integration/test_phangs_slurm_chain.py": 190,
+    "phangs-chain": 330,                          # the PHANGS chain on Slurm with a walltime kill
     "tests/integration/test_slurm_engine.py": 170,
     "tests/integration/test_walltime_rules.py": 130,  # 5 scenarios at once, two 1-min walltimes (106 s alone)
     "tests/integration/test_busy_controller.py": 40,  # 3 scenarios at once (30 s alone)
-    "tests/integration/test_survey_slurm.py": 60,  # a survey run by tick jobs, start/stop (28 s alone)
+    "tests/integration/test_survey_slurm.py": 110,  # 30 fields run by tick jobs, start/stop (79 s beside others)
+    "tests/integration/test_recovery.py": 150,  # 5 scenarios at once, a 1-min time limit (115 s alone)
     "tests/test_survey_local.py": 45,               # six fields through survey tick/run locally (20 s alone)
     "tests/integration/test_phangs_chunks_slurm.py": 50,  # chunk arrays, a requeue (40 s), local (9 s)
-    "tests/science/test_phangs_engine.py": 130,
     "tests/science/test_phangs_casa.py": 145,      # + the key clean mask test (17 s alone), + 63 s: the cube in 3 chunks
     "tests/science/test_phangs_continuum.py": 35,
 }
@@ -226,6 +229,9 @@ UNIT_SECONDS = {  # measured 2026-12-05 in `.ci/run`, both workers busy
 SHARED_UNITS = {
     "tests/science/test_demo_reduction.py": "local-reduction",
     "tests/science/test_restart.py": "local-reduction",
+    # one PHANGS chain (tests/_phangs_chain.py) serves both: on one worker it runs once
+    "tests/integration/test_phangs_slurm_chain.py": "phangs-chain",
+    "tests/science/test_phangs_engine.py": "phangs-chain",
 }
 
 

@@ -1,7 +1,9 @@
-"""PHANGS end to end through hpcddf's engine on the local default: `hpcddf phangs simulate`
-writes the galaxy, its MS (CASA's simulator) and key files; `hpcddf phangs submit KEYDIR
---site local` runs every stage (staging, imaging, postprocess in the CASA environment, derived
-products in hpcddf's own) as tasks; the derived products are then checked against the model:
+"""PHANGS end to end through hpcddf's engine: `hpcddf phangs simulate` writes the galaxy, its MS
+(CASA's simulator) and key files; `hpcddf phangs submit KEYDIR` runs every stage (staging,
+imaging, postprocess in the CASA environment, derived products in hpcddf's own) as tasks. The
+run is the one tests/_phangs_chain.py makes on the local Slurm for test_phangs_slurm_chain (which
+checks that Slurm runs the same tasks with the same parameters as the local default; the local
+default's own engine runs PHANGS in test_phangs_postprocess). The products are checked against the model:
 moment-0 flux 0.92-0.98 of the model's (12 m data miss some extended flux), moment-1 within 2 km/s rms,
 the noise cube within 10 % of the noise the cube actually holds, units and beams in headers.
 The later derived rounds too: mom1wprior (strict mom1 with gaps filled from the broad mom1),
@@ -26,11 +28,10 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from reproject import reproject_interp
 
-from hpcddf.errors import ConfigError
-from hpcddf.phangs.casaenv import find_casa_env
 from hpcddf.phangs.run_common import read_task_state
+from tests._phangs_chain import Chain
 
-pytestmark = pytest.mark.timeout(3600)
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(3600)]
 
 CASA_ENV = Path(os.environ.get("HPCDDF_CASA_ENV", "/work/casa-env"))
 STEM = "simgal_12m_co21"
@@ -43,20 +44,9 @@ def hpcddf(*args: str, timeout: float = 3400) -> subprocess.CompletedProcess[str
                           timeout=timeout, env=env)
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    try:
-        find_casa_env(CASA_ENV)
-    except ConfigError as exc:
-        if os.environ.get("HPCDDF_REQUIRE_CASA") == "1":
-            pytest.fail(f"the CASA environment is required here but not usable: {exc}")
-        pytest.skip(f"no CASA environment ({exc})")
-    root = tmp_path_factory.mktemp("phangs-engine") / "gal"
-    sim = hpcddf("phangs", "simulate", str(root), "--noise-jy", "0.14")
-    assert sim.returncode == 0, sim.stderr
-    run = hpcddf("phangs", "submit", str(root / "keys"), "--site", "local")
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    return root
+@pytest.fixture
+def project(phangs_chain: Chain) -> Path:
+    return phangs_chain.root
 
 
 def _derived(root: Path, ext: str) -> Path:
