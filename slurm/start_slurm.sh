@@ -329,11 +329,19 @@ if [ "$CONF_CHANGED" = 1 ] && { alive "$RUN/slurmctld.pid" slurmctld || slurmd_a
   for f in "$RUN"/slurmd*.pid; do stop_ours "$f" slurmd; done
   stop_ours "$RUN/slurmctld.pid" slurmctld
 fi
-if ! alive "$RUN/slurmctld.pid" slurmctld; then
+# A fresh slurmdbd may answer sacctmgr before it can hand slurmctld its TRES ("fatal: You are
+# running with a database but for some reason we have no TRES from it"): try again.
+for try in 1 2 3; do
+  alive "$RUN/slurmctld.pid" slurmctld && break
   /usr/sbin/slurmctld 9>&- # daemonizes; jobs and ids survive restarts in $BASE/state
-  wait_for 30 slurmctld sh -c 'scontrol ping | grep -q UP' || die "slurmctld did not answer (see $LOG/slurmctld.log)"
-  log "slurmctld started (pid $(cat "$RUN/slurmctld.pid"))"
-fi
+  if wait_for 30 slurmctld sh -c 'scontrol ping | grep -q UP'; then
+    log "slurmctld started (pid $(cat "$RUN/slurmctld.pid"))"
+    break
+  fi
+  [ "$try" = 3 ] && die "slurmctld did not answer (see $LOG/slurmctld.log)"
+  log "slurmctld did not come up (try $try): $(tail -n 1 "$LOG/slurmctld.log"); again in 5 s"
+  sleep 5
+done
 for node in "${NODES[@]}"; do
   pidf=$RUN/slurmd-$node.pid
   alive "$pidf" slurmd && continue

@@ -2,8 +2,8 @@
 SIGKILL once is resubmitted by the chain's guard job and the field completes; killed the same
 way every time, the field stops after the identical failure's second time, nothing left queued;
 a chain that succeeds has its guard cancelled by Slurm, never run; a stage Slurm kills as
-TIMEOUT (its time limit cut below what it already ran, so the walltime signal never comes) is
-resubmitted by the guard from its first step not done; a node lost mid-stage (its slurmd and the
+TIMEOUT without a walltime signal (a site with no signal lead, its time limit cut below what it
+already ran) is resubmitted by the guard from its first step not done; a node lost mid-stage (its slurmd and the
 job's processes killed, the node marked down, then brought back: the cluster's second node
 "spare", alone in partition "lossy", so no other test loses jobs) ends the run NODE_FAIL, Slurm
 requeues it, and the stage completes without redoing a finished step. The scenarios run at once."""
@@ -27,16 +27,16 @@ pytestmark = pytest.mark.slurm
 STEP = "image_dirin_SSD_init"
 
 
-def _site(root: Path, partition: str = "debug") -> Path:
+def _site(root: Path, partition: str = "debug", signal_delay: int = 5) -> Path:
     path = root / "site.toml"
-    text = SITE_TEMPLATE.format(root=root, walltime="10", requeues=2, signal_delay=5, max_map=0)
+    text = SITE_TEMPLATE.format(root=root, walltime="10", requeues=2, signal_delay=signal_delay, max_map=0)
     text = text.replace('partition = "debug"', f'partition = "{partition}"')
     path.write_text(text.replace("[slurm]\n", "[slurm]\nauto_recover = true\nmax_retries = 2\n", 1))
     return path
 
 
-def _submit(root: Path, field: str, *opts: str, partition: str = "debug") -> dict[str, Any]:
-    out = hpcddf("submit", field, "--site-file", str(_site(root, partition)), "--pipeline", "scaled",
+def _submit(root: Path, field: str, *opts: str, partition: str = "debug", signal_delay: int = 5) -> dict[str, Any]:
+    out = hpcddf("submit", field, "--site-file", str(_site(root, partition, signal_delay)), "--pipeline", "scaled",
                  "--pipeline-opt", "seconds=1", *opts, "--control-exitafter=initial", "--json")
     return json.loads(out.stdout)["fields"][field]
 
@@ -110,10 +110,14 @@ def _runs_per_step(root: Path, field: str) -> dict[str, int]:
 
 
 def timeout_unhandled(root: Path) -> dict[str, Any]:
-    """Two steps take 65 s; while the third runs, the time limit is cut to 1 min: the job is
-    already past it, so Slurm ends it TIMEOUT at its next check without the walltime signal."""
+    """A site whose jobs get no walltime signal ahead of the limit (signal_delay_s = 0:
+    --signal=USR2@0, which Slurm never sends early); two steps take 65 s, then while the third
+    runs the time limit is cut to 1 min: the job is past it, Slurm ends it TIMEOUT at its next
+    check (every 30 s), in the third step's 40 s, and only the guard can bring the stage back. (With a signal lead, Slurm sends the
+    signal in the same pass and the requeue races the kill: measured both ways here.)"""
     first = _submit(root, "F4", "--pipeline-opt", "seconds.image_dirin_SSD_init=35",
-                    "--pipeline-opt", "seconds.external_mask=30", "--pipeline-opt", f"seconds.{LATE}=20")
+                    "--pipeline-opt", "seconds.external_mask=30", "--pipeline-opt", f"seconds.{LATE}=40",
+                    signal_delay=0)
     wait_for(lambda: _step_pids(root, "F4", LATE), 240, "F4's third step to start", every=0.5)
     job = _stage_job(root, "F4")
     subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=1"], check=True, timeout=60,
