@@ -22,13 +22,13 @@ from hpcddf.engine.durations import load_estimates, load_speed, record_duration,
 from hpcddf.engine.jobenv import job_id_from_env
 from hpcddf.engine.paths import unit_paths
 from hpcddf.engine.preflight import clean_stale_shm, pid_alive
-from hpcddf.engine.runner import Interrupted, RunContext, Step, StopRequested, run_steps
+from hpcddf.engine.runner import Command, Interrupted, RunContext, Step, StopRequested, run_command, run_steps
 from hpcddf.engine.sites import Site
 from hpcddf.engine.sizing import lead_s
 from hpcddf.engine.staging import clean_scratch, prepare_scratch
 from hpcddf.engine.state import State, now_iso, update_state
 from hpcddf.engine.unitjob import WALLTIME_SIGNAL, UnitJob, check_node, node_name, record_class
-from hpcddf.errors import HpcddfError, StepFailed
+from hpcddf.errors import HpcddfError, PreflightError, StepFailed
 
 log = logging.getLogger("hpcddf.job")
 
@@ -161,6 +161,7 @@ class StageJob(UnitJob):
                          on_step=self._on_step, abort_event=self._abort)
         if contained:
             ctx.launcher = self._launcher(wd, cache_dir.parent)
+            check_image(ctx, steps, str(self.site.container.image))
         if self._stop:
             ctx.stop_event.set()
         ctx.abort_reason = getattr(self, "_abort_reason", ctx.abort_reason)
@@ -344,3 +345,22 @@ def _log_to(path: Path) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+
+
+def check_image(ctx: RunContext, steps: Sequence[Step], image: str) -> None:
+    """Before the first step, through the stage's own launcher: the image holds every program
+    the steps start and the same hpcddf as this job (hpcddf/engine/imageprobe.py)."""
+    from hpcddf.engine import imageprobe as ip
+    need = ip.needed_commands(c.argv for s in steps for c in s.commands)
+    cmd = Command(("python3", "-m", ip.PROBE_MODULE, *need), "image-probe.log", timeout_s=300)
+    fix = "rebuild the image from this hpcddf (containers/README.md) or set [container] image"
+    try:
+        run_command(ctx, "image-probe", cmd)
+    except StepFailed as exc:
+        raise PreflightError(f"image {image}: python3 -m {ip.PROBE_MODULE} failed there "
+                             f"(exit {exc.returncode}): no Python or no hpcddf in it", f"{fix}; see {exc.log_path}") from None
+    found = ip.last_json((ctx.log_dir / cmd.log_name).read_text(errors="replace"))
+    bad = ip.problems(found or {"commands": {}}, ip.probe([]))
+    if bad:
+        raise PreflightError(f"image {image}: " + "; ".join(bad), fix)
+    log.info("image %s holds hpcddf %s and %s", image, found and found.get("version"), ", ".join(need))

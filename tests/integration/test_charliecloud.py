@@ -23,8 +23,9 @@ import pytest
 
 import hpcddf
 from hpcddf.engine.containers import make_launcher, spec_for
-from hpcddf.engine.runner import Command, RunContext, run_command
-from hpcddf.errors import StepFailed
+from hpcddf.engine.nodejob import check_image
+from hpcddf.engine.runner import Command, RunContext, Step, run_command
+from hpcddf.errors import PreflightError, StepFailed
 
 from .conftest import hpcddf as run_hpcddf
 from .conftest import read_state, wait_for
@@ -135,6 +136,47 @@ def test_a_missing_program_in_the_image_fails_the_step(image, node):
     assert err.value.returncode not in (0, None)
 
 
+def _hpcddf_copy(dest: Path) -> Path:
+    """hpcddf laid out as its wheel installs it (site configs inside the package), for an
+    image that gets it on PYTHONPATH instead of installed."""
+    from hpcddf import site_configs
+    skip = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(Path(hpcddf.__file__).parent, dest / "hpcddf", ignore=skip, dirs_exist_ok=True)
+    shutil.copytree(Path(site_configs.__file__).parent, dest / "hpcddf" / "site_configs", ignore=skip,
+                    dirs_exist_ok=True)
+    return dest
+
+
+def _probe_context(node: dict[str, Path], image: Path, src: Path | None) -> RunContext:
+    env = {"PYTHONPATH": str(src)} if src else {}
+    spec = spec_for("charliecloud", str(image), None, [str(src)] if src else [], node["field"], node["scratch"],
+                    str(node["catalogs"]), node["scratch"] / "tmp", env)
+    return RunContext(workdir=node["field"], log_dir=node["field"] / "logs",
+                      marker_dir=node["field"] / "done", launcher=make_launcher(spec))
+
+
+def _steps(*programs: str) -> list[Step]:
+    return [Step(name=f"s{i}", stage="x", commands=(Command((p, "--help"), f"s{i}.log"),), outputs=())
+            for i, p in enumerate(programs)]
+
+
+def test_the_image_probe_names_what_the_image_lacks(image, node, tmp_path):
+    """Before a stage's first step the node job asks the image (through the stage's own
+    launcher) for every program the steps start and for its hpcddf: a missing one, or an
+    hpcddf whose sources differ from the job's, stops the stage with the reason and the fix."""
+    same = _hpcddf_copy(tmp_path / "same")
+    check_image(_probe_context(node, image, same), _steps("python3"), str(image))  # all there
+    with pytest.raises(PreflightError, match=r"DDF\.py is not in the image; kMS\.py is not in the image"):
+        check_image(_probe_context(node, image, same), _steps("python3", "DDF.py", "kMS.py"), str(image))
+    with pytest.raises(PreflightError, match="no Python or no hpcddf in it") as err:
+        check_image(_probe_context(node, image, None), _steps("python3"), str(image))
+    assert "rebuild the image" in err.value.hint
+    older = _hpcddf_copy(tmp_path / "older")
+    (older / "hpcddf" / "errors.py").write_text((older / "hpcddf" / "errors.py").read_text() + "\n# older\n")
+    with pytest.raises(PreflightError, match=r"the image has hpcddf [0-9.]+ \(\w+\), the job hpcddf"):
+        check_image(_probe_context(node, image, older), _steps("python3"), str(image))
+
+
 def test_signals_reach_the_contained_process(image, node):
     """The runner's stop (walltime, timeout, SIGUSR1) SIGTERMs the command's process group:
     the process inside the container must get it and can clean up."""
@@ -163,9 +205,7 @@ def test_a_scaled_stage_runs_in_the_container_under_slurm(image, tmp_path, slurm
     (the production image installs it). USER is unset on purpose: batch jobs do not always
     carry it, and ch-run refuses to start without it."""
     monkeypatch.delenv("USER", raising=False)
-    src = tmp_path / "src"
-    shutil.copytree(Path(hpcddf.__file__).parent, src / "hpcddf",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    src = _hpcddf_copy(tmp_path / "src")
     site = slurm_site()
     site.write_text(site.read_text() + CONTAINER_SITE.format(image=image, src=src))
     work = tmp_path / "work"
