@@ -34,8 +34,9 @@ SHM = "/dev/shm"
 CH_HOST_DIRS = ("/tmp", "/dev")
 # Host variables that must never leak into a contained science command's environment.
 SCIENCE_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-# Apptainer gives a clean-env container its own PATH; ch-run passes the host's (or, after
-# --unset-env, none), so the image's standard one is set explicitly (a site may override it).
+# Apptainer gives a clean-env container its own PATH and HOME; ch-run passes the host's (or,
+# after --unset-env, none), so the image's standard PATH and a HOME are set explicitly (a site
+# may override either).
 IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -118,7 +119,10 @@ def apptainer_argv(spec: ContainerSpec, cmd: Command, workdir: Path) -> list[str
 def charliecloud_argv(spec: ContainerSpec, cmd: Command, workdir: Path) -> list[str]:
     """``ch-run --unset-env='*' --set-env=K=V ... -b P:P ... --cd=WORKDIR IMAGE -- argv...``."""
     argv = [spec.executable, "--unset-env=*"]
-    for key, value in sorted({"PATH": IMAGE_PATH, **container_env(spec, cmd)}.items()):
+    env = container_env(spec, cmd)
+    # casacore refuses to open a table without HOME ("The HOME environment variable has not
+    # been set"); the stage's TMPDIR, on the bound scratch, is writable and leaks nothing
+    for key, value in sorted({"PATH": IMAGE_PATH, "HOME": env.get("TMPDIR", "/tmp"), **env}.items()):
         argv.append(f"--set-env={key}={value}")
     for path in spec.bind_paths():
         argv += ["-b", f"{path}:{path}"]

@@ -115,7 +115,7 @@ def test_binds_shm_env_and_cwd_inside_a_real_container(image, node, monkeypatch)
     assert got["shm_bytes"] == host.f_blocks * host.f_frsize
     env = got["env"]
     assert env["OMP_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"
-    assert env["TMPDIR"] == str(node["scratch"] / "tmp")
+    assert env["TMPDIR"] == env["HOME"] == str(node["scratch"] / "tmp")  # casacore needs a HOME
     assert (node["scratch"] / "tmp" / "probe.tmp").read_text() == "tmp"
     assert env["STEP_VAR"] == "step" and env["SITE_VAR"] == "site"
     assert "HOST_ONLY_SECRET" not in env and "VIRTUAL_ENV" not in env

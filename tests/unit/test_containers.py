@@ -59,7 +59,8 @@ def test_charliecloud_argv(node):
     r = str(node)
     argv = make_launcher(spec(node, "charliecloud"))(CMD, node / "fields/L1")
     path = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-    assert argv == ["ch-run", "--unset-env=*", *[f"--set-env={e}" for e in sorted([*env(node), path])],
+    home = f"HOME={r}/scratch/L1.42/tmp"  # casacore needs one; the stage's TMPDIR, never the host's
+    assert argv == ["ch-run", "--unset-env=*", *[f"--set-env={e}" for e in sorted([*env(node), path, home])],
                     "-b", f"{r}/fields/L1:{r}/fields/L1", "-b", f"{r}/scratch/L1.42:{r}/scratch/L1.42",
                     "-b", f"{r}/catalogs:{r}/catalogs", "-b", f"{r}/project/cats:{r}/project/cats",
                     "-b", "/dev/shm:/dev/shm", f"--cd={r}/fields/L1", "/images/hpcddf.sif", "--",
