@@ -28,9 +28,11 @@ BASE=$DEST.base
 PY=${HPCDDF_BUILD_PYTHON:-python3}
 # shellcheck source=science-image.env
 . containers/science-image.env
+# shellcheck source=debian-mirror.sh
+. containers/debian-mirror.sh
 
 hash_of() { sha256sum "$@" | sha256sum | cut -d' ' -f1; }
-BASE_HASH=$(hash_of containers/build-science-image.sh containers/science-image.env pyproject.toml)
+BASE_HASH=$(hash_of containers/build-science-image.sh containers/science-image.env containers/debian-mirror.sh pyproject.toml)
 mapfile -t SOURCES < <(find hpcddf site_configs -type f ! -path '*/__pycache__/*' ! -name '*.pyc' | LC_ALL=C sort)
 TOP_HASH=$( (echo "$BASE_HASH"; sha256sum "${SOURCES[@]}") | sha256sum | cut -d' ' -f1)
 stamp() { cat "$1/.hpcddf-stamp" 2>/dev/null || true; }
@@ -46,18 +48,6 @@ if [[ "$(stamp "$DEST")" == "$TOP_HASH" ]]; then
     exit 0
 fi
 command -v debootstrap >/dev/null || { echo "error: debootstrap is not installed (apt-get install debootstrap)" >&2; exit 1; }
-
-# The Debian mirror is the machine's own (its apt sources), never a host written here.
-apt_mirror() {
-    local f
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [[ -f "$f" ]] && awk '/^URIs:/{for (i = 2; i <= NF; i++) if ($i !~ /security/) {print $i; exit}}' "$f"
-    done
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-        [[ -f "$f" ]] && awk '$1 == "deb" {for (i = 2; i <= NF; i++) if ($i ~ /^(https?|file):/ && $i !~ /security/) {print $i; exit}}' "$f"
-    done
-    return 0
-}
 
 TMP=""
 # an interrupted build unmounts what is mounted under its tree and removes it, never
@@ -101,8 +91,7 @@ wheels() {
 
 build_base() {
     local mirror
-    mirror=${HPCDDF_DEBIAN_MIRROR:-$(apt_mirror | head -n 1 || true)}
-    [[ -n "$mirror" ]] || { echo "error: no Debian mirror in the apt sources (set HPCDDF_DEBIAN_MIRROR=URL)" >&2; exit 1; }
+    mirror=$(debian_mirror) || exit 1
     mkdir -p "$(dirname "$BASE")"
     TMP=$(mktemp -d "$BASE.building.XXXXXX")
     echo "building the science image's base in $TMP from $mirror (about 5 min)"

@@ -11,25 +11,15 @@
 set -euo pipefail
 DEST=${1:-${HPCDDF_TEST_ROOTFS:-/var/cache/hpcddf/test-rootfs}}
 STAMP="$DEST/.hpcddf-stamp"
-HASH=$(sha256sum "$0" | cut -d' ' -f1)
+HASH=$(sha256sum "$0" "$(dirname "$0")/debian-mirror.sh" | sha256sum | cut -d' ' -f1)
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$HASH" ]]; then
     echo "test image up to date: $DEST"
     exit 0
 fi
 command -v debootstrap >/dev/null || { echo "error: debootstrap is not installed (apt-get install debootstrap)" >&2; exit 1; }
-# The Debian mirror is the machine's own (its apt sources), never a host written here.
-apt_mirror() {
-    local f
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [[ -f "$f" ]] && awk '/^URIs:/{for (i = 2; i <= NF; i++) if ($i !~ /security/) {print $i; exit}}' "$f"
-    done
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-        [[ -f "$f" ]] && awk '$1 == "deb" {for (i = 2; i <= NF; i++) if ($i ~ /^(https?|file):/ && $i !~ /security/) {print $i; exit}}' "$f"
-    done
-    return 0
-}
-MIRROR=${HPCDDF_DEBIAN_MIRROR:-$(apt_mirror | head -n 1 || true)}
-[[ -n "$MIRROR" ]] || { echo "error: no Debian mirror in the apt sources (set HPCDDF_DEBIAN_MIRROR=URL)" >&2; exit 1; }
+# shellcheck source=debian-mirror.sh
+. "$(dirname "$0")/debian-mirror.sh"
+MIRROR=$(debian_mirror) || exit 1
 mkdir -p "$(dirname "$DEST")"
 TMP=$(mktemp -d "$DEST.building.XXXXXX")
 # debootstrap mounts /proc inside the tree while it works: an interrupted build unmounts what is

@@ -71,5 +71,6 @@ def test_the_charliecloud_build_installs_only_what_the_definition_names():
     assert '"hpcddf[$EXTRAS]"' in script and 'wheels "$TMP/wheels" ".[$EXTRAS]"' in script
     assert not re.search(r"==\d", script)
     # the cache key covers every input of each layer
-    assert "BASE_HASH=$(hash_of containers/build-science-image.sh containers/science-image.env pyproject.toml)" in script
+    assert ("BASE_HASH=$(hash_of containers/build-science-image.sh containers/science-image.env "
+            "containers/debian-mirror.sh pyproject.toml)") in script
     assert "find hpcddf site_configs -type f" in script
