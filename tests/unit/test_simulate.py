@@ -456,3 +456,233 @@ def test_w_kernels_reach_the_longest_baseline_of_a_short_array(tmp_path, caplog)
     assert f"--CF-wmax={wmax:.0f}" in ddf_image(cfg, m, Image("x", "mslist.txt", "DATA")).argv
     assert cf_wmax_m([tmp_path / "missing.ms"]) == DDF_PIPELINE_WMAX_M
     assert "w-kernels reach 50000 m" in caplog.text
+
+
+# ------------------------------------------------------------------------------ the default field
+
+# sha256 of the DATA column (complex64 bytes) of each MS, computed with the simulator as it was
+# before polarisation and light curves were added: the default field must not move by one bit.
+# In a fresh process, simulating SMALL and then SMALL with DD phases: casacore's measures reuse
+# nutation/precession within an interval of the first epoch a process asks for, so the UVW (and
+# DATA) of a field move by ~0.3 micron (1e-6 Jy) with what the same process simulated before.
+FRESH_PROCESS_DATA_SHA256 = {
+    ("small", "SIM_SB000.ms"): "b3f0541d763eeba851d9bfe9f70b1a65161b22dde1bcd5c11a9d58847a0b797c",
+    ("small", "SIM_SB001.ms"): "76962681368e10943a9a91ef2e9b53c1d7c05b9721d432ab9b156dfd472a9821",
+    ("dde", "SIM_SB000.ms"): "762c19fc752327c9393d139fcee34f19e18ee9c9f8a48b859b024b7c48927f03",
+    ("dde", "SIM_SB001.ms"): "50d5c6ffe82f91fbfa04ea348e015c8cda6c1d2402b60a251c8a5fb256c7fd55",
+}
+FRESH_PROCESS_SCRIPT = """
+import hashlib, sys
+from pathlib import Path
+from casacore import tables as ct
+from hpcddf.lofar.simulate import SimSpec, simulate_field
+for name, spec in (("small", SimSpec(n_ms=2, nant=8, ntime=10)),
+                   ("dde", SimSpec(n_ms=2, nant=8, ntime=10, dde_rms_deg=30.0))):
+    for ms in simulate_field(Path(sys.argv[1]) / name, spec).ms:
+        with ct.table(str(ms), ack=False) as t:
+            print(name, ms.name, hashlib.sha256(t.getcol("DATA").tobytes()).hexdigest())
+"""
+
+
+def test_the_default_field_is_bit_for_bit_unchanged(tmp_path: Path, isolated_env: dict[str, str]) -> None:
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS_SCRIPT, str(tmp_path)], env=isolated_env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    got = {(name, ms): digest for name, ms, digest in (line.split() for line in proc.stdout.splitlines())}
+    assert got == FRESH_PROCESS_DATA_SHA256
+
+
+# ------------------------------------------------------------------------------ polarisation
+
+
+def at_centre(tmp_path: Path, src: Source, **kw) -> tuple[np.ndarray, np.ndarray]:
+    """DATA (nrow, nchan, 4) of every MS side by side in frequency, and the frequencies."""
+    spec = SimSpec(**{"nant": 4, "ntime": 2, "noise_jy": 0.0, "ndir": 1, "sources": (src,), **kw})
+    res = simulate_field(tmp_path / src.name, spec)
+    data = np.concatenate([column(ms, "DATA") for ms in res.ms], axis=1)
+    freqs = np.concatenate([column(ms, "CHAN_FREQ", "SPECTRAL_WINDOW")[0] for ms in res.ms])
+    return data, freqs
+
+
+def test_rotation_measure_comes_back_from_the_visibilities(tmp_path: Path) -> None:
+    """Q + iU = p I exp(2i (chi0 + RM lambda^2)): fit RM and chi0 from XX - YY and XY + YX."""
+    src = Source("P", 180.0, 60.0, 2.0, pol_frac=0.6, rm_rad_m2=12.3, chi0_deg=25.0)
+    data, freqs = at_centre(tmp_path, src, n_ms=2, nchan=8)
+    xx, xy, yx, yy = (data[..., k].mean(axis=0) for k in range(4))  # at the centre: all rows alike
+    q, u = (xx - yy) / 2, (xy + yx) / 2
+    assert np.abs(q.imag).max() < 1e-5 and np.abs(u.imag).max() < 1e-5
+    assert np.allclose((xx + yy) / 2, 2.0, atol=1e-5)
+    pol = q.real + 1j * u.real
+    assert np.allclose(np.abs(pol), 0.6 * 2.0, atol=1e-5)
+    lam2 = (C / freqs) ** 2
+    slope, icpt = np.polyfit(lam2, np.unwrap(np.angle(pol)), 1)
+    assert slope / 2 == pytest.approx(12.3, abs=1e-3)  # rad/m^2
+    assert math.degrees(icpt / 2) % 180 == pytest.approx(25.0, abs=0.05)
+    assert np.ptp(np.unwrap(np.angle(pol))) > 2.0  # it did rotate across the band
+
+
+def test_circular_polarisation_is_xy_minus_yx(tmp_path: Path) -> None:
+    """XY - YX = 2iV, so V = -i (XY - YX) / 2 (DDFacet's and DynSpecMS's V) is +V."""
+    from hpcddf.lofar.simulate import stokes_from_linear
+    data, _ = at_centre(tmp_path, Source("V", 180.0, 60.0, 2.0, circ_frac=0.3), n_ms=1)
+    assert np.allclose(data[..., 1] - data[..., 2], 2j * 0.6, atol=1e-5)
+    assert np.allclose(data[..., 1] + data[..., 2], 0, atol=1e-6)
+    assert np.allclose(data[..., 0], 2.0, atol=1e-5) and np.allclose(data[..., 3], 2.0, atol=1e-5)
+    assert np.allclose(stokes_from_linear(data), [2.0, 0, 0, 0.6], atol=1e-5)
+
+
+def test_dde_phases_are_the_same_on_every_correlation(tmp_path: Path) -> None:
+    """An off-centre polarised source under DD phases: every correlation is the scalar-Jones
+    XX of an unpolarised source times its own Stokes combination."""
+    src = Source("Q", 181.0, 60.4, 3.0, pol_frac=0.5, rm_rad_m2=-4.0, chi0_deg=70.0, circ_frac=0.2)
+    spec = SimSpec(n_ms=1, nant=6, ntime=5, noise_jy=0.0, ndir=1, dde_rms_deg=40.0, sources=(src,))
+    res = simulate_field(tmp_path / "q", spec)
+    ms = res.ms[0]
+    freqs = column(ms, "CHAN_FREQ", "SPECTRAL_WINDOW")[0]
+    scalar = expected_vis(ms, (src,), np.load(res.phases)["phases_rad"], np.load(res.nodes)) / 3.0
+    chi = math.radians(70.0) - 4.0 * (C / freqs) ** 2
+    i, q, u, v = 3.0, 1.5 * np.cos(2 * chi), 1.5 * np.sin(2 * chi), 0.6
+    data = column(ms, "DATA")
+    for k, want in enumerate((i + q, u + 1j * v, u - 1j * v, i - q)):
+        assert np.abs(data[..., k] - scalar * want).max() < 1e-3, k
+    assert np.abs(scalar - expected_vis(ms, (src,)) / 3.0).max() > 0.3  # the phases are there
+
+
+# ------------------------------------------------------------------------------ light curves
+
+
+def test_a_flare_follows_its_light_curve_per_integration(tmp_path: Path) -> None:
+    flare = Source("F", 180.0, 60.0, 1.5, circ_frac=-0.4, flare_amp=3.0, flare_t_s=40.0,
+                   flare_sigma_s=16.0)
+    spec = SimSpec(n_ms=1, nant=4, ntime=12, noise_jy=0.0, ndir=1, sources=(flare,))
+    res = simulate_field(tmp_path / "f", spec)
+    ms = res.ms[0]
+    t = column(ms, "TIME")
+    curve = 1.0 + 3.0 * np.exp(-0.5 * ((t - t.min() - 40.0) / 16.0) ** 2)
+    data = column(ms, "DATA")
+    assert np.allclose(data[..., 0], 1.5 * curve[:, None], rtol=1e-6)
+    assert np.allclose(-0.5j * (data[..., 1] - data[..., 2]), -0.4 * 1.5 * curve[:, None], atol=1e-5)
+    truth = np.load(res.lightcurves)
+    assert truth["names"].tolist() == ["F"]
+    assert np.allclose(truth["times"], np.unique(t)) and np.allclose(truth["t_s"], np.unique(t) - t.min())
+    assert np.allclose(truth["flux_jy"][:, 0], 1.5 * curve[::6])  # 6 baselines per integration
+    assert truth["flux_jy"].max() == pytest.approx(1.5 * 4.0, rel=1e-3)  # the peak, at t = 40 s
+    assert read_skymodel(res.skymodel) == [flare]
+
+
+def test_constant_sources_write_no_light_curves(field: SimResult) -> None:
+    assert field.lightcurves is None and not (field.outdir / "true_lightcurves.npz").exists()
+
+
+# ------------------------------------------------------------------------------ noise
+
+
+def test_noise_dominated_visibilities(tmp_path: Path) -> None:
+    """noise_jy well above the whole sky's flux: each visibility is mostly noise, as Dysco's
+    quantisation assumes; the noise is exactly the set level and apart from that the data are
+    those of the noise-free field."""
+    clean = simulate_field(tmp_path / "c", SimSpec(n_ms=1, nant=8, ntime=10, noise_jy=0.0))
+    noisy = simulate_field(tmp_path / "n", SimSpec(n_ms=1, nant=8, ntime=10, noise_jy=50.0))
+    model = column(clean.ms[0], "DATA")
+    noise = column(noisy.ms[0], "DATA") - model
+    for k in range(4):
+        assert np.std(noise[..., k].real) == pytest.approx(50.0, rel=0.1)
+        assert np.std(noise[..., k].imag) == pytest.approx(50.0, rel=0.1)
+    assert np.abs(model).max() <= sum(s.flux_jy for s in DEFAULT_SOURCES) + 1e-3 < 0.5 * 50.0
+    assert abs(np.mean(noise)) < 2.0
+
+
+# ------------------------------------------------------------------------------ sky model files
+
+OLD_SKYMODEL = """# hpcddf.lofar.simulate true sky: flat-spectrum point sources, J2000
+# name ra_deg dec_deg flux_jy
+S1 180.615 60.799 5.0
+S2 178.211 59.788 3.0
+"""
+
+
+def test_a_sky_model_of_the_old_four_columns_still_reads(tmp_path: Path) -> None:
+    old = tmp_path / "old.txt"
+    old.write_text(OLD_SKYMODEL)
+    assert read_skymodel(old) == list(DEFAULT_SOURCES[:2])
+    assert not any(s.polarised or s.variable for s in read_skymodel(old))
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text(OLD_SKYMODEL + "P 180.1 60.1 1.0 0.2 3.5 10.0 -0.1 2.0 100.0 30.0\n")
+    assert read_skymodel(mixed)[-1] == Source("P", 180.1, 60.1, 1.0, 0.2, 3.5, 10.0, -0.1, 2.0,
+                                              100.0, 30.0)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("S1 180 60 1 0.2 3.5\n")
+    with pytest.raises(HpcddfError, match="bad.txt:1") as exc:
+        read_skymodel(bad)
+    assert "flare_sigma_s" in exc.value.hint
+
+
+def test_polarised_and_flaring_sources_round_trip(tmp_path: Path) -> None:
+    sky = (Source("A", 180.2, 60.1, 2.0, pol_frac=0.123456789, rm_rad_m2=-33.3, chi0_deg=-12.5),
+           Source("B", 179.7, 59.8, 1.0, circ_frac=0.01, flare_amp=0.5, flare_t_s=1.0 / 3,
+                  flare_sigma_s=7.0))
+    res = simulate_field(tmp_path / "r", SimSpec(n_ms=1, nant=4, ntime=2, ndir=1, sources=sky))
+    assert read_skymodel(res.skymodel) == list(sky)
+
+
+def test_impossible_polarisation_or_flare_refused(tmp_path: Path) -> None:
+    for bad in (Source("X", 180, 60, 1, pol_frac=0.9, circ_frac=0.5),
+                Source("X", 180, 60, 1, pol_frac=-0.1),
+                Source("X", 180, 60, 1, flare_amp=2.0),  # no width
+                Source("X", 180, 60, 1, rm_rad_m2=float("nan"))):
+        with pytest.raises(HpcddfError, match="source X"):
+            simulate_field(tmp_path / "x", SimSpec(n_ms=1, nant=4, ntime=2, ndir=1, sources=(bad,)))
+    assert not (tmp_path / "x").exists()
+
+
+def test_program_simulates_a_sky_model_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from hpcddf.lofar.simulate import main
+    sky = tmp_path / "sky.txt"
+    sky.write_text("F 180.0 60.0 1.0 0.0 0.0 0.0 0.5 1.0 8.0 8.0\n")
+    out = tmp_path / "cli"
+    assert main([str(out), "--skymodel", str(sky), "--n-ms", "1", "--nchan", "2", "--ntime", "3",
+                 "--ndir", "1", "--noise", "0"]) == 0
+    assert "true_lightcurves.npz (1 flaring sources)" in capsys.readouterr().out
+    data = column(out / "SIM_SB000.ms", "DATA")
+    assert data.shape[1] == 2 and np.allclose(-0.5j * (data[..., 1] - data[..., 2]), 0.5 * data[..., 0])
+    assert main([str(tmp_path / "none"), "--skymodel", str(tmp_path / "missing.txt")]) == 1
+    assert "cannot read sky model" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ DDFacet's view
+
+
+@pytest.mark.parametrize("mode", ["IV", "IQU"])
+def test_ddfacet_images_the_injected_stokes(tmp_path: Path, mode: str) -> None:
+    """DDFacet 0.9.1's own dirty image (ddf-pipeline's Stokes V image is --RIME-PolMode=IV, its
+    Q/U cubes IQU) has the simulated +Q, +U, +V at the source, not their opposites."""
+    import shutil
+
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    from tests._require import missing
+    (tmp_path / "cache").mkdir()
+    ddf = Path(sys.executable).parent / "DDF.py"
+    if not ddf.exists() and shutil.which("DDF.py") is None:
+        missing("HPCDDF_REQUIRE_SCIENCE", "DDF.py is not installed; pip install -e '.[science]'")
+    src = Source("P", 180.6, 60.3, 2.0, pol_frac=0.5, chi0_deg=30.0, circ_frac=0.4)
+    ms = simulate_field(tmp_path / "f", SimSpec(n_ms=1, ntime=20, noise_jy=0.0, ndir=1,
+                                                sources=(src,))).ms[0]
+    argv = [str(ddf) if ddf.exists() else "DDF.py", f"--Data-MS={ms}", "--Data-ColName=DATA",
+            "--Output-Name=img", f"--RIME-PolMode={mode}", "--Output-Mode=Dirty", "--Output-Images=d",
+            "--Image-NPix=256", "--Image-Cell=20", "--Facets-NFacets=1", "--Beam-Model=None",
+            "--Parallel-NCPU=1", f"--Cache-Dir={tmp_path / 'cache'}", "--Deconv-MaxMajorIter=0",
+            "--Freq-NBand=1", "--Log-Boring=1"]
+    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with fits.open(tmp_path / "img.dirty.fits") as hdul:
+        planes, header = hdul[0].data[0], hdul[0].header
+    x, y = (int(round(float(c))) for c in WCS(header).celestial.all_world2pix(180.6, 60.3, 0))
+    box = planes[0, y - 2:y + 3, x - 2:x + 3]
+    iy, ix = np.unravel_index(np.argmax(box), box.shape)
+    at = planes[:, y - 2 + iy, x - 2 + ix]
+    assert at[0] > 1.5  # the source is there, not mirrored
+    chi = math.radians(30.0)
+    want = {"IV": [1.0, 0.4], "IQU": [1.0, 0.5 * math.cos(2 * chi), 0.5 * math.sin(2 * chi)]}[mode]
+    assert np.allclose(at / at[0], want, atol=2e-3)
