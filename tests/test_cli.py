@@ -401,8 +401,9 @@ def test_dry_run_local_site(run_cli, tmp_path, tree, observed):
 
 def test_dry_run_table(run_cli, cli_error, site_file, observed):
     observed("L123456")
+    # the QU cubes are sized from the low-resolution beam: refused at once without it
     cli_error(run_cli("submit", "L123456", "--site", "testsite", "--dry-run", "--control-polcubes=True"),
-              "this hpcddf version cannot run [control] polcubes yet")
+              "[control] polcubes needs [image] low_psf_arcsec", "fix: set [image] low_psf_arcsec")
     out = ok(run_cli("submit", "L123456", "--site", "testsite", "--dry-run"))
     assert "plan on site testsite (local): 1 field(s), 1 chain(s)" in out
     for name in DEFAULT_STAGES:

@@ -44,6 +44,7 @@ DEC_NAMES = ("dec", "decmean", "dej2000", "dec_deg")
 TGSS_COLUMNS = (("RA",), ("DEC",), ("Peak_flux",))
 BOOTSTRAP_COLUMNS = (("RA",), ("DEC",), ("Total_flux",), ("E_Total_flux",))
 SKY_COLUMNS = (RA_NAMES, DEC_NAMES)
+DYNSPEC_COLUMNS = tuple((c,) for c in ("DESIGNATION", "ra", "dec", "pmra", "pmdec", "ref_epoch", "parallax", "Type"))
 CHUNK = 1 << 20
 
 
@@ -77,6 +78,9 @@ def needs(cfg: object, workdir: Path, steps: Sequence[str]) -> list[Need]:
     if "bootstrap" in steps:
         out += [Need("bootstrap catalogue", Path(str(p)), BOOTSTRAP_COLUMNS)
                 for p in get("bootstrap", "catalogues") or []]
+    if "dynspec" in steps:
+        out.append(Need("dynamic-spectrum targets ([spectra] catalogue)", Path(get("spectra", "catalogue")),
+                        DYNSPEC_COLUMNS))
     if "offsets" in steps and not get("offsets", "catalogue") and get("offsets", "method") == "panstarrs":
         out.append(Need("PanSTARRS catalogue ([offsets] method=panstarrs)", workdir / PANSTARRS_MERGED,
                         SKY_COLUMNS, panstarrs=True))

@@ -294,10 +294,18 @@ def _copy(v: Any) -> Any:
     return list(v) if isinstance(v, list) else v
 
 
+# options read only when another one is on: their ``$$`` default needs no catalogue directory
+# otherwise (hpcddf's additions default to a file in it)
+READ_ONLY_WHEN: dict[tuple[str, str], tuple[str, str]] = {("spectra", "catalogue"): ("spectra", "do_dynspec")}
+
+
 def uses_catalog_token(cfg: PipelineConfig) -> list[str]:
-    """Options whose value still contains ``$$`` (no catalogue directory was known)."""
+    """Options in use whose value still contains ``$$`` (no catalogue directory was known)."""
     found = []
     for opt, value in cfg.items():
+        gate = READ_ONLY_WHEN.get(opt.key)
+        if gate and not cfg.get(*gate):
+            continue
         vals = value if isinstance(value, list) else [value]
         if any(isinstance(v, str) and CATALOG_TOKEN in v for v in vals):
             found.append(f"[{opt.section}] {opt.name}")

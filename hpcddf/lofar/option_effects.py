@@ -13,24 +13,16 @@ from __future__ import annotations
 from hpcddf.lofar.config import PipelineConfig
 from hpcddf.lofar.options import lookup
 
-_NOT_MADE = "this hpcddf version does not make it yet"
 _WIDE = "the wide-field image ([image] do_wide) is refused by this hpcddf version"
 _LOW = "the low-resolution chain (image_full_low's masks) does not use it in this hpcddf version"
-_VLOW = "the very-low-resolution QU image is not made by this hpcddf version"
 _WSCMS = ("WSCMS settings are not passed to DDFacet by this hpcddf version: with cleanmode WSCMS "
           "DDFacet uses its own WSCMS defaults")
-_POL = "QU cubes ([control] polcubes) are refused by this hpcddf version"
 
 NO_EFFECT: dict[tuple[str, str], str] = {
     ("image", "wide_imsize"): _WIDE,
     ("image", "wide_cell"): _WIDE,
     ("image", "wide_robust"): _WIDE,
     ("image", "wide_psf_arcsec"): _WIDE,
-    ("image", "vlow_psf_arcsec"): _VLOW,
-    ("image", "vlow_robust"): _VLOW,
-    ("image", "vlow_cell"): _VLOW,
-    ("image", "vlow_imsize"): _VLOW,
-    ("image", "centralfreqs"): "channel images at the central frequencies: " + _NOT_MADE,
     ("image", "wscms_max_scale"): _WSCMS,
     ("image", "wscms_scales"): _WSCMS,
     ("image", "wscms_nsubminoriter"): _WSCMS,
@@ -49,13 +41,10 @@ NO_EFFECT: dict[tuple[str, str], str] = {
     ("control", "msss_mode"): "MSSS mode is not supported by this hpcddf version",
     ("control", "remove_columns"): "hpcddf never removes columns from the measurement sets",
     ("control", "pull"): "obsolete in ddf-pipeline too: hpcddf runs the installed versions",
-    ("control", "split_polcubes"): _POL,
     ("control", "redo_DI_type"): "[control] redo_DI is refused by this hpcddf version",
-    ("compression", "compress_polcubes"): _POL,
-    ("compression", "fpack_q"): _POL,
-    ("compression", "delete_compressed"): _POL,
     ("offsets", "mode"): "offsets always run in normal mode here",
-    ("spectra", "bright_threshold"): "dynamic spectra ([spectra] do_dynspec) are refused by this hpcddf version",
+    ("spectra", "bright_threshold"): "the bright-source target list needs the offsets' Gaussian list, which "
+                                     "this hpcddf version does not write; targets come from [spectra] catalogue",
 }
 
 
@@ -69,4 +58,13 @@ def no_effect_warnings(cfg: PipelineConfig) -> list[str]:
         origin = cfg.origins.get(opt.key)
         where = f" (set in {origin})" if origin else ""
         lines.append(f"warning: [{section}] {name} has no effect{where}: {why}")
-    return lines
+    return lines + partial_effects(cfg)
+
+
+def partial_effects(cfg: PipelineConfig) -> list[str]:
+    """Options that take effect, but not all of it here: one line each."""
+    if cfg.get("spectra", "do_dynspec") and cfg.get("image", "beam_model") not in (None, "None"):
+        return ["warning: [spectra] do_dynspec: the dynamic spectra are made without the beam "
+                f"([image] beam_model {cfg.get('image', 'beam_model')}): hpcddf's extraction applies none, "
+                "so their fluxes are apparent"]
+    return []

@@ -182,6 +182,9 @@ OPTIONS: tuple[Option, ...] = (
     # [spectra]
     _o("spectra", "do_dynspec", "bool", False, "Make dynamic spectra (DynSpecMS)"),
     _o("spectra", "bright_threshold", "float", 1.0, "Bright-source threshold for dynspec (Jy)"),
+    _o("spectra", "catalogue", "str", "$$/dyn_spec_catalogue_addedexo_addvlotss.fits",
+       "hpcddf's addition: the dynamic spectra's target catalogue (DESIGNATION, ra, dec, pmra, pmdec, "
+       "ref_epoch, parallax, Type; $$ = catalogue dir), which ddf-pipeline takes from $DDF_PIPELINE_CATALOGS"),
     # [inputmodel]
     _o("inputmodel", "basedicomodel", "str", None, "Input DicoModel: skip to DDS2_full"),
     _o("inputmodel", "basemaskname", "str", None, "Input mask for the input model"),

@@ -11,6 +11,7 @@ from hpcddf.engine.plan import Plan, Stage, stage_resources
 from hpcddf.engine.sites import Site
 from hpcddf.errors import PlanError
 from hpcddf.lofar.config import PipelineConfig
+from hpcddf.lofar.products import check_polcubes
 from hpcddf.lofar.steps import STAGE_ENABLED, STAGES, STEPS
 
 
@@ -43,6 +44,7 @@ def plan_reduction(cfg: PipelineConfig, site: Site, field_id: str) -> Plan:
     """Split the reduction of ``field_id`` into chained stages sized for ``site``'s nodes."""
     check_final_beam(cfg)
     check_inputmodel(cfg)
+    check_polcubes(cfg)
     res = stage_resources(site)
     stages: list[Stage] = []
     for name, steps in _apply_exitafter(group_steps(cfg), cfg.get("control", "exitafter")):

@@ -136,7 +136,7 @@ def _ddf_steps(recipe: Mapping[str, Any], cfg: PipelineConfig, stage: str,
     full_mss = read_list(wd, cfg.get("data", "full_mslist") or cfg.get("data", "mslist"))
     m = replace(machine(cfg, node, recipe.get("options", {})),
                 cf_wmax_m=cf_wmax_m([wd / ms for ms in (*mss, *full_mss)]))
-    steps = build(Reduction(cfg=cfg, m=m, mss=mss, full_mss=full_mss), stage, list(step_names))
+    steps = build(Reduction(cfg=cfg, m=m, mss=mss, full_mss=full_mss, workdir=Path(wd)), stage, list(step_names))
     check_killms_cores(steps, node.cpus)
     return steps
 

@@ -40,6 +40,7 @@ from hpcddf.lofar.fullband import (
     quality,
     summary,
 )
+from hpcddf.lofar.products import dynspec, polcubes, spectral_restored, stokesv
 from hpcddf.lofar.selfcal import (
     DDS0,
     DDS1,
@@ -70,10 +71,6 @@ UNSUPPORTED = {
     "redo_DI": "[control] redo_DI (DP3 against a downloaded sky model)",
     "image_full_wide": "[image] do_wide",
     "extended_mask": "[masking] extended_size (needs the bootstrap)",
-    "spectral_restored": "[control] spectral_restored",
-    "polcubes": "[control] polcubes",
-    "stokesv": "[control] stokesv",
-    "dynspec": "[spectra] do_dynspec",
 }
 
 
@@ -122,7 +119,8 @@ BUILDERS: dict[str, Callable[[Reduction], Step]] = {
         cluster, image_dirin_SSD_m_c, DIS0, image_dirin_SSD_m_c_di, image_dirin_SSD_m_c_di_m,
         DDS0, bootstrap, image_phase1, mask_phase1, DDS1, image_ampphase1, Predict_DI1, DIS1,
         image_ampphase1_di, DDS2_full, Predict_DDS2, DIS2_full, image_full_ampphase_di,
-        image_full_ampphase_di_m, DDS3_full, DDS3_full_slow, image_full_low, offsets, compress_ms, quality, summary)
+        image_full_ampphase_di_m, DDS3_full, DDS3_full_slow, image_full_low, offsets, spectral_restored,
+        polcubes, stokesv, dynspec, compress_ms, quality, summary)
 }
 BUILDERS["image_full_ampphase_di_m.NS"] = image_full_ampphase_di_m_NS
 

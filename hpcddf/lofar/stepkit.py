@@ -42,6 +42,9 @@ class Reduction:
     # the self-cal images image DATA_DI_CORRECTED_SCALED
     scaled: bool = False
     di_scaled: bool = False
+    # the field directory the MS names are relative to: builders that size their calls from
+    # the MSs themselves (one DDF.py per frequency, per band) read them there, on the node
+    workdir: Path = Path(".")
 
     def get(self, section: str, name: str):
         return self.cfg.get(section, name)

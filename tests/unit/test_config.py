@@ -557,7 +557,11 @@ def test_catalog_token_left_alone_without_a_dir(data_dir: Path, monkeypatch: pyt
     cfg = load_config([str(data_dir / "tier1-jul2018.cfg")])
     assert cfg.get("masking", "tgss") == "$$/TGSSADR1_7sigma_catalog.fits"
     assert cfg.get("bootstrap", "catalogues") == ["$$/VLSS.fits", "$$/wenss.fits"]
-    assert uses_catalog_token(cfg) == ["[masking] tgss", "[bootstrap] catalogues"]
+    # and the dynamic spectra's target catalogue (hpcddf's [spectra] catalogue, $$ by default),
+    # which tier1 reads because it makes dynamic spectra; with them off it is not in use
+    assert uses_catalog_token(cfg) == ["[masking] tgss", "[bootstrap] catalogues", "[spectra] catalogue"]
+    off = load_config([str(data_dir / "tier1-jul2018.cfg")], ["--spectra-do_dynspec=False"])
+    assert uses_catalog_token(off) == ["[masking] tgss", "[bootstrap] catalogues"]
 
 
 def test_catalog_token_in_override(monkeypatch: pytest.MonkeyPatch):

@@ -46,10 +46,11 @@ def test_an_option_that_is_used_is_not_also_said_to_have_no_effect():
 def test_a_config_setting_an_option_without_effect_gets_one_line_naming_it(tmp_path: Path):
     cfg_file = tmp_path / "lgps.cfg"
     cfg_file.write_text("[image]\nwscms_max_scale = 20\ncentralfreqs = [130.0, 150.0]\n"
-                        "[control]\nquiet = False\n")  # quiet's default: no effect either way
+                        "[control]\nquiet = False\nmsss_mode = True\n")  # quiet's default: no effect either way
     lines = no_effect_warnings(load_config([str(cfg_file)], ["--control-nobar=True"]))
     assert len(lines) == 3, lines
-    assert lines[0].startswith("warning: [image] centralfreqs has no effect (set in ")
+    assert any(ln.startswith("warning: [control] msss_mode has no effect (set in ") for ln in lines)
+    assert not any("centralfreqs" in ln for ln in lines)  # used: spectral_restored's bands
     assert any("[image] wscms_max_scale has no effect" in ln and "WSCMS" in ln for ln in lines)
     assert any("[control] nobar has no effect (set in --control-nobar)" in ln for ln in lines)
     assert no_effect_warnings(load_config([])) == []
