@@ -104,6 +104,9 @@ class CataloguesSection:
     panstarrs_url: str | None = None
     # whole catalogues by their file name in [paths] catalog_dir (TGSS, VLSS, WENSS, ...) -> URL
     files: dict[str, str] = field(default_factory=dict)
+    # [control] redo_DI's sky model by its redo_DI_type (GSM, TGSS) -> a cone-query template
+    # like panstarrs_url's ({ra}, {dec}, {radius}: 5 deg around the field, as ddf-pipeline asks)
+    skymodel_urls: dict[str, str] = field(default_factory=dict)
     timeout_s: int = 300
     max_mb: int = 2000
 
@@ -353,19 +356,23 @@ def _check_catalogues(cat: CataloguesSection, bad: Any) -> None:
     """URLs are http(s); the PanSTARRS template names only {ra}, {dec} and {radius}; the file
     names are plain names inside the catalogue directory."""
     import string
-    urls = ([("panstarrs_url", cat.panstarrs_url)] if cat.panstarrs_url else []) + \
-        [(f"files {name!r}", url) for name, url in cat.files.items()]
+    templates = ([("panstarrs_url", cat.panstarrs_url)] if cat.panstarrs_url else []) + \
+        [(f"skymodel_urls {kind!r}", url) for kind, url in cat.skymodel_urls.items()]
+    urls = templates + [(f"files {name!r}", url) for name, url in cat.files.items()]
     for key, url in urls:
         if not url.startswith(("http://", "https://")):
             raise bad(f"[catalogues] {key} = {url!r} is not an http(s) URL", "give the full URL, http:// or https://")
-    if cat.panstarrs_url:
+    for key, url in templates:
         try:
-            names = {f for _, f, _, _ in string.Formatter().parse(cat.panstarrs_url) if f is not None}
+            names = {f for _, f, _, _ in string.Formatter().parse(url) if f is not None}
         except ValueError as exc:
-            raise bad(f"[catalogues] panstarrs_url is not a template: {exc}", "write {ra}, {dec} and {radius}; double other braces")
+            raise bad(f"[catalogues] {key} is not a template: {exc}", "write {ra}, {dec} and {radius}; double other braces")
         if names - set(TILE_FIELDS):
-            raise bad(f"[catalogues] panstarrs_url names {{{sorted(names - set(TILE_FIELDS))[0]}}}",
+            raise bad(f"[catalogues] {key} names {{{sorted(names - set(TILE_FIELDS))[0]}}}",
                       "use only {ra}, {dec} and {radius} (degrees)")
+    for kind in cat.skymodel_urls:
+        if kind not in ("GSM", "TGSS"):
+            raise bad(f"[catalogues] skymodel_urls: {kind!r} is not a redo_DI_type", "use GSM or TGSS")
     for name in cat.files:
         if not name or "/" in name or name in (".", ".."):
             raise bad(f"[catalogues] files: {name!r} is not a file name", "give the name in [paths] catalog_dir, e.g. \"VLSS.fits\"")

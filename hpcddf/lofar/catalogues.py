@@ -38,6 +38,7 @@ from hpcddf.errors import ConfigError, FieldError
 PANSTARRS_DIR = "panstarrs"
 PANSTARRS_MERGED = f"{PANSTARRS_DIR}/panstarrs.fits"
 TILE_RADIUS_DEG = 0.5        # get_cat's CSIZE: the radius of each cone query
+SKYMODEL_RADIUS_DEG = 5.0    # redo_DI's sky model: ddf-pipeline asks for 5 deg around the field
 TILE_PACKING = 0.9           # tiles are laid out for circles of 0.9 x that radius (hextile)
 RA_NAMES = ("ra", "ramean", "raj2000", "ra_deg")
 DEC_NAMES = ("dec", "decmean", "dej2000", "dec_deg")
@@ -56,6 +57,7 @@ class Need:
     path: Path
     columns: tuple[tuple[str, ...], ...]    # per column the names it may have (any case)
     panstarrs: bool = False
+    skymodel: str | None = None             # a redo_DI sky model of this type (makesourcedb text)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,10 @@ def needs(cfg: object, workdir: Path, steps: Sequence[str]) -> list[Need]:
     if "bootstrap" in steps:
         out += [Need("bootstrap catalogue", Path(str(p)), BOOTSTRAP_COLUMNS)
                 for p in get("bootstrap", "catalogues") or []]
+    if "redo_DI" in steps:
+        kind = str(get("control", "redo_DI_type"))
+        out.append(Need(f"{kind} sky model ([control] redo_DI)", workdir / redo_di_skymodel(kind), (),
+                        skymodel=kind))
     if "dynspec" in steps:
         out.append(Need("dynamic-spectrum targets ([spectra] catalogue)", Path(get("spectra", "catalogue")),
                         DYNSPEC_COLUMNS))
@@ -87,8 +93,18 @@ def needs(cfg: object, workdir: Path, steps: Sequence[str]) -> list[Need]:
     return out
 
 
+def redo_di_skymodel(kind: str) -> str:
+    """Where redo_DI's sky model is put in the field directory (and its step reads it)."""
+    return f"redo_di-{kind.lower()}.skymodel"
+
+
 def missing_error(need: Need) -> ConfigError:
     """The one line for a catalogue that is missing and that the site cannot download."""
+    if need.skymodel:
+        return ConfigError(f"{need.label}: {need.path} does not exist and the site has no {need.skymodel} URL",
+                           f"set [catalogues] skymodel_urls = {{{need.skymodel} = \"URL with {{ra}}, {{dec}}, "
+                           "{radius}\"}} in the site config (the login node downloads it at submit), or put "
+                           "the sky model there")
     if need.panstarrs:
         return ConfigError(f"{need.label}: {need.path} does not exist and the site has no PanSTARRS URL",
                            "set [catalogues] panstarrs_url in the site config (the login node downloads it "
@@ -102,6 +118,13 @@ def fetch_for(site: Site, need: Need, centre: Callable[[], tuple[float, float]],
               width_deg: float) -> Fetch | None:
     """How the site downloads a missing catalogue, or None if it cannot."""
     cat = site.catalogues
+    if need.skymodel:
+        url = cat.skymodel_urls.get(need.skymodel)
+        if not url:
+            return None
+        ra, dec = centre()
+        return Fetch(need, ((tile_url(url, ra, dec, SKYMODEL_RADIUS_DEG), need.path),),
+                     f"[catalogues] skymodel_urls {need.skymodel!r}")
     if need.panstarrs:
         if not cat.panstarrs_url:
             return None
@@ -178,16 +201,29 @@ def field_centre(ms: Path) -> tuple[float, float]:
 # ---------------------------------------------------------------- download and check
 
 def download(url: str, dest: Path, columns: tuple[tuple[str, ...], ...], timeout_s: float,
-             max_bytes: int) -> int:
+             max_bytes: int, skymodel: bool = False) -> int:
     """``url`` to ``dest``, atomically: streamed to a temporary name, refused above
-    ``max_bytes``, checked to be a table with ``columns``, then renamed. Returns its size."""
+    ``max_bytes``, checked to be a table with ``columns`` (or a makesourcedb sky model with
+    sources), then renamed. Returns its size."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(dest) as tmp:
         size = _fetch(url, tmp, timeout_s, max_bytes)
         if size == 0:
             raise ConfigError(f"downloading {url} gave an empty file", "check the URL in the site's [catalogues]")
-        check_table(tmp, columns, what=f"the download of {url}")
+        if skymodel:
+            check_skymodel(tmp, what=f"the download of {url}")
+        else:
+            check_table(tmp, columns, what=f"the download of {url}")
     return size
+
+
+def check_skymodel(path: Path, what: str) -> int:
+    """A makesourcedb sky model with at least one source (a GSM/TGSS error page is HTML)."""
+    from hpcddf.lofar.redodi import RedoDIError, check_makesourcedb
+    try:
+        return check_makesourcedb(path.read_text(errors="replace"), what)
+    except RedoDIError as exc:
+        raise ConfigError(str(exc), "check [catalogues] skymodel_urls and the field's position") from None
 
 
 def _fetch(url: str, out: Path, timeout_s: float, max_bytes: int) -> int:
@@ -288,7 +324,8 @@ def run_fetch(site: Site, fetch: Fetch) -> str:
         return f"the {fetch.need.label} is in place at {fetch.need.path}"
     timeout, cap = site.catalogues.timeout_s, site.catalogues.max_mb * 2**20
     columns = SKY_COLUMNS if fetch.need.panstarrs else fetch.need.columns
-    got = sum(download(url, dest, columns, timeout, cap) for url, dest in fetch.parts if not dest.is_file())
+    got = sum(download(url, dest, columns, timeout, cap, skymodel=bool(fetch.need.skymodel))
+              for url, dest in fetch.parts if not dest.is_file())
     if fetch.need.panstarrs:
         n = merge_tiles([dest for _, dest in fetch.parts], fetch.need.path)
         return f"downloaded the {fetch.need.label} ({len(fetch.parts)} tiles, {n} sources) into {fetch.need.path}"

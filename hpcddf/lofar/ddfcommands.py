@@ -185,9 +185,13 @@ def ddf_shift(m: Machine, name: str, shift_file: str) -> Command:
 
 
 def _deconv(cfg: PipelineConfig, img: Image) -> list[str]:
+    mode = img.deconv_mode or cfg.get("image", "cleanmode")
+    if img.mode == "Predict":
+        # DDF reads the model with the minor cycle of --Deconv-Mode (default HMP) and refuses a
+        # model of another kind ("different minor cycle and IniDicoModel types [HMP vs SSD]")
+        return _opts(Deconv_Mode=mode)
     if img.mode != "Clean":
         return []
-    mode = img.deconv_mode or cfg.get("image", "cleanmode")
     out = _opts(Deconv_Mode=mode, Deconv_MaxMajorIter=img.majorcycles,
                 Deconv_PeakFactor=img.peakfactor, Deconv_RMSFactor=img.rms_factor,
                 Deconv_FluxThreshold=0.0, Deconv_MaxMinorIter=1000000,

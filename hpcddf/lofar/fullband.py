@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from hpcddf.engine.paths import FROZEN_CONFIG_REL
 from hpcddf.engine.runner import Command, Step
+from hpcddf.lofar.catalogues import redo_di_skymodel
 from hpcddf.lofar.compress import archive_name
 from hpcddf.lofar.ddfcommands import (
     Image,
@@ -28,6 +29,8 @@ from hpcddf.lofar.stepkit import (
     solve_all,
     step_of,
 )
+
+REDO_DI_SOLUTIONS = "instrument_new.h5"  # redodi.H5PARM: inside each MS, as ddf-pipeline's parmdb
 
 
 def _last_small_image(r: Reduction) -> str:
@@ -70,6 +73,19 @@ def _inputmodel_setup(r: Reduction) -> list[Command]:
 
 
 # ------------------------------------------------------------------------------ full mslist
+
+def redo_DI(r: Reduction) -> Step:
+    """[control] redo_DI: DP3's phase-only DI calibration of every MS of the full list against
+    the GSM/TGSS sky model the login node downloaded (hpcddf.lofar.redodi, DP3 through its
+    Python bindings), DATA -> CORRECTED_DATA; the array-factor beam unless the config has none."""
+    kind = str(r.get("control", "redo_DI_type"))
+    beam = "none" if r.get("image", "beam_model") in (None, "None") else "array_factor"
+    cmd = Command((r.m.python, "-m", "hpcddf.lofar.redodi", "--skymodel", redo_di_skymodel(kind),
+                   "--source-format", kind.lower(), "--beam", beam, "--threads", str(r.m.ncpu_kms),
+                   *r.full_mss), "redo_DI.log", timeout_s=r.m.timeout_s)
+    return step_of("redo_DI", [cmd], [f"{ms}/{REDO_DI_SOLUTIONS}" for ms in r.full_mss], 60 * len(r.full_mss),
+                   sky_model=kind)
+
 
 def DDS2_full(r: Reduction) -> Step:
     solve = Solve(ms="", sols="", colname=r.col, dicomodel=base_dico(r),

@@ -13,23 +13,17 @@ from __future__ import annotations
 from hpcddf.lofar.config import PipelineConfig
 from hpcddf.lofar.options import lookup
 
-_WIDE = "the wide-field image ([image] do_wide) is refused by this hpcddf version"
 _LOW = "the low-resolution chain (image_full_low's masks) does not use it in this hpcddf version"
 _WSCMS = ("WSCMS settings are not passed to DDFacet by this hpcddf version: with cleanmode WSCMS "
           "DDFacet uses its own WSCMS defaults")
 
 NO_EFFECT: dict[tuple[str, str], str] = {
-    ("image", "wide_imsize"): _WIDE,
-    ("image", "wide_cell"): _WIDE,
-    ("image", "wide_robust"): _WIDE,
-    ("image", "wide_psf_arcsec"): _WIDE,
     ("image", "wscms_max_scale"): _WSCMS,
     ("image", "wscms_scales"): _WSCMS,
     ("image", "wscms_nsubminoriter"): _WSCMS,
     ("image", "wscms_rms_factor"): _WSCMS,
     ("image", "wscms_peakfactor"): _WSCMS,
     ("masking", "low_threshold"): _LOW,
-    ("masking", "wide_threshold"): _WIDE,
     ("masking", "extended_rms"): "the extended mask ([masking] extended_size) is refused by this hpcddf version",
     ("masking", "rmsfacet"): "the extended rms maps are not made by this hpcddf version",
     ("masking", "wscms_automask_rms_factor"): _WSCMS,
@@ -41,7 +35,6 @@ NO_EFFECT: dict[tuple[str, str], str] = {
     ("control", "msss_mode"): "MSSS mode is not supported by this hpcddf version",
     ("control", "remove_columns"): "hpcddf never removes columns from the measurement sets",
     ("control", "pull"): "obsolete in ddf-pipeline too: hpcddf runs the installed versions",
-    ("control", "redo_DI_type"): "[control] redo_DI is refused by this hpcddf version",
     ("offsets", "mode"): "offsets always run in normal mode here",
     ("spectra", "bright_threshold"): "the bright-source target list needs the offsets' Gaussian list, which "
                                      "this hpcddf version does not write; targets come from [spectra] catalogue",

@@ -38,6 +38,7 @@ from hpcddf.lofar.fullband import (
     image_full_low,
     offsets,
     quality,
+    redo_DI,
     summary,
 )
 from hpcddf.lofar.products import dynspec, polcubes, spectral_restored, stokesv
@@ -63,13 +64,18 @@ from hpcddf.lofar.selfcal import (
     mask_phase1,
 )
 from hpcddf.lofar.stepkit import Reduction, read_list
+from hpcddf.lofar.wide import (
+    image_full_wide,
+    image_full_wide_im,
+    image_full_wide_im_sub,
+    image_full_wide_predict,
+    wide_mask,
+)
 
 __all__ = ["BUILDERS", "FINAL_NS", "Reduction", "build", "check_inputs", "read_list", "unsupported"]
 
 # Steps whose builders are not written yet; submit refuses configs that switch them on.
 UNSUPPORTED = {
-    "redo_DI": "[control] redo_DI (DP3 against a downloaded sky model)",
-    "image_full_wide": "[image] do_wide",
     "extended_mask": "[masking] extended_size (needs the bootstrap)",
 }
 
@@ -115,7 +121,8 @@ def _files_exist(cfg: PipelineConfig, pending: Collection[str] = ()) -> None:
 
 BUILDERS: dict[str, Callable[[Reduction], Step]] = {
     f.__name__: f for f in (
-        image_dirin_SSD_init, external_mask, image_dirin_SSD, mask_diffuse, image_dirin_SSD_m,
+        redo_DI, image_full_wide, wide_mask, image_full_wide_im, image_full_wide_predict,
+        image_full_wide_im_sub, image_dirin_SSD_init, external_mask, image_dirin_SSD, mask_diffuse, image_dirin_SSD_m,
         cluster, image_dirin_SSD_m_c, DIS0, image_dirin_SSD_m_c_di, image_dirin_SSD_m_c_di_m,
         DDS0, bootstrap, image_phase1, mask_phase1, DDS1, image_ampphase1, Predict_DI1, DIS1,
         image_ampphase1_di, DDS2_full, Predict_DDS2, DIS2_full, image_full_ampphase_di,
@@ -128,7 +135,8 @@ BUILDERS["image_full_ampphase_di_m.NS"] = image_full_ampphase_di_m_NS
 # Steps that run on the unscaled data even when the bootstrap is on; and, after it, the steps
 # that still image the scaled copy of DIS0's output (DIS1 then recalibrates from SCALED_DATA).
 BEFORE_BOOTSTRAP = frozenset({
-    "image_dirin_SSD_init", "external_mask", "image_dirin_SSD", "mask_diffuse", "image_dirin_SSD_m",
+    "redo_DI", "image_full_wide", "wide_mask", "image_full_wide_im", "image_full_wide_predict",
+    "image_full_wide_im_sub", "image_dirin_SSD_init", "external_mask", "image_dirin_SSD", "mask_diffuse", "image_dirin_SSD_m",
     "cluster", "image_dirin_SSD_m_c", "DIS0", "image_dirin_SSD_m_c_di", "image_dirin_SSD_m_c_di_m",
     "DDS0", "bootstrap"})
 BEFORE_DIS1 = frozenset({"image_phase1", "mask_phase1", "DDS1", "image_ampphase1", "Predict_DI1"})

@@ -27,6 +27,7 @@ EXT_MASK = "external_mask.fits"  # written only when something is masked: DDF re
 EXT_MASK_RECORD = "external_mask.json"
 DI_COL = "DATA_DI_CORRECTED"
 SCALED_COL = "SCALED_DATA"
+SUB_COL = "DATA_SUB"  # [image] do_wide: the data less the sources outside the field
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,15 @@ class Reduction:
         return self.cfg.get("data", "full_mslist") or self.mslist
 
     @property
+    def base_col(self) -> str:
+        """The data the reduction works on: DATA_SUB once do_wide has subtracted the sources
+        outside the field (as ddf-pipeline switches to it), else [data] colname."""
+        return SUB_COL if self.cfg.get("image", "do_wide") else self.cfg.get("data", "colname")
+
+    @property
     def col(self) -> str:
         """The column calibration starts from (the raw or, after bootstrap, scaled data)."""
-        return SCALED_COL if self.scaled else self.cfg.get("data", "colname")
+        return SCALED_COL if self.scaled else self.base_col
 
     @property
     def di(self) -> bool:

@@ -73,8 +73,14 @@ STAGE_ENABLED: dict[str, Predicate] = {
 STEPS: tuple[StepSpec, ...] = (
     StepSpec("redo_DI", "initial", _all(_from_scratch, _opt("control", "redo_DI")),
              "DP3 gaincal/applycal against a GSM/TGSS sky model"),
-    StepSpec("image_full_wide", "initial", _all(_from_scratch, _opt("image", "do_wide")),
-             "wide-field image, mask and subtraction outside the central square"),
+    # do_wide runs before ddf-pipeline's "from scratch" branch: a run from a previous model
+    # ([inputmodel]) subtracts the outer sources too
+    StepSpec("image_full_wide", "initial", _opt("image", "do_wide"), "wide-field image, 2 major cycles"),
+    StepSpec("wide_mask", "initial", _opt("image", "do_wide"), "the wide image's mask (TGSS, region, MakeMask)"),
+    StepSpec("image_full_wide_im", "initial", _opt("image", "do_wide"), "one more major cycle in that mask"),
+    StepSpec("image_full_wide_predict", "initial", _opt("image", "do_wide"),
+             "the model outside the central square predicted and subtracted: DATA_SUB"),
+    StepSpec("image_full_wide_im_sub", "initial", _opt("image", "do_wide"), "check image of DATA_SUB"),
     StepSpec("image_dirin_SSD_init", "initial", _from_scratch, "DI dirty image"),
     StepSpec("external_mask", "initial", _from_scratch, "blank mask plus TGSS/region/FITS masks"),
     StepSpec("image_dirin_SSD", "initial", _from_scratch, "DI SSD clean, 1 major cycle"),
