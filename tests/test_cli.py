@@ -410,19 +410,90 @@ def test_dry_run_table(run_cli, cli_error, site_file, observed):
         assert name in out
 
 
-def test_dry_run_refuses_what_a_real_submit_refuses(run_cli, cli_error, data_dir, write_site, observed,
-                                                     work_root, tree):
-    """The tier1 config switches on a step this version cannot run: the dry run says so as the
-    real submit does (one line, exit 2, nothing written), and both pass the default config.
-    (The tier1 plan's shape: tests/unit/test_plan.py.)"""
+def test_a_missing_catalogue_is_refused_by_the_dry_run_as_by_the_submit(run_cli, cli_error, data_dir, write_site,
+                                                                        observed, work_root, tree):
+    """The tier1 config reads catalogues the site's directory does not have: the dry run says so
+    as the real submit does (one line, exit 2, nothing written), and both pass the default config."""
     write_site("withcat", catalog_dir=CAT)
     observed("L123456")
     before = tree(work_root)
     for extra in (["--dry-run"], []):
         cli_error(run_cli("submit", "L123456", "--site", "withcat", "-c", data_dir / "tier1-sep2024.cfg", *extra),
-                  "cannot run [masking] extended_size (needs the bootstrap) yet")
+                  f"TGSS catalogue ([masking] tgss) {CAT}/TGSSADR1_7sigma_catalog.fits does not exist")
     assert tree(work_root) == before
     assert ok_json(run_cli("submit", "L123456", "--site", "withcat", "--dry-run", "--json"))["stages"]
+
+
+PRODUCTION_SITE = """
+scheduler = "local"
+[node]
+cpus = 8
+mem_gb = 32
+[paths]
+work_root = "{work_root}"
+catalog_dir = "{cats}"
+[catalogues]
+panstarrs_url = "http://127.0.0.1:9/ps?ra={{ra}}&dec={{dec}}&r={{radius}}"
+"""
+# what each shipped production config switches on that an older hpcddf refused
+PRODUCTION_STEPS = {
+    "tier1-sep2024.cfg": {"bootstrap", "extended_mask", "DDS3_full_slow", "image_full_low", "image_full_low_im",
+                          "image_full_low_m", "external_mask_ext_deep", "polcubes", "stokesv", "dynspec",
+                          "compress_ms"},
+    "tier1-jul2018.cfg": {"bootstrap", "extended_mask", "image_full_low_m", "offsets", "polcubes", "stokesv",
+                          "dynspec"},
+    "lgps_optimized.cfg": {"image_full_wide", "wide_mask", "image_full_wide_im", "image_full_wide_predict",
+                           "image_full_wide_im_sub", "image_full_ampphase_di_m.NS"},
+}
+
+
+# the one line each shipped config gets (no option of theirs is ignored otherwise): the LOFAR beam
+# is not applied to the dynamic spectra; LGPS's WSCMS2 is cleaned with 0.9.1's WSCMS
+_NO_BEAM = ("hpcddf: warning: [spectra] do_dynspec: the dynamic spectra are made without the beam ([image] "
+            "beam_model LOFAR): hpcddf's extraction applies none, so their fluxes are apparent")
+PRODUCTION_WARNINGS = {
+    "tier1-sep2024.cfg": [_NO_BEAM], "tier1-jul2018.cfg": [_NO_BEAM],
+    "lgps_optimized.cfg": ["hpcddf: warning: [image] cleanmode WSCMS2 is not in DDFacet 0.9.1.0 (which killMS "
+                           "3.3.0 needs): the images are cleaned with WSCMS"],
+}
+
+
+def _catalogues(*dirs: Path) -> None:
+    """Every catalogue the production configs name, as the steps read them."""
+    from astropy.table import Table
+
+    from hpcddf.lofar.simulate import DEFAULT_SOURCES, write_catalogue, write_tgss_catalogue
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        write_tgss_catalogue(d / "TGSSADR1_7sigma_catalog.fits", DEFAULT_SOURCES)
+        for name in ("VLSS.fits", "wenss.fits", "NVSS.fits"):
+            write_catalogue(d / name, DEFAULT_SOURCES)
+        Table({"DESIGNATION": ["S1"], "ra": [180.0], "dec": [60.0], "pmra": [float("nan")],
+               "pmdec": [float("nan")], "ref_epoch": [2016.0], "parallax": [float("nan")],
+               "Type": ["test"]}).write(d / "dyn_spec_catalogue_addedexo_addvlotss.fits")
+
+
+@pytest.mark.parametrize("cfg", sorted(PRODUCTION_STEPS))
+def test_the_production_configs_plan_every_step_unchanged(cfg, run_cli, data_dir, user_sites_dir, work_root,
+                                                         tmp_path):
+    """A survey's own config, unchanged: every step it switches on is planned (nothing "cannot
+    run yet"), the catalogues it reads are checked, and each option that has no effect here is
+    one warning line naming it."""
+    from hpcddf.lofar.simulate import SimSpec, simulate_field
+    # a real (tiny) MS: the PanSTARRS tiles of tier1-jul2018's offsets are planned on its phase centre
+    simulate_field(work_root / "L123456", SimSpec(nant=4, ntime=2, nchan=2))
+    (work_root / "L123456" / "hpcddf.cfg").unlink()  # the production config alone
+    _catalogues(tmp_path / "cats", work_root / "L123456")  # lgps names its catalogues relative to the field
+    (user_sites_dir / "prod.toml").write_text(PRODUCTION_SITE.format(work_root=work_root, cats=tmp_path / "cats"))
+    proc = run_cli("submit", "L123456", "--site", "prod", "-c", data_dir / cfg, "--dry-run", "--json",
+                   cwd=work_root / "L123456")
+    assert proc.returncode == 0, proc.stderr
+    assert "cannot run" not in proc.stdout + proc.stderr
+    steps = {s for st in json.loads(proc.stdout)["stages"] for s in st["steps"]}
+    assert PRODUCTION_STEPS[cfg] <= steps, PRODUCTION_STEPS[cfg] - steps
+    warnings = [ln for ln in proc.stderr.splitlines() if "warning:" in ln]
+    print("\n".join(warnings))
+    assert warnings == PRODUCTION_WARNINGS[cfg], warnings
 
 
 def test_dry_run_and_submit_refuse_a_field_without_measurement_sets(run_cli, cli_error, site_file, work_root, tree):
@@ -457,9 +528,9 @@ def test_dry_run_needs_a_catalogue_dir_for_dollar_dollar(run_cli, cli_error, dat
                       data_dir / "tier1-sep2024.cfg", "--dry-run"),
               "uses $$ but site testsite has no catalogue directory", "catalog_dir")
     # with the catalogue dir from the environment the config resolves; the submit then stops
-    # where a real one does (a step this version cannot run)
+    # where a real one does (the catalogues are not there)
     cli_error(run_cli("submit", "L123456", "--site", "testsite", "-c", data_dir / "tier1-sep2024.cfg",
-                      "--dry-run", "--json", env={"DDF_PIPELINE_CATALOGS": CAT}), "extended_size")
+                      "--dry-run", "--json", env={"DDF_PIPELINE_CATALOGS": CAT}), f"{CAT}/TGSSADR1_7sigma_catalog.fits")
 
 
 @pytest.mark.parametrize("overrides,expected", [
@@ -710,10 +781,10 @@ def test_mosaic_corrections_from_the_fields_products(run_cli, cli_error, tmp_pat
 def test_submit_dry_run_names_each_option_without_effect_once(run_cli, site_file, observed, tmp_path):
     observed("L123456")
     cfg = tmp_path / "lgps.cfg"
-    cfg.write_text("[data]\nmslist = mslist.txt\n[image]\nwscms_scales = [0, 4, 8]\n[control]\ndryrun = True\n")
+    cfg.write_text("[data]\nmslist = mslist.txt\n[offsets]\nmode = test\n[control]\ndryrun = True\n")
     proc = run_cli("submit", "L123456", "-c", str(cfg), "--dry-run", "--json", env={"HPCDDF_SITE": "testsite"})
     assert json.loads(ok(proc))["stages"]
     lines = [ln for ln in proc.stderr.splitlines() if "has no effect" in ln]
     assert len(lines) == 2, proc.stderr
     assert any("[control] dryrun" in ln and "hpcddf submit --dry-run" in ln for ln in lines)
-    assert any("[image] wscms_scales" in ln and "WSCMS" in ln for ln in lines)
+    assert any("[offsets] mode" in ln and "normal mode" in ln for ln in lines)

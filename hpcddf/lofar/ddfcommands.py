@@ -77,6 +77,7 @@ class Image:
     cubes: str | None = None       # also save these images as cubes (DDF --Output-Cubes codes)
     deconv_mode: str | None = None  # None: [image] cleanmode (the bootstrap cube always SSD)
     global_norm: str | None = None  # DDFacet's --DDESolutions-GlobalNorm, with ddsols only
+    clean_round: int | None = None  # index into the per-round WSCMS lists (None: from the threshold)
     extra: tuple[str, ...] = ()
 
 
@@ -184,8 +185,19 @@ def ddf_shift(m: Machine, name: str, shift_file: str) -> Command:
                    retry_if=DDF_START_RACE)
 
 
-def _deconv(cfg: PipelineConfig, img: Image) -> list[str]:
+# deconvolution modes of newer DDFacets that 0.9.1.0 lacks, and the one it runs instead (a
+# warning at submit says so: hpcddf.lofar.option_effects)
+DDF_MODE_FALLBACK = {"WSCMS2": "WSCMS", "SSD3": "SSD2"}
+
+
+def deconv_mode(cfg: PipelineConfig, img: Image) -> str:
+    """DDFacet's --Deconv-Mode for an image: its own, else [image] cleanmode (as 0.9.1 has it)."""
     mode = img.deconv_mode or cfg.get("image", "cleanmode")
+    return DDF_MODE_FALLBACK.get(mode, mode)
+
+
+def _deconv(cfg: PipelineConfig, img: Image) -> list[str]:
+    mode = deconv_mode(cfg, img)
     if img.mode == "Predict":
         # DDF reads the model with the minor cycle of --Deconv-Mode (default HMP) and refuses a
         # model of another kind ("different minor cycle and IniDicoModel types [HMP vs SSD]")
@@ -199,11 +211,52 @@ def _deconv(cfg: PipelineConfig, img: Image) -> list[str]:
                 Mask_External=None if img.cleanmask_optional else img.cleanmask)
     if mode.startswith("SSD"):
         out += _opts(SSDClean_SSDSolvePars="[S,Alpha]", SSDClean_BICFactor=0)
+    if mode == "WSCMS":
+        out = _wscms(cfg, img, out)
     if img.automask_sigma is not None:
         out += _opts(Mask_Auto=1, Mask_SigTh=img.automask_sigma)
     if cfg.get("image", "use_splitisland"):
         out += _opts(SSDClean_MaxIslandSize=cfg.get("image", "splitisland_size"))
     return out
+
+
+def _wscms(cfg: PipelineConfig, img: Image, out: list[str]) -> list[str]:
+    """WSCMS's own settings, as ddf-pipeline's LGPS configs give them: the per-round lists
+    (rms and peak factors, auto-mask factor) at the image's clean round, the scales in pixels
+    of [image] cellsize converted to the image's own cell (a low-resolution image's scales
+    cover the same sky)."""
+    g = cfg.get
+    i = clean_round(cfg, img)
+    ratio = float(g("image", "cellsize")) / float(img.cellsize or g("image", "cellsize"))
+    extra = _opts(WSCMS_MultiScale=1, WSCMS_NSubMinorIter=g("image", "wscms_nsubminoriter"))
+    if g("image", "wscms_max_scale") is not None:
+        extra += _opts(WSCMS_MaxScale=max(1, int(g("image", "wscms_max_scale") * ratio)))
+    if g("image", "wscms_scales"):
+        extra += _opts(WSCMS_Scales=sorted({int(float(v) * ratio) for v in g("image", "wscms_scales")}))
+    if g("masking", "wscms_automask_rms_factor"):
+        extra += _opts(WSCMS_AutoMask=1, WSCMS_AutoMaskRMSFactor=_at(g("masking", "wscms_automask_rms_factor"), i))
+    replaced = {"--Deconv-RMSFactor": _at(g("image", "wscms_rms_factor"), i),
+                "--Deconv-PeakFactor": _at(g("image", "wscms_peakfactor"), i)}
+    return [_replace_opt(a, replaced) for a in out] + extra
+
+
+def _at(values: list | None, i: int) -> Any:
+    return None if not values else values[min(i, len(values) - 1)]
+
+
+def _replace_opt(arg: str, replaced: dict[str, Any]) -> str:
+    key = arg.split("=", 1)[0]
+    return f"{key}={_fmt(replaced[key])}" if replaced.get(key) is not None else arg
+
+
+def clean_round(cfg: PipelineConfig, img: Image) -> int:
+    """Which round of ddf-pipeline's per-round lists an image is: its own ``clean_round``, else
+    the index of its auto-mask threshold in [masking] thresholds (the same rounds)."""
+    if img.clean_round is not None:
+        return img.clean_round
+    thresholds = [float(t) for t in cfg.get("masking", "thresholds")]
+    sigma = img.automask_sigma
+    return thresholds.index(float(sigma)) if sigma is not None and float(sigma) in thresholds else 0
 
 
 def dirty_of(img: Image) -> Image:

@@ -23,6 +23,8 @@ from hpcddf.lofar.stepkit import (
     EXT_MASK,
     Reduction,
     applied,
+    external_mask_now,
+    from_model,
     group_by_obsid,
     masked,
     restored,
@@ -35,11 +37,6 @@ REDO_DI_SOLUTIONS = "instrument_new.h5"  # redodi.H5PARM: inside each MS, as ddf
 
 def _last_small_image(r: Reduction) -> str:
     return "image_ampphase1_di" if r.di else "image_ampphase1"
-
-
-def from_model(r: Reduction) -> bool:
-    """[inputmodel] basedicomodel: the run starts at DDS2_full from a previous run's model."""
-    return bool(r.get("inputmodel", "basedicomodel"))
 
 
 def base_dico(r: Reduction) -> str:
@@ -138,13 +135,14 @@ def image_full_ampphase_di(r: Reduction) -> Step:
 def image_full_ampphase_di_m(r: Reduction) -> Step:
     cmds = [make_mask(r.m, restored("image_full_ampphase_di"), 10, "image_full_ampphase_di.makemask.log"),
             hpcddf_tool(r.m, ["merge-masks", "--out", "image_full_ampphase_di.mask.fits",
-                              f"{restored('image_full_ampphase_di')}.mask.fits", "--optional", EXT_MASK],
+                              f"{restored('image_full_ampphase_di')}.mask.fits", "--optional", external_mask_now(r)],
                         "image_full_ampphase_di.mergemask.log")]
     img = _full_image(r, "image_full_ampphase_di_m", majorcycles=1, automask_sigma=r.thr(2),
                       init_dico=base_dico(r), cleanmask="image_full_ampphase_di.mask.fits",
                       ddsols=applied(r, "DDS2_full"), apply=r.apply(3), reuse_psf=True,
                       reuse_dirty="forceresidual")
-    cmds += [ddf_image(r.cfg, r.m, img)] + masked(r, "image_full_ampphase_di_m", r.thr(2))
+    cmds += [ddf_image(r.cfg, r.m, img)] + masked(r, "image_full_ampphase_di_m", r.thr(2),
+                                                    external=external_mask_now(r))
     return step_of("image_full_ampphase_di_m", cmds, [restored("image_full_ampphase_di_m"),
                                                      "image_full_ampphase_di_m_masked.DicoModel"], 180)
 
@@ -203,20 +201,6 @@ def final_sols(r: Reduction) -> str:
     (DDFacet multiplies the two sets per time, direction, station and channel)."""
     fast = applied(r, "DDS3_full")
     return f"[{fast},{SLOW_MERGED}]" if r.get("solutions", "do_very_slow") else fast
-
-
-def image_full_low(r: Reduction) -> Step:
-    psf = r.get("image", "low_psf_arcsec")
-    uvmax = 2.5 * 206.0 / psf
-    img = _full_image(r, "image_full_low", majorcycles=2, automask_sigma=5.0,
-                      robust=r.get("image", "low_robust"), psf_arcsec=psf, global_norm=r.norm(2),
-                      imsize=r.get("image", "low_imsize") or r.get("image", "imsize"),
-                      cellsize=r.get("image", "low_cell"),
-                      uvrange=(r.get("image", "uvmin"), uvmax),
-                      init_dico=None, cleanmask=EXT_MASK, cleanmask_optional=True,
-                      ddsols=final_sols(r), apply=r.apply(6))
-    cmds = [ddf_image(r.cfg, r.m, img)]
-    return step_of("image_full_low", cmds, [restored("image_full_low")], 180, uvmax_km=uvmax)
 
 
 def image_full_ampphase_di_m_NS(r: Reduction) -> Step:

@@ -13,20 +13,7 @@ from __future__ import annotations
 from hpcddf.lofar.config import PipelineConfig
 from hpcddf.lofar.options import lookup
 
-_LOW = "the low-resolution chain (image_full_low's masks) does not use it in this hpcddf version"
-_WSCMS = ("WSCMS settings are not passed to DDFacet by this hpcddf version: with cleanmode WSCMS "
-          "DDFacet uses its own WSCMS defaults")
-
 NO_EFFECT: dict[tuple[str, str], str] = {
-    ("image", "wscms_max_scale"): _WSCMS,
-    ("image", "wscms_scales"): _WSCMS,
-    ("image", "wscms_nsubminoriter"): _WSCMS,
-    ("image", "wscms_rms_factor"): _WSCMS,
-    ("image", "wscms_peakfactor"): _WSCMS,
-    ("masking", "low_threshold"): _LOW,
-    ("masking", "extended_rms"): "the extended mask ([masking] extended_size) is refused by this hpcddf version",
-    ("masking", "rmsfacet"): "the extended rms maps are not made by this hpcddf version",
-    ("masking", "wscms_automask_rms_factor"): _WSCMS,
     ("control", "quiet"): "hpcddf writes every command's output to its own log file, never to a terminal",
     ("control", "nobar"): "hpcddf writes every command's output to its own log file, never to a terminal",
     ("control", "dryrun"): "use hpcddf submit --dry-run",
@@ -56,8 +43,14 @@ def no_effect_warnings(cfg: PipelineConfig) -> list[str]:
 
 def partial_effects(cfg: PipelineConfig) -> list[str]:
     """Options that take effect, but not all of it here: one line each."""
+    from hpcddf.lofar.ddfcommands import DDF_MODE_FALLBACK
+    lines = []
     if cfg.get("spectra", "do_dynspec") and cfg.get("image", "beam_model") not in (None, "None"):
-        return ["warning: [spectra] do_dynspec: the dynamic spectra are made without the beam "
-                f"([image] beam_model {cfg.get('image', 'beam_model')}): hpcddf's extraction applies none, "
-                "so their fluxes are apparent"]
-    return []
+        lines.append("warning: [spectra] do_dynspec: the dynamic spectra are made without the beam "
+                     f"([image] beam_model {cfg.get('image', 'beam_model')}): hpcddf's extraction applies "
+                     "none, so their fluxes are apparent")
+    mode = cfg.get("image", "cleanmode")
+    if mode in DDF_MODE_FALLBACK:
+        lines.append(f"warning: [image] cleanmode {mode} is not in DDFacet 0.9.1.0 (which killMS 3.3.0 "
+                     f"needs): the images are cleaned with {DDF_MODE_FALLBACK[mode]}")
+    return lines

@@ -35,12 +35,12 @@ from hpcddf.lofar.fullband import (
     image_full_ampphase_di,
     image_full_ampphase_di_m,
     image_full_ampphase_di_m_NS,
-    image_full_low,
     offsets,
     quality,
     redo_DI,
     summary,
 )
+from hpcddf.lofar.lowres import BUILDERS as LOWRES_BUILDERS
 from hpcddf.lofar.products import dynspec, polcubes, spectral_restored, stokesv
 from hpcddf.lofar.selfcal import (
     DDS0,
@@ -72,12 +72,8 @@ from hpcddf.lofar.wide import (
     wide_mask,
 )
 
-__all__ = ["BUILDERS", "FINAL_NS", "Reduction", "build", "check_inputs", "read_list", "unsupported"]
+__all__ = ["BUILDERS", "FINAL_NS", "Reduction", "build", "check_inputs", "read_list", "unbuildable"]
 
-# Steps whose builders are not written yet; submit refuses configs that switch them on.
-UNSUPPORTED = {
-    "extended_mask": "[masking] extended_size (needs the bootstrap)",
-}
 
 
 
@@ -126,10 +122,11 @@ BUILDERS: dict[str, Callable[[Reduction], Step]] = {
         cluster, image_dirin_SSD_m_c, DIS0, image_dirin_SSD_m_c_di, image_dirin_SSD_m_c_di_m,
         DDS0, bootstrap, image_phase1, mask_phase1, DDS1, image_ampphase1, Predict_DI1, DIS1,
         image_ampphase1_di, DDS2_full, Predict_DDS2, DIS2_full, image_full_ampphase_di,
-        image_full_ampphase_di_m, DDS3_full, DDS3_full_slow, image_full_low, offsets, spectral_restored,
+        image_full_ampphase_di_m, DDS3_full, DDS3_full_slow, offsets, spectral_restored,
         polcubes, stokesv, dynspec, compress_ms, quality, summary)
 }
 BUILDERS["image_full_ampphase_di_m.NS"] = image_full_ampphase_di_m_NS
+BUILDERS.update(LOWRES_BUILDERS)
 
 
 # Steps that run on the unscaled data even when the bootstrap is on; and, after it, the steps
@@ -153,13 +150,14 @@ def build(r: Reduction, stage: str, names: list[str] | tuple[str, ...]) -> list[
     """The steps of one stage, in order."""
     steps = []
     for name in names:
-        if name in UNSUPPORTED or name not in BUILDERS:
-            raise PlanError(f"step {name} is not implemented in this hpcddf version",
-                            f"switch off {UNSUPPORTED.get(name, name)} in the config")
+        if name not in BUILDERS:
+            raise PlanError(f"step {name} has no builder in this hpcddf version",
+                            "this is a bug: every step of hpcddf/lofar/steps.py needs one")
         steps.append(replace(BUILDERS[name](columns_at(r, name)), stage=stage))
     return steps
 
 
-def unsupported(step_names: list[str] | tuple[str, ...]) -> list[str]:
-    """Which enabled steps the reduction cannot run yet (checked before anything is queued)."""
-    return [UNSUPPORTED[n] for n in step_names if n in UNSUPPORTED]
+def unbuildable(step_names: list[str] | tuple[str, ...]) -> list[str]:
+    """Planned steps without a builder (none: checked before anything is queued all the same,
+    so that a step added to the table without one stops at submit, not on the node)."""
+    return [n for n in step_names if n not in BUILDERS]

@@ -25,6 +25,7 @@ from hpcddf.lofar.ddfcommands import (
 CLUSTER_CAT = "image_dirin_SSD_m.npy.ClusterCat.npy"
 EXT_MASK = "external_mask.fits"  # written only when something is masked: DDF refuses empty masks
 EXT_MASK_RECORD = "external_mask.json"
+EXT_MASK_EXT = "external_mask_ext.fits"  # the bootstrap extended mask OR'd in; only when non-empty
 DI_COL = "DATA_DI_CORRECTED"
 SCALED_COL = "SCALED_DATA"
 SUB_COL = "DATA_SUB"  # [image] do_wide: the data less the sources outside the field
@@ -115,6 +116,25 @@ class Reduction:
         return Image(name=name, **kw)
 
 
+def from_model(r: Reduction) -> bool:
+    """[inputmodel] basedicomodel: the run starts at DDS2_full from a previous run's model."""
+    return bool(r.get("inputmodel", "basedicomodel"))
+
+
+def extended_mask_on(r: Reduction) -> bool:
+    """The bootstrap extended mask exists: the bootstrap ran (its mean image is the input)
+    and ``[masking] extended_size`` is set. A run from a previous model has no bootstrap."""
+    return bool(r.get("control", "bootstrap") and r.get("masking", "extended_size")
+                and not from_model(r))
+
+
+def external_mask_now(r: Reduction) -> str:
+    """The external mask the full-bandwidth clean masks OR in: ``external_mask_ext.fits`` once
+    the extended mask exists (ddf-pipeline then drops ``external_mask.fits``), else that one.
+    Both are written only when something is masked, so callers pass it as optional."""
+    return EXT_MASK_EXT if extended_mask_on(r) else EXT_MASK
+
+
 def obsid_of(ms: str) -> str:
     """ddf-pipeline's observation id: the MS file name up to its first underscore."""
     return Path(ms).name.split("_", 1)[0]
@@ -156,11 +176,12 @@ def restored(name: str) -> str:
 
 
 def masked(r: Reduction, name: str, threshold: float, merge_external: bool = True,
-            dico: bool = True) -> list[Command]:
-    """MakeMask on an image, OR'd with the external mask, then MaskDicoModel (ddf-pipeline's
+            dico: bool = True, external: str = EXT_MASK) -> list[Command]:
+    """MakeMask on an image, OR'd with the external mask (``external``: after the bootstrap
+    extended mask, ``external_mask_ext.fits``), then MaskDicoModel (ddf-pipeline's
     ``make_mask`` + ``merge_mask`` + ``mask_dicomodel``)."""
     cmds = [make_mask(r.m, restored(name), threshold, f"{name}.makemask.log")]
-    sources = [f"{restored(name)}.mask.fits"] + (["--optional", EXT_MASK] if merge_external else [])
+    sources = [f"{restored(name)}.mask.fits"] + (["--optional", external] if merge_external else [])
     cmds.append(hpcddf_tool(r.m, ["merge-masks", "--out", f"{name}.mask.fits", *sources],
                             f"{name}.mergemask.log"))
     if dico:

@@ -103,7 +103,7 @@ STEPS: tuple[StepSpec, ...] = (
     StepSpec("image_ampphase1_di", "ampphase_di", _all(_from_scratch, _di), "image DI-corrected data"),
     StepSpec("DDS2_full", "fullampphase", _full, "DD calibration on the full MS list"),
     StepSpec("extended_mask", "fullampphase",
-             _all(_full, _opt("control", "bootstrap"), _opt("masking", "extended_size")),
+             _all(_full, _from_scratch, _opt("control", "bootstrap"), _opt("masking", "extended_size")),
              "extended-source mask from the bootstrap image"),
     StepSpec("Predict_DDS2", "fullampphase", _all(_full, _di), "predict with DDS2_full"),
     StepSpec("DIS2_full", "fullampphase", _all(_full, _di), "DI calibration on the full list"),
@@ -112,7 +112,10 @@ STEPS: tuple[StepSpec, ...] = (
     StepSpec("DDS3_full", "fulllow", _full, "fast DD calibration on the full list"),
     StepSpec("DDS3_full_slow", "fulllow", _all(_full, _opt("solutions", "do_very_slow")),
              "very slow amplitude solutions"),
-    StepSpec("image_full_low", "fulllow", _low, "low-resolution images and masks"),
+    StepSpec("image_full_low", "fulllow", _low, "low-resolution image, 2 major cycles"),
+    StepSpec("image_full_low_im", "fulllow", _low, "low-resolution image in its own mask"),
+    StepSpec("image_full_low_m", "fulllow", _low, "the full extended masks and the final low-resolution image"),
+    StepSpec("external_mask_ext_deep", "fulllow", _low, "the deep extended-emission mask (external_mask_ext-deep)"),
     StepSpec("image_full_ampphase_di_m.NS", "final", _full, "the final full-resolution image"),
     StepSpec("offsets", "final", _all(_full, _opt("offsets", "method")),
              "astrometric offsets and the _shift images"),
@@ -132,5 +135,5 @@ STEP_NAMES: tuple[str, ...] = tuple(s.name for s in STEPS)
 
 # Steps that need a core or two, not a node (masks, catalogues, reports): where the site allows
 # it ([slurm] light_cpus), those ending a stage run as a small job of their own.
-LIGHT_STEPS: frozenset[str] = frozenset({"external_mask", "mask_diffuse", "cluster", "mask_phase1",
+LIGHT_STEPS: frozenset[str] = frozenset({"external_mask", "extended_mask", "mask_diffuse", "cluster", "mask_phase1",
                                          "offsets", "quality", "summary"})

@@ -27,13 +27,13 @@ DEFAULT_RECIPE: dict[str, Any] = {"name": "ddf", "options": {}}
 
 
 def check_supported(jobs: Sequence[FieldJob]) -> None:
-    """Refuse, before queueing, a config that switches on a step hpcddf cannot run yet."""
-    from hpcddf.lofar.reduction import unsupported
+    """Refuse, before queueing, a plan with a step the reduction has no builder for."""
+    from hpcddf.lofar.reduction import unbuildable
     for fj in jobs:
-        missing = unsupported(_steps(fj))
+        missing = unbuildable(_steps(fj))
         if missing:
-            raise PlanError(f"field {fj.field.id}: this hpcddf version cannot run {missing[0]} yet",
-                            f"switch it off ({missing[0]}=False/None) in the config or on the command line")
+            raise PlanError(f"field {fj.field.id}: step {missing[0]} has no builder in this hpcddf version",
+                            "this is a bug: report it with the config")
 
 
 def _steps(fj: FieldJob) -> list[str]:

@@ -45,22 +45,33 @@ def test_an_option_that_is_used_is_not_also_said_to_have_no_effect():
 
 def test_a_config_setting_an_option_without_effect_gets_one_line_naming_it(tmp_path: Path):
     cfg_file = tmp_path / "lgps.cfg"
-    cfg_file.write_text("[image]\nwscms_max_scale = 20\ncentralfreqs = [130.0, 150.0]\n"
+    cfg_file.write_text("[image]\nwscms_max_scale = 20\ncentralfreqs = [130.0, 150.0]\n[offsets]\nmode = test\n"
                         "[control]\nquiet = False\nmsss_mode = True\n")  # quiet's default: no effect either way
     lines = no_effect_warnings(load_config([str(cfg_file)], ["--control-nobar=True"]))
     assert len(lines) == 3, lines
     assert any(ln.startswith("warning: [control] msss_mode has no effect (set in ") for ln in lines)
-    assert not any("centralfreqs" in ln for ln in lines)  # used: spectral_restored's bands
-    assert any("[image] wscms_max_scale has no effect" in ln and "WSCMS" in ln for ln in lines)
+    # used: spectral_restored's bands, and WSCMS's settings (passed to DDFacet with cleanmode WSCMS)
+    assert not any("centralfreqs" in ln or "wscms" in ln for ln in lines)
+    assert any("[offsets] mode has no effect" in ln and "normal mode" in ln for ln in lines)
     assert any("[control] nobar has no effect (set in --control-nobar)" in ln for ln in lines)
     assert no_effect_warnings(load_config([])) == []
 
 
 def test_config_show_prints_the_warnings_on_stderr(tmp_path: Path):
     cfg_file = tmp_path / "t.cfg"
-    cfg_file.write_text("[masking]\nrmsfacet = True\n")
+    cfg_file.write_text("[control]\nmsss_mode = True\n")
     out = subprocess.run([sys.executable, "-m", "hpcddf", "config", "show", str(cfg_file), "--json"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stderr.count("has no effect") == 1 and "[masking] rmsfacet" in out.stderr
-    assert "\"rmsfacet\": true" in out.stdout
+    assert out.stderr.count("has no effect") == 1 and "[control] msss_mode" in out.stderr
+    assert "\"msss_mode\": true" in out.stdout
+
+
+def test_a_clean_mode_ddfacet_091_lacks_runs_as_its_predecessor_with_a_warning(tmp_path: Path):
+    """LGPS's WSCMS2 (and SSD3) are newer DDFacet modes: the images are cleaned with WSCMS, and
+    the submit says so in one line instead of DDFacet failing on the node."""
+    from hpcddf.lofar.ddfcommands import Image, deconv_mode
+    cfg = load_config([], ["--image-cleanmode=WSCMS2"])
+    [line] = no_effect_warnings(cfg)
+    assert "[image] cleanmode WSCMS2 is not in DDFacet 0.9.1.0" in line and "cleaned with WSCMS" in line
+    assert deconv_mode(cfg, Image(name="x", mslist="m", colname="DATA")) == "WSCMS"

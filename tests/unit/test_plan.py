@@ -89,7 +89,8 @@ def test_tier1_sep2024_has_all_ten_stages(plan_of):
     assert names(plan) == ALL_STAGES
     assert plan.stage("bootstrap").steps == ("DDS0", "bootstrap")
     assert plan.stage("phase").steps == ("image_phase1",)
-    assert plan.stage("fulllow").steps[-1] == "image_full_low"
+    assert plan.stage("fulllow").steps[-4:] == ("image_full_low", "image_full_low_im", "image_full_low_m",
+                                                "external_mask_ext_deep")
     assert "extended_mask" in plan.stage("fullampphase").steps
     final = plan.stage("final").steps
     assert {"polcubes", "stokesv", "dynspec", "compress_ms", "summary"} <= set(final)

@@ -16,7 +16,7 @@ from hpcddf.lofar.config import load_config
 from hpcddf.lofar.ddfcommands import Machine
 from hpcddf.lofar.plan import plan_reduction
 from hpcddf.lofar.recipes import build_steps, machine
-from hpcddf.lofar.reduction import BUILDERS, Reduction, build, unsupported
+from hpcddf.lofar.reduction import BUILDERS, Reduction, build, unbuildable
 
 DATA = Path(__file__).parent.parent / "data"
 TIER1 = str(DATA / "tier1-sep2024.cfg")
@@ -166,13 +166,15 @@ def test_every_step_of_the_plan_has_a_builder_and_outputs():
                 assert s.outputs, s.name
 
 
-def test_unsupported_steps_are_named_before_anything_runs():
+def test_every_step_of_the_table_has_a_builder_and_tier1_plans_whole():
+    """No step of ddf-pipeline's sequence is refused any more: the whole tier1 plan builds."""
+    from hpcddf.lofar.steps import STEP_NAMES
+    assert unbuildable(STEP_NAMES) == []
     site = load_site("local")
     plan = plan_reduction(load_config([TIER1], catalog_dir="/cats"), site, "L1")
-    names = [n for st in plan.stages for n in st.steps]
-    assert unsupported(names) == ["[masking] extended_size (needs the bootstrap)"]
-    with pytest.raises(PlanError, match="extended_size"):
-        build(tier1(), "ampphase", ["extended_mask"])
+    assert unbuildable([n for st in plan.stages for n in st.steps]) == []
+    with pytest.raises(PlanError, match="no builder"):
+        build(tier1(), "ampphase", ["no_such_step"])
 
 
 def boot(*overrides: str) -> Reduction:
@@ -446,3 +448,28 @@ def test_the_planner_imports_no_numpy_for_compress_ms():
     code = "import sys, hpcddf.lofar.reduction; assert 'numpy' not in sys.modules, 'numpy imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def _opts_of(argv) -> dict[str, str]:
+    return dict(a.split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+
+
+def test_lgps_wscms_settings_reach_ddfacet_per_round_and_per_cell():
+    """LGPS's WSCMS options are passed (per-round lists at the image's round, the thresholds'
+    index; scales converted to the image's own cell), and its WSCMS2 runs as 0.9.1's WSCMS."""
+    cfg = load_config([str(DATA / "lgps_optimized.cfg")], catalog_dir="/cats")
+    r = Reduction(cfg, NODE, MS, FULL)
+    thr = [float(t) for t in cfg.get("masking", "thresholds")]
+    final = _opts_of(BUILDERS["image_full_ampphase_di_m.NS"](r).commands[0].argv)
+    i = thr.index(r.thr(2))
+    assert final["--Deconv-Mode"] == "WSCMS" and final["--WSCMS-MultiScale"] == "1"
+    assert final["--WSCMS-MaxScale"] == "550" and final["--WSCMS-NSubMinorIter"] == "250"
+    assert final["--WSCMS-Scales"] == "[0,4,8,16,32,64,128,256,512]"
+    assert float(final["--Deconv-RMSFactor"]) == cfg.get("image", "wscms_rms_factor")[i]
+    assert float(final["--Deconv-PeakFactor"]) == cfg.get("image", "wscms_peakfactor")[i]
+    assert final["--WSCMS-AutoMask"] == "1"
+    assert float(final["--WSCMS-AutoMaskRMSFactor"]) == cfg.get("masking", "wscms_automask_rms_factor")[i]
+    first = _opts_of(BUILDERS["image_dirin_SSD"](r).commands[0].argv)
+    assert float(first["--Deconv-RMSFactor"]) == cfg.get("image", "wscms_rms_factor")[thr.index(r.thr(0))]
+    # an SSD config gets none of it
+    assert not any(a.startswith("--WSCMS") for a in BUILDERS["image_full_ampphase_di_m.NS"](tier1()).commands[0].argv)
