@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from hpcddf.engine.atomic import write_text_atomic
 from hpcddf.lofar.stepkit import group_by_obsid
 
 MAX_STOKES_FREQS = 25      # ddf-pipeline's limit on the number of per-frequency cube images
@@ -82,12 +83,6 @@ def assembled(root: str, split: bool) -> list[str]:
 
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = _tmp(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------ MS frequencies
@@ -173,7 +168,7 @@ def write_lists(mss: Sequence[str], outdir: Path, stokes: bool, obsids: bool,
         if centralfreqs:
             written += [(outdir / band_list(i), g) for i, g in band_groups(infos, centralfreqs).items()]
     for path, group in written:
-        _write_text(path, "".join(f"{ms}\n" for ms in group))
+        write_text_atomic(path, "".join(f"{ms}\n" for ms in group))
     return [p for p, _ in written]
 
 
