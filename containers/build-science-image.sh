@@ -99,7 +99,7 @@ build_base() {
         >"$TMP.log" 2>&1 || { tail -20 "$TMP.log" >&2; exit 1; }
     rm -f "$TMP.log"
     wheels "$TMP/wheels" ".[$EXTRAS]"
-    in_image "$TMP" python3 -m pip install --quiet --no-cache-dir --break-system-packages --no-index \
+    in_image "$TMP" python3 -m pip install --quiet --no-cache-dir --break-system-packages --root-user-action=ignore --no-index \
         --find-links /wheels "hpcddf[$EXTRAS]"
     rm -rf "$TMP/wheels" "$TMP"/var/cache/apt/archives/*.deb "$TMP"/var/lib/apt/lists/*
     for m in $MOUNT_POINTS; do mkdir -p "$TMP$m"; done
@@ -111,9 +111,16 @@ build_top() {
     TMP=$(mktemp -d "$DEST.building.XXXXXX")
     cp -a "$BASE/." "$TMP/"
     local whl
-    wheels "$TMP/wheels" --no-deps .
+    # from a copy of the sources as they are now: a wheel built in the checkout reuses
+    # setuptools' build/ directory, which keeps modules deleted since (the image probe then
+    # sees another hpcddf than the job's)
+    mkdir "$TMP/src"
+    cp -a pyproject.toml README.md site_configs "$TMP/src/"
+    tar -C . --exclude=__pycache__ -cf - hpcddf | tar -C "$TMP/src" -xf -
+    wheels "$TMP/wheels" --no-deps "$TMP/src"
+    rm -rf "$TMP/src"
     whl=$(cd "$TMP/wheels" && echo hpcddf-*.whl)
-    in_image "$TMP" python3 -m pip install --quiet --no-cache-dir --break-system-packages --no-index \
+    in_image "$TMP" python3 -m pip install --quiet --no-cache-dir --break-system-packages --root-user-action=ignore --no-index \
         --no-deps --force-reinstall "/wheels/$whl"
     rm -rf "$TMP/wheels"
     publish "$TMP" "$DEST" "$TOP_HASH"

@@ -18,6 +18,7 @@ import pytest
 pytest_plugins = [
     "tests._mariadb",  # mariadb_url: a throwaway database on the cluster's MariaDB
     "tests._phangs_chain",  # phangs_chain: the PHANGS chain on Slurm, run once for two modules
+    "tests._demo",  # demo: the README's demo reduction, run once for two modules
 ]
 
 DATA = Path(__file__).parent / "data"
@@ -208,9 +209,9 @@ def plain_user() -> bool:
 # Seconds of setup + calls measured in `.ci/run` on 2 cores (`--durations`); a unit not listed is
 # light and runs after these, in collection order.
 UNIT_SECONDS = {  # measured 2026-12-05 in `.ci/run`, both workers busy
-    "local-reduction": 890,                       # the demo reduction (720), then the restart tests
+    # the demo reduction (720), the contained Slurm reduction compared with it (450), the restarts
+    "local-reduction": 1340,
     "tests/science/test_bootstrap_reduction.py": 840,
-    "tests/science/test_slurm_reduction.py": 450,  # 253 s alone (walltime rules: 9 attempts, was 17)
     "tests/science/test_phangs_postprocess.py": 500,
     "tests/science/test_offsets_reduction.py": 330,
     "phangs-chain": 330,                          # the PHANGS chain on Slurm with a walltime kill
@@ -229,6 +230,8 @@ UNIT_SECONDS = {  # measured 2026-12-05 in `.ci/run`, both workers busy
 SHARED_UNITS = {
     "tests/science/test_demo_reduction.py": "local-reduction",
     "tests/science/test_restart.py": "local-reduction",
+    # the Slurm reduction in the science image is compared with the demo (tests/_demo.py)
+    "tests/science/test_slurm_reduction.py": "local-reduction",
     # one PHANGS chain (tests/_phangs_chain.py) serves both: on one worker it runs once
     "tests/integration/test_phangs_slurm_chain.py": "phangs-chain",
     "tests/science/test_phangs_engine.py": "phangs-chain",

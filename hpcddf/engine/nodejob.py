@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pwd
 import signal
 import sys
 import threading
@@ -18,17 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from hpcddf.engine.contained import check_image, science_env, site_launcher
 from hpcddf.engine.durations import load_estimates, load_speed, record_duration, record_startup
 from hpcddf.engine.jobenv import job_id_from_env
 from hpcddf.engine.paths import unit_paths
 from hpcddf.engine.preflight import clean_stale_shm, pid_alive
-from hpcddf.engine.runner import Command, Interrupted, RunContext, Step, StopRequested, run_command, run_steps
+from hpcddf.engine.runner import Interrupted, RunContext, Step, StopRequested, run_steps
 from hpcddf.engine.sites import Site
 from hpcddf.engine.sizing import lead_s
 from hpcddf.engine.staging import clean_scratch, prepare_scratch
 from hpcddf.engine.state import State, now_iso, update_state
 from hpcddf.engine.unitjob import WALLTIME_SIGNAL, UnitJob, check_node, node_name, record_class
-from hpcddf.errors import HpcddfError, PreflightError, StepFailed
+from hpcddf.errors import HpcddfError, StepFailed
 
 log = logging.getLogger("hpcddf.job")
 
@@ -160,7 +160,7 @@ class StageJob(UnitJob):
                          env=science_env(),
                          on_step=self._on_step, abort_event=self._abort)
         if contained:
-            ctx.launcher = self._launcher(wd, cache_dir.parent)
+            ctx.launcher = site_launcher(self.site, wd, cache_dir.parent)
             check_image(ctx, steps, str(self.site.container.image))
         if self._stop:
             ctx.stop_event.set()
@@ -169,16 +169,6 @@ class StageJob(UnitJob):
         ran = run_steps(ctx, steps, walltime_s=usable_s)
         self.work_complete()  # before scratch is cleaned: a signal now must not requeue
         return ran
-
-    def _launcher(self, workdir: Path, scratch: Path) -> Any:
-        """Every command of the stage through the site's container runtime."""
-        from hpcddf.engine.containers import make_launcher, spec_for
-        c = self.site.container
-        tmp = scratch / "tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        catalog = str(self.site.catalog_dir) if self.site.catalog_dir else None
-        return make_launcher(spec_for(c.runtime, c.image, c.executable, c.binds, workdir, scratch,
-                                      catalog, tmp, c.env))
 
     def _deadline(self) -> tuple[float, float]:
         """When the stage must be between steps, and how long a whole attempt has.
@@ -328,16 +318,6 @@ class StageJob(UnitJob):
         update_state(Path(self.workdir), self.field_id, change)
 
 
-def science_env() -> dict[str, str]:
-    """Thread counts pinned to 1 (DDFacet/killMS parallelise with processes) and the science
-    programs of hpcddf's own environment first on PATH (without a container they live there)."""
-    bindir = str(Path(sys.executable).parent)
-    return {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "PATH": os.pathsep.join([bindir, os.environ.get("PATH", "/usr/bin:/bin")]),
-            # ch-run refuses to start without USER, which batch jobs do not always carry.
-            "USER": os.environ.get("USER") or pwd.getpwuid(os.getuid()).pw_name}
-
-
 def _log_to(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
@@ -345,22 +325,3 @@ def _log_to(path: Path) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.INFO)
-
-
-def check_image(ctx: RunContext, steps: Sequence[Step], image: str) -> None:
-    """Before the first step, through the stage's own launcher: the image holds every program
-    the steps start and the same hpcddf as this job (hpcddf/engine/imageprobe.py)."""
-    from hpcddf.engine import imageprobe as ip
-    need = ip.needed_commands(c.argv for s in steps for c in s.commands)
-    cmd = Command(("python3", "-m", ip.PROBE_MODULE, *need), "image-probe.log", timeout_s=300)
-    fix = "rebuild the image from this hpcddf (containers/README.md) or set [container] image"
-    try:
-        run_command(ctx, "image-probe", cmd)
-    except StepFailed as exc:
-        raise PreflightError(f"image {image}: python3 -m {ip.PROBE_MODULE} failed there "
-                             f"(exit {exc.returncode}): no Python or no hpcddf in it", f"{fix}; see {exc.log_path}") from None
-    found = ip.last_json((ctx.log_dir / cmd.log_name).read_text(errors="replace"))
-    bad = ip.problems(found or {"commands": {}}, ip.probe([]))
-    if bad:
-        raise PreflightError(f"image {image}: " + "; ".join(bad), fix)
-    log.info("image %s holds hpcddf %s and %s", image, found and found.get("version"), ", ".join(need))

@@ -20,15 +20,16 @@ Each mosaic's directory ``<work_root>/mosaics/<centre>/`` holds its products and
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hpcddf.engine.atomic import write_json_atomic
 from hpcddf.engine.backend import (
     BRIEF_STOP_GRACE_S,
     HeldArray,
@@ -37,6 +38,7 @@ from hpcddf.engine.backend import (
     run_local_call,
     submit_arrays_with_dependencies,
 )
+from hpcddf.engine.contained import contained, run_in_image
 from hpcddf.engine.paths import unit_paths, units_under
 from hpcddf.engine.plan import Resources, fit_resources
 from hpcddf.engine.sites import Site
@@ -47,8 +49,6 @@ from hpcddf.mosaic.combine import (
     PRODUCTS,
     MosaicInput,
     MosaicOptions,
-    make_mosaic,
-    output_header,
     parse_common_beam,
 )
 from hpcddf.mosaic.corrections import (
@@ -57,8 +57,8 @@ from hpcddf.mosaic.corrections import (
     field_corrections,
     quality_scale,
 )
+from hpcddf.mosaic.make import make_products, write_task
 from hpcddf.mosaic.pointings import Pointing, neighbourhood
-from hpcddf.mosaic.products import write_catalogue, write_preview
 
 log = logging.getLogger(__name__)
 MOSAICS = "mosaics"
@@ -264,13 +264,6 @@ def plan_document(plan: MosaicPlan) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the node job
 
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def _change_state(task: MosaicTask, change: Change, timeout: float | None = None) -> None:
     """Apply ``change`` to the mosaic's record (its product's entry in the mosaic state)."""
     def apply(state: dict[str, Any]) -> None:
@@ -294,8 +287,9 @@ class MosaicJob(UnitJob):
     """One mosaic task on a compute node: the engine's unit life (attempts, walltime requeue,
     outcome recorded in the mosaic's state); a requeued mosaic is made again whole."""
 
-    def __init__(self, task: MosaicTask) -> None:
+    def __init__(self, task: MosaicTask, site: Site | None = None) -> None:
         self.task = task
+        self.site = site  # with a container image, the mosaic is made inside it
 
     def record(self, change: Change, timeout: float | None = None) -> None:
         _change_state(self.task, change, timeout)
@@ -310,25 +304,25 @@ class MosaicJob(UnitJob):
         if missing:
             raise MosaicPlanError(f"mosaic {t.name}: {', '.join(missing)} has no final images",
                                   "its reduction stopped before them; see `hpcddf status " + missing[0] + "`")
-        p = PRODUCTS[t.product]
-        header = output_header(t.name, t.centre.ra, t.centre.dec, t.max_sep, p.cell_arcsec, p.resolution_arcsec)
-        opts = replace(t.options, workers=t.options.workers or _cpus(), noise_box=p.noise_box)
-        Path(t.outdir).mkdir(parents=True, exist_ok=True)
-        inputs = t.resolved_inputs()
-        res = make_mosaic(inputs, header, t.path("mosaic"), t.path("weights"), opts)
-        if t.preview:
-            write_preview(t.path("mosaic"), t.path("preview"))
-        if t.catalogue:
-            write_catalogue(t.path("mosaic"), t.path("catalogue"))
-        t.marker().parent.mkdir(parents=True, exist_ok=True)
-        doc = {"mosaic": t.name, "inputs": t.input_names(), "recipe": t.recipe(inputs),
-               "scales": {i.name: i.scale for i in inputs},
-               "corrections": {i.name: i.corrections.summary() for i in inputs if i.corrections.summary()},
-               "noise": res.noise, "warnings": res.warnings,
-               "dropped": list(t.dropped), "products": [str(t.path(k)) for k in ("mosaic", "weights")],
-               "finished": now_iso()}
-        write_json_atomic(t.marker(), doc)
-        return doc
+        if self.site is not None and contained(self.site):
+            return self._in_image()
+        return make_products(t)
+
+    def _in_image(self) -> dict[str, Any]:
+        """The same call in the site's image: the field and mosaic directories bound (their
+        common parent, the work root), a scratch of its own for TMPDIR, the marker read back."""
+        t = self.task
+        hidden = Path(t.outdir) / ".hpcddf"
+        job = os.environ.get("SLURM_JOB_ID") or str(os.getpid())
+        scratch = hidden / f"scratch-{t.product}-{job}"
+        taskfile = write_task(t, hidden / f"{t.product}.task.pkl")
+        root = Path(os.path.commonpath([t.outdir, *(str(Path(i.int_path).parent) for i in t.inputs)]))
+        try:
+            run_in_image(self.site, root, scratch, f"mosaic-{t.product}",
+                         ("python3", "-m", "hpcddf.mosaic.make", str(taskfile)), hidden / "logs")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return json.loads(t.marker().read_text())
 
 
 # ---------------------------------------------------------------- submission
@@ -351,7 +345,7 @@ def submit_mosaic_array(site: Site, tasks: Sequence[MosaicTask], work_root: Path
     """ONE held array over the tasks; per-task neighbour dependencies; states; then released."""
     folder = work_root / MOSAICS / ".jobs"
     folder.mkdir(parents=True, exist_ok=True)
-    array = HeldArray(f"hpcddf-mosaic-{len(tasks)}", _resources(site, res), [MosaicJob(t) for t in tasks],
+    array = HeldArray(f"hpcddf-mosaic-{len(tasks)}", _resources(site, res), [MosaicJob(t, site) for t in tasks],
                       what="the mosaic array", max_running=res.max_running)
     job_ids = submit_arrays_with_dependencies(site, folder, [array], lambda ids: [t.depends for t in tasks],
                                               record=lambda ids: _record_queued(tasks, ids),
@@ -399,7 +393,7 @@ def _run_mosaic_locally(site: Site, t: MosaicTask, folder: Path, progress: Calla
         progress(f"mosaic {t.name}: {signal_name}: stopping (local job {job_id})")
 
     try:
-        done = run_local_call(site, folder, MosaicJob(t), 24 * 60, stop_grace_s=BRIEF_STOP_GRACE_S,
+        done = run_local_call(site, folder, MosaicJob(t, site), 24 * 60, stop_grace_s=BRIEF_STOP_GRACE_S,
                               started=started, stopping=stopping)
     except LocalCallFailed as exc:
         progress(f"mosaic {t.name}: FAILED: {exc.reason}")

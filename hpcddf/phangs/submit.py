@@ -226,6 +226,12 @@ def _names(values: Sequence[str] | str | None) -> list[str] | None:
     return names or None
 
 
+# PHANGS runs CASA in its own environment (containers/make-casa-env.sh, as PHANGS keeps CASA
+# and its Python apart); the science image carries DDFacet/killMS and hpcddf, not CASA
+CONTAINER_WARNING = ("warning: [container] has no effect on PHANGS tasks: they run CASA from its own "
+                     "environment (--casa-env / HPCDDF_CASA_ENV), outside the site's image")
+
+
 def submit_phangs(site: Site, keydir: str | Path, targets: Sequence[str] | str | None = None,
                   stages: Sequence[str] | str | None = None, dry_run: bool = False,
                   casa_env: str | None = None,
@@ -235,6 +241,8 @@ def submit_phangs(site: Site, keydir: str | Path, targets: Sequence[str] | str |
     Returns the plan document plus ``jobs`` (task id -> job id of this submission),
     ``done`` (tasks skipped as finished) and ``already_queued`` (task id -> live job id).
     """
+    if site.container.runtime != "none":
+        progress(CONTAINER_WARNING)
     project = load_keys(keydir)
     plan = plan_project(project, _names(targets), _names(stages),
                         node_mem_gb=stage_resources(site, "imaging").mem_gb)

@@ -7,6 +7,7 @@ cluster is a failure; otherwise the skip says why.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -39,6 +40,29 @@ def require_slurm() -> None:
     if why:
         missing("HPCDDF_REQUIRE_SLURM",
                 f"local Slurm cluster not usable ({why}); start it with slurm/start_slurm.sh")
+
+
+# the science image (containers/build-science-image.sh; .ci/run builds it and exports the path)
+SCIENCE_IMAGE = Path(os.environ.get("HPCDDF_SCIENCE_IMAGE", "/var/cache/hpcddf/science-image"))
+
+
+def require_science_image() -> Path:
+    """Skip without ch-run or the science image; fail where HPCDDF_REQUIRE_CONTAINER=1."""
+    why = None
+    if shutil.which("ch-run") is None:
+        why = "ch-run is not installed (apt-get install charliecloud-runtime)"
+    elif not (SCIENCE_IMAGE / ".hpcddf-stamp").is_file():
+        why = f"no science image at {SCIENCE_IMAGE} (build it with containers/build-science-image.sh)"
+    if why:
+        missing("HPCDDF_REQUIRE_CONTAINER", why)
+    return SCIENCE_IMAGE
+
+
+CONTAINER_SECTION = """
+[container]
+runtime = "charliecloud"
+image = "{image}"
+"""
 
 
 @pytest.fixture(scope="session")

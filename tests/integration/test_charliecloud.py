@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 import hpcddf
+from hpcddf.engine.contained import check_image
 from hpcddf.engine.containers import make_launcher, spec_for
-from hpcddf.engine.nodejob import check_image
 from hpcddf.engine.runner import Command, RunContext, Step, run_command
 from hpcddf.errors import PreflightError, StepFailed
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from hpcddf.mosaic.combine import PRODUCTS
 from hpcddf.mosaic.pointings import neighbourhood
 from hpcddf.mosaic.survey_sim import FieldSpec, SkySource, hex_grid, write_field
 
-from .conftest import hpcddf, read_state, wait_for
+from .conftest import CONTAINER_SECTION, hpcddf, read_state, require_science_image, wait_for
 
 SPEC = FieldSpec(cell_arcsec=1.5, resolution_arcsec=6.0, npix=576, pb_fwhm_deg=0.15, noise=1e-3)
 SPACING = 0.1
@@ -146,3 +147,35 @@ def test_one_array_each_task_waits_only_for_its_own_neighbours(slurm_site, tmp_p
     again = json.loads(hpcddf("mosaic", a, b, "--site-file", str(site), "--pointings", str(table),
                               "--json", "--dry-run").stdout)
     assert sorted(again["done"]) == sorted([f"{a}-full", f"{b}-full"])
+
+
+def test_a_mosaic_made_in_the_science_image_is_the_one_made_without(slurm_site, tmp_path):
+    """On a site with an image the mosaic job runs hpcddf's mosaic code inside it (probed first,
+    like a stage), with the fields and the mosaic bound; the products equal the local run's."""
+    image = require_science_image()
+    site = slurm_site(walltime="10")
+    site.write_text(site.read_text() + CONTAINER_SECTION.format(image=image))
+    pts = hex_grid(210.0, 54.0, SPACING, 1, prefix="F")
+    work, local = tmp_path / "work", tmp_path / "local"
+    write_survey(work, pts)
+    write_survey(local, pts)  # the same synthetic fields (same seeds)
+    table = pointings_csv(tmp_path / "pointings.csv", pts)
+    hpcddf("mosaic", "F000", "--site-file", str(site), "--pointings", str(table), "--cpus", "1",
+           "--mem-gb", "1", "--walltime", "5", "--no-preview", "--json")
+    wait_for(lambda: mosaic_state(work, "F000").get("state") in ("done", "failed"), 300, "the mosaic job")
+    assert mosaic_state(work, "F000")["state"] == "done", mosaic_state(work, "F000")
+    hidden = work / "mosaics" / "F000" / ".hpcddf"
+    first = (hidden / "logs" / "mosaic-full.log").read_text().splitlines()[0]
+    argv = json.loads(first.split(": ", 1)[1])
+    assert argv[0] == "ch-run" and "--unset-env=*" in argv and argv[argv.index("--") - 1] == str(image)
+    assert argv[argv.index("--") + 1:argv.index("--") + 4] == ["python3", "-m", "hpcddf.mosaic.make"]
+    assert f"{work}:{work}" in argv  # the fields and the mosaic, under the work root
+    probe = json.loads((hidden / "logs" / "image-probe.log").read_text().splitlines()[-1])
+    assert probe["version"] == version("hpcddf") and probe["commands"]["python3"]
+    assert not list(hidden.glob("scratch-*"))
+    hpcddf("mosaic", "F000", "--local", "--pointings", str(table), "--work-root", str(local), "--cpus", "1",
+           "--no-preview", timeout=300)
+    for kind in ("mosaic", "mosaic-weights"):
+        ours = fits.getdata(work / "mosaics" / "F000" / f"F000-full-{kind}.fits")
+        theirs = fits.getdata(local / "mosaics" / "F000" / f"F000-full-{kind}.fits")
+        assert np.allclose(ours, theirs, rtol=1e-6, atol=0, equal_nan=True), kind

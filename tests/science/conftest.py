@@ -19,7 +19,8 @@ HPCDDF = [sys.executable, "-m", "hpcddf"]
 BIN = Path(sys.executable).parent
 
 
-def _missing() -> str | None:
+def science_stack_missing() -> str | None:
+    """Why the science stack is not usable here, or None."""
     for module in ("casacore", "DDFacet", "killMS", "bdsf"):
         try:
             __import__(module)
@@ -33,7 +34,7 @@ def _missing() -> str | None:
 
 @pytest.fixture(scope="session", autouse=True)
 def science_stack() -> None:
-    why = _missing()
+    why = science_stack_missing()
     if why:
         missing("HPCDDF_REQUIRE_SCIENCE", f"science stack not installed ({why}); pip install -e '.[science]'")
 

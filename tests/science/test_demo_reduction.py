@@ -9,21 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from tests._demo import FIELD  # the demo itself: the session fixture `demo` (tests/_demo.py)
 from tests.science.conftest import assert_matches_the_demo_sky, hpcddf
 
 pytestmark = pytest.mark.timeout(3600)  # the demo fixture: ~9 min here, 24 min seen on a slower machine
-
-FIELD = "SIM1"
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    home = tmp_path_factory.mktemp("demo")
-    proc = hpcddf("demo", "--work-root", str(home / "work"), "--field", FIELD, home=home)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    from hpcddf.lofar.demo import evaluate
-    wd = home / "work" / FIELD
-    return {"proc": proc, "home": home, "workdir": wd, "result": evaluate(wd)}
 
 
 def test_demo_reports_progress_and_where_the_image_is(demo):

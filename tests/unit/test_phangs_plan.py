@@ -524,6 +524,15 @@ def test_cli_dry_run_and_one_line_errors(keys: Path, run_cli, site_file: Path) -
     assert "run stage postprocess first" in bad.stderr
     status = run_cli("phangs", "status", keys, "--json")
     assert status.returncode == 0 and json.loads(status.stdout) == []
+    assert "[container]" not in text.stderr
+    # a site with an image: PHANGS's CASA stays in its own environment, and the submit says so
+    contained = site_file.with_name("contained.toml")
+    contained.write_text(site_file.read_text() + '\n[container]\nruntime = "charliecloud"\nimage = "/img"\n')
+    text = run_cli("phangs", "submit", keys, "--site-file", contained, "--targets", "ngc1087",
+                   "--stages", "stage_ms", "--dry-run")
+    assert text.returncode == 0, text.stderr
+    [line] = [ln for ln in text.stderr.splitlines() if "[container]" in ln]
+    assert "has no effect on PHANGS tasks" in line and "CASA" in line
 
 
 # ---------------------------------------------------------------------------------------------
