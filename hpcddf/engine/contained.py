@@ -11,6 +11,7 @@ programs' are.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pwd
@@ -42,14 +43,47 @@ def contained(site: Site) -> bool:
     return site.container.runtime != "none"
 
 
+# multiprocessing puts its sockets in TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX and a Unix socket
+# path has at most 107 characters: PyBDSF's MakeCatalog stopped in CI ("_recv_bytes") with a
+# 95-character TMPDIR on the scratch
+SOCKET_SAFE_TMPDIR = 60
+SHORT_TMP_ROOT = Path("/tmp")  # the host's, which ch-run and Apptainer bind into every image
+
+
+def short_tmpdir(tmp: Path) -> Path:
+    """``tmp`` itself, or, when its path is too long for the sockets of the commands'
+    multiprocessing, a short link to it in /tmp (named from its path, made atomically)."""
+    if len(str(tmp)) <= SOCKET_SAFE_TMPDIR:
+        return tmp
+    link = short_link(tmp)
+    if not (link.is_symlink() and os.readlink(link) == str(tmp)):
+        part = link.with_name(f".{link.name}.{os.getpid()}")
+        part.unlink(missing_ok=True)
+        part.symlink_to(tmp)
+        os.replace(part, link)
+    return link
+
+
+def short_link(tmp: Path) -> Path:
+    return SHORT_TMP_ROOT / f"hpcddf-{hashlib.sha1(str(tmp).encode()).hexdigest()[:12]}"
+
+
+def drop_short_tmpdir(tmp: Path) -> None:
+    """Remove the link :func:`short_tmpdir` may have made for ``tmp`` (at the unit's end)."""
+    link = short_link(tmp)
+    if link.is_symlink():
+        link.unlink(missing_ok=True)
+
+
 def site_launcher(site: Site, workdir: Path, scratch: Path) -> Launcher:
     """Every command through the site's container runtime: ``workdir`` and ``scratch`` (its
-    ``tmp`` the commands' TMPDIR and HOME) bound at the same paths, with the site's binds and
-    catalogue directory."""
+    ``tmp`` the commands' TMPDIR and HOME, through a short link when its path is long) bound at
+    the same paths, with the site's binds and catalogue directory."""
     from hpcddf.engine.containers import make_launcher, spec_for
     c = site.container
     tmp = scratch / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
+    tmp = short_tmpdir(tmp)
     catalog = str(site.catalog_dir) if site.catalog_dir else None
     return make_launcher(spec_for(c.runtime, c.image, c.executable, c.binds, workdir, scratch,
                                   catalog, tmp, c.env))
@@ -84,5 +118,8 @@ def run_in_image(site: Site, workdir: Path, scratch: Path, name: str, argv: Sequ
     ctx = RunContext(workdir=workdir, log_dir=log_dir, marker_dir=log_dir, env=science_env())
     ctx.launcher = site_launcher(site, workdir, scratch)
     cmd = Command(tuple(argv), f"{name}.log", timeout_s=timeout_s)
-    check_image(ctx, [Step(name, "", (cmd,))], str(site.container.image))
-    return run_command(ctx, name, cmd)
+    try:
+        check_image(ctx, [Step(name, "", (cmd,))], str(site.container.image))
+        return run_command(ctx, name, cmd)
+    finally:
+        drop_short_tmpdir(scratch / "tmp")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from hpcddf.engine.contained import check_image, science_env, site_launcher
+from hpcddf.engine.contained import check_image, drop_short_tmpdir, science_env, site_launcher
 from hpcddf.engine.durations import load_estimates, load_speed, record_duration, record_startup
 from hpcddf.engine.jobenv import job_id_from_env
 from hpcddf.engine.paths import unit_paths
@@ -114,6 +114,7 @@ class StageJob(UnitJob):
         finally:
             clean_stale_shm(Path("/dev/shm"), os.getuid(), pid_alive)
         clean_scratch(scratch)
+        drop_short_tmpdir(scratch.cache_dir.parent / "tmp")
         return {"field": self.field_id, "stage": self.stage, "ran": ran}
 
     def done_summary(self, record: dict[str, Any]) -> dict[str, Any]:

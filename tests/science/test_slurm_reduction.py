@@ -79,14 +79,16 @@ IMAGE = SCIENCE_IMAGE
 
 
 def _finished(state_file: Path) -> dict | None:
-    """The field's state once no stage is queued or running any more."""
+    """The field's state once no stage is queued or running any more, or once one failed (the
+    stages after it never run: Slurm drops their jobs and nothing records it here)."""
     try:
         state = json.loads(state_file.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     stages = state.get("stages", {})
     over = all(s.get("state") in ("done", "failed", "cancelled") for s in stages.values())
-    return state if stages and over else None
+    failed = any(s.get("state") == "failed" for s in stages.values())
+    return state if stages and (over or failed) else None
 
 
 @pytest.fixture(scope="module")

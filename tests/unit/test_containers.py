@@ -4,6 +4,7 @@ science needs, the field directory as working directory."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,34 @@ def test_a_charliecloud_image_without_a_mount_point_is_refused_before_running(no
         make_launcher(bad)
     # Apptainer creates its mount points itself
     make_launcher(ContainerSpec("apptainer", str(image), "apptainer", binds=("/work/L1",)))
+
+
+def test_a_scratch_tmpdir_too_long_for_unix_sockets_gets_a_short_link(tmp_path):
+    """PyBDSF's multiprocessing Manager puts a socket in TMPDIR/pymp-*/listener-*: a Unix
+    socket path has at most 107 characters, and a scratch under a deep directory (pytest's, a
+    site's /scratch/<project>/<user>/<job>/...) exceeds it. The commands get a short link in
+    /tmp to the same directory instead, removed at the unit's end."""
+    import multiprocessing
+
+    from hpcddf.engine.contained import SOCKET_SAFE_TMPDIR, drop_short_tmpdir, short_tmpdir
+    short = tmp_path / "t"
+    assert short_tmpdir(short) == short or len(str(short)) > SOCKET_SAFE_TMPDIR
+    deep = tmp_path / ("d" * 60) / "scratch" / "12345678" / "L123456.12345678" / "tmp"
+    deep.mkdir(parents=True)
+    assert len(f"{deep}/pymp-12345678/listener-12345678") > 107  # the socket could not be made there
+    link = short_tmpdir(deep)
+    assert len(str(link)) <= SOCKET_SAFE_TMPDIR and link.resolve() == deep.resolve()
+    assert short_tmpdir(deep) == link  # the same link again, not another
+    ctx = multiprocessing.get_context("fork")
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(link)
+    try:
+        import tempfile
+        tempfile.tempdir = None
+        with ctx.Manager() as manager:  # what failed with the long path
+            assert list(manager.list([1, 2])) == [1, 2]
+    finally:
+        os.environ.pop("TMPDIR") if old is None else os.environ.__setitem__("TMPDIR", old)
+        tempfile.tempdir = None
+    drop_short_tmpdir(deep)
+    assert not link.exists() and not link.is_symlink() and deep.is_dir()
