@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from hpcddf.lofar.mstables import casacore_tables
+
 # numpy and casacore are imported where used: the planner imports archive_name on a login node
 # that has neither (the science stack runs on the nodes)
 
@@ -68,12 +70,7 @@ def temporary_name(archive: Path) -> Path:
 
 
 def _tables() -> Any:
-    try:
-        from casacore import tables
-    except ImportError as exc:
-        raise ArchiveError(f"python-casacore is not installed ({exc}); "
-                           "install the science stack: pip install 'hpcddf[science]'") from None
-    return tables
+    return casacore_tables(ArchiveError)
 
 
 def _is_data_column(t: Any, name: str) -> bool:

@@ -48,12 +48,12 @@ from hpcddf.lofar.dynspec_ms import (
     check_period,
     group_periods,
     make_grid,
-    obsid_of,
     read_ms_info,
     read_ms_list,
 )
 from hpcddf.lofar.dynspec_sols import Gains, gains_for, missing_sols, parse_sols
 from hpcddf.lofar.dynspec_stack import Stack, stack_period, stokes, weights
+from hpcddf.lofar.mstables import obsid_of
 
 # options ms2dynspec.py takes that change nothing here, and why (printed when given)
 UNUSED = {

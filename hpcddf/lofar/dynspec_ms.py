@@ -107,11 +107,6 @@ def read_ms_list(path: Path) -> list[Path]:
     return [Path(n) for n in names]
 
 
-def obsid_of(ms: Path) -> str:
-    """ddf-pipeline's observation id: the first MS's name up to its first underscore."""
-    return ms.name.split("_")[0]
-
-
 # ------------------------------------------------------------------------------ periods
 
 

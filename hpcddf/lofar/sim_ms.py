@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from hpcddf.errors import HpcddfError
+from hpcddf.lofar.mstables import casacore_tables
 from hpcddf.lofar.sim_geometry import (
     DISH_DIAMETER_M,
     STREAM_DDE,
@@ -109,16 +109,6 @@ def predict(uvw: np.ndarray, freqs: np.ndarray, row_time: np.ndarray, a1: np.nda
 
 
 # ------------------------------------------------------------------------------ the MS
-
-
-def casacore_tables() -> Any:
-    """python-casacore's tables module, or an error that says how to install it."""
-    try:
-        from casacore import tables
-    except ImportError as exc:
-        raise HpcddfError(f"python-casacore is not installed ({exc})",
-                          "install the science stack: pip install 'hpcddf[science]'") from None
-    return tables
 
 
 @dataclass(frozen=True)

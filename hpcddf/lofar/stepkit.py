@@ -21,6 +21,7 @@ from hpcddf.lofar.ddfcommands import (
     mask_dicomodel,
     sols_file,
 )
+from hpcddf.lofar.mstables import obsid_of
 
 CLUSTER_CAT = "image_dirin_SSD_m.npy.ClusterCat.npy"
 EXT_MASK = "external_mask.fits"  # written only when something is masked: DDF refuses empty masks
@@ -133,11 +134,6 @@ def external_mask_now(r: Reduction) -> str:
     the extended mask exists (ddf-pipeline then drops ``external_mask.fits``), else that one.
     Both are written only when something is masked, so callers pass it as optional."""
     return EXT_MASK_EXT if extended_mask_on(r) else EXT_MASK
-
-
-def obsid_of(ms: str) -> str:
-    """ddf-pipeline's observation id: the MS file name up to its first underscore."""
-    return Path(ms).name.split("_", 1)[0]
 
 
 def group_by_obsid(mss: tuple[str, ...] | list[str]) -> dict[str, list[str]]:

@@ -24,6 +24,8 @@ import argparse
 import sys
 from typing import Any, Iterator, Sequence
 
+from hpcddf.lofar.mstables import casacore_tables
+
 # numpy and casacore are imported where used: the planner imports this module's names on a
 # login node that has neither (the science stack runs on the nodes)
 
@@ -37,12 +39,7 @@ class SubtractError(Exception):
 
 
 def _tables() -> Any:
-    try:
-        from casacore import tables
-    except ImportError as exc:
-        raise SubtractError(f"python-casacore is not installed ({exc}); "
-                            "install the science stack: pip install 'hpcddf[science]'") from None
-    return tables
+    return casacore_tables(SubtractError)
 
 
 def chunk_rows(row_bytes: int, chunk_mb: float) -> int:

@@ -46,16 +46,22 @@ def require_slurm() -> None:
 SCIENCE_IMAGE = Path(os.environ.get("HPCDDF_SCIENCE_IMAGE", "/var/cache/hpcddf/science-image"))
 
 
-def require_science_image() -> Path:
-    """Skip without ch-run or the science image; fail where HPCDDF_REQUIRE_CONTAINER=1."""
+def require_image(image: Path, witness: str, build: str) -> Path:
+    """``image`` when ch-run is installed and the image holds ``witness`` (a file the image's
+    build writes); otherwise skip, or fail where HPCDDF_REQUIRE_CONTAINER=1."""
     why = None
     if shutil.which("ch-run") is None:
         why = "ch-run is not installed (apt-get install charliecloud-runtime)"
-    elif not (SCIENCE_IMAGE / ".hpcddf-stamp").is_file():
-        why = f"no science image at {SCIENCE_IMAGE} (build it with containers/build-science-image.sh)"
+    elif not (image / witness).exists():
+        why = f"no image at {image} (build it with {build})"
     if why:
         missing("HPCDDF_REQUIRE_CONTAINER", why)
-    return SCIENCE_IMAGE
+    return image
+
+
+def require_science_image() -> Path:
+    """The science image (tests/integration and tests/science run the reduction in it)."""
+    return require_image(SCIENCE_IMAGE, ".hpcddf-stamp", "containers/build-science-image.sh")
 
 
 CONTAINER_SECTION = """

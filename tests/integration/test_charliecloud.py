@@ -28,7 +28,7 @@ from hpcddf.engine.runner import Command, RunContext, Step, run_command
 from hpcddf.errors import PreflightError, StepFailed
 
 from .conftest import hpcddf as run_hpcddf
-from .conftest import read_state, wait_for
+from .conftest import read_state, require_image, wait_for
 
 IMAGE = Path(os.environ.get("HPCDDF_TEST_ROOTFS", "/var/cache/hpcddf/test-rootfs"))
 IN_IMAGE_ONLY = "/.hpcddf-stamp"  # written by the build script; the host has no such file
@@ -63,16 +63,7 @@ time.sleep(120)
 
 @pytest.fixture(scope="module")
 def image() -> Path:
-    why = None
-    if shutil.which("ch-run") is None:
-        why = "ch-run is not installed (apt-get install charliecloud-runtime)"
-    elif not (IMAGE / "usr/bin/python3").exists():
-        why = f"no test image at {IMAGE} (build it with containers/build-test-rootfs.sh)"
-    if why:
-        if os.environ.get("HPCDDF_REQUIRE_CONTAINER") == "1":
-            pytest.fail(f"Charliecloud is required here but not usable: {why}")
-        pytest.skip(why)
-    return IMAGE
+    return require_image(IMAGE, "usr/bin/python3", "containers/build-test-rootfs.sh")
 
 
 @pytest.fixture
