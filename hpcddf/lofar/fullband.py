@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from hpcddf.engine.paths import FROZEN_CONFIG_REL
 from hpcddf.engine.runner import Command, Step
+from hpcddf.lofar.brightlist import BRIGHT_CSV, BRIGHT_FITS
 from hpcddf.lofar.catalogues import redo_di_skymodel
 from hpcddf.lofar.compress import archive_name
 from hpcddf.lofar.ddfcommands import (
@@ -227,7 +228,18 @@ def offsets(r: Reduction) -> Step:
             ddf_shift(r.m, FINAL_NS, "facet-offset.txt")]
     outs = [f"{method}-facet_offsets.fits", "facet-offset.txt", "astromap.fits", f"{method}-offsets.png",
             f"{FINAL_NS}_shift.app.facetRestored.fits"]
+    if makes_brightlist(r):
+        cmds.append(Command((r.m.python, "-m", "hpcddf.lofar.brightlist", "--catalogue", f"{FINAL_NS}.offsets.srl.fits",
+                             "--root", FINAL_NS, "--cutoff", str(r.get("spectra", "bright_threshold"))),
+                            "brightlist.log", timeout_s=r.m.timeout_s))
+        outs += [BRIGHT_CSV, BRIGHT_FITS]
     return step_of("offsets", cmds, outs, 120)
+
+
+def makes_brightlist(r: Reduction) -> bool:
+    """ddf-pipeline makes the dynamic spectra's bright-source list after the offsets whenever
+    ``[spectra] bright_threshold`` is set (the offsets' catalogue is its input)."""
+    return bool(r.get("offsets", "method")) and r.get("spectra", "bright_threshold") is not None
 
 
 def quality(r: Reduction) -> Step:

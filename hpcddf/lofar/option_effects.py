@@ -23,8 +23,6 @@ NO_EFFECT: dict[tuple[str, str], str] = {
     ("control", "remove_columns"): "hpcddf never removes columns from the measurement sets",
     ("control", "pull"): "obsolete in ddf-pipeline too: hpcddf runs the installed versions",
     ("offsets", "mode"): "offsets always run in normal mode here",
-    ("spectra", "bright_threshold"): "the bright-source target list needs the offsets' Gaussian list, which "
-                                     "this hpcddf version does not write; targets come from [spectra] catalogue",
 }
 
 

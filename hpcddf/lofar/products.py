@@ -16,6 +16,7 @@ from pathlib import Path
 
 from hpcddf.engine.runner import Command, Step
 from hpcddf.errors import PlanError
+from hpcddf.lofar.brightlist import BRIGHT_CSV
 from hpcddf.lofar.config import PipelineConfig
 from hpcddf.lofar.cubes import (
     KINDS,
@@ -34,7 +35,7 @@ from hpcddf.lofar.cubes import (
     stokes_list,
 )
 from hpcddf.lofar.ddfcommands import Image, ddf_image, ddf_shift, hpcddf_tool
-from hpcddf.lofar.fullband import FINAL_NS, final_beam, final_sols
+from hpcddf.lofar.fullband import FINAL_NS, final_beam, final_sols, makes_brightlist
 from hpcddf.lofar.selfcal import low_res
 from hpcddf.lofar.stepkit import CLUSTER_CAT, Reduction, group_by_obsid, step_of
 
@@ -223,9 +224,6 @@ def stokesv(r: Reduction) -> Step:
 
 # ------------------------------------------------------------------------------ dynamic spectra
 
-DYNSPEC_TARGETS = "brightlist.csv"  # bright compact sources of the final image, when made
-
-
 def dynspec(r: Reduction) -> Step:
     """Dynamic spectra of the catalogue's targets and of off positions per observation, from
     the final image's residual visibilities (DD_PREDICT, the final model through the final
@@ -251,6 +249,6 @@ def _dynspec_args(r: Reduction, obsid: str) -> list[str]:
             "--NCPU", str(r.m.ncpu_ddf), "--SavePDF", "1", "--FitsCatalog", r.get("spectra", "catalogue")]
     if r.get("control", "stokesv"):
         args += ["--imageV", f"image_full_high_stokesV_{obsid}.dirty.corr.fits"]
-    if (r.workdir / DYNSPEC_TARGETS).is_file():
-        args += ["--srclist", DYNSPEC_TARGETS]
+    if makes_brightlist(r) or (r.workdir / BRIGHT_CSV).is_file():  # as ddf-pipeline: any list found
+        args += ["--srclist", BRIGHT_CSV]
     return args

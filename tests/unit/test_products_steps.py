@@ -189,6 +189,22 @@ def test_dynamic_spectra_per_observation_from_the_final_residuals(red, field):
     assert "--imageV" not in argv and argv[argv.index("--srclist") + 1] == "brightlist.csv"
 
 
+def test_with_offsets_the_bright_source_list_follows_them_and_feeds_the_dynamic_spectra(red):
+    """As ddf-pipeline: with [offsets] method set, the offsets step ends with the bright-source
+    list from its own PyBDSF catalogue, at [spectra] bright_threshold, and the dynamic spectra
+    take it as --srclist (planned before the file exists)."""
+    from hpcddf.lofar.fullband import offsets
+    r = red("--spectra-do_dynspec=True", "--offsets-method=pslocal", "--spectra-bright_threshold=2.5")
+    step = offsets(r)
+    [cmd] = [c.argv for c in step.commands if c.argv[1:3] == ("-m", "hpcddf.lofar.brightlist")]
+    assert cmd[3:] == ("--catalogue", f"{FINAL_NS}.offsets.srl.fits", "--root", FINAL_NS, "--cutoff", "2.5")
+    assert {"brightlist.csv", "dynspec-targets.fits"} <= set(step.outputs)
+    argv = [c.argv for c in dynspec(r).commands if c.argv[1:3] == ("-m", "hpcddf.lofar.dynspec")][0]
+    assert argv[argv.index("--srclist") + 1] == "brightlist.csv"
+    plain = offsets(red("--offsets-method=pslocal", "--spectra-bright_threshold=None"))
+    assert not [c for c in plain.commands if "hpcddf.lofar.brightlist" in c.argv]
+
+
 def test_the_planner_imports_no_numpy_for_the_product_steps():
     import subprocess
     import sys
