@@ -19,6 +19,7 @@ pytest_plugins = [
     "tests._mariadb",  # mariadb_url: a throwaway database on the cluster's MariaDB
     "tests._phangs_chain",  # phangs_chain: the PHANGS chain on Slurm, run once for two modules
     "tests._demo",  # demo: the README's demo reduction, run once for two modules
+    "tests._tier1",  # tier1: the survey's reduction of one simulated field, shared by its checks
 ]
 
 DATA = Path(__file__).parent / "data"
@@ -211,7 +212,7 @@ def plain_user() -> bool:
 UNIT_SECONDS = {  # measured 2026-12-05 in `.ci/run`, both workers busy
     # the demo reduction (720), the contained Slurm reduction compared with it (450), the restarts
     "local-reduction": 1340,
-    "tests/science/test_bootstrap_reduction.py": 840,
+    "tests/science/test_tier1_reduction.py": 1800,  # the tier1 reduction (1221 s alone) and its checks
     "tests/science/test_phangs_postprocess.py": 500,
     "tests/science/test_offsets_reduction.py": 330,
     "phangs-chain": 330,                          # the PHANGS chain on Slurm with a walltime kill
