@@ -210,9 +210,10 @@ def plain_user() -> bool:
 # Seconds of setup + calls measured in `.ci/run` on 2 cores (`--durations`); a unit not listed is
 # light and runs after these, in collection order.
 UNIT_SECONDS = {  # measured 2026-12-05 in `.ci/run`, both workers busy
-    # the demo reduction (720), the contained Slurm reduction compared with it (450), the restarts
-    "local-reduction": 1340,
-    "tests/science/test_tier1_reduction.py": 1800,  # the tier1 reduction (1221 s alone) and its checks
+    # the demo reduction (720; 255 s alone), its last two stages redone on Slurm in the science
+    # image (~250; 140 s alone), the restarts
+    "local-reduction": 1140,
+    "tests/science/test_tier1_reduction.py": 1620,  # the tier1 reduction (1095 s alone) and its checks
     "tests/science/test_phangs_postprocess.py": 500,
     "tests/science/test_offsets_reduction.py": 330,
     "phangs-chain": 330,                          # the PHANGS chain on Slurm with a walltime kill

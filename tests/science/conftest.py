@@ -6,6 +6,7 @@ stack is a failure; otherwise the skip says how to install it.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -56,3 +57,18 @@ def assert_matches_the_demo_sky(final) -> None:
     assert final.spurious == []
     assert final.worst_offset_beams() <= 0.1
     assert final.worst_flux_error() <= 0.10
+
+
+def logged_commands(log: Path) -> list[list[str]]:
+    """The argv of every command a step's log records (the runner's "# hpcddf TIME: [argv]")."""
+    return [json.loads(line.split(": ", 1)[1]) for line in log.read_text(errors="replace").splitlines()
+            if line.startswith("# hpcddf ") and ": [" in line]
+
+
+def rewrite_argv(argv: list[str], swap: dict[str, str], drop: tuple[str, ...] = ()) -> list[str]:
+    """A logged ``--Key=value`` command line (DDF.py's) with some values replaced and the
+    options starting with ``drop`` left out: a step's own call, rerun as a test needs it."""
+    def key(arg: str) -> str:
+        return arg.split("=", 1)[0]
+    return [f"{key(a)}={swap[key(a)]}" if key(a) in swap else a
+            for a in argv if not (drop and a.startswith(drop))]
