@@ -25,6 +25,7 @@ from typing import Any
 # numpy and astropy are imported where used: the planner imports the names below on a login
 # node that may have neither
 
+OFFSETS_SRL = ".offsets.srl.fits"  # the offsets step's PyBDSF source list: <final image>{OFFSETS_SRL}
 BRIGHT_CSV = "brightlist.csv"
 BRIGHT_FITS = "dynspec-targets.fits"
 MAX_DC_MAJ_DEG = 0.003
@@ -71,7 +72,7 @@ def bright_sources(table: Any, app: Any, int_: Any, cutoff_jy: float) -> Any:
     return rows[apparent > cutoff_jy]
 
 
-def write_lists(rows: Any, workdir: Path) -> list[Path]:
+def write_lists(rows: Any, workdir: Path) -> None:
     """``brightlist.csv`` and ``dynspec-targets.fits``, each under a temporary name first."""
     import numpy as np
     from astropy.table import Table
@@ -79,13 +80,12 @@ def write_lists(rows: Any, workdir: Path) -> list[Path]:
     from hpcddf.engine.atomic import atomic_path, write_text_atomic
     names = [ilt_name(float(r), float(d)) for r, d in zip(rows["RA"], rows["DEC"])]
     csv = "".join(f"{n},{float(r)!r},{float(d)!r},{TYPE}\n" for n, r, d in zip(names, rows["RA"], rows["DEC"]))
-    out_csv = write_text_atomic(workdir / BRIGHT_CSV, csv)
+    write_text_atomic(workdir / BRIGHT_CSV, csv)
     table = Table({"Source_id": names, "RA": np.asarray(rows["RA"], float), "DEC": np.asarray(rows["DEC"], float),
                    "Peak_flux": np.asarray(rows["Peak_flux"], float),
                    "Peak_flux_app": np.asarray(rows["Peak_flux_app"], float)})
     with atomic_path(workdir / BRIGHT_FITS) as tmp:
         table.write(tmp, format="fits", overwrite=True)
-    return [Path(out_csv), workdir / BRIGHT_FITS]
 
 
 def make_brightlist(catalogue: str, root: str, cutoff_jy: float, workdir: Path = Path(".")) -> int:

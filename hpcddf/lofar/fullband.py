@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from hpcddf.engine.paths import FROZEN_CONFIG_REL
 from hpcddf.engine.runner import Command, Step
-from hpcddf.lofar.brightlist import BRIGHT_CSV, BRIGHT_FITS
+from hpcddf.lofar.brightlist import BRIGHT_CSV, BRIGHT_FITS, OFFSETS_SRL
 from hpcddf.lofar.catalogues import redo_di_skymodel
 from hpcddf.lofar.compress import archive_name
 from hpcddf.lofar.ddfcommands import (
@@ -229,7 +229,7 @@ def offsets(r: Reduction) -> Step:
     outs = [f"{method}-facet_offsets.fits", "facet-offset.txt", "astromap.fits", f"{method}-offsets.png",
             f"{FINAL_NS}_shift.app.facetRestored.fits"]
     if makes_brightlist(r):
-        cmds.append(Command((r.m.python, "-m", "hpcddf.lofar.brightlist", "--catalogue", f"{FINAL_NS}.offsets.srl.fits",
+        cmds.append(Command((r.m.python, "-m", "hpcddf.lofar.brightlist", "--catalogue", f"{FINAL_NS}{OFFSETS_SRL}",
                              "--root", FINAL_NS, "--cutoff", str(r.get("spectra", "bright_threshold"))),
                             "brightlist.log", timeout_s=r.m.timeout_s))
         outs += [BRIGHT_CSV, BRIGHT_FITS]

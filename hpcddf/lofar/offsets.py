@@ -30,6 +30,7 @@ import numpy as np
 
 from hpcddf.facets import Facet, facet_of, read_facet_coords, read_tessel
 from hpcddf.facets import tangent as _tangent
+from hpcddf.lofar.brightlist import OFFSETS_SRL
 
 R_ARCSEC = 60.0
 BINS = np.linspace(-40.0, 40.0, 151)
@@ -646,7 +647,7 @@ def run_offsets(root: str, config: str, seed: int = 0) -> list[FacetOffset]:
     hdr = fits.getheader(app)
     wcs, cell = WCS(hdr), abs(float(hdr["CDELT2"])) * 3600.0
     centre = (float(hdr["CRVAL1"]), float(hdr["CRVAL2"]))
-    table = lofar_catalogue(root, f"{root}.offsets.srl.fits")
+    table = lofar_catalogue(root, f"{root}{OFFSETS_SRL}")
     keep = compact(table, float(hdr["BMAJ"]))
     ra, dec = np.asarray(table["RA"], float)[keep], np.asarray(table["DEC"], float)[keep]  # type: ignore[index]
     facets = read_tessel(f"{root}.tessel.reg", centre)
