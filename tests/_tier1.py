@@ -6,7 +6,7 @@ Stokes V, the dynamic spectra, the Dysco archives, offsets and quality.
 The field (``TIER1_SPEC``) holds what each product needs to be checked against the truth:
 four subbands with flux-scale errors (the bootstrap), the demo's six sources, a linearly
 polarised source with a rotation measure, a circularly polarised one and a flaring one. Its
-``hpcddf.cfg`` (``FIELD_CFG``) scales geometry and thresholds to a 600-pixel field of a
+``hpcddf.cfg`` (``FIELD_CFG``) scales geometry and thresholds to a 420-pixel field of a
 16-station array, and switches off one step only, the very slow solutions, which killMS 3.3.0
 cannot solve (see FIELD_CFG). The catalogues the config names with ``$$`` (VLSS,
 WENSS, TGSS, the dynamic spectra's targets) are the true sky, in the site's catalogue
@@ -30,6 +30,8 @@ FLARE_T_S, FLARE_SIGMA_S = 120.0, 30.0
 
 # Only geometry and thresholds, scaled from LoTSS's 1.5" cells and 6" beam to 20" cells and
 # the ~55" x 85" PSF of 16 stations within 5 km; one step is switched off (the last lines).
+# - 420 pixels of 20" (2.3 deg) hold every source with 0.27 deg to spare; DDFacet's deconvolution
+#   time goes with the pixels its PSF box holds (the chain alone: 1095 s here, 1210-1290 s with 600).
 # - The low-resolution beam cannot be wider than the final one here as in LoTSS (20" against
 #   6"): the bootstrap measures its fluxes with PyBDSF on the low-resolution cube, and a
 #   restoring beam much wider than this array's PSF weights the residuals by their area ratio
@@ -41,11 +43,11 @@ FLARE_T_S, FLARE_SIGMA_S = 120.0, 30.0
 FIELD_CFG = """\
 # tier1-sep2024.cfg scaled to the simulated field: geometry and thresholds only
 [image]
-imsize = 600
+imsize = 420
 cellsize = 20
 psf_arcsec = 70
 final_psf_arcsec = 70
-low_imsize = 600
+low_imsize = 420
 low_cell = 20
 low_psf_arcsec = 60
 vlow_imsize = 250
