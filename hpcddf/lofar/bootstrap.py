@@ -102,9 +102,11 @@ class FitResult:
 
 # ---------------------------------------------------------------- catalogues
 
-def catalogues_from_config(cfg: Any, catalog_dir: str | None = None, pending: Collection[str] = ()) -> list[Catalogue]:
+def catalogues_from_config(cfg: Any, catalog_dir: str | None = None, pending: Collection[str] = (),
+                           base: Path | None = None) -> list[Catalogue]:
     """The [bootstrap] catalogues, checked (files, columns, list lengths) before anything runs;
-    a path in ``pending`` is still to be downloaded (``--dry-run``), so not read."""
+    a path in ``pending`` is still to be downloaded (``--dry-run``), so not read. A relative
+    path is checked in ``base`` (the field directory, where the step runs and opens it)."""
     paths = cfg.get("bootstrap", "catalogues") or []
     freqs = cfg.get("bootstrap", "frequencies") or []
     if not paths:
@@ -120,8 +122,9 @@ def catalogues_from_config(cfg: Any, catalog_dir: str | None = None, pending: Co
     cats = []
     for p, f, r, n, g in zip(paths, freqs, radii, names, groups):
         path = str(p).replace("$$", catalog_dir or "$$")
-        if str(Path(path)) not in pending:
-            check_catalogue(path)
+        where = Path(base or ".") / path
+        if str(where) not in pending:
+            check_catalogue(str(where))
         cats.append(Catalogue(str(n), path, float(f), float(r), int(g)))
     return cats
 

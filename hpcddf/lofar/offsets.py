@@ -277,12 +277,13 @@ def reference_catalogue(cfg: object, workdir: Path | None = None, pending: Colle
         raise ConfigError(f"[offsets] method={method} needs a local reference catalogue",
                           "set [offsets] catalogue to a FITS/CSV file with RA and Dec columns "
                           "(hpcddf downloads only method=panstarrs, from the site's [catalogues] panstarrs_url)")
-    if str(Path(path)) in pending:
+    where = Path(workdir or ".") / path  # relative: the field directory's, where the step runs
+    if str(where) in pending:
         return str(path)
-    if not Path(path).is_file():
+    if not where.is_file():
         raise ConfigError(f"offsets reference catalogue {path} does not exist",
                           "fix [offsets] catalogue ($$ is the site's catalogue dir)")
-    read_reference(path)
+    read_reference(str(where))
     return str(path)
 
 

@@ -87,10 +87,10 @@ def check_inputs(cfg: PipelineConfig, step_names: list[str] | tuple[str, ...],
         from hpcddf.lofar.bootstrap import catalogues_from_config
         from hpcddf.lofar.offsets import reference_catalogue
     except ImportError:
-        _files_exist(cfg, pending)
+        _files_exist(cfg, Path(workdir or "."), pending)
         return _check_quality(cfg, step_names)
     if "bootstrap" in step_names:
-        catalogues_from_config(cfg, pending=pending)
+        catalogues_from_config(cfg, pending=pending, base=workdir)
     if "offsets" in step_names:
         reference_catalogue(cfg, workdir, pending)
     _check_quality(cfg, step_names)
@@ -105,11 +105,11 @@ def _check_quality(cfg: PipelineConfig, step_names: list[str] | tuple[str, ...])
         check_comparisons([parse_comparison(str(c)) for c in cfg.get("control", "quality")])
 
 
-def _files_exist(cfg: PipelineConfig, pending: Collection[str] = ()) -> None:
+def _files_exist(cfg: PipelineConfig, workdir: Path, pending: Collection[str] = ()) -> None:
     from hpcddf.errors import ConfigError
     paths = list(cfg.get("bootstrap", "catalogues") or []) + [cfg.get("offsets", "catalogue") or ""]
     for p in paths:
-        if p and str(Path(str(p))) not in pending and not Path(str(p)).is_file():
+        if p and str(workdir / str(p)) not in pending and not (workdir / str(p)).is_file():
             raise ConfigError(f"catalogue {p} does not exist", "fix the path in the config ($$ is the site's catalogue dir)")
 
 

@@ -291,3 +291,27 @@ def test_submits_checks_download_and_the_offsets_step_reads_the_download(tmp_pat
     monkeypatch.chdir(workdir)
     ra, _ = read_reference(reference_catalogue(jobs[0].config))
     assert len(ra) == 3
+
+
+def test_a_relative_catalogue_name_is_the_field_directorys(tmp_path, monkeypatch):
+    """lgps_optimized.cfg names its TGSS and bootstrap catalogues without a directory: the steps
+    run in the field directory and open them there, so submit looks there too, wherever it is
+    typed."""
+    from astropy.table import Table
+
+    from hpcddf.lofar.reduction import check_inputs
+    field = tmp_path / "L1"
+    field.mkdir()
+    Table({"RA": [150.0], "DEC": [55.0], "Total_flux": [5.0], "E_Total_flux": [0.1]}).write(field / "VLSS.fits")
+    Table({"RA": [150.0], "DEC": [55.0], "Peak_flux": [500.0]}).write(field / "TGSS.fits")
+    monkeypatch.chdir(tmp_path)  # not the field directory
+    site = _site(tmp_path, "")
+    cfg = _cfg("--masking-tgss=TGSS.fits", "--bootstrap-catalogues=['VLSS.fits']", "--bootstrap-frequencies=[74e6]")
+    assert cat.plan_fetches(site, cfg, field, ["bootstrap"], lambda: Path("x")) == []
+    check_inputs(cfg, ["bootstrap"], field)
+    (field / "TGSS.fits").unlink()
+    with pytest.raises(ConfigError, match=f"{field}/TGSS.fits does not exist"):
+        cat.plan_fetches(site, cfg, field, ["bootstrap"], lambda: Path("x"))
+    (field / "VLSS.fits").rename(tmp_path / "VLSS.fits")  # beside the submit, not in the field
+    with pytest.raises(ConfigError, match="VLSS.fits does not exist"):
+        check_inputs(cfg, ["bootstrap"], field)
