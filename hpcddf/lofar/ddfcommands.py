@@ -213,7 +213,7 @@ def _deconv(cfg: PipelineConfig, img: Image) -> list[str]:
         out += _opts(SSDClean_SSDSolvePars="[S,Alpha]", SSDClean_BICFactor=0)
     if mode == "WSCMS":
         out = _wscms(cfg, img, out)
-    if img.automask_sigma is not None:
+    if img.automask_sigma is not None and mode != "WSCMS":  # WSCMS masks with its own (_wscms)
         out += _opts(Mask_Auto=1, Mask_SigTh=img.automask_sigma)
     if cfg.get("image", "use_splitisland"):
         out += _opts(SSDClean_MaxIslandSize=cfg.get("image", "splitisland_size"))
@@ -224,7 +224,8 @@ def _wscms(cfg: PipelineConfig, img: Image, out: list[str]) -> list[str]:
     """WSCMS's own settings, as ddf-pipeline's LGPS configs give them: the per-round lists
     (rms and peak factors, auto-mask factor) at the image's clean round, the scales in pixels
     of [image] cellsize converted to the image's own cell (a low-resolution image's scales
-    cover the same sky)."""
+    cover the same sky). An auto-masked image is masked by WSCMS's scale-dependent mask, as
+    ddf-pipeline asks for it: DDFacet 0.9.1 refuses --Mask-Auto outside HMP and SSD."""
     g = cfg.get
     i = clean_round(cfg, img)
     ratio = float(g("image", "cellsize")) / float(img.cellsize or g("image", "cellsize"))
@@ -233,8 +234,10 @@ def _wscms(cfg: PipelineConfig, img: Image, out: list[str]) -> list[str]:
         extra += _opts(WSCMS_MaxScale=max(1, int(g("image", "wscms_max_scale") * ratio)))
     if g("image", "wscms_scales"):
         extra += _opts(WSCMS_Scales=sorted({int(float(v) * ratio) for v in g("image", "wscms_scales")}))
-    if g("masking", "wscms_automask_rms_factor"):
-        extra += _opts(WSCMS_AutoMask=1, WSCMS_AutoMaskRMSFactor=_at(g("masking", "wscms_automask_rms_factor"), i))
+    auto = img.automask_sigma is not None
+    extra += _opts(WSCMS_AutoMask=int(auto), Mask_FluxImageType="ModelConv")
+    if auto and g("masking", "wscms_automask_rms_factor"):
+        extra += _opts(WSCMS_AutoMaskRMSFactor=_at(g("masking", "wscms_automask_rms_factor"), i))
     replaced = {"--Deconv-RMSFactor": _at(g("image", "wscms_rms_factor"), i),
                 "--Deconv-PeakFactor": _at(g("image", "wscms_peakfactor"), i)}
     return [_replace_opt(a, replaced) for a in out] + extra
