@@ -448,13 +448,17 @@ PRODUCTION_STEPS = {
 
 
 # the one line each shipped config gets (no option of theirs is ignored otherwise): the LOFAR beam
-# is not applied to the dynamic spectra; LGPS's WSCMS2 is cleaned with 0.9.1's WSCMS
+# is not applied to the dynamic spectra; LGPS's WSCMS2 is cleaned with 0.9.1's WSCMS, which cannot
+# auto-mask an image that has a clean mask
 _NO_BEAM = ("hpcddf: warning: [spectra] do_dynspec: the dynamic spectra are made without the beam ([image] "
             "beam_model LOFAR): hpcddf's extraction applies none, so their fluxes are apparent")
 PRODUCTION_WARNINGS = {
     "tier1-sep2024.cfg": [_NO_BEAM], "tier1-jul2018.cfg": [_NO_BEAM],
     "lgps_optimized.cfg": ["hpcddf: warning: [image] cleanmode WSCMS2 is not in DDFacet 0.9.1.0 (which killMS "
-                           "3.3.0 needs): the images are cleaned with WSCMS"],
+                           "3.3.0 needs): the images are cleaned with WSCMS",
+                           "hpcddf: warning: [masking] WSCMS auto-masking applies only to images without a clean "
+                           "mask: DDFacet 0.9.1.0's WSCMS stops when given both, so the others are cleaned inside "
+                           "their mask alone"],
 }
 
 

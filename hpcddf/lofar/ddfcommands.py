@@ -225,7 +225,10 @@ def _wscms(cfg: PipelineConfig, img: Image, out: list[str]) -> list[str]:
     (rms and peak factors, auto-mask factor) at the image's clean round, the scales in pixels
     of [image] cellsize converted to the image's own cell (a low-resolution image's scales
     cover the same sky). An auto-masked image is masked by WSCMS's scale-dependent mask, as
-    ddf-pipeline asks for it: DDFacet 0.9.1 refuses --Mask-Auto outside HMP and SSD."""
+    ddf-pipeline asks for it: DDFacet 0.9.1 refuses --Mask-Auto outside HMP and SSD. Not with
+    a clean mask: 0.9.1's WSCMS stops with both ("No scale has been selected. This should never
+    happen. Bug!"), so such an image is cleaned inside its mask alone (a warning at submit,
+    hpcddf.lofar.option_effects)."""
     g = cfg.get
     i = clean_round(cfg, img)
     ratio = float(g("image", "cellsize")) / float(img.cellsize or g("image", "cellsize"))
@@ -234,13 +237,18 @@ def _wscms(cfg: PipelineConfig, img: Image, out: list[str]) -> list[str]:
         extra += _opts(WSCMS_MaxScale=max(1, int(g("image", "wscms_max_scale") * ratio)))
     if g("image", "wscms_scales"):
         extra += _opts(WSCMS_Scales=sorted({int(float(v) * ratio) for v in g("image", "wscms_scales")}))
-    auto = img.automask_sigma is not None
+    auto = img.automask_sigma is not None and not wscms_mask_clash(img)
     extra += _opts(WSCMS_AutoMask=int(auto), Mask_FluxImageType="ModelConv")
     if auto and g("masking", "wscms_automask_rms_factor"):
         extra += _opts(WSCMS_AutoMaskRMSFactor=_at(g("masking", "wscms_automask_rms_factor"), i))
     replaced = {"--Deconv-RMSFactor": _at(g("image", "wscms_rms_factor"), i),
                 "--Deconv-PeakFactor": _at(g("image", "wscms_peakfactor"), i)}
     return [_replace_opt(a, replaced) for a in out] + extra
+
+
+def wscms_mask_clash(img: Image) -> bool:
+    """An auto-masked image with a clean mask: DDFacet 0.9.1's WSCMS cannot have both."""
+    return img.automask_sigma is not None and img.cleanmask is not None
 
 
 def _at(values: list | None, i: int) -> Any:

@@ -51,4 +51,8 @@ def partial_effects(cfg: PipelineConfig) -> list[str]:
     if mode in DDF_MODE_FALLBACK:
         lines.append(f"warning: [image] cleanmode {mode} is not in DDFacet 0.9.1.0 (which killMS 3.3.0 "
                      f"needs): the images are cleaned with {DDF_MODE_FALLBACK[mode]}")
+    if DDF_MODE_FALLBACK.get(mode, mode) == "WSCMS":
+        lines.append("warning: [masking] WSCMS auto-masking applies only to images without a clean mask: "
+                     "DDFacet 0.9.1.0's WSCMS stops when given both, so the others are cleaned inside "
+                     "their mask alone")
     return lines

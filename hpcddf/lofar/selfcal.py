@@ -32,12 +32,15 @@ from hpcddf.lofar.stepkit import (
 # ------------------------------------------------------------------------------ initial
 
 def image_dirin_SSD_init(r: Reduction) -> Step:
+    """The first dirty image, as ddf-pipeline makes it: a clean of no major cycle, which also
+    computes this image's PSF into the cache that image_dirin_SSD then forces (--Cache-PSF=force
+    reads whatever PSF the cache holds: after do_wide, without this, the wide image's)."""
     cmds = [hpcddf_tool(r.m, ["prepare-ms", "--colname", r.col, *sorted(set(r.mss + r.full_mss))],
                         "prepare-ms.log")]
     if r.get("control", "clearcache"):
         cmds.append(hpcddf_tool(r.m, ["clear-cache", "--cache-dir", r.m.cache_dir, r.mslist,
                                       r.full_mslist, *r.mss, *r.full_mss], "clear-cache.log"))
-    cmds.append(ddf_image(r.cfg, r.m, dirty_of(r.image("image_dirin_SSD_init", colname=r.col))))
+    cmds.append(ddf_image(r.cfg, r.m, r.image("image_dirin_SSD_init", colname=r.col, majorcycles=0, peakfactor=0.05)))
     return step_of("image_dirin_SSD_init", cmds, ["image_dirin_SSD_init.dirty.fits"], 60)
 
 

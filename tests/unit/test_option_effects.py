@@ -72,6 +72,7 @@ def test_a_clean_mode_ddfacet_091_lacks_runs_as_its_predecessor_with_a_warning(t
     the submit says so in one line instead of DDFacet failing on the node."""
     from hpcddf.lofar.ddfcommands import Image, deconv_mode
     cfg = load_config([], ["--image-cleanmode=WSCMS2"])
-    [line] = no_effect_warnings(cfg)
+    line, masks = no_effect_warnings(cfg)
     assert "[image] cleanmode WSCMS2 is not in DDFacet 0.9.1.0" in line and "cleaned with WSCMS" in line
+    assert "WSCMS auto-masking applies only to images without a clean mask" in masks
     assert deconv_mode(cfg, Image(name="x", mslist="m", colname="DATA")) == "WSCMS"

@@ -115,6 +115,15 @@ def test_cache_reuse_arguments_are_decided_when_the_command_starts(tmp_path):
     assert extra == ("--Cache-PSF=force", "--Cache-Dirty=forceresidual")
 
 
+def test_the_first_dirty_image_also_makes_the_psf_that_image_dirin_SSD_forces():
+    """ddf-pipeline's image_dirin_SSD_init is a clean of no major cycle, so the PSF cache holds
+    this image's PSF when image_dirin_SSD passes --Cache-PSF=force; a Dirty run computes none,
+    and after do_wide the forced PSF was the wide image's (WSCMS refused its shape)."""
+    ddf = _opts_of(BUILDERS["image_dirin_SSD_init"](tier1("--image-do_wide=True")).commands[-1].argv)
+    assert ddf["--Output-Mode"] == "Clean" and ddf["--Deconv-MaxMajorIter"] == "0"
+    assert ddf["--Output-Name"] == "image_dirin_SSD_init" and "--Cache-PSF" not in ddf
+
+
 def test_beam_model_none_drops_every_beam_option():
     r = tier1("--image-beam_model=None")
     ddf = BUILDERS["image_dirin_SSD_init"](r).commands[-1].argv
@@ -467,11 +476,18 @@ def test_lgps_wscms_settings_reach_ddfacet_per_round_and_per_cell():
     assert final["--WSCMS-Scales"] == "[0,4,8,16,32,64,128,256,512]"
     assert float(final["--Deconv-RMSFactor"]) == cfg.get("image", "wscms_rms_factor")[i]
     assert float(final["--Deconv-PeakFactor"]) == cfg.get("image", "wscms_peakfactor")[i]
-    # auto-masked by WSCMS's own mask: DDFacet 0.9.1 refuses --Mask-Auto under WSCMS ("Automasking
-    # only supported under HMP and SSD"), and ddf-pipeline does not pass it there
-    assert final["--WSCMS-AutoMask"] == "1" and "--Mask-Auto" not in final and "--Mask-SigTh" not in final
-    assert float(final["--WSCMS-AutoMaskRMSFactor"]) == cfg.get("masking", "wscms_automask_rms_factor")[i]
+    # never --Mask-Auto: DDFacet 0.9.1 refuses it under WSCMS ("Automasking only supported under
+    # HMP and SSD"), and ddf-pipeline does not pass it there; with a clean mask, the mask alone:
+    # 0.9.1's WSCMS stops given both ("No scale has been selected")
+    assert "--Mask-Auto" not in final and "--Mask-SigTh" not in final
+    assert final["--Mask-External"] and final["--WSCMS-AutoMask"] == "0" and "--WSCMS-AutoMaskRMSFactor" not in final
     assert final["--Mask-FluxImageType"] == "ModelConv"
+    # without one, WSCMS's own scale-dependent auto-mask at the round's factor
+    from hpcddf.lofar.ddfcommands import Image, ddf_image
+    img = Image(name="x", mslist="mslist.txt", colname="DATA", automask_sigma=r.thr(2))
+    free = _opts_of(ddf_image(cfg, NODE, img).argv)
+    assert free["--WSCMS-AutoMask"] == "1" and "--Mask-Auto" not in free
+    assert float(free["--WSCMS-AutoMaskRMSFactor"]) == cfg.get("masking", "wscms_automask_rms_factor")[i]
     first = _opts_of(BUILDERS["image_dirin_SSD"](r).commands[0].argv)
     assert float(first["--Deconv-RMSFactor"]) == cfg.get("image", "wscms_rms_factor")[thr.index(r.thr(0))]
     # an SSD config gets none of it
