@@ -361,8 +361,13 @@ def make_mask(m: Machine, image: str, threshold: float, log_name: str,
                     "--Box=50,2", *extra), log_name, timeout_s=m.timeout_s)
 
 
-def mask_dicomodel(m: Machine, mask: str, dico_in: str, dico_out: str, log_name: str) -> Command:
-    """Zero the model components outside the mask (``MaskDicoModel.py``)."""
+def mask_dicomodel(m: Machine, mask: str, dico_in: str, dico_out: str, log_name: str,
+                   wscms: bool = False) -> Command:
+    """Drop the model components outside the mask: ``MaskDicoModel.py``, or for a WSCMS model,
+    which 0.9.1's MaskDicoModel.py cannot mask, hpcddf's ``wscmsmodel``."""
+    if wscms:
+        return Command((m.python, "-m", "hpcddf.lofar.wscmsmodel", "--mask", mask, "--in", dico_in,
+                        "--out", dico_out), log_name, timeout_s=m.timeout_s)
     return Command(("MaskDicoModel.py", f"--MaskName={mask}", f"--InDicoModel={dico_in}",
                     f"--OutDicoModel={dico_out}"), log_name, timeout_s=m.timeout_s)
 

@@ -488,6 +488,10 @@ def test_lgps_wscms_settings_reach_ddfacet_per_round_and_per_cell():
     free = _opts_of(ddf_image(cfg, NODE, img).argv)
     assert free["--WSCMS-AutoMask"] == "1" and "--Mask-Auto" not in free
     assert float(free["--WSCMS-AutoMaskRMSFactor"]) == cfg.get("masking", "wscms_automask_rms_factor")[i]
+    # its models are masked by hpcddf's WSCMS masker: 0.9.1's MaskDicoModel.py masks SSD/HMP models only
+    mask = BUILDERS["image_dirin_SSD_m_c"](r).commands[-1].argv
+    assert list(mask) == [NODE.python, "-m", "hpcddf.lofar.wscmsmodel", "--mask", "image_dirin_SSD_m_c.mask.fits",
+                          "--in", "image_dirin_SSD_m_c.DicoModel", "--out", "image_dirin_SSD_m_c_masked.DicoModel"]
     first = _opts_of(BUILDERS["image_dirin_SSD"](r).commands[0].argv)
     assert float(first["--Deconv-RMSFactor"]) == cfg.get("image", "wscms_rms_factor")[thr.index(r.thr(0))]
     # an SSD config gets none of it
