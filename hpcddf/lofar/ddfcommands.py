@@ -238,12 +238,18 @@ def _wscms(cfg: PipelineConfig, img: Image, out: list[str]) -> list[str]:
     if g("image", "wscms_scales"):
         extra += _opts(WSCMS_Scales=sorted({int(float(v) * ratio) for v in g("image", "wscms_scales")}))
     auto = img.automask_sigma is not None and not wscms_mask_clash(img)
+    if img.majorcycles == 0:  # 0.9.1's WSCMS model has no spectral-index map before a minor cycle
+        extra += _opts(Output_Images=WSCMS_NO_ALPHA_IMAGES)  # (AttributeError: ... no attribute 'Npix')
     extra += _opts(WSCMS_AutoMask=int(auto), Mask_FluxImageType="ModelConv")
     if auto and g("masking", "wscms_automask_rms_factor"):
         extra += _opts(WSCMS_AutoMaskRMSFactor=_at(g("masking", "wscms_automask_rms_factor"), i))
     replaced = {"--Deconv-RMSFactor": _at(g("image", "wscms_rms_factor"), i),
                 "--Deconv-PeakFactor": _at(g("image", "wscms_peakfactor"), i)}
     return [_replace_opt(a, replaced) for a in out] + extra
+
+
+# DDFacet 0.9.1's default --Output-Images (DdPAMRIikemz) without the spectral-index map A
+WSCMS_NO_ALPHA_IMAGES = "DdPMRIikemz"
 
 
 def wscms_mask_clash(img: Image) -> bool:

@@ -488,6 +488,9 @@ def test_lgps_wscms_settings_reach_ddfacet_per_round_and_per_cell():
     free = _opts_of(ddf_image(cfg, NODE, img).argv)
     assert free["--WSCMS-AutoMask"] == "1" and "--Mask-Auto" not in free
     assert float(free["--WSCMS-AutoMaskRMSFactor"]) == cfg.get("masking", "wscms_automask_rms_factor")[i]
+    # an image of no major cycle without the alpha map: 0.9.1's WSCMS cannot make one before a minor cycle
+    assert _opts_of(BUILDERS["image_full_ampphase_di"](r).commands[-1].argv)["--Output-Images"] == "DdPMRIikemz"
+    assert "--Output-Images" not in final
     # its models are masked by hpcddf's WSCMS masker: 0.9.1's MaskDicoModel.py masks SSD/HMP models only
     mask = BUILDERS["image_dirin_SSD_m_c"](r).commands[-1].argv
     assert list(mask) == [NODE.python, "-m", "hpcddf.lofar.wscmsmodel", "--mask", "image_dirin_SSD_m_c.mask.fits",
