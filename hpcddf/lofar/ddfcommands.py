@@ -190,6 +190,12 @@ def ddf_shift(m: Machine, name: str, shift_file: str) -> Command:
 DDF_MODE_FALLBACK = {"WSCMS2": "WSCMS", "SSD3": "SSD2"}
 
 
+def ddf_cleanmode(cfg: PipelineConfig) -> str:
+    """[image] cleanmode as DDFacet 0.9.1 runs it (a newer mode: its predecessor)."""
+    mode = cfg.get("image", "cleanmode")
+    return DDF_MODE_FALLBACK.get(mode, mode)
+
+
 def deconv_mode(cfg: PipelineConfig, img: Image) -> str:
     """DDFacet's --Deconv-Mode for an image: its own, else [image] cleanmode (as 0.9.1 has it)."""
     mode = img.deconv_mode or cfg.get("image", "cleanmode")

@@ -41,7 +41,7 @@ def no_effect_warnings(cfg: PipelineConfig) -> list[str]:
 
 def partial_effects(cfg: PipelineConfig) -> list[str]:
     """Options that take effect, but not all of it here: one line each."""
-    from hpcddf.lofar.ddfcommands import DDF_MODE_FALLBACK
+    from hpcddf.lofar.ddfcommands import DDF_MODE_FALLBACK, ddf_cleanmode
     lines = []
     if cfg.get("spectra", "do_dynspec") and cfg.get("image", "beam_model") not in (None, "None"):
         lines.append("warning: [spectra] do_dynspec: the dynamic spectra are made without the beam "
@@ -51,7 +51,7 @@ def partial_effects(cfg: PipelineConfig) -> list[str]:
     if mode in DDF_MODE_FALLBACK:
         lines.append(f"warning: [image] cleanmode {mode} is not in DDFacet 0.9.1.0 (which killMS 3.3.0 "
                      f"needs): the images are cleaned with {DDF_MODE_FALLBACK[mode]}")
-    if DDF_MODE_FALLBACK.get(mode, mode) == "WSCMS":
+    if ddf_cleanmode(cfg) == "WSCMS":
         lines.append("warning: [masking] WSCMS auto-masking applies only to images without a clean mask: "
                      "DDFacet 0.9.1.0's WSCMS stops when given both, so the others are cleaned inside "
                      "their mask alone")

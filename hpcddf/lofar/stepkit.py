@@ -11,11 +11,11 @@ from hpcddf.engine.runner import Command, Step
 from hpcddf.errors import PlanError
 from hpcddf.lofar.config import PipelineConfig
 from hpcddf.lofar.ddfcommands import (
-    DDF_MODE_FALLBACK,
     Image,
     Machine,
     Solve,
     clipcal,
+    ddf_cleanmode,
     hpcddf_tool,
     kms,
     make_mask,
@@ -182,9 +182,8 @@ def masked(r: Reduction, name: str, threshold: float, merge_external: bool = Tru
     cmds.append(hpcddf_tool(r.m, ["merge-masks", "--out", f"{name}.mask.fits", *sources],
                             f"{name}.mergemask.log"))
     if dico:
-        wscms = DDF_MODE_FALLBACK.get(r.get("image", "cleanmode"), r.get("image", "cleanmode")) == "WSCMS"
-        cmds.append(mask_dicomodel(r.m, f"{name}.mask.fits", f"{name}.DicoModel",
-                                   f"{name}_masked.DicoModel", f"{name}.maskdico.log", wscms=wscms))
+        cmds.append(mask_dicomodel(r.m, f"{name}.mask.fits", f"{name}.DicoModel", f"{name}_masked.DicoModel",
+                                   f"{name}.maskdico.log", wscms=ddf_cleanmode(r.cfg) == "WSCMS"))
     return cmds
 
 
