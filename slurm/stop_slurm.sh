@@ -71,7 +71,9 @@ if [ "$KEEP_JOBS" = 0 ] && alive "$RUN/slurmctld.pid" slurmctld; then
     done
   fi
 fi
-for f in "$RUN"/slurmd*.pid; do stop_pid "$f" slurmd; done
+for f in "$RUN"/slurmd*.pid; do  # slurmd.pid, slurmd-<node>.pid; not slurmdbd.pid (stopped below)
+  [ "$f" = "$RUN/slurmdbd.pid" ] || stop_pid "$f" slurmd
+done
 stop_pid "$RUN/slurmctld.pid" slurmctld
 stop_pid "$RUN/slurmdbd.pid" slurmdbd
 stop_pid "$RUN/mysql/mysqld.pid" mariadbd
