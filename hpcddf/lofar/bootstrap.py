@@ -107,6 +107,7 @@ def catalogues_from_config(cfg: Any, catalog_dir: str | None = None, pending: Co
     """The [bootstrap] catalogues, checked (files, columns, list lengths) before anything runs;
     a path in ``pending`` is still to be downloaded (``--dry-run``), so not read. A relative
     path is checked in ``base`` (the field directory, where the step runs and opens it)."""
+    from hpcddf.lofar.catalogues import in_field
     paths = cfg.get("bootstrap", "catalogues") or []
     freqs = cfg.get("bootstrap", "frequencies") or []
     if not paths:
@@ -122,7 +123,7 @@ def catalogues_from_config(cfg: Any, catalog_dir: str | None = None, pending: Co
     cats = []
     for p, f, r, n, g in zip(paths, freqs, radii, names, groups):
         path = str(p).replace("$$", catalog_dir or "$$")
-        where = Path(base or ".") / path
+        where = in_field(base, path)
         if str(where) not in pending:
             check_catalogue(str(where))
         cats.append(Catalogue(str(n), path, float(f), float(r), int(g)))

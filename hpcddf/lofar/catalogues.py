@@ -71,23 +71,28 @@ class Fetch:
 
 # ---------------------------------------------------------------- what a configuration needs
 
+def in_field(workdir: Path | str | None, name: object) -> Path:
+    """A catalogue file as a step opens it. A relative name is the field directory's, as
+    for ddf-pipeline, whose steps run there (lgps_optimized.cfg names its TGSS and bootstrap
+    catalogues so); ``$$`` names are absolute by the time they get here."""
+    return Path(workdir or ".") / str(name)
+
+
 def needs(cfg: object, workdir: Path, steps: Sequence[str]) -> list[Need]:
-    """The catalogue files the field's planned steps read. A relative name is the field
-    directory's, as for ddf-pipeline, whose steps run there (lgps_optimized.cfg names its TGSS
-    and bootstrap catalogues so); ``$$`` names are absolute by now."""
+    """The catalogue files the field's planned steps read, where the steps open them (`in_field`)."""
     get = cfg.get  # type: ignore[attr-defined]
     out: list[Need] = []
     if get("masking", "tgss"):
-        out.append(Need("TGSS catalogue ([masking] tgss)", workdir / str(get("masking", "tgss")), TGSS_COLUMNS))
+        out.append(Need("TGSS catalogue ([masking] tgss)", in_field(workdir, get("masking", "tgss")), TGSS_COLUMNS))
     if "bootstrap" in steps:
-        out += [Need("bootstrap catalogue", workdir / str(p), BOOTSTRAP_COLUMNS)
+        out += [Need("bootstrap catalogue", in_field(workdir, p), BOOTSTRAP_COLUMNS)
                 for p in get("bootstrap", "catalogues") or []]
     if "redo_DI" in steps:
         kind = str(get("control", "redo_DI_type"))
         out.append(Need(f"{kind} sky model ([control] redo_DI)", workdir / redo_di_skymodel(kind), (),
                         skymodel=kind))
     if "dynspec" in steps:
-        out.append(Need("dynamic-spectrum targets ([spectra] catalogue)", workdir / str(get("spectra", "catalogue")),
+        out.append(Need("dynamic-spectrum targets ([spectra] catalogue)", in_field(workdir, get("spectra", "catalogue")),
                         DYNSPEC_COLUMNS))
     if "offsets" in steps and not get("offsets", "catalogue") and get("offsets", "method") == "panstarrs":
         out.append(Need("PanSTARRS catalogue ([offsets] method=panstarrs)", workdir / PANSTARRS_MERGED,

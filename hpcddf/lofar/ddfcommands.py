@@ -163,7 +163,7 @@ def ddf_image(cfg: PipelineConfig, m: Machine, img: Image) -> Command:
     argv += list(img.extra)
     optional = []
     if img.cleanmask and img.cleanmask_optional and img.mode == "Clean":
-        optional.append((img.cleanmask, (f"--Mask-External={img.cleanmask}",)))
+        optional.append((img.cleanmask, _optional_mask(cfg, img)))
     if img.reuse_psf:
         optional.append((cache_path(m, img.mslist, "PSF"), ("--Cache-PSF=force",)))
     if img.reuse_dirty:
@@ -171,6 +171,16 @@ def ddf_image(cfg: PipelineConfig, m: Machine, img: Image) -> Command:
         optional.append((cache_path(m, img.mslist, what), (f"--Cache-Dirty={img.reuse_dirty}",)))
     return Command(tuple(argv), f"{img.name}.log", timeout_s=m.timeout_s,
                    when_exists=tuple(optional), retry_if=DDF_START_RACE)
+
+
+def _optional_mask(cfg: PipelineConfig, img: Image) -> tuple[str, ...]:
+    """The options an optional clean mask adds when it exists at run time. Under WSCMS it also
+    turns the auto-mask off (later options win in DDFacet's parser): 0.9.1's WSCMS cannot have
+    both (`_wscms`), and without the file the image keeps its auto-mask."""
+    args = (f"--Mask-External={img.cleanmask}",)
+    if img.automask_sigma is not None and deconv_mode(cfg, img) == "WSCMS":
+        args += ("--WSCMS-AutoMask=0",)
+    return args
 
 
 def ddf_shift(m: Machine, name: str, shift_file: str) -> Command:
@@ -243,7 +253,8 @@ def _wscms(cfg: PipelineConfig, img: Image, out: list[str]) -> list[str]:
         extra += _opts(WSCMS_MaxScale=max(1, int(g("image", "wscms_max_scale") * ratio)))
     if g("image", "wscms_scales"):
         extra += _opts(WSCMS_Scales=sorted({int(float(v) * ratio) for v in g("image", "wscms_scales")}))
-    auto = img.automask_sigma is not None and not wscms_mask_clash(img)
+    # an optional mask is chosen at run time: ddf_image's when_exists turns the auto-mask off with it
+    auto = img.automask_sigma is not None and (img.cleanmask is None or img.cleanmask_optional)
     if img.majorcycles == 0:  # 0.9.1's WSCMS model has no spectral-index map before a minor cycle
         extra += _opts(Output_Images=WSCMS_NO_ALPHA_IMAGES)  # (AttributeError: ... no attribute 'Npix')
     extra += _opts(WSCMS_AutoMask=int(auto), Mask_FluxImageType="ModelConv")
@@ -256,11 +267,6 @@ def _wscms(cfg: PipelineConfig, img: Image, out: list[str]) -> list[str]:
 
 # DDFacet 0.9.1's default --Output-Images (DdPAMRIikemz) without the spectral-index map A
 WSCMS_NO_ALPHA_IMAGES = "DdPMRIikemz"
-
-
-def wscms_mask_clash(img: Image) -> bool:
-    """An auto-masked image with a clean mask: DDFacet 0.9.1's WSCMS cannot have both."""
-    return img.automask_sigma is not None and img.cleanmask is not None
 
 
 def _at(values: list | None, i: int) -> Any:

@@ -268,16 +268,16 @@ def reference_catalogue(cfg: object, workdir: Path | None = None, pending: Colle
     directory at submit (``panstarrs/panstarrs.fits``; relative: the step runs in the field
     directory). A path in ``pending`` is still to be downloaded (``--dry-run``): not read."""
     from hpcddf.errors import ConfigError
-    from hpcddf.lofar.catalogues import PANSTARRS_MERGED
+    from hpcddf.lofar.catalogues import PANSTARRS_MERGED, in_field
     method = cfg.get("offsets", "method")  # type: ignore[attr-defined]
     path = cfg.get("offsets", "catalogue")  # type: ignore[attr-defined]
     if not path and method == "panstarrs":
-        path = str(workdir / PANSTARRS_MERGED) if workdir is not None else PANSTARRS_MERGED
+        path = str(in_field(workdir, PANSTARRS_MERGED))
     if not path:
         raise ConfigError(f"[offsets] method={method} needs a local reference catalogue",
                           "set [offsets] catalogue to a FITS/CSV file with RA and Dec columns "
                           "(hpcddf downloads only method=panstarrs, from the site's [catalogues] panstarrs_url)")
-    where = Path(workdir or ".") / path  # relative: the field directory's, where the step runs
+    where = in_field(workdir, path)
     if str(where) in pending:
         return str(path)
     if not where.is_file():

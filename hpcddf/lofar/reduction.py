@@ -107,9 +107,10 @@ def _check_quality(cfg: PipelineConfig, step_names: list[str] | tuple[str, ...])
 
 def _files_exist(cfg: PipelineConfig, workdir: Path, pending: Collection[str] = ()) -> None:
     from hpcddf.errors import ConfigError
+    from hpcddf.lofar.catalogues import in_field
     paths = list(cfg.get("bootstrap", "catalogues") or []) + [cfg.get("offsets", "catalogue") or ""]
     for p in paths:
-        if p and str(workdir / str(p)) not in pending and not (workdir / str(p)).is_file():
+        if p and str(in_field(workdir, p)) not in pending and not in_field(workdir, p).is_file():
             raise ConfigError(f"catalogue {p} does not exist", "fix the path in the config ($$ is the site's catalogue dir)")
 
 

@@ -463,7 +463,7 @@ def _opts_of(argv) -> dict[str, str]:
     return dict(a.split("=", 1) for a in argv if a.startswith("--") and "=" in a)
 
 
-def test_lgps_wscms_settings_reach_ddfacet_per_round_and_per_cell():
+def test_lgps_wscms_settings_reach_ddfacet_per_round_and_per_cell(tmp_path):
     """LGPS's WSCMS options are passed (per-round lists at the image's round, the thresholds'
     index; scales converted to the image's own cell), and its WSCMS2 runs as 0.9.1's WSCMS."""
     cfg = load_config([str(DATA / "lgps_optimized.cfg")], catalog_dir="/cats")
@@ -488,6 +488,13 @@ def test_lgps_wscms_settings_reach_ddfacet_per_round_and_per_cell():
     free = _opts_of(ddf_image(cfg, NODE, img).argv)
     assert free["--WSCMS-AutoMask"] == "1" and "--Mask-Auto" not in free
     assert float(free["--WSCMS-AutoMaskRMSFactor"]) == cfg.get("masking", "wscms_automask_rms_factor")[i]
+    # an optional mask (passed if its file exists as the step starts) decides it at run time:
+    # without the file the auto-mask, with it the mask alone (DDFacet's parser: the last one wins)
+    maybe = ddf_image(cfg, NODE, replace(img, cleanmask="m.mask.fits", cleanmask_optional=True))
+    assert _opts_of(maybe.resolved(tmp_path).argv)["--WSCMS-AutoMask"] == "1"
+    (tmp_path / "m.mask.fits").touch()
+    masked = maybe.resolved(tmp_path).argv
+    assert masked[-2:] == ("--Mask-External=m.mask.fits", "--WSCMS-AutoMask=0")
     # an image of no major cycle without the alpha map: 0.9.1's WSCMS cannot make one before a minor cycle
     assert _opts_of(BUILDERS["image_full_ampphase_di"](r).commands[-1].argv)["--Output-Images"] == "DdPMRIikemz"
     assert "--Output-Images" not in final
