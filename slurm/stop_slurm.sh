@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # stop_slurm.sh - stop the one-node Slurm cluster that start_slurm.sh started. Only the pids in
 # $HPCDDF_SLURM_DIR/run/*.pid are signalled, and only if /proc/<pid>/comm names the expected
-# daemon; a munged (or anything else) that start_slurm.sh found already running is left alone.
+# daemon; a munged (or anything else) that start_slurm.sh found already running is left alone,
+# and so is a pid file whose process runs as another program (only a stale one is removed).
 #
 #   --keep-jobs  do not scancel queued/running jobs first (they resume after the next start)
 #   --purge      also delete Slurm state, spool, logs, the MariaDB data dir and the sacct shim
@@ -54,8 +55,11 @@ stop_pid() {
       kill -KILL "$pid"
     fi
     log "stopped $comm ($pid) in $(((${EPOCHREALTIME/[.,]/} - t0) / 1000)) ms"
+  elif running "$pid"; then  # another daemon's file, or a reused pid: not ours to stop or forget
+    log "$comm: pid $pid from $f is $(cat "/proc/$pid/comm" 2>/dev/null), not $comm: left alone"
+    return 0
   else
-    log "$comm: pid $pid from $f is not running (or is not $comm), skipping"
+    log "$comm: pid $pid from $f is not running (stale pid file removed)"
   fi
   rm -f "$f"
 }
