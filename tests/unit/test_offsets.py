@@ -197,13 +197,13 @@ def source_catalogue(seed: int = 0, n_point: int = 2600, n_resolved: int = 150, 
 
 @pytest.fixture(scope="module")
 def envelope_field():
-    from hpcddf.lofar.offsets import compact_selection
+    from hpcddf.lofar.compact import compact_selection
     table, kind = source_catalogue(seed=1)
     return table, kind, compact_selection(table, BMAJ)
 
 
 def test_the_envelope_rejects_resolved_sources_and_keeps_point_sources(envelope_field):
-    from hpcddf.lofar.offsets import snr_and_log_ratio
+    from hpcddf.lofar.compact import snr_and_log_ratio
     table, kind, sel = envelope_field
     assert sel.method == "envelope" and sel.reason == ""
     assert len(sel.envelope.snr) == 16  # 4000 sources: N/250 bins, every one with a point
@@ -233,7 +233,7 @@ def test_the_envelope_narrows_with_snr_and_is_flat_beyond_its_bins(envelope_fiel
 
 
 def test_compact_says_how_it_chose_and_returns_the_selection(envelope_field, capsys):
-    from hpcddf.lofar.offsets import compact
+    from hpcddf.lofar.compact import compact
     table, _, sel = envelope_field
     assert (compact(table, BMAJ) == sel.keep).all()
     out = capsys.readouterr().out
@@ -243,7 +243,7 @@ def test_compact_says_how_it_chose_and_returns_the_selection(envelope_field, cap
 
 def test_a_small_field_falls_back_to_the_cuts(capsys):
     """~30 sources, as the simulated field of the science test: no envelope, the cuts alone."""
-    from hpcddf.lofar.offsets import compact, compact_selection, isolated_small_sources
+    from hpcddf.lofar.compact import compact, compact_selection, isolated_small_sources
     table, kind = source_catalogue(seed=2, n_point=26, n_resolved=2, n_extended=4)
     sel = compact_selection(table, BMAJ)
     assert sel.method == "cuts only" and sel.envelope is None
@@ -256,7 +256,7 @@ def test_a_small_field_falls_back_to_the_cuts(capsys):
 
 def test_too_few_compact_sources_per_bin_fall_back_to_the_cuts():
     """Enough sources for bins (2000: 8 of them), but mostly extended: 20 compact ones a bin."""
-    from hpcddf.lofar.offsets import compact_selection
+    from hpcddf.lofar.compact import compact_selection
     table, _ = source_catalogue(seed=3, n_point=150, n_resolved=10, n_extended=1840)
     sel = compact_selection(table, BMAJ)
     assert sel.envelope is None and "compact sources in an S/N bin (need 30)" in sel.reason
@@ -266,14 +266,14 @@ def test_too_few_compact_sources_per_bin_fall_back_to_the_cuts():
 @pytest.mark.parametrize("n, bins", [(25000, 25), (9999, 19), (4999, 19), (2600, 10), (1249, 4), (200, 0)])
 def test_snr_bins_follow_ddf_pipelines_rule(n, bins):
     """N/1000 bins, else N/500, else N/250 when the first gives fewer than 10."""
-    from hpcddf.lofar.offsets import snr_bin_edges
+    from hpcddf.lofar.compact import snr_bin_edges
     edges = snr_bin_edges(n, np.arange(1.0, 301.0))
     assert max(len(edges) - 1, 0) == bins
 
 
 def test_bins_hold_their_faintest_and_brightest_source():
     """ddf-pipeline's open bins (edge < S/N < edge) dropped the extremes; each source is in one bin."""
-    from hpcddf.lofar.offsets import _bin_index, snr_bin_edges
+    from hpcddf.lofar.compact import _bin_index, snr_bin_edges
     snr = np.random.default_rng(4).uniform(3, 300, 500)
     idx = _bin_index(snr, snr_bin_edges(2500, snr))
     assert idx.min() == 0 and idx.max() == 9 and np.bincount(idx).tolist() == [50] * 10
@@ -281,7 +281,7 @@ def test_bins_hold_their_faintest_and_brightest_source():
 
 
 def test_the_envelope_fit_recovers_a_known_curve():
-    from hpcddf.lofar.offsets import envelope_model, fit_envelope
+    from hpcddf.lofar.compact import envelope_model, fit_envelope
     snr = np.geomspace(3, 300, 12)
     truth = (0.2, 1.5, 10.0, 0.15)
     coeffs = fit_envelope(snr, envelope_model(snr, truth))
@@ -294,7 +294,7 @@ def test_the_envelope_point_is_where_the_full_tail_is_five_times_the_compact_one
     """Compact: N(0, 0.1); full: 70 % of those plus 30 % spread over ln(S_I/S_P) 0.3-2. The
     compact survival function at 0.2 (2 sigma) is 0.023, the full one > 0.3: the point lies
     between 1 and 2 sigma, on the 0.01 grid."""
-    from hpcddf.lofar.offsets import envelope_point
+    from hpcddf.lofar.compact import envelope_point
     rng = np.random.default_rng(6)
     comp = rng.normal(0.0, 0.1, 700)
     full = np.concatenate([rng.normal(0.0, 0.1, 700), rng.uniform(0.3, 2.0, 300)])
