@@ -20,6 +20,7 @@ pytest_plugins = [
     "tests._phangs_chain",  # phangs_chain: the PHANGS chain on Slurm, run once for two modules
     "tests._demo",  # demo: the README's demo reduction, run once for two modules
     "tests._tier1",  # tier1: the survey's reduction of one simulated field, shared by its checks
+    "tests._cputime",  # HPCDDF_TEST_CPU_LOG: CPU seconds per work unit, printed at the end
 ]
 
 DATA = Path(__file__).parent / "data"
