@@ -216,7 +216,7 @@ UNIT_SECONDS = {  # measured 2026-12-05 in `.ci/run`, both workers busy
     "local-reduction": 1140,
     "tests/science/test_tier1_reduction.py": 1620,  # the tier1 reduction (1095 s alone) and its checks
     "tests/science/test_phangs_postprocess.py": 500,
-    "tests/science/test_offsets_reduction.py": 90,  # 60 s alone
+    "tests/science/test_offsets_reduction.py": 330,
     "phangs-chain": 330,                          # the PHANGS chain on Slurm with a walltime kill
     "tests/integration/test_slurm_engine.py": 170,
     "tests/integration/test_walltime_rules.py": 130,  # 5 scenarios at once, two 1-min walltimes (106 s alone)

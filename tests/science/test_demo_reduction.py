@@ -12,7 +12,7 @@ import pytest
 from tests._demo import FIELD  # the demo itself: the session fixture `demo` (tests/_demo.py)
 from tests.science.conftest import assert_matches_the_demo_sky, hpcddf
 
-pytestmark = pytest.mark.timeout(3600)  # the demo fixture: ~9 min here, 24 min seen on a slower machine
+pytestmark = pytest.mark.timeout(3600)  # the demo fixture: ~5 min alone, ~8 min in CI, 24 min seen on a slower machine
 
 
 def test_demo_reports_progress_and_where_the_image_is(demo):
