@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
@@ -204,10 +204,12 @@ def plain_user() -> bool:
 
 
 # ------------------------------------------------------------------ work units for pytest-xdist
-# `.ci/run` runs the suite on two workers (`-n 2 --dist loadscope --no-loadscope-reorder`). A
+# `.ci/run` runs the suite on three workers (`-n 3 --dist loadscope --no-loadscope-reorder`). A
 # work unit goes to one worker whole: every module is a unit (its module fixtures are computed
 # once), modules that must not run beside each other share one (SHARED_UNITS), and units start
-# heaviest first, so that the two workers finish together (longest-processing-time-first).
+# heaviest first, so that the workers finish together (longest-processing-time-first). The
+# machine has two cores: two workers take the CPU-bound units, the third those that mostly wait
+# for Slurm (WAITING_UNITS), which on two workers left a core idle for ~10 minutes of each run.
 # Seconds of setup + calls measured in `.ci/run` on 2 cores (`--durations`); a unit not listed is
 # light and runs after these, in collection order.
 UNIT_SECONDS = {  # measured 2026-12-05 in `.ci/run`, both workers busy
@@ -241,6 +243,37 @@ SHARED_UNITS = {
 }
 
 
+# Units that mostly wait for Slurm (its scheduling, walltimes, requeues): under 0.2 CPU-s per
+# second in `.ci/run` (tests/_cputime.py; the PHANGS chain's CASA runs in Slurm's jobs). With
+# three workers or more, the last one prefers them and the others run at nice 10 (NICE_CPU
+# _WORKERS), so that Slurm, its jobs and these tests' timing keep the CPU they need.
+WAITING_UNITS = frozenset({
+    "phangs-chain",
+    "tests/integration/test_slurm_engine.py",
+    "tests/integration/test_recovery.py",
+    "tests/integration/test_walltime_rules.py",
+    "tests/integration/test_survey_slurm.py",
+    "tests/integration/test_phangs_chunks_slurm.py",
+    "tests/integration/test_busy_controller.py",
+    "tests/integration/test_charliecloud.py",
+    "tests/integration/test_held_arrays.py",
+    "tests/test_local_run.py",
+})
+NICE_CPU_WORKERS = 10
+
+
+def waiting_worker(workerid: str, workers: int) -> bool:
+    """The worker that prefers WAITING_UNITS: the last of three or more (gw2 of gw0..gw2)."""
+    return workers >= 3 and workerid == f"gw{workers - 1}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A CPU-bound worker lowers its own priority, and that of every process it starts."""
+    info = getattr(config, "workerinput", None)
+    if info and info.get("workercount", 0) >= 3 and not waiting_worker(info["workerid"], info["workercount"]):
+        os.nice(NICE_CPU_WORKERS)
+
+
 def work_unit(nodeid: str) -> str:
     path = nodeid.split("::", 1)[0]
     return SHARED_UNITS.get(path, path)
@@ -262,6 +295,14 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     class WorkUnitScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return work_unit(nodeid)
+
+        def _assign_work_unit(self, node: Any) -> None:
+            """The first queued unit of the node's kind (waiting or CPU-bound), else the first."""
+            waits = waiting_worker(node.gateway.id, len(self.nodes))
+            kind = next((u for u in self.workqueue if (u in WAITING_UNITS) == waits), None)
+            if kind is not None:
+                self.workqueue.move_to_end(kind, last=False)
+            super()._assign_work_unit(node)
     return WorkUnitScheduling(config, log)
 
 
