@@ -32,15 +32,17 @@ def cpu_seconds() -> float:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  # noqa: ARG001
     path = os.environ.get(CPU_LOG)
+    if not path:
+        yield
+        return
     t0, c0 = time.monotonic(), cpu_seconds()
     yield
-    if path:
-        from tests.conftest import work_unit
-        line = {"unit": work_unit(item.nodeid), "nodeid": item.nodeid,
-                "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
-                "wall_s": round(time.monotonic() - t0, 2), "cpu_s": round(cpu_seconds() - c0, 2)}
-        with open(path, "a") as f:  # one short line per write: appends do not interleave
-            f.write(json.dumps(line) + "\n")
+    from tests.conftest import work_unit
+    line = {"unit": work_unit(item.nodeid), "nodeid": item.nodeid,
+            "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+            "wall_s": round(time.monotonic() - t0, 2), "cpu_s": round(cpu_seconds() - c0, 2)}
+    with open(path, "a") as f:  # one short line per write: appends do not interleave
+        f.write(json.dumps(line) + "\n")
 
 
 def per_unit(lines: list[dict]) -> dict[str, dict[str, float]]:

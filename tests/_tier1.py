@@ -50,7 +50,9 @@ final_psf_arcsec = 70
 low_imsize = 420
 low_cell = 20
 low_psf_arcsec = 60
-vlow_imsize = 250
+# the very-low-resolution QU cubes (50" cells) over the same 2.3 deg: at 250 pixels (3.5 deg)
+# DDFacet cut them into 16 facets instead of 5 and each cube took twice the time
+vlow_imsize = 170
 # the simulated MSs have no LOFAR station tables, and DDFacet 0.9.1 cannot evaluate the LOFAR
 # beam with what installs from PyPI (README): the one option that is not a scale
 beam_model = None

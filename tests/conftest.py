@@ -210,25 +210,23 @@ def plain_user() -> bool:
 # heaviest first, so that the workers finish together (longest-processing-time-first). The
 # machine has two cores: two workers take the CPU-bound units, the third those that mostly wait
 # for Slurm (WAITING_UNITS), which on two workers left a core idle for ~10 minutes of each run.
-# Seconds of setup + calls measured in `.ci/run` on 2 cores (`--durations`); a unit not listed is
-# light and runs after these, in collection order.
-UNIT_SECONDS = {  # measured 2026-12-05 in `.ci/run`, both workers busy
-    # the demo reduction (720; 255 s alone), its last two stages redone on Slurm in the science
-    # image (~250; 140 s alone), the restarts
-    "local-reduction": 1140,
-    "tests/science/test_tier1_reduction.py": 1620,  # the tier1 reduction (1095 s alone) and its checks
-    "tests/science/test_phangs_postprocess.py": 500,
-    "tests/science/test_offsets_reduction.py": 330,
-    "phangs-chain": 330,                          # the PHANGS chain on Slurm with a walltime kill
-    "tests/integration/test_slurm_engine.py": 170,
-    "tests/integration/test_walltime_rules.py": 130,  # 5 scenarios at once, two 1-min walltimes (106 s alone)
-    "tests/integration/test_busy_controller.py": 40,  # 3 scenarios at once (30 s alone)
-    "tests/integration/test_survey_slurm.py": 110,  # 30 fields run by tick jobs, start/stop (79 s beside others)
-    "tests/integration/test_recovery.py": 150,  # 5 scenarios at once, a 1-min time limit (115 s alone)
-    "tests/test_survey_local.py": 45,               # six fields through survey tick/run locally (20 s alone)
-    "tests/integration/test_phangs_chunks_slurm.py": 50,  # chunk arrays, a requeue (40 s), local (9 s)
-    "tests/science/test_phangs_casa.py": 145,      # + the key clean mask test (17 s alone), + 63 s: the cube in 3 chunks
-    "tests/science/test_phangs_continuum.py": 35,
+# A unit not listed below is light and runs after these, in collection order.
+UNIT_SECONDS = {  # wall seconds in `.ci/run` on 3 workers, 2026-12-07 (its "CPU per work unit")
+    # the demo reduction, its last two stages redone on Slurm in the science image, the restarts
+    "local-reduction": 1120,
+    "tests/science/test_tier1_reduction.py": 1860,  # the tier1 reduction and its checks
+    "tests/science/test_phangs_postprocess.py": 760,
+    "tests/science/test_offsets_reduction.py": 440,
+    "phangs-chain": 415,                          # the PHANGS chain on Slurm with a walltime kill
+    "tests/science/test_phangs_casa.py": 320,      # the chain, the key clean mask, the cube in 3 chunks
+    "tests/integration/test_slurm_engine.py": 215,
+    "tests/integration/test_recovery.py": 150,  # 5 scenarios at once, a 1-min time limit
+    "tests/integration/test_survey_slurm.py": 140,  # 30 fields run by tick jobs, start/stop
+    "tests/integration/test_walltime_rules.py": 100,  # 5 scenarios at once, two 1-min walltimes
+    "tests/science/test_phangs_continuum.py": 70,
+    "tests/integration/test_phangs_chunks_slurm.py": 60,  # chunk arrays, a requeue, local
+    "tests/test_survey_local.py": 40,               # six fields through survey tick/run locally
+    "tests/integration/test_busy_controller.py": 40,  # 3 scenarios at once
 }
 # The restart tests SIGKILL DDFacet and leave /dev/shm entries of dead processes until their
 # resubmit cleans them; the demo test asserts that none are left: never at the same time.
@@ -245,8 +243,8 @@ SHARED_UNITS = {
 
 # Units that mostly wait for Slurm (its scheduling, walltimes, requeues): under 0.2 CPU-s per
 # second in `.ci/run` (tests/_cputime.py; the PHANGS chain's CASA runs in Slurm's jobs). With
-# three workers or more, the last one prefers them and the others run at nice 10 (NICE_CPU
-# _WORKERS), so that Slurm, its jobs and these tests' timing keep the CPU they need.
+# three workers or more, the last one prefers them and the others run at nice 10
+# (NICE_CPU_WORKERS), so that Slurm, its jobs and these tests' timing keep the CPU they need.
 WAITING_UNITS = frozenset({
     "phangs-chain",
     "tests/integration/test_slurm_engine.py",

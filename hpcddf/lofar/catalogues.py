@@ -89,13 +89,13 @@ def needs(cfg: object, workdir: Path, steps: Sequence[str]) -> list[Need]:
                 for p in get("bootstrap", "catalogues") or []]
     if "redo_DI" in steps:
         kind = str(get("control", "redo_DI_type"))
-        out.append(Need(f"{kind} sky model ([control] redo_DI)", workdir / redo_di_skymodel(kind), (),
+        out.append(Need(f"{kind} sky model ([control] redo_DI)", in_field(workdir, redo_di_skymodel(kind)), (),
                         skymodel=kind))
     if "dynspec" in steps:
         out.append(Need("dynamic-spectrum targets ([spectra] catalogue)", in_field(workdir, get("spectra", "catalogue")),
                         DYNSPEC_COLUMNS))
     if "offsets" in steps and not get("offsets", "catalogue") and get("offsets", "method") == "panstarrs":
-        out.append(Need("PanSTARRS catalogue ([offsets] method=panstarrs)", workdir / PANSTARRS_MERGED,
+        out.append(Need("PanSTARRS catalogue ([offsets] method=panstarrs)", in_field(workdir, PANSTARRS_MERGED),
                         SKY_COLUMNS, panstarrs=True))
     return out
 

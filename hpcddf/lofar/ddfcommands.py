@@ -208,8 +208,9 @@ def ddf_cleanmode(cfg: PipelineConfig) -> str:
 
 def deconv_mode(cfg: PipelineConfig, img: Image) -> str:
     """DDFacet's --Deconv-Mode for an image: its own, else [image] cleanmode (as 0.9.1 has it)."""
-    mode = img.deconv_mode or cfg.get("image", "cleanmode")
-    return DDF_MODE_FALLBACK.get(mode, mode)
+    if not img.deconv_mode:
+        return ddf_cleanmode(cfg)
+    return DDF_MODE_FALLBACK.get(img.deconv_mode, img.deconv_mode)
 
 
 def _deconv(cfg: PipelineConfig, img: Image) -> list[str]:

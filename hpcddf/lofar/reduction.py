@@ -109,11 +109,9 @@ def _files_exist(cfg: PipelineConfig, workdir: Path, pending: Collection[str] = 
     from hpcddf.errors import ConfigError
     from hpcddf.lofar.catalogues import in_field
     paths = list(cfg.get("bootstrap", "catalogues") or []) + [cfg.get("offsets", "catalogue") or ""]
-    for p in paths:
-        if p and str(in_field(workdir, p)) not in pending and not in_field(workdir, p).is_file():
-            raise ConfigError(f"catalogue {p} does not exist", "fix the path in the config ($$ is the site's catalogue dir)")
-
-
+    for path in (in_field(workdir, p) for p in paths if p):
+        if str(path) not in pending and not path.is_file():
+            raise ConfigError(f"catalogue {path} does not exist", "fix the path in the config ($$ is the site's catalogue dir)")
 
 
 BUILDERS: dict[str, Callable[[Reduction], Step]] = {

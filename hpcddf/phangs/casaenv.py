@@ -106,7 +106,11 @@ def casa_environ(env: CasaEnv, logdir: str | os.PathLike[str], *, threads: int |
     """The environment of a casa_tasks process: ``base`` (default os.environ) without the
     variables that leak another Python environment into CASA's, plus CASASITECONFIG, PYTHONPATH
     to hpcddf only, a headless matplotlib and OpenMP limited to the granted cores. CASA's log
-    goes to ``logdir`` (one file per stage run), matplotlib's cache under it; HOME is unused."""
+    goes to ``logdir`` (one file per stage run), matplotlib's cache under it; HOME is unused.
+
+    OpenMP's idle threads sleep instead of spinning (OMP_WAIT_POLICY) and numpy's BLAS is
+    single-threaded: array tasks share a node, and spinning threads took 13 % more CPU time for
+    the same tclean here (tests/science/test_phangs_casa.py alone, in the same wall time)."""
     logdir = Path(logdir).resolve()
     environ = {k: v for k, v in (os.environ if base is None else base).items()
                if k not in LEAKY_VARS}
@@ -119,6 +123,8 @@ def casa_environ(env: CasaEnv, logdir: str | os.PathLike[str], *, threads: int |
         "MPLBACKEND": "Agg",
         "MPLCONFIGDIR": str(logdir / ".matplotlib"),
         "OMP_NUM_THREADS": str(threads),
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "OPENBLAS_NUM_THREADS": "1",
         "HPCDDF_CASA_LOGDIR": str(logdir),
     })
     environ.pop("DISPLAY", None)

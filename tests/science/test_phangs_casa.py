@@ -100,6 +100,7 @@ def test_casa_argv_and_environ(tmp_path: Path) -> None:
     assert environ["CASASITECONFIG"] == "/e/casasiteconfig.py"
     assert (Path(environ["PYTHONPATH"]) / "hpcddf" / "phangs" / "casa_tasks.py").is_file()
     assert environ["OMP_NUM_THREADS"] == "2" and environ["MPLBACKEND"] == "Agg"
+    assert environ["OMP_WAIT_POLICY"] == "PASSIVE" and environ["OPENBLAS_NUM_THREADS"] == "1"
     assert environ["HPCDDF_CASA_LOGDIR"] == str((tmp_path / "logs").resolve())
     assert "VIRTUAL_ENV" not in environ and "DISPLAY" not in environ and environ["PATH"] == "/bin"
 

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 from tests._tier1 import FIELD, FLUX_SCALE, seen_sources, submit_args
-from tests.science.conftest import BIN, hpcddf, logged_commands, rewrite_argv
+from tests.science.conftest import hpcddf, logged_commands, rewrite_argv
 
 pytestmark = pytest.mark.timeout(7200)  # the shared reduction: ~25 min here beside the rest of the suite
 
@@ -228,6 +228,7 @@ def _psf_of(tier1, log: Path, tmp: Path) -> np.ndarray:
     when centred on any source there; its peak (1) at its centre."""
     from astropy.io import fits
 
+    from hpcddf.engine.contained import science_env  # the node job's: BLAS threads 1
     from hpcddf.engine.runner import Command, RunContext, run_command
     argv = logged_commands(log)[0]
     npix = next(int(a.split("=")[1]) for a in argv if a.startswith("--Image-NPix="))
@@ -236,8 +237,7 @@ def _psf_of(tier1, log: Path, tmp: Path) -> np.ndarray:
             "--Facets-NFacets": "1", "--Facets-DiamMax": "90"}  # one facet whatever its size
     argv = rewrite_argv(argv, swap, drop=("--Facets-CatNodes", "--DDESolutions-"))
     (tmp / "cache").mkdir()  # DDF 0.9.1 does not create it
-    ctx = RunContext(workdir=tier1["workdir"], log_dir=tmp, marker_dir=tmp / "done",
-                     env={"PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"})
+    ctx = RunContext(workdir=tier1["workdir"], log_dir=tmp, marker_dir=tmp / "done", env=science_env())
     run_command(ctx, "psf", Command(tuple(argv), "psf.log", timeout_s=1200))
     return np.asarray(np.squeeze(fits.getdata(tmp / "psf.psf.fits")), float)
 
@@ -378,6 +378,7 @@ def test_the_archive_images_like_the_ms_within_one_percent(tier1, tmp_path):
     """The dirty image (linear in the visibilities) of the first archive and of its MS."""
     from astropy.io import fits
 
+    from hpcddf.engine.contained import science_env
     from hpcddf.engine.runner import RunContext, run_command
     from hpcddf.lofar.config import load_config
     from hpcddf.lofar.ddfcommands import Image, Machine, ddf_image, dirty_of
@@ -390,8 +391,7 @@ def test_the_archive_images_like_the_ms_within_one_percent(tier1, tmp_path):
     (tmp_path / "cache").mkdir()  # DDF 0.9.1 does not create it
     m = Machine(ncpu_ddf=2, ncpu_kms=2, cache_dir=str(tmp_path / "cache"), timeout_s=500.0, python=sys.executable,
                 cf_wmax_m=cf_wmax_m([ms]))
-    ctx = RunContext(workdir=tmp_path, log_dir=tmp_path, marker_dir=tmp_path / "done",
-                     env={"PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"})
+    ctx = RunContext(workdir=tmp_path, log_dir=tmp_path, marker_dir=tmp_path / "done", env=science_env())
     images = {}
     for name, mslist, column in (("ms", "ms.txt", _archived_column(tier1)), ("archive", "archive.txt", "DATA")):
         img = dirty_of(Image(name=name, mslist=mslist, colname=column, robust=-0.5, psf_arcsec=70.0))
