@@ -109,8 +109,8 @@ def casa_environ(env: CasaEnv, logdir: str | os.PathLike[str], *, threads: int |
     goes to ``logdir`` (one file per stage run), matplotlib's cache under it; HOME is unused.
 
     OpenMP's idle threads sleep instead of spinning (OMP_WAIT_POLICY) and numpy's BLAS is
-    single-threaded: array tasks share a node, and spinning threads took 13 % more CPU time for
-    the same tclean here (tests/science/test_phangs_casa.py alone, in the same wall time)."""
+    single-threaded: array tasks share a node, and spinning threads took more CPU time for the
+    same work in the same wall time: 13 % more alone, 60-70 % more beside other work (CI)."""
     logdir = Path(logdir).resolve()
     environ = {k: v for k, v in (os.environ if base is None else base).items()
                if k not in LEAKY_VARS}
