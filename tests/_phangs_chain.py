@@ -26,7 +26,7 @@ import pytest
 
 # hpcddf's PHANGS modules are imported where used: this plugin loads in every test session,
 # also where the phangs extra is not installed
-from tests.integration.conftest import SITE_TEMPLATE, hpcddf, queue_empty_of, require_slurm, sacct_states, wait_for
+from tests.integration.conftest import SITE_TEMPLATE, hpcddf, queue_empty_of, require_slurm, sacct_settled, wait_for
 
 CASA_ENV = Path(os.environ.get("HPCDDF_CASA_ENV", "/work/casa-env"))
 STAGE_ORDER = ["stage_ms", "stage_line", "imaging", "postprocess", "derived", "release"]
@@ -210,7 +210,7 @@ def phangs_chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
             pytest.fail(f"tasks not done: {sorted(not_done)} ({len(rows)} of {total} recorded)\n"
                         f"{_diagnostics(work, keys, rows)}")
         yield Chain(root=gal, keys=keys, doc=doc, waiting=waiting, rows=rows,
-                    sacct=sacct_states(sorted({j.split('_')[0] for j in job_ids})), requeue=requeue,
+                    sacct=sacct_settled(sorted({j.split('_')[0] for j in job_ids})), requeue=requeue,
                     local=local)
     finally:
         if not queue_empty_of(job_ids):

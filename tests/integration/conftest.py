@@ -152,3 +152,18 @@ def sacct_states(job_ids: list[str]) -> dict[str, str]:
     out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), "-o", "JobID,State"],
                          capture_output=True, text=True).stdout
     return {ln.split("|")[0]: ln.split("|")[1].split()[0] for ln in out.splitlines() if "|" in ln}
+
+
+NOT_YET_FINAL = {"PENDING", "RUNNING", "COMPLETING", "REQUEUED", "SUSPENDED", "RESIZING"}
+
+
+def sacct_settled(job_ids: list[str], timeout: float = 180) -> dict[str, str]:
+    """sacct's final state of every job. slurmctld tells slurmdbd asynchronously, so a job that
+    has left squeue can still be PENDING or RUNNING in the accounting database for a while on a
+    busy machine (CI saw a cancelled dependent still PENDING there). An array's id stands for
+    all its tasks."""
+    def final() -> dict[str, str] | None:
+        s = sacct_states(job_ids)
+        known = set(s) | {k.split("_")[0] for k in s}
+        return s if set(job_ids) <= known and not NOT_YET_FINAL & set(s.values()) else None
+    return wait_for(final, timeout, "sacct's final states")

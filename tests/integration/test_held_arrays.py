@@ -22,7 +22,7 @@ from hpcddf.engine.plan import Resources
 from hpcddf.engine.sites import load_site_file
 from hpcddf.errors import SubmissionError
 
-from .conftest import queue_empty_of, sacct_states, wait_for
+from .conftest import queue_empty_of, sacct_settled, wait_for
 
 pytestmark = pytest.mark.slurm
 RES = Resources(cpus=1, mem_gb=1, walltime_min=5, exclusive=False, partition="debug")
@@ -51,15 +51,6 @@ def _show(job_id: str) -> dict[str, str]:
     return dict(f.split("=", 1) for f in out.split() if "=" in f)
 
 
-def _settled(ids: list[str]) -> dict[str, str]:
-    """sacct's final state of every job: one that just left squeue can still be RUNNING (or
-    PENDING) in the accounting database for a moment."""
-    def final() -> dict[str, str] | None:
-        s = sacct_states(ids)
-        return s if len(s) == len(ids) and not {"RUNNING", "PENDING", "COMPLETING"} & set(s.values()) else None
-    return wait_for(final, 60, "sacct's final states")
-
-
 def _calls(n: int) -> list[functools.partial]:
     return [functools.partial(math.sqrt, float(k * k)) for k in range(n)]
 
@@ -83,7 +74,7 @@ def test_held_arrays_get_their_dependencies_before_anything_runs(site, tmp_path:
     assert seen[then]["Dependency"].startswith(f"afterok:{first[0]}(unfulfilled),afterok:{first[1]}")
     assert seen[first[0]]["ArrayTaskThrottle"] == "2" and seen[then]["JobName"] == "hpcddf-test-then"
     wait_for(lambda: queue_empty_of(ids), 180, "the jobs to run")
-    states = _settled(ids)
+    states = sacct_settled(ids)
     assert set(states.values()) == {"COMPLETED"}, states
 
 
@@ -106,7 +97,7 @@ def test_a_failing_afterok_cancels_every_array_submitted(site, tmp_path: Path,
     assert err.value.hint == "check the cluster with `hpcddf phangs status`"
     assert undone == [submitted]
     wait_for(lambda: queue_empty_of(submitted), 30, "both held arrays to be cancelled")
-    states = _settled(submitted)
+    states = sacct_settled(submitted)
     assert set(states.values()) == {"CANCELLED"}, states
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import pytest
 
-from .conftest import SITE_TEMPLATE, hpcddf, queue_empty_of, read_state, require_slurm, sacct_states, wait_for
+from .conftest import SITE_TEMPLATE, hpcddf, queue_empty_of, read_state, require_slurm, sacct_settled, wait_for
 
 pytestmark = pytest.mark.slurm
 STEP = "image_dirin_SSD_init"
@@ -87,7 +87,7 @@ def succeeds(root: Path) -> dict[str, Any]:
     first = _submit(root, "F3")
     state = _final(root, "F3", 180)
     return {"first": first, "state": state,
-            "guard": wait_for(lambda: sacct_states([first["guard"]]).get(first["guard"]), 60, "sacct")}
+            "guard": sacct_settled([first["guard"]])[first["guard"]]}
 
 
 LATE = "image_dirin_SSD"  # the initial stage's third step: two finished steps before it

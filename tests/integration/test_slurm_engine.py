@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import hpcddf, queue_empty_of, read_state, sacct_states, wait_for
+from .conftest import hpcddf, queue_empty_of, read_state, sacct_settled, wait_for
 
 pytestmark = pytest.mark.slurm
 SCALED = ["--pipeline", "scaled"]
@@ -64,8 +64,7 @@ def test_chain_runs_stages_in_order(slurm_site, tmp_path):
     assert stages_in_time_order == sorted(stages_in_time_order, key=["initial", "dirin", "dirin_di"].index)
     assert len(markers) == 5 + 2 + 3
     assert all(s["attempts"] == 1 for s in state["stages"].values())
-    wait_for(lambda: all(v == "COMPLETED" for v in sacct_states(list(ids.values())).values())
-             and len(sacct_states(list(ids.values()))) == 3, 60, "sacct to show COMPLETED")
+    assert set(sacct_settled(list(ids.values())).values()) == {"COMPLETED"}
 
 
 def test_failing_stage_cancels_dependents_and_records_the_error(slurm_site, tmp_path):
@@ -82,8 +81,7 @@ def test_failing_stage_cancels_dependents_and_records_the_error(slurm_site, tmp_
     assert dirin["error"]["returncode"] == 3
     assert "failing on purpose" in dirin["error"]["log_tail"]
     assert "cluster" not in _markers(work, "F2")
-    states = wait_for(lambda: (s := sacct_states([ids["dirin"], ids["dirin_di"]])) and len(s) == 2 and s,
-                      60, "sacct records")
+    states = sacct_settled([ids["dirin"], ids["dirin_di"]])
     assert states[ids["dirin"]] == "FAILED"
     assert states[ids["dirin_di"]] == "CANCELLED"  # kill_on_invalid_dep, not pending forever
     status = hpcddf("status", "F2", "--site-file", str(site), "--json", "--efficiency")
@@ -116,7 +114,7 @@ def test_three_field_array_chain_with_aftercorr(slurm_site, tmp_path):
     assert _all_done(work, "F10") and _all_done(work, "F12")  # F11's failure did not stop them
     f11 = read_state(work, "F11")["stages"]
     assert f11["dirin"]["state"] == "failed"
-    states = wait_for(lambda: (s := sacct_states([doc["F11"]["jobs"]["dirin_di"]])) and s, 60, "sacct")
+    states = sacct_settled([doc["F11"]["jobs"]["dirin_di"]])
     assert states[doc["F11"]["jobs"]["dirin_di"]] == "CANCELLED"
 
 

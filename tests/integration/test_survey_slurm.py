@@ -20,7 +20,7 @@ from typing import Any, Callable
 import pytest
 
 from tests._require import need
-from tests.integration.conftest import hpcddf, sacct_states, wait_for
+from tests.integration.conftest import hpcddf, sacct_settled, wait_for
 
 need("sqlalchemy", "survey")
 need("pymysql", "survey")
@@ -136,8 +136,7 @@ def test_a_survey_runs_itself_on_slurm_and_settles(slurm_site, mariadb_url: str,
         # submitted once, never twice; F010, killed once, was resubmitted once by the tick
         assert rows[fid].node_hours > 0 and rows[fid].attempts == (2 if fid == "F010" else 1), fid
     every_job = [j for jobs in stage_jobs.values() for j in jobs]
-    assert set(wait_for(lambda: (lambda st: st if len(st) == len(every_job) else None)(sacct_states(every_job)),
-                        120, "sacct to know every field's jobs").values()) == {"COMPLETED"}  # Slurm agrees
+    assert set(sacct_settled(every_job).values()) == {"COMPLETED"}  # Slurm agrees
     for fid in done:
         mosaic = work / "mosaics" / fid / f"{fid}-full-mosaic.fits"
         with fits.open(mosaic) as h:

@@ -45,7 +45,7 @@ from tests.integration.conftest import (
     queue_empty_of,
     require_science_image,
     require_slurm,
-    sacct_states,
+    sacct_settled,
     wait_for,
 )
 from tests.science.conftest import assert_matches_the_demo_sky, logged_commands, rewrite_argv
@@ -171,7 +171,7 @@ def test_every_stage_completes_and_the_walltime_stopped_one(reduced):
     log = (reduced["wd"] / "logs" / "hpcddf-final.log").read_text()
     assert "walltime/preemption signal, requeueing" in log and "attempt 2" in log
     ids = list(reduced["jobs"].values())
-    states = wait_for(lambda: (s := sacct_states(ids)) and len(s) == len(ids) and s, 120, "sacct")
+    states = sacct_settled(ids)
     assert set(states.values()) == {"COMPLETED"}, states
 
 
